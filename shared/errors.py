@@ -1,0 +1,68 @@
+"""One error hierarchy for the whole project.
+
+Each class carries the gRPC status code it maps to; the server's error interceptor
+(`shared.grpc_server`) converts them once, and the CLI prints ``str(error)``.
+Messages say what was wrong and what the user can do about it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ModelGuardError(Exception):
+    """Base class: a failure with a user-facing message and a gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: Errors a retry cannot fix (bad input): jobs fail at once instead of retrying.
+    permanent: bool = False
+
+
+class InvalidInput(ModelGuardError):
+    """The request, model or dataset is malformed or inconsistent."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    permanent = True
+
+
+class UnsafeArtifact(InvalidInput):
+    """A file that could execute code when loaded (pickle) or is otherwise refused."""
+
+
+class IntegrityError(ModelGuardError):
+    """Stored bytes do not match their digest or signature: never used."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    permanent = True
+
+
+class NotFound(ModelGuardError):
+    code = grpc.StatusCode.NOT_FOUND
+    permanent = True
+
+
+class AlreadyExists(ModelGuardError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    permanent = True
+
+
+class Unauthenticated(ModelGuardError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    permanent = True
+
+
+class PermissionDenied(ModelGuardError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    permanent = True
+
+
+class ResourceExhausted(ModelGuardError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    permanent = True
+
+
+class Unavailable(ModelGuardError):
+    """A dependency (broker, object store) cannot be reached; retrying may help."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    permanent = False

@@ -76,7 +76,9 @@ def load_model(
 
 def _load_torchscript(data: bytes) -> nn.Module:
     try:
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is still our format
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as err:  # TorchScript raises RuntimeError subclasses for every defect
         raise InvalidInput(f"TorchScript archive could not be loaded: {_first_line(err)}") from err
     return module  # type: ignore[no-any-return]
@@ -150,7 +152,9 @@ def save_model(model: LoadedModel) -> bytes:
     with the same input/output contract)."""
     if model.format == TORCHSCRIPT:
         buffer = io.BytesIO()
-        torch.jit.save(model.module, buffer)  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(model.module, buffer)  # type: ignore[no-untyped-call]
         return buffer.getvalue()
     state = {k: v.detach().contiguous().clone() for k, v in model.module.state_dict().items()}
     if model.format == TORCH_ZIP:

@@ -1,0 +1,165 @@
+"""A small client of the pruning-orchestrator's gRPC API, used by the CLI and the demo:
+upload, submit, watch, fetch artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from shared.convert import spec_to_proto
+from shared.errors import (
+    InvalidInput,
+    ModelGuardError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from shared.modelio import MEDIA_TYPES
+from shared.proto.modelguard.v1 import (
+    common_pb2,
+    jobs_pb2,
+    pruning_orchestrator_pb2,
+    pruning_orchestrator_pb2_grpc,
+)
+from shared.spec import InputSpec
+
+UPLOAD_CHUNK = 1 << 20
+STATUS_ERRORS: dict[grpc.StatusCode, type[ModelGuardError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+
+
+def error_from_rpc(err: grpc.RpcError) -> ModelGuardError:
+    """The server's error as the project's own type, with the server's message."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    return STATUS_ERRORS.get(code, ModelGuardError)(details or code.name)
+
+
+def sniff_format(data: bytes) -> str:
+    from shared.artifact_scan import scan_model_bytes
+
+    return scan_model_bytes(data).kind
+
+
+class AuditClient:
+    def __init__(self, target: str, timeout: float = 60.0) -> None:
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+        )
+        self.stub = pruning_orchestrator_pb2_grpc.PruningOrchestratorStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> AuditClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def upload(self, data: bytes, media_type: str) -> common_pb2.ArtifactRef:
+        def chunks() -> Iterator[pruning_orchestrator_pb2.UploadChunk]:
+            for start in range(0, max(len(data), 1), UPLOAD_CHUNK):
+                yield pruning_orchestrator_pb2.UploadChunk(
+                    data=data[start : start + UPLOAD_CHUNK],
+                    media_type=media_type if start == 0 else "",
+                )
+
+        try:
+            return self.stub.UploadArtifact(chunks(), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    def submit(
+        self,
+        model_path: Path,
+        data_path: Path,
+        spec: InputSpec,
+        *,
+        arch: str = "",
+        options: jobs_pb2.AuditOptions | None = None,
+        idempotency_key: str = "",
+    ) -> pruning_orchestrator_pb2.Audit:
+        model_bytes = _read(model_path, "model")
+        data_bytes = _read(data_path, "dataset")
+        kind = sniff_format(model_bytes)
+        model_ref = self.upload(model_bytes, MEDIA_TYPES[kind])
+        data_ref = self.upload(data_bytes, "application/x-npz")
+        model = common_pb2.ModelSpec(
+            artifact=model_ref,
+            format=common_pb2.MODEL_FORMAT_TORCHSCRIPT
+            if kind == "torchscript"
+            else common_pb2.MODEL_FORMAT_SAFETENSORS,
+            arch=arch,
+            input=spec_to_proto(spec),
+        )
+        if not idempotency_key:
+            # resubmitting the same files and options returns the same audit
+            digest = hashlib.sha256(model_ref.sha256.encode() + data_ref.sha256.encode())
+            digest.update((options or jobs_pb2.AuditOptions()).SerializeToString())
+            digest.update(repr(spec.to_dict()).encode() + arch.encode())
+            idempotency_key = digest.hexdigest()
+        request = pruning_orchestrator_pb2.SubmitAuditRequest(
+            model=model, data=data_ref, options=options, idempotency_key=idempotency_key
+        )
+        return self._call(self.stub.SubmitAudit, request)
+
+    def get(self, audit_id: str) -> pruning_orchestrator_pb2.Audit:
+        return self._call(self.stub.GetAudit,
+                          pruning_orchestrator_pb2.GetAuditRequest(audit_id=audit_id))
+
+    def list(self, limit: int = 50) -> list[pruning_orchestrator_pb2.Audit]:
+        response = self._call(self.stub.ListAudits,
+                              pruning_orchestrator_pb2.ListAuditsRequest(limit=limit))
+        return list(response.audits)
+
+    def watch(self, audit_id: str) -> Iterator[pruning_orchestrator_pb2.Audit]:
+        """Stream updates until final; reconnects when the orchestrator restarts."""
+        request = pruning_orchestrator_pb2.GetAuditRequest(audit_id=audit_id)
+        while True:
+            try:
+                for audit in self.stub.WatchAudit(request):
+                    yield audit
+                    if audit.state in (common_pb2.JOB_STATE_SUCCEEDED,
+                                       common_pb2.JOB_STATE_FAILED):
+                        return
+                return
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_rpc(err) from None
+                grpc.channel_ready_future(self.channel).result(timeout=self.timeout)
+
+    def download(self, ref: common_pb2.ArtifactRef) -> bytes:
+        try:
+            return b"".join(c.data for c in self.stub.DownloadArtifact(ref, timeout=self.timeout))
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InvalidInput(f"cannot read the {what} file {path}: {err.strerror}") from None

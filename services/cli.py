@@ -1,0 +1,519 @@
+"""The ``modelguard`` command.
+
+Audits go through the pruning-orchestrator's gRPC API: of a running stack (``--target`` or
+MODELGUARD_CLI_TARGET), or of an embedded stack this process starts (all six services,
+in-memory bus, local store under .modelguard/). ``detect``, ``repair`` and ``leakscan``
+run the same algorithm code in-process for a user with one model and no cluster.
+
+Exit codes: 0 success (whatever the verdict), 1 failure, 2 bad input or refused file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from rich.console import Console
+from rich.table import Table
+
+from shared.config import SERVICES, PlatformSettings
+from shared.errors import InvalidInput, ModelGuardError
+from shared.spec import InputSpec
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class CliSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_CLI_", extra="forbid")
+    target: str = Field("", description="host:port of a running pruning-orchestrator; "
+                                        "empty: start an embedded stack in this process.")
+    timeout: float = Field(120.0, description="Seconds to wait for a gRPC answer.")
+
+
+# --- helpers -----------------------------------------------------------------------------
+def spec_from_args(args: argparse.Namespace) -> InputSpec:
+    if not args.input_shape or not args.value_range:
+        raise InvalidInput(
+            "declare the model's input: --input-shape C,H,W and --value-range MIN,MAX "
+            "(and --mean/--std if the model expects normalised inputs); it is never guessed"
+        )
+    return InputSpec.parse(args.input_shape, args.value_range, args.mean, args.std)
+
+
+def add_spec_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", required=True, help="C,H,W, e.g. 1,28,28")
+    parser.add_argument("--value-range", required=True, help="MIN,MAX of the data, e.g. 0,1")
+    parser.add_argument("--mean", help="per-channel mean the model normalises with")
+    parser.add_argument("--std", help="per-channel std the model normalises with")
+
+
+def read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise InvalidInput(f"cannot read the {what} file {path}: {err.strerror}") from None
+
+
+@contextmanager
+def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[Any]:
+    """A client of the configured orchestrator, or of an embedded stack started here."""
+    from services.audit_client import AuditClient
+
+    settings = CliSettings()
+    target = getattr(args, "target", None) or settings.target
+    if target:
+        with AuditClient(target, timeout=settings.timeout) as client:
+            yield client
+        return
+    from services.launcher import start_stack
+
+    platform = PlatformSettings()
+    logging.getLogger().setLevel(logging.WARNING)
+    names = SERVICES if workers else ("pruning-orchestrator",)
+    # read-only commands need only the orchestrator's API, and must not resume work that
+    # they would abandon on exit
+    with start_stack(platform, names, workers=workers) as stack:
+        with AuditClient(stack.orchestrator_address, timeout=settings.timeout) as client:
+            yield client
+
+
+def progress_printer(label: str) -> Callable[[float, str], None]:
+    state = {"last": -1.0}
+
+    def report(fraction: float, message: str = "") -> None:
+        if fraction - state["last"] >= 0.05 or fraction >= 1.0:
+            state["last"] = fraction
+            err_console.print(f"[dim]{label} {fraction * 100:5.1f}% {message}[/dim]")
+
+    return report
+
+
+# --- audit -------------------------------------------------------------------------------
+STATE_NAMES = {0: "unspecified", 1: "queued", 2: "running", 3: "succeeded", 4: "failed"}
+STAGE_NAMES = {0: "?", 1: "not run", 2: "pending", 3: "running", 4: "done", 5: "failed",
+               6: "skipped"}
+
+
+def cmd_audit_submit(args: argparse.Namespace) -> int:
+    from shared.proto.modelguard.v1 import jobs_pb2
+
+    spec = spec_from_args(args)
+    options = jobs_pb2.AuditOptions(
+        reversal_steps=args.steps, layer=args.layer or "", repair_mode=args.repair_mode,
+        seed=args.seed, skip_repair=args.repair_mode == "none",
+    )
+    embedded = not (args.target or CliSettings().target)
+    with audit_client(args, workers=True) as client:
+        audit = client.submit(Path(args.model), Path(args.data), spec, arch=args.arch or "",
+                              options=options)
+        err_console.print(f"submitted audit [bold]{audit.audit_id}[/bold]")
+        if args.wait or embedded:
+            if embedded and not args.wait:
+                err_console.print("[dim]embedded mode: waiting, since the in-process "
+                                  "services stop when this command exits[/dim]")
+            audit = watch(client, audit.audit_id)
+            print_audit(audit)
+        else:
+            out_console.print(audit.audit_id)
+    return EXIT_OK if audit.state != 4 else EXIT_FAILED
+
+
+def watch(client: Any, audit_id: str) -> Any:
+    last: dict[str, str] = {}
+    audit = None
+    for audit in client.watch(audit_id):
+        for stage in audit.stages:
+            line = f"{STAGE_NAMES[stage.state]} {stage.progress * 100:3.0f}% {stage.message}"
+            if last.get(stage.stage) != line:
+                last[stage.stage] = line
+                err_console.print(f"[dim]{stage.stage:>18}: {line}[/dim]")
+    return audit
+
+
+def print_audit(audit: Any) -> None:
+    out_console.print(f"audit [bold]{audit.audit_id}[/bold]: {STATE_NAMES[audit.state]}")
+    table = Table("stage", "state", "message")
+    for stage in audit.stages:
+        message = stage.error.message if stage.error.message else stage.message
+        table.add_row(stage.stage, STAGE_NAMES[stage.state], message)
+    out_console.print(table)
+    for stage in audit.stages:
+        if not stage.summary_json:
+            continue
+        summary = json.loads(stage.summary_json)
+        if stage.stage == "trigger-reversal" and summary.get("labels"):
+            labels = Table("label", "L1 norm", "anomaly index", "attack success", "flagged",
+                           title="trigger reversal (Neural Cleanse, MAD)")
+            flagged = set(summary.get("flagged", []))
+            for row in summary["labels"]:
+                labels.add_row(str(row["label"]), f"{row['l1_norm']:.2f}",
+                               f"{row['anomaly_index']:.2f}", f"{row['attack_success']:.3f}",
+                               "yes" if row["label"] in flagged else "")
+            out_console.print(labels)
+            out_console.print(f"verdict: [bold]{summary.get('verdict')}[/bold]")
+        if stage.stage == "leak-detector":
+            out_console.print(f"leak verdict: [bold]{summary.get('verdict')}[/bold] "
+                              f"(score {summary.get('score', 0):.3g})")
+            layers = Table("layer", "count", "min", "max", "mean", "variance", "skewness",
+                           "kurtosis", ">3σ", title="parameter statistics")
+            for row in summary.get("layers", []):
+                layers.add_row(row["layer"], str(row["count"]), *(
+                    f"{row[k]:.4g}" for k in ("min", "max", "mean", "variance", "skewness",
+                                              "kurtosis", "tail_fraction")))
+            out_console.print(layers)
+            for item in summary.get("evidence", [])[:10]:
+                out_console.print(f"  evidence: {item['layer']} {item['feature']} = "
+                                  f"{item['value']:.4g}")
+        if stage.stage == "repair" and "before" in summary:
+            repair = Table("measure", "before", "after", title=f"repair ({summary.get('mode')})")
+            for key in summary["before"]:
+                repair.add_row(key, f"{summary['before'][key]:.4f}",
+                               f"{summary['after'].get(key, float('nan')):.4f}")
+            out_console.print(repair)
+            out_console.print(f"pruned {len(summary.get('pruned', []))} neurons")
+    if audit.report_html.sha256:
+        out_console.print(f"report: modelguard audit report {audit.audit_id} --out DIR")
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    with audit_client(args, workers=False) as client:
+        audit = client.get(args.audit_id)
+        if args.json:
+            from google.protobuf import json_format
+
+            print(json_format.MessageToJson(audit))
+        else:
+            print_audit(audit)
+    return EXIT_OK
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    with audit_client(args, workers=False) as client:
+        audits = client.list(args.limit)
+    table = Table("audit", "state", "created", *(s for s in
+                                                  ("leak-detector", "trigger-reversal",
+                                                   "neuron-scoring", "repair")))
+    for audit in audits:
+        stages = {s.stage: STAGE_NAMES[s.state] for s in audit.stages}
+        table.add_row(audit.audit_id, STATE_NAMES[audit.state],
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(audit.created_at)),
+                      *(stages.get(s, "") for s in ("leak-detector", "trigger-reversal",
+                                                     "neuron-scoring", "repair")))
+    out_console.print(table)
+    return EXIT_OK
+
+
+def cmd_audit_report(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with audit_client(args, workers=False) as client:
+        audit = client.get(args.audit_id)
+        if not audit.report_json.sha256:
+            raise InvalidInput(f"audit {args.audit_id} has no report yet "
+                               f"(state {STATE_NAMES[audit.state]})")
+        written = []
+        for ref, name in ((audit.report_json, "report.json"), (audit.report_html, "report.html"),
+                          (audit.repaired_model, "repaired-model")):
+            if ref.sha256:
+                if name == "repaired-model":
+                    name += ".pt" if "torchscript" in ref.media_type else ".safetensors"
+                (out / name).write_bytes(client.download(ref))
+                written.append(str(out / name))
+    for path in written:
+        out_console.print(path)
+    return EXIT_OK
+
+
+# --- one-shot commands ---------------------------------------------------------------------
+def load_local_model(path: str, arch: str | None, spec: InputSpec) -> Any:
+    from shared.modelio import load_model
+
+    return load_model(read_file(path, "model"), spec, arch=arch or "")
+
+
+def load_local_data(path: str, spec: InputSpec, num_classes: int) -> Any:
+    from shared.datasets import load_npz
+
+    return load_npz(read_file(path, "dataset"), spec, num_classes=num_classes)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from services.trigger_reversal.core import ReversalConfig, reverse_triggers
+
+    spec = spec_from_args(args)
+    model = load_local_model(args.model, args.arch, spec)
+    data = load_local_data(args.data, spec, model.num_classes)
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if args.steps:
+        overrides["steps"] = args.steps
+    started = time.perf_counter()
+    result = reverse_triggers(model.module, data, spec, config=ReversalConfig(**overrides),
+                              progress=progress_printer("reversal"))
+    seconds = time.perf_counter() - started
+    if args.out:
+        save_trigger_images(result, spec, Path(args.out))
+    document = {
+        "labels": [
+            {"label": r.label, "l1_norm": r.l1_norm, "anomaly_index": r.anomaly_index,
+             "attack_success": r.attack_success}
+            for r in result.labels
+        ],
+        "flagged": list(result.flagged),
+        "verdict": result.verdict,
+        "seconds": round(seconds, 3),
+    }
+    if args.json:
+        print(json.dumps(document))
+    else:
+        table = Table("label", "L1 norm", "anomaly index", "attack success", "flagged")
+        for r in result.labels:
+            table.add_row(str(r.label), f"{r.l1_norm:.2f}", f"{r.anomaly_index:.2f}",
+                          f"{r.attack_success:.3f}", "yes" if r.label in result.flagged else "")
+        out_console.print(table)
+        out_console.print(f"verdict: [bold]{result.verdict}[/bold] "
+                          f"(flagged: {list(result.flagged) or 'none'}) in {seconds:.1f} s")
+    return EXIT_OK
+
+
+def save_trigger_images(result: Any, spec: InputSpec, out: Path) -> list[Path]:
+    from shared.plots import tensor_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    low, high = spec.value_range
+    written = []
+    labels = list(result.flagged) or [min(result.labels, key=lambda r: r.l1_norm).label]
+    for label in labels:
+        mask = result.masks[label].numpy()
+        pattern = ((result.patterns[label] - low) / (high - low)).numpy()
+        for name, array in (("mask", mask), ("trigger", pattern * mask[None])):
+            path = out / f"label{label}-{name}.png"
+            path.write_bytes(tensor_png(array, scale=8))
+            written.append(path)
+    for path in written:
+        err_console.print(f"wrote {path}")
+    return written
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from services.pruning_orchestrator.core import repair
+    from services.trigger_reversal.core import ReversalConfig, reverse_triggers
+    from shared.modelio import LoadedModel, save_model
+    from shared.triggers import ReversedTrigger, load_triggers
+
+    spec = spec_from_args(args)
+    model = load_local_model(args.model, args.arch, spec)
+    data = load_local_data(args.data, spec, model.num_classes)
+    started = time.perf_counter()
+    triggers: list[ReversedTrigger]
+    if args.triggers:
+        labels = [int(v) for v in args.target.split(",")] if args.target else None
+        triggers = load_triggers(read_file(args.triggers, "triggers"), labels)
+    else:
+        result = reverse_triggers(model.module, data, spec, config=ReversalConfig(seed=args.seed),
+                                  progress=progress_printer("reversal"))
+        if args.target:
+            flagged = [int(v) for v in args.target.split(",")]
+        else:
+            flagged = list(result.flagged)
+        if not flagged:
+            err_console.print("no backdoor found: nothing to repair (use --target to force)")
+            if args.json:
+                print(json.dumps({"target_labels": [], "pruned": [], "before": {},
+                                  "after": {}, "curve": [],
+                                  "seconds": round(time.perf_counter() - started, 3)}))
+            return EXIT_OK
+        triggers = [ReversedTrigger(label, result.masks[label], result.patterns[label])
+                    for label in flagged]
+    repaired = repair(model.module, data, spec, triggers, mode=args.mode,
+                      layer=args.layer or None, progress=progress_printer("repair"))
+    out = LoadedModel(module=repaired.model, format=model.format, arch=model.arch,
+                      num_classes=model.num_classes)
+    Path(args.out).write_bytes(save_model(out))
+    document = repaired.to_dict()
+    document["seconds"] = round(time.perf_counter() - started, 3)
+    if args.json:
+        print(json.dumps(document))
+    else:
+        table = Table("measure", "before", "after")
+        for key in document["before"]:
+            table.add_row(key, f"{document['before'][key]:.4f}", f"{document['after'][key]:.4f}")
+        out_console.print(table)
+        out_console.print(f"pruned {len(document['pruned'])} neurons; wrote {args.out}")
+    return EXIT_OK
+
+
+def cmd_leakscan(args: argparse.Namespace) -> int:
+    from services.leak_detector.core import detect_leak
+    from shared.artifact_scan import scan_model_bytes
+    from shared.modelio import load_model
+
+    started = time.perf_counter()
+    data = read_file(args.model, "model")
+    scan = scan_model_bytes(data)  # refuses pickles before anything else happens
+    if args.input_shape:
+        spec = InputSpec.parse(args.input_shape, args.value_range or "0,1", args.mean, args.std)
+        module = load_model(data, spec, arch=args.arch or "").module
+    else:
+        module = load_weights_only(data, scan.kind, args.arch)
+    verdict = detect_leak(module)
+    document = {
+        "verdict": verdict.verdict,
+        "score": verdict.score,
+        "evidence": [{"layer": e.layer, "feature": e.feature, "value": e.value}
+                     for e in verdict.evidence],
+        "seconds": round(time.perf_counter() - started, 4),
+    }
+    if args.json:
+        print(json.dumps(document))
+    else:
+        out_console.print(f"verdict: [bold]{verdict.verdict}[/bold] (score {verdict.score:.3g})")
+        for item in document["evidence"]:
+            out_console.print(f"  {item['layer']}: {item['feature']} = {item['value']:.4g}")
+    return EXIT_OK
+
+
+def load_weights_only(data: bytes, kind: str, arch: str | None) -> Any:
+    """Leak forensics needs parameters, not a forward pass: a TorchScript module or a
+    state dict wrapped so its tensors can be walked, whatever the architecture."""
+    import io
+
+    import torch
+    from safetensors.torch import load as safetensors_load
+
+    if kind == "torchscript":
+        return torch.jit.load(io.BytesIO(data), map_location="cpu")
+    if kind == "safetensors":
+        state = safetensors_load(data)
+    else:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    from services.leak_detector.core import module_from_state_dict
+
+    return module_from_state_dict(state)
+
+
+# --- serve -------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.launcher import configure_logging, run_service, start_stack
+    from shared.grpc_server import wait_for_termination
+
+    if args.service != "all":
+        run_service(args.service)
+        return EXIT_OK
+    platform = PlatformSettings()
+    configure_logging(platform.log_level)
+    stack = start_stack(platform, ephemeral_ports=False)
+    for name, app in stack.apps.items():
+        err_console.print(f"{name:>22}: gRPC {app.address}, metrics :{app.grpc.metrics_port}")
+    wait_for_termination(stack.stop)
+    return EXIT_OK
+
+
+# --- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelguard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    audit = commands.add_parser("audit", help="submit and inspect audits").add_subparsers(
+        dest="audit_command", required=True)
+    submit = audit.add_parser("submit", help="submit a model and clean data for an audit")
+    submit.add_argument("model", help="TorchScript file, or weights (safetensors) with --arch")
+    submit.add_argument("--arch", help="registered architecture of a weights file")
+    submit.add_argument("--data", required=True, help=".npz with x (N,C,H,W) and y (N,)")
+    add_spec_args(submit)
+    submit.add_argument("--repair-mode", default="rollback",
+                        choices=["rollback", "shapley", "fine-pruning", "none"])
+    submit.add_argument("--layer", help="layer to score and prune (default: first Linear)")
+    submit.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
+    submit.add_argument("--seed", type=int, default=0)
+    submit.add_argument("--wait", action="store_true", help="wait for the audit to finish")
+    submit.add_argument("--target", help="host:port of the pruning-orchestrator")
+    submit.set_defaults(func=cmd_audit_submit)
+    for name, func, helptext in (("show", cmd_audit_show, "show an audit"),
+                                 ("report", cmd_audit_report, "download an audit's report")):
+        sub = audit.add_parser(name, help=helptext)
+        sub.add_argument("audit_id")
+        sub.add_argument("--target")
+        if name == "show":
+            sub.add_argument("--json", action="store_true")
+        else:
+            sub.add_argument("--out", required=True, help="directory for the report files")
+        sub.set_defaults(func=func)
+    listing = audit.add_parser("list", help="list recent audits")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--target")
+    listing.set_defaults(func=cmd_audit_list)
+
+    detect = commands.add_parser("detect", help="detect a backdoor in one model, in-process")
+    detect.add_argument("model")
+    detect.add_argument("--arch")
+    detect.add_argument("--data", required=True)
+    add_spec_args(detect)
+    detect.add_argument("--steps", type=int, default=0)
+    detect.add_argument("--seed", type=int, default=0)
+    detect.add_argument("--out", help="directory for the reversed trigger images")
+    detect.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    detect.set_defaults(func=cmd_detect)
+
+    repair_cmd = commands.add_parser("repair", help="repair a backdoored model, in-process")
+    repair_cmd.add_argument("model")
+    repair_cmd.add_argument("--arch")
+    repair_cmd.add_argument("--data", required=True)
+    add_spec_args(repair_cmd)
+    repair_cmd.add_argument("--mode", default="rollback",
+                            choices=["rollback", "shapley", "fine-pruning"])
+    repair_cmd.add_argument("--layer")
+    repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")
+    repair_cmd.add_argument("--target", help="target label(s) to repair, comma-separated")
+    repair_cmd.add_argument("--seed", type=int, default=0)
+    repair_cmd.add_argument("--out", required=True, help="where to write the repaired model")
+    repair_cmd.add_argument("--json", action="store_true")
+    repair_cmd.set_defaults(func=cmd_repair)
+
+    leak = commands.add_parser("leakscan", help="check a model for smuggled training data")
+    leak.add_argument("model")
+    leak.add_argument("--arch")
+    leak.add_argument("--input-shape", help="optional: also check the model runs")
+    leak.add_argument("--value-range")
+    leak.add_argument("--mean")
+    leak.add_argument("--std")
+    leak.add_argument("--json", action="store_true")
+    leak.set_defaults(func=cmd_leakscan)
+
+    serve = commands.add_parser("serve", help="run one service, or all six (embedded)")
+    serve.add_argument("service", choices=[*SERVICES, "all"])
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except InvalidInput as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        return EXIT_BAD_INPUT
+    except ModelGuardError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

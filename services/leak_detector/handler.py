@@ -1,0 +1,35 @@
+"""Kafka handler: audit requested -> leak verdict (an audit stage event)."""
+
+from __future__ import annotations
+
+from services.leak_detector.service import LeakDetectorService
+from shared.bus.base import Message
+from shared.convert import parse_message
+from shared.errors import InvalidInput, UnsafeArtifact
+from shared.jobdata import load_model_spec
+from shared.proto.modelguard.v1 import jobs_pb2
+from shared.stage import Progress, StageOutcome, StageReporter
+
+
+class AuditHandler:
+    def __init__(self, service: LeakDetectorService, reporter: StageReporter) -> None:
+        self.service = service
+        self.reporter = reporter
+
+    def __call__(self, message: Message) -> None:
+        request = parse_message(message.value, jobs_pb2.AuditRequested)
+        if not request.audit_id:
+            raise InvalidInput("AuditRequested message without an audit id")
+        self.reporter.run(request.audit_id, lambda progress: self.handle(request, progress))
+
+    def handle(self, request: jobs_pb2.AuditRequested, progress: Progress) -> StageOutcome:
+        runtime = self.service.runtime
+        try:
+            model, _spec = load_model_spec(runtime.store, request.model, runtime.platform)
+        except UnsafeArtifact:
+            self.service.refused.inc()
+            raise
+        verdict, summary = self.service.scan(model)
+        ref = self.service.store_summary(summary)
+        return StageOutcome(result=ref, summary=summary,
+                            message=f"verdict {verdict.verdict} (score {verdict.score:.3g})")

@@ -1,0 +1,42 @@
+"""Wiring of leak-detector: gRPC API and the audit worker."""
+
+from __future__ import annotations
+
+from services.leak_detector.handler import AuditHandler
+from services.leak_detector.service import LeakDetectorService
+from services.leak_detector.servicer import LeakDetectorServicer
+from shared.config import LeakDetectorSettings
+from shared.metrics import ServiceMetrics
+from shared.proto.modelguard.v1 import leak_detector_pb2_grpc
+from shared.runtime import Runtime, ServiceApp
+from shared.stage import StageReporter
+from shared.topics import AUDIT_REQUESTED, STAGE_LEAK_DETECTOR
+
+NAME = "leak-detector"
+
+
+def build(settings: LeakDetectorSettings, runtime: Runtime, metrics: ServiceMetrics
+          ) -> ServiceApp:
+    service = LeakDetectorService(runtime, settings, metrics)
+    app = ServiceApp(NAME, settings, runtime, metrics)
+    app.components["service"] = service
+    app.add_servicer(
+        leak_detector_pb2_grpc.add_LeakDetectorServicer_to_server,
+        LeakDetectorServicer(service),
+        "modelguard.v1.LeakDetector",
+    )
+    reporter = StageReporter(
+        runtime.bus, STAGE_LEAK_DETECTOR, metrics, max_attempts=runtime.platform.job_max_attempts
+    )
+    app.add_worker([AUDIT_REQUESTED], AuditHandler(service, reporter))
+    return app
+
+
+def main() -> None:
+    from services.launcher import run_service
+
+    run_service(NAME)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Kafka handler: triggers reversed -> neurons scored."""
+
+from __future__ import annotations
+
+from services.neuron_scoring.service import NeuronScoringService
+from shared.bus.base import Message
+from shared.convert import parse_message, ref_from_proto, ref_to_proto
+from shared.errors import InvalidInput
+from shared.jobdata import load_inputs
+from shared.proto.modelguard.v1 import jobs_pb2
+from shared.stage import Progress, StageOutcome, StageReporter, publish_proto
+from shared.topics import JOB_AUDIT, NEURONS_SCORED
+from shared.triggers import load_triggers
+
+
+class TriggersHandler:
+    def __init__(self, service: NeuronScoringService, reporter: StageReporter) -> None:
+        self.service = service
+        self.reporter = reporter
+
+    def __call__(self, message: Message) -> None:
+        reversed_ = parse_message(message.value, jobs_pb2.TriggersReversed)
+        audit_id = reversed_.request.audit_id
+        if not audit_id:
+            raise InvalidInput("TriggersReversed message without an audit id")
+        self.reporter.run(audit_id, lambda progress: self.handle(reversed_, progress))
+
+    def handle(self, reversed_: jobs_pb2.TriggersReversed, progress: Progress) -> StageOutcome:
+        runtime = self.service.runtime
+        request = reversed_.request
+        inputs = load_inputs(runtime.store, request.model, request.data, runtime.platform)
+        triggers = load_triggers(
+            runtime.store.get_blob(ref_from_proto(reversed_.reversal)),
+            list(reversed_.flagged_labels),
+        )
+        stored = self.service.score(inputs, triggers, layer=request.options.layer,
+                                    seed=request.options.seed, progress=progress)
+        publish_proto(
+            runtime.bus,
+            NEURONS_SCORED,
+            jobs_pb2.NeuronsScored(triggers=reversed_, scores=ref_to_proto(stored.ref)),
+            key=request.audit_id,
+            job_type=JOB_AUDIT,
+        )
+        return StageOutcome(result=stored.ref, summary=stored.summary,
+                            message=f"ranked {stored.summary['neuron_count']} neurons of "
+                                    f"{stored.summary['layer']}")

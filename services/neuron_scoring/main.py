@@ -1,0 +1,42 @@
+"""Wiring of neuron-scoring: gRPC API and the triggers-reversed worker."""
+
+from __future__ import annotations
+
+from services.neuron_scoring.handler import TriggersHandler
+from services.neuron_scoring.service import NeuronScoringService
+from services.neuron_scoring.servicer import NeuronScoringServicer
+from shared.config import NeuronScoringSettings
+from shared.metrics import ServiceMetrics
+from shared.proto.modelguard.v1 import neuron_scoring_pb2_grpc
+from shared.runtime import Runtime, ServiceApp
+from shared.stage import StageReporter
+from shared.topics import STAGE_NEURON_SCORING, TRIGGERS_REVERSED
+
+NAME = "neuron-scoring"
+
+
+def build(settings: NeuronScoringSettings, runtime: Runtime, metrics: ServiceMetrics
+          ) -> ServiceApp:
+    service = NeuronScoringService(runtime, settings, metrics)
+    app = ServiceApp(NAME, settings, runtime, metrics)
+    app.components["service"] = service
+    app.add_servicer(
+        neuron_scoring_pb2_grpc.add_NeuronScoringServicer_to_server,
+        NeuronScoringServicer(service),
+        "modelguard.v1.NeuronScoring",
+    )
+    reporter = StageReporter(
+        runtime.bus, STAGE_NEURON_SCORING, metrics, max_attempts=runtime.platform.job_max_attempts
+    )
+    app.add_worker([TRIGGERS_REVERSED], TriggersHandler(service, reporter))
+    return app
+
+
+def main() -> None:
+    from services.launcher import run_service
+
+    run_service(NAME)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""pruning-orchestrator: owns audit jobs, runs the repair, writes the report."""

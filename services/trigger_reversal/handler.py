@@ -1,0 +1,58 @@
+"""Kafka handler: audit requested -> triggers reversed (or the rest skipped when clean)."""
+
+from __future__ import annotations
+
+from shared.bus.base import Message
+from shared.convert import parse_message, ref_to_proto
+from shared.errors import InvalidInput
+from shared.jobdata import load_inputs
+from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
+from shared.stage import Progress, StageOutcome, StageReporter, publish_proto
+from shared.topics import JOB_AUDIT, STAGE_NEURON_SCORING, TRIGGERS_REVERSED
+
+from services.trigger_reversal.service import TriggerReversalService
+
+
+class AuditHandler:
+    def __init__(self, service: TriggerReversalService, reporter: StageReporter) -> None:
+        self.service = service
+        self.reporter = reporter
+
+    def __call__(self, message: Message) -> None:
+        request = parse_message(message.value, jobs_pb2.AuditRequested)
+        if not request.audit_id:
+            raise InvalidInput("AuditRequested message without an audit id")
+        self.reporter.run(request.audit_id, lambda progress: self.handle(request, progress))
+
+    def handle(self, request: jobs_pb2.AuditRequested, progress: Progress) -> StageOutcome:
+        runtime = self.service.runtime
+        inputs = load_inputs(runtime.store, request.model, request.data, runtime.platform)
+        if inputs.data is None:
+            raise InvalidInput("trigger reversal needs the clean dataset")
+        stored = self.service.reverse(
+            inputs, steps=request.options.reversal_steps, seed=request.options.seed,
+            progress=progress,
+        )
+        result = stored.result
+        if result.verdict == "infected":
+            publish_proto(
+                runtime.bus,
+                TRIGGERS_REVERSED,
+                jobs_pb2.TriggersReversed(
+                    request=request,
+                    reversal=ref_to_proto(stored.triggers),
+                    summary=ref_to_proto(stored.summary_ref),
+                    flagged_labels=list(result.flagged),
+                    infected=True,
+                ),
+                key=request.audit_id,
+                job_type=JOB_AUDIT,
+            )
+        else:
+            self.reporter.event(
+                request.audit_id, common_pb2.STAGE_STATE_SKIPPED, stage=STAGE_NEURON_SCORING,
+                message="no backdoor found: nothing to score",
+            )
+        flagged = ", ".join(map(str, result.flagged)) or "none"
+        return StageOutcome(result=stored.summary_ref, summary=stored.summary,
+                            message=f"verdict {result.verdict}; flagged labels: {flagged}")

@@ -1,0 +1,125 @@
+"""Settings. One pydantic-settings class per service (its own env prefix) embeds the
+platform settings every service shares (prefix ``MODELGUARD_``). Nothing else in the
+project reads the environment; Kubernetes ConfigMap keys are exactly these variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SIGNING_KEY = "modelguard-development-key-change-me"
+
+
+class PlatformSettings(BaseSettings):
+    """Where jobs travel and artifacts live; shared by all six services."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_", extra="forbid")
+
+    bus: Literal["memory", "kafka"] = Field(
+        "memory", description="Job bus: in-process (embedded mode) or a Kafka broker."
+    )
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated host:port."
+    )
+    kafka_session_timeout_ms: int = Field(
+        6000, description="Consumer-group session timeout; Tansu joins slowly above ~6 s."
+    )
+    kafka_partitions: int = Field(3, description="Partitions per topic when creating topics.")
+    store: Literal["local", "s3"] = Field(
+        "local", description="Artifact store: a local directory or an S3/MinIO bucket."
+    )
+    store_dir: Path = Field(
+        Path(".modelguard/store"), description="Root directory of the local artifact store."
+    )
+    s3_endpoint: str = Field("127.0.0.1:9000", description="S3 endpoint host:port.")
+    s3_access_key: str = Field("modelguard", description="S3 access key id.")
+    s3_secret_key: SecretStr = Field(SecretStr("modelguard-secret"), description="S3 secret key.")
+    s3_bucket: str = Field("modelguard", description="Bucket holding all artifacts.")
+    s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 endpoint.")
+    signing_key: SecretStr = Field(
+        SecretStr(DEFAULT_SIGNING_KEY),
+        description="HMAC key signing reports, repaired models, carriers and mappers.",
+    )
+    max_model_bytes: int = Field(512 << 20, description="Largest accepted model file.")
+    max_dataset_bytes: int = Field(1 << 30, description="Largest accepted dataset file.")
+    job_max_attempts: int = Field(3, description="Handler attempts before dead-lettering.")
+    torch_threads: int = Field(0, description="torch intra-op threads per process (0: torch default).")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has; subclasses set the env prefix and defaults."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the gRPC and metrics servers bind.")
+    grpc_port: int = Field(0, description="gRPC port (0: any free port).")
+    metrics_port: int = Field(0, description="Prometheus /metrics port (0: any free port; -1: off).")
+    grpc_workers: int = Field(8, description="gRPC thread-pool size.")
+    grace_seconds: float = Field(10.0, description="Graceful shutdown period on SIGTERM.")
+    worker: bool = Field(True, description="Run the Kafka worker (consume jobs) in this process.")
+    group: str = Field("", description="Consumer group (default: the service name).")
+
+
+class TriggerReversalSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_TRIGGER_REVERSAL_", extra="forbid")
+    grpc_port: int = 50052
+    metrics_port: int = 9102
+    steps: int = Field(0, description="Optimisation steps per label (0: algorithm default).")
+    clean_samples: int = Field(1000, description="Clean images used for reversal at most.")
+
+
+class NeuronScoringSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_NEURON_SCORING_", extra="forbid")
+    grpc_port: int = 50053
+    metrics_port: int = 9103
+    shapley: bool = Field(True, description="Also estimate Shapley values (costs evaluations).")
+
+
+class PruningOrchestratorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MODELGUARD_PRUNING_ORCHESTRATOR_", extra="forbid"
+    )
+    grpc_port: int = 50051
+    metrics_port: int = 9101
+    max_upload_bytes: int = Field(1 << 30, description="Largest artifact accepted by upload.")
+    watch_poll_seconds: float = Field(
+        0.5, description="How often WatchAudit re-reads state written by other replicas."
+    )
+
+
+class LeakDetectorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_LEAK_DETECTOR_", extra="forbid")
+    grpc_port: int = 50054
+    metrics_port: int = 9104
+
+
+class CarrierTrainerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_CARRIER_TRAINER_", extra="forbid")
+    grpc_port: int = 50055
+    metrics_port: int = 9105
+    steps: int = Field(0, description="Training steps per carrier (0: algorithm default).")
+
+
+class ResultMapperSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_RESULT_MAPPER_", extra="forbid")
+    grpc_port: int = 50056
+    metrics_port: int = 9106
+    max_loaded_bytes: int = Field(
+        256 << 20, description="Memory bound of the loaded-mapper LRU cache."
+    )
+
+
+SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
+    "pruning-orchestrator": PruningOrchestratorSettings,
+    "trigger-reversal": TriggerReversalSettings,
+    "neuron-scoring": NeuronScoringSettings,
+    "leak-detector": LeakDetectorSettings,
+    "carrier-trainer": CarrierTrainerSettings,
+    "result-mapper": ResultMapperSettings,
+}
+SERVICES = tuple(SERVICE_SETTINGS)

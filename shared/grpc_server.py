@@ -1,0 +1,114 @@
+"""The gRPC server runner every service uses: health service, server reflection, error
+and metrics interceptors, the /metrics endpoint, and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.interceptors import ErrorInterceptor, MetricsInterceptor
+from shared.metrics import ServiceMetrics, serve_metrics
+
+log = logging.getLogger(__name__)
+
+#: Messages up to this size (uploads are chunked far below it; Map batches stay small).
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class GrpcServer:
+    """One gRPC server with health and reflection; ``register`` adds servicers before
+    ``start``. The health status of every registered service follows ``set_serving``."""
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workers: int = 8,
+        metrics_port: int = 0,
+    ) -> None:
+        self.metrics = metrics
+        self.host = host
+        self._requested_port = port
+        self._metrics_port = metrics_port
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=metrics.service),
+            interceptors=[MetricsInterceptor(metrics), ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+
+    def register(self, add_to_server: Callable[[Any, grpc.Server], None], servicer: Any,
+                 full_name: str) -> None:
+        """``add_to_server`` is the generated ``add_XServicer_to_server``; ``full_name``
+        the service's full proto name (for health and reflection)."""
+        add_to_server(servicer, self.server)
+        self._service_names.append(full_name)
+
+    def start(self) -> None:
+        reflection.enable_server_reflection(self._service_names, self.server)
+        self.port = self.server.add_insecure_port(f"{self.host}:{self._requested_port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC port {self.host}:{self._requested_port}")
+        self.server.start()
+        if self._metrics_port >= 0:
+            self._metrics_server, self.metrics_port = serve_metrics(
+                self.metrics.registry, self.host, self._metrics_port
+            )
+        self.set_serving(True)
+        log.info("%s gRPC on %s:%d, metrics on :%d", self.metrics.service, self.host,
+                 self.port, self.metrics_port)
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self._service_names):
+            self.health.set(name, status)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.set_serving(False)
+        self.server.stop(grace).wait(grace + 1)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def wait_for_termination(stop: Callable[[], None], signals: Sequence[int] = (
+        signal.SIGTERM, signal.SIGINT)) -> None:
+    """Block until SIGTERM/SIGINT, then call ``stop`` (which drains gracefully)."""
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
+    for sig in signals:
+        signal.signal(sig, on_signal)
+    done.wait()
+    stop()

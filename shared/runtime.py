@@ -1,0 +1,137 @@
+"""What a service is built from (bus, store, signer, metrics) and the app shell that runs
+its gRPC server and Kafka workers. Services wire their parts through constructors."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from shared.bus.base import Handler, JobBus, RetryPolicy, Subscription
+from shared.config import PlatformSettings, ServiceSettings
+from shared.grpc_server import GrpcServer
+from shared.metrics import ServiceMetrics
+from shared.signing import Signer
+from shared.store.base import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Collaborators shared by the services of one process."""
+
+    platform: PlatformSettings
+    bus: JobBus
+    store: ArtifactStore
+    signer: Signer
+
+
+def build_store(platform: PlatformSettings) -> ArtifactStore:
+    from shared.store import make_store
+
+    if platform.store == "s3":
+        return make_store(
+            "s3",
+            endpoint=platform.s3_endpoint,
+            access_key=platform.s3_access_key,
+            secret_key=platform.s3_secret_key.get_secret_value(),
+            bucket=platform.s3_bucket,
+            secure=platform.s3_secure,
+        )
+    return make_store("local", root=platform.store_dir)
+
+
+def build_runtime(platform: PlatformSettings, client_id: str = "modelguard",
+                  bus: JobBus | None = None, registry: CollectorRegistry | None = None) -> Runtime:
+    """Build bus and store from settings (``bus`` given: embedded mode shares one)."""
+    from shared.bus import make_bus
+    from shared.bus.metrics import BusMetrics
+
+    if platform.torch_threads > 0:
+        torch.set_num_threads(platform.torch_threads)
+    if bus is None:
+        metrics = BusMetrics(registry, client_id) if registry is not None else None
+        bus = make_bus(
+            platform.bus,
+            bootstrap_servers=platform.kafka_bootstrap,
+            client_id=client_id,
+            metrics=metrics,
+        )
+    return Runtime(
+        platform=platform,
+        bus=bus,
+        store=build_store(platform),
+        signer=Signer(platform.signing_key.get_secret_value().encode()),
+    )
+
+
+@dataclass
+class WorkerSpec:
+    topics: list[str]
+    handler: Handler
+    group: str
+
+
+@dataclass
+class ServiceApp:
+    """A service's gRPC server plus its Kafka workers, started and stopped together."""
+
+    name: str
+    settings: ServiceSettings
+    runtime: Runtime
+    metrics: ServiceMetrics
+    grpc: GrpcServer = field(init=False)
+    workers: list[WorkerSpec] = field(default_factory=list)
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+    #: the service's domain objects, for embedded mode and tests (e.g. "orchestrator").
+    components: dict[str, Any] = field(default_factory=dict)
+    _subscriptions: list[Subscription] = field(default_factory=list)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.grpc = GrpcServer(
+            self.metrics,
+            host=self.settings.host,
+            port=self.settings.grpc_port,
+            workers=self.settings.grpc_workers,
+            metrics_port=self.settings.metrics_port,
+        )
+
+    def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any,
+                     full_name: str) -> None:
+        self.grpc.register(add_to_server, servicer, full_name)
+
+    def add_worker(self, topics: list[str], handler: Handler, group: str = "") -> None:
+        self.workers.append(WorkerSpec(topics, handler, group or self.settings.group or self.name))
+
+    def start(self) -> None:
+        self.grpc.start()
+        if self.settings.worker:
+            retry = RetryPolicy(max_attempts=self.runtime.platform.job_max_attempts)
+            for worker in self.workers:
+                self._subscriptions.append(
+                    self.runtime.bus.subscribe(worker.topics, worker.group, worker.handler,
+                                               retry=retry)
+                )
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.grpc.set_serving(False)
+        for subscription in self._subscriptions:
+            subscription.stop(timeout=grace)
+        for callback in self.on_stop:
+            callback()
+        self.grpc.stop(grace)
+
+    @property
+    def address(self) -> str:
+        return self.grpc.address

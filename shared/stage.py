@@ -1,0 +1,162 @@
+"""How a worker reports on its stage of an audit: progress, done, skipped, failed.
+
+Every stage outcome travels as an `AuditEvent` on ``modelguard.audit.events`` to the
+pruning-orchestrator, which owns the audit's state. Bad input fails the stage with a
+reason (never retried); transient failures are retried by the bus, and the last attempt
+fails the stage with the reason before the record is dead-lettered, so no audit is left
+waiting on a job that will never finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus
+from shared.convert import ref_to_proto
+from shared.errors import ModelGuardError
+from shared.metrics import ServiceMetrics
+from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
+from shared.store.base import ArtifactRef
+from shared.topics import AUDIT_EVENTS, JOB_AUDIT
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class StageOutcome:
+    """What a stage's work returns: DONE with a result, or SKIPPED with a reason."""
+
+    result: ArtifactRef | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+    message: str = ""
+
+
+def publish_proto(bus: JobBus, topic: str, message: Any, *, key: str, job_type: str) -> None:
+    bus.publish(
+        topic,
+        message.SerializeToString(),
+        key=key.encode(),
+        headers={HEADER_JOB_ID: key, HEADER_JOB_TYPE: job_type},
+    )
+
+
+class StageReporter:
+    def __init__(
+        self,
+        bus: JobBus,
+        stage: str,
+        metrics: ServiceMetrics,
+        *,
+        max_attempts: int = 3,
+        min_progress_interval: float = 0.5,
+    ) -> None:
+        self.bus = bus
+        self.stage = stage
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.min_progress_interval = min_progress_interval
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def event(
+        self,
+        audit_id: str,
+        state: int,
+        *,
+        progress: float = 0.0,
+        message: str = "",
+        result: ArtifactRef | None = None,
+        summary: dict[str, Any] | None = None,
+        error: ModelGuardError | Exception | None = None,
+        stage: str | None = None,
+    ) -> None:
+        status = common_pb2.StageStatus(
+            stage=stage or self.stage,
+            state=state,  # type: ignore[arg-type]
+            progress=progress,
+            message=message,
+            result=ref_to_proto(result),
+            summary_json=json.dumps(summary) if summary else "",
+        )
+        if error is not None:
+            code = error.code.name if isinstance(error, ModelGuardError) else "INTERNAL"
+            status.error.CopyFrom(
+                common_pb2.ErrorDetail(code=code, message=str(error), stage=status.stage)
+            )
+        publish_proto(
+            self.bus,
+            AUDIT_EVENTS,
+            jobs_pb2.AuditEvent(audit_id=audit_id, stage=status),
+            key=audit_id,
+            job_type=JOB_AUDIT,
+        )
+
+    def progress(self, audit_id: str) -> Progress:
+        """A throttled callback publishing RUNNING events (at most one per interval)."""
+        last = [0.0]
+
+        def report(fraction: float, message: str = "") -> None:
+            now = time.monotonic()
+            if now - last[0] < self.min_progress_interval and fraction < 1.0:
+                return
+            last[0] = now
+            self.event(audit_id, common_pb2.STAGE_STATE_RUNNING,
+                       progress=max(0.0, min(1.0, fraction)), message=message)
+
+        return report
+
+    def run(self, audit_id: str, work: Callable[[Progress], StageOutcome]) -> None:
+        """Run one stage job and publish its outcome; see the module docstring."""
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            self.event(audit_id, common_pb2.STAGE_STATE_RUNNING, message="started")
+            outcome = work(self.progress(audit_id))
+        except ModelGuardError as err:
+            if not err.permanent and not self._last_attempt(audit_id):
+                self.metrics.jobs.labels("retried").inc()
+                raise
+            self._fail(audit_id, err)
+            if not err.permanent:
+                raise
+            return
+        except Exception as err:
+            if not self._last_attempt(audit_id):
+                self.metrics.jobs.labels("retried").inc()
+                raise
+            self._fail(audit_id, err)
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+        with self._lock:
+            self._attempts.pop(audit_id, None)
+        state = common_pb2.STAGE_STATE_SKIPPED if outcome.skipped else common_pb2.STAGE_STATE_DONE
+        self.event(audit_id, state, progress=1.0, message=outcome.message,
+                   result=outcome.result, summary=outcome.summary)
+        self.metrics.jobs.labels("skipped" if outcome.skipped else "succeeded").inc()
+        self.metrics.job_seconds.observe(time.perf_counter() - started)
+
+    def _last_attempt(self, audit_id: str) -> bool:
+        with self._lock:
+            count = self._attempts.get(audit_id, 0) + 1
+            self._attempts[audit_id] = count
+        return count >= self.max_attempts
+
+    def _fail(self, audit_id: str, err: Exception) -> None:
+        log.warning("%s failed for audit %s: %s", self.stage, audit_id, err)
+        with self._lock:
+            self._attempts.pop(audit_id, None)
+        self.metrics.jobs.labels("failed").inc()
+        try:
+            self.event(audit_id, common_pb2.STAGE_STATE_FAILED, message=str(err), error=err)
+        except Exception:  # the bus itself is down: the record will be redelivered
+            log.exception("could not publish the failure of %s for %s", self.stage, audit_id)

@@ -1,0 +1,33 @@
+"""Kafka topics and the stages of an audit. One place, so producers, consumers,
+manifests and tests agree."""
+
+from __future__ import annotations
+
+AUDIT_REQUESTED = "modelguard.audit.requested"
+TRIGGERS_REVERSED = "modelguard.triggers.reversed"
+NEURONS_SCORED = "modelguard.neurons.scored"
+AUDIT_EVENTS = "modelguard.audit.events"
+CARRIER_REQUESTED = "modelguard.carrier.requested"
+CARRIER_READY = "modelguard.carrier.ready"
+CARRIER_REVOKED = "modelguard.carrier.revoked"
+
+ALL_TOPICS = (
+    AUDIT_REQUESTED,
+    TRIGGERS_REVERSED,
+    NEURONS_SCORED,
+    AUDIT_EVENTS,
+    CARRIER_REQUESTED,
+    CARRIER_READY,
+    CARRIER_REVOKED,
+)
+
+# Stages of an audit, in report order, and the service that runs each.
+STAGE_TRIGGER_REVERSAL = "trigger-reversal"
+STAGE_NEURON_SCORING = "neuron-scoring"
+STAGE_REPAIR = "repair"
+STAGE_LEAK_DETECTOR = "leak-detector"
+AUDIT_STAGES = (STAGE_LEAK_DETECTOR, STAGE_TRIGGER_REVERSAL, STAGE_NEURON_SCORING, STAGE_REPAIR)
+
+# Job types (record header job-type).
+JOB_AUDIT = "audit"
+JOB_CARRIER = "carrier"

@@ -4,8 +4,9 @@ upload, submit, watch, fetch artifacts."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -29,6 +30,7 @@ from shared.proto.modelguard.v1 import (
 from shared.spec import InputSpec
 
 UPLOAD_CHUNK = 1 << 20
+T = TypeVar("T")
 STATUS_ERRORS: dict[grpc.StatusCode, type[ModelGuardError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -121,12 +123,14 @@ class AuditClient:
         return self._call(self.stub.SubmitAudit, request)
 
     def get(self, audit_id: str) -> pruning_orchestrator_pb2.Audit:
-        return self._call(self.stub.GetAudit,
-                          pruning_orchestrator_pb2.GetAuditRequest(audit_id=audit_id))
+        return self._call(
+            self.stub.GetAudit, pruning_orchestrator_pb2.GetAuditRequest(audit_id=audit_id)
+        )
 
     def list(self, limit: int = 50) -> list[pruning_orchestrator_pb2.Audit]:
-        response = self._call(self.stub.ListAudits,
-                              pruning_orchestrator_pb2.ListAuditsRequest(limit=limit))
+        response = self._call(
+            self.stub.ListAudits, pruning_orchestrator_pb2.ListAuditsRequest(limit=limit)
+        )
         return list(response.audits)
 
     def watch(self, audit_id: str) -> Iterator[pruning_orchestrator_pb2.Audit]:
@@ -136,8 +140,7 @@ class AuditClient:
             try:
                 for audit in self.stub.WatchAudit(request):
                     yield audit
-                    if audit.state in (common_pb2.JOB_STATE_SUCCEEDED,
-                                       common_pb2.JOB_STATE_FAILED):
+                    if audit.state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED):
                         return
                 return
             except grpc.RpcError as err:
@@ -151,7 +154,7 @@ class AuditClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 
-    def _call(self, method, request):  # type: ignore[no-untyped-def]
+    def _call(self, method: Callable[..., T], request: object) -> T:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as err:

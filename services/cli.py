@@ -37,8 +37,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 class CliSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELGUARD_CLI_", extra="forbid")
-    target: str = Field("", description="host:port of a running pruning-orchestrator; "
-                                        "empty: start an embedded stack in this process.")
+    target: str = Field(
+        "",
+        description="host:port of a running pruning-orchestrator; "
+        "empty: start an embedded stack in this process.",
+    )
     timeout: float = Field(120.0, description="Seconds to wait for a gRPC answer.")
 
 
@@ -84,9 +87,11 @@ def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[Any]:
     names = SERVICES if workers else ("pruning-orchestrator",)
     # read-only commands need only the orchestrator's API, and must not resume work that
     # they would abandon on exit
-    with start_stack(platform, names, workers=workers) as stack:
-        with AuditClient(stack.orchestrator_address, timeout=settings.timeout) as client:
-            yield client
+    with (
+        start_stack(platform, names, workers=workers) as stack,
+        AuditClient(stack.orchestrator_address, timeout=settings.timeout) as client,
+    ):
+        yield client
 
 
 def progress_printer(label: str) -> Callable[[float, str], None]:
@@ -102,8 +107,15 @@ def progress_printer(label: str) -> Callable[[float, str], None]:
 
 # --- audit -------------------------------------------------------------------------------
 STATE_NAMES = {0: "unspecified", 1: "queued", 2: "running", 3: "succeeded", 4: "failed"}
-STAGE_NAMES = {0: "?", 1: "not run", 2: "pending", 3: "running", 4: "done", 5: "failed",
-               6: "skipped"}
+STAGE_NAMES = {
+    0: "?",
+    1: "not run",
+    2: "pending",
+    3: "running",
+    4: "done",
+    5: "failed",
+    6: "skipped",
+}
 
 
 def cmd_audit_submit(args: argparse.Namespace) -> int:
@@ -111,18 +123,24 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     options = jobs_pb2.AuditOptions(
-        reversal_steps=args.steps, layer=args.layer or "", repair_mode=args.repair_mode,
-        seed=args.seed, skip_repair=args.repair_mode == "none",
+        reversal_steps=args.steps,
+        layer=args.layer or "",
+        repair_mode=args.repair_mode,
+        seed=args.seed,
+        skip_repair=args.repair_mode == "none",
     )
     embedded = not (args.target or CliSettings().target)
     with audit_client(args, workers=True) as client:
-        audit = client.submit(Path(args.model), Path(args.data), spec, arch=args.arch or "",
-                              options=options)
+        audit = client.submit(
+            Path(args.model), Path(args.data), spec, arch=args.arch or "", options=options
+        )
         err_console.print(f"submitted audit [bold]{audit.audit_id}[/bold]")
         if args.wait or embedded:
             if embedded and not args.wait:
-                err_console.print("[dim]embedded mode: waiting, since the in-process "
-                                  "services stop when this command exits[/dim]")
+                err_console.print(
+                    "[dim]embedded mode: waiting, since the in-process "
+                    "services stop when this command exits[/dim]"
+                )
             audit = watch(client, audit.audit_id)
             print_audit(audit)
         else:
@@ -154,33 +172,72 @@ def print_audit(audit: Any) -> None:
             continue
         summary = json.loads(stage.summary_json)
         if stage.stage == "trigger-reversal" and summary.get("labels"):
-            labels = Table("label", "L1 norm", "anomaly index", "attack success", "flagged",
-                           title="trigger reversal (Neural Cleanse, MAD)")
+            labels = Table(
+                "label",
+                "L1 norm",
+                "anomaly index",
+                "attack success",
+                "flagged",
+                title="trigger reversal (Neural Cleanse, MAD)",
+            )
             flagged = set(summary.get("flagged", []))
             for row in summary["labels"]:
-                labels.add_row(str(row["label"]), f"{row['l1_norm']:.2f}",
-                               f"{row['anomaly_index']:.2f}", f"{row['attack_success']:.3f}",
-                               "yes" if row["label"] in flagged else "")
+                labels.add_row(
+                    str(row["label"]),
+                    f"{row['l1_norm']:.2f}",
+                    f"{row['anomaly_index']:.2f}",
+                    f"{row['attack_success']:.3f}",
+                    "yes" if row["label"] in flagged else "",
+                )
             out_console.print(labels)
             out_console.print(f"verdict: [bold]{summary.get('verdict')}[/bold]")
         if stage.stage == "leak-detector":
-            out_console.print(f"leak verdict: [bold]{summary.get('verdict')}[/bold] "
-                              f"(score {summary.get('score', 0):.3g})")
-            layers = Table("layer", "count", "min", "max", "mean", "variance", "skewness",
-                           "kurtosis", ">3σ", title="parameter statistics")
+            out_console.print(
+                f"leak verdict: [bold]{summary.get('verdict')}[/bold] "
+                f"(score {summary.get('score', 0):.3g})"
+            )
+            layers = Table(
+                "layer",
+                "count",
+                "min",
+                "max",
+                "mean",
+                "variance",
+                "skewness",
+                "kurtosis",
+                ">3σ",
+                title="parameter statistics",
+            )
             for row in summary.get("layers", []):
-                layers.add_row(row["layer"], str(row["count"]), *(
-                    f"{row[k]:.4g}" for k in ("min", "max", "mean", "variance", "skewness",
-                                              "kurtosis", "tail_fraction")))
+                layers.add_row(
+                    row["layer"],
+                    str(row["count"]),
+                    *(
+                        f"{row[k]:.4g}"
+                        for k in (
+                            "min",
+                            "max",
+                            "mean",
+                            "variance",
+                            "skewness",
+                            "kurtosis",
+                            "tail_fraction",
+                        )
+                    ),
+                )
             out_console.print(layers)
             for item in summary.get("evidence", [])[:10]:
-                out_console.print(f"  evidence: {item['layer']} {item['feature']} = "
-                                  f"{item['value']:.4g}")
+                out_console.print(
+                    f"  evidence: {item['layer']} {item['feature']} = {item['value']:.4g}"
+                )
         if stage.stage == "repair" and "before" in summary:
             repair = Table("measure", "before", "after", title=f"repair ({summary.get('mode')})")
             for key in summary["before"]:
-                repair.add_row(key, f"{summary['before'][key]:.4f}",
-                               f"{summary['after'].get(key, float('nan')):.4f}")
+                repair.add_row(
+                    key,
+                    f"{summary['before'][key]:.4f}",
+                    f"{summary['after'].get(key, float('nan')):.4f}",
+                )
             out_console.print(repair)
             out_console.print(f"pruned {len(summary.get('pruned', []))} neurons")
     if audit.report_html.sha256:
@@ -202,15 +259,23 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 def cmd_audit_list(args: argparse.Namespace) -> int:
     with audit_client(args, workers=False) as client:
         audits = client.list(args.limit)
-    table = Table("audit", "state", "created", *(s for s in
-                                                  ("leak-detector", "trigger-reversal",
-                                                   "neuron-scoring", "repair")))
+    table = Table(
+        "audit",
+        "state",
+        "created",
+        *(s for s in ("leak-detector", "trigger-reversal", "neuron-scoring", "repair")),
+    )
     for audit in audits:
         stages = {s.stage: STAGE_NAMES[s.state] for s in audit.stages}
-        table.add_row(audit.audit_id, STATE_NAMES[audit.state],
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(audit.created_at)),
-                      *(stages.get(s, "") for s in ("leak-detector", "trigger-reversal",
-                                                     "neuron-scoring", "repair")))
+        table.add_row(
+            audit.audit_id,
+            STATE_NAMES[audit.state],
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(audit.created_at)),
+            *(
+                stages.get(s, "")
+                for s in ("leak-detector", "trigger-reversal", "neuron-scoring", "repair")
+            ),
+        )
     out_console.print(table)
     return EXIT_OK
 
@@ -221,11 +286,15 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
     with audit_client(args, workers=False) as client:
         audit = client.get(args.audit_id)
         if not audit.report_json.sha256:
-            raise InvalidInput(f"audit {args.audit_id} has no report yet "
-                               f"(state {STATE_NAMES[audit.state]})")
+            raise InvalidInput(
+                f"audit {args.audit_id} has no report yet (state {STATE_NAMES[audit.state]})"
+            )
         written = []
-        for ref, name in ((audit.report_json, "report.json"), (audit.report_html, "report.html"),
-                          (audit.repaired_model, "repaired-model")):
+        for ref, name in (
+            (audit.report_json, "report.json"),
+            (audit.report_html, "report.html"),
+            (audit.repaired_model, "repaired-model"),
+        ):
             if ref.sha256:
                 if name == "repaired-model":
                     name += ".pt" if "torchscript" in ref.media_type else ".safetensors"
@@ -259,15 +328,24 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.steps:
         overrides["steps"] = args.steps
     started = time.perf_counter()
-    result = reverse_triggers(model.module, data, spec, config=ReversalConfig(**overrides),
-                              progress=progress_printer("reversal"))
+    result = reverse_triggers(
+        model.module,
+        data,
+        spec,
+        config=ReversalConfig(**overrides),
+        progress=progress_printer("reversal"),
+    )
     seconds = time.perf_counter() - started
     if args.out:
         save_trigger_images(result, spec, Path(args.out))
     document = {
         "labels": [
-            {"label": r.label, "l1_norm": r.l1_norm, "anomaly_index": r.anomaly_index,
-             "attack_success": r.attack_success}
+            {
+                "label": r.label,
+                "l1_norm": r.l1_norm,
+                "anomaly_index": r.anomaly_index,
+                "attack_success": r.attack_success,
+            }
             for r in result.labels
         ],
         "flagged": list(result.flagged),
@@ -279,11 +357,18 @@ def cmd_detect(args: argparse.Namespace) -> int:
     else:
         table = Table("label", "L1 norm", "anomaly index", "attack success", "flagged")
         for r in result.labels:
-            table.add_row(str(r.label), f"{r.l1_norm:.2f}", f"{r.anomaly_index:.2f}",
-                          f"{r.attack_success:.3f}", "yes" if r.label in result.flagged else "")
+            table.add_row(
+                str(r.label),
+                f"{r.l1_norm:.2f}",
+                f"{r.anomaly_index:.2f}",
+                f"{r.attack_success:.3f}",
+                "yes" if r.label in result.flagged else "",
+            )
         out_console.print(table)
-        out_console.print(f"verdict: [bold]{result.verdict}[/bold] "
-                          f"(flagged: {list(result.flagged) or 'none'}) in {seconds:.1f} s")
+        out_console.print(
+            f"verdict: [bold]{result.verdict}[/bold] "
+            f"(flagged: {list(result.flagged) or 'none'}) in {seconds:.1f} s"
+        )
     return EXIT_OK
 
 
@@ -321,25 +406,47 @@ def cmd_repair(args: argparse.Namespace) -> int:
         labels = [int(v) for v in args.target.split(",")] if args.target else None
         triggers = load_triggers(read_file(args.triggers, "triggers"), labels)
     else:
-        result = reverse_triggers(model.module, data, spec, config=ReversalConfig(seed=args.seed),
-                                  progress=progress_printer("reversal"))
-        if args.target:
-            flagged = [int(v) for v in args.target.split(",")]
-        else:
-            flagged = list(result.flagged)
+        result = reverse_triggers(
+            model.module,
+            data,
+            spec,
+            config=ReversalConfig(seed=args.seed),
+            progress=progress_printer("reversal"),
+        )
+        flagged = (
+            [int(v) for v in args.target.split(",")] if args.target else list(result.flagged)
+        )
         if not flagged:
             err_console.print("no backdoor found: nothing to repair (use --target to force)")
             if args.json:
-                print(json.dumps({"target_labels": [], "pruned": [], "before": {},
-                                  "after": {}, "curve": [],
-                                  "seconds": round(time.perf_counter() - started, 3)}))
+                print(
+                    json.dumps(
+                        {
+                            "target_labels": [],
+                            "pruned": [],
+                            "before": {},
+                            "after": {},
+                            "curve": [],
+                            "seconds": round(time.perf_counter() - started, 3),
+                        }
+                    )
+                )
             return EXIT_OK
-        triggers = [ReversedTrigger(label, result.masks[label], result.patterns[label])
-                    for label in flagged]
-    repaired = repair(model.module, data, spec, triggers, mode=args.mode,
-                      layer=args.layer or None, progress=progress_printer("repair"))
-    out = LoadedModel(module=repaired.model, format=model.format, arch=model.arch,
-                      num_classes=model.num_classes)
+        triggers = [
+            ReversedTrigger(label, result.masks[label], result.patterns[label]) for label in flagged
+        ]
+    repaired = repair(
+        model.module,
+        data,
+        spec,
+        triggers,
+        mode=args.mode,
+        layer=args.layer or None,
+        progress=progress_printer("repair"),
+    )
+    out = LoadedModel(
+        module=repaired.model, format=model.format, arch=model.arch, num_classes=model.num_classes
+    )
     Path(args.out).write_bytes(save_model(out))
     document = repaired.to_dict()
     document["seconds"] = round(time.perf_counter() - started, 3)
@@ -371,8 +478,9 @@ def cmd_leakscan(args: argparse.Namespace) -> int:
     document = {
         "verdict": verdict.verdict,
         "score": verdict.score,
-        "evidence": [{"layer": e.layer, "feature": e.feature, "value": e.value}
-                     for e in verdict.evidence],
+        "evidence": [
+            {"layer": e.layer, "feature": e.feature, "value": e.value} for e in verdict.evidence
+        ],
         "seconds": round(time.perf_counter() - started, 4),
     }
     if args.json:
@@ -427,22 +535,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     audit = commands.add_parser("audit", help="submit and inspect audits").add_subparsers(
-        dest="audit_command", required=True)
+        dest="audit_command", required=True
+    )
     submit = audit.add_parser("submit", help="submit a model and clean data for an audit")
     submit.add_argument("model", help="TorchScript file, or weights (safetensors) with --arch")
     submit.add_argument("--arch", help="registered architecture of a weights file")
     submit.add_argument("--data", required=True, help=".npz with x (N,C,H,W) and y (N,)")
     add_spec_args(submit)
-    submit.add_argument("--repair-mode", default="rollback",
-                        choices=["rollback", "shapley", "fine-pruning", "none"])
+    submit.add_argument(
+        "--repair-mode", default="rollback", choices=["rollback", "shapley", "fine-pruning", "none"]
+    )
     submit.add_argument("--layer", help="layer to score and prune (default: first Linear)")
     submit.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
     submit.add_argument("--seed", type=int, default=0)
     submit.add_argument("--wait", action="store_true", help="wait for the audit to finish")
     submit.add_argument("--target", help="host:port of the pruning-orchestrator")
     submit.set_defaults(func=cmd_audit_submit)
-    for name, func, helptext in (("show", cmd_audit_show, "show an audit"),
-                                 ("report", cmd_audit_report, "download an audit's report")):
+    for name, func, helptext in (
+        ("show", cmd_audit_show, "show an audit"),
+        ("report", cmd_audit_report, "download an audit's report"),
+    ):
         sub = audit.add_parser(name, help=helptext)
         sub.add_argument("audit_id")
         sub.add_argument("--target")
@@ -472,8 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     repair_cmd.add_argument("--arch")
     repair_cmd.add_argument("--data", required=True)
     add_spec_args(repair_cmd)
-    repair_cmd.add_argument("--mode", default="rollback",
-                            choices=["rollback", "shapley", "fine-pruning"])
+    repair_cmd.add_argument(
+        "--mode", default="rollback", choices=["rollback", "shapley", "fine-pruning"]
+    )
     repair_cmd.add_argument("--layer")
     repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")
     repair_cmd.add_argument("--target", help="target label(s) to repair, comma-separated")
@@ -501,8 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return int(args.func(args))
     except InvalidInput as err:

@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     defender = test.subset(1000, seed=args.seed)  # the defender's small clean set
     holdout = Dataset(test.x[5000:], test.y[5000:])
     console.rule("[bold]1. An infected model")
-    console.print(f"clean accuracy {accuracy(model, holdout):.2%}, attack success rate "
-                  f"{attack_success_rate(model, holdout, trigger):.2%} (real trigger)")
+    console.print(
+        f"clean accuracy {accuracy(model, holdout):.2%}, attack success rate "
+        f"{attack_success_rate(model, holdout, trigger):.2%} (real trigger)"
+    )
 
     (out / "model.safetensors").write_bytes(model_bytes)
     (out / "clean.npz").write_bytes(dataset_to_npz(defender))
@@ -81,13 +83,17 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with start_stack(platform) as stack, AuditClient(stack.orchestrator_address) as client:
         options = jobs_pb2.AuditOptions(repair_mode="rollback", seed=args.seed)
-        audit = client.submit(out / "model.safetensors", out / "clean.npz", SPEC, arch="lenet5",
-                              options=options)
+        audit = client.submit(
+            out / "model.safetensors", out / "clean.npz", SPEC, arch="lenet5", options=options
+        )
         console.print(f"submitted audit {audit.audit_id}")
         audit = watch(client, audit.audit_id)
         print_audit(audit)
-        for ref, name in ((audit.report_json, "report.json"), (audit.report_html, "report.html"),
-                          (audit.repaired_model, "repaired.safetensors")):
+        for ref, name in (
+            (audit.report_json, "report.json"),
+            (audit.report_html, "report.html"),
+            (audit.repaired_model, "repaired.safetensors"),
+        ):
             if ref.sha256:
                 (out / name).write_bytes(client.download(ref))
     console.print(f"audit took {time.perf_counter() - started:.1f} s")
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     if repaired_path.exists():
         repaired = load_model(repaired_path.read_bytes(), SPEC, arch="lenet5").module
         console.print(
-            f"clean accuracy {accuracy(repaired, holdout):.2%} (was {accuracy(model, holdout):.2%}),"
+            f"clean accuracy {accuracy(repaired, holdout):.2%} "
+            f"(was {accuracy(model, holdout):.2%}),"
             f" attack success rate {attack_success_rate(repaired, holdout, trigger):.2%} "
             f"(was {attack_success_rate(model, holdout, trigger):.2%})"
         )

@@ -17,14 +17,14 @@ from shared.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 
 Behaviour = Callable[[Any, grpc.ServicerContext], Any]
-Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
+Continuation = Callable[[grpc.HandlerCallDetails], "grpc.RpcMethodHandler[Any, Any] | None"]
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler,
+    handler: grpc.RpcMethodHandler[Any, Any],
     wrap_unary: Callable[[Behaviour], Behaviour],
     wrap_stream: Callable[[Behaviour], Behaviour],
-) -> grpc.RpcMethodHandler:
+) -> grpc.RpcMethodHandler[Any, Any]:
     """Rebuild ``handler`` with its behaviour wrapped: ``wrap_unary`` for RPCs returning
     one response, ``wrap_stream`` for RPCs returning a stream (generator) of responses."""
     kinds = (
@@ -36,7 +36,7 @@ def wrap_handler(
     for attribute, factory, wrap in kinds:
         behaviour = getattr(handler, attribute)
         if behaviour is not None:
-            return factory(  # type: ignore[no-any-return, operator]
+            return factory(
                 wrap(behaviour),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
@@ -50,7 +50,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -101,7 +101,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler  # health checks and reflection would drown the figures
@@ -109,7 +109,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         metrics = self.metrics
 
         def observe(context: grpc.ServicerContext, started: float) -> None:
-            code = context.code()
+            code = context.code()  # type: ignore[attr-defined]
             name = code.name if isinstance(code, grpc.StatusCode) else "OK"
             metrics.grpc_requests.labels(method, name).inc()
             metrics.grpc_seconds.labels(method).observe(time.perf_counter() - started)

@@ -154,7 +154,7 @@ def save_model(model: LoadedModel) -> bytes:
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(model.module, buffer)  # type: ignore[no-untyped-call]
+            torch.jit.save(model.module, buffer)
         return buffer.getvalue()
     state = {k: v.detach().contiguous().clone() for k, v in model.module.state_dict().items()}
     if model.format == TORCH_ZIP:

@@ -117,7 +117,8 @@ class Normalized(nn.Module):
         self.register_buffer("std", std.expand(channels).clone().view(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)  # type: ignore[no-any-return]
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        return self.model((x - mean) / std)  # type: ignore[no-any-return]
 
 
 def wrap(model: nn.Module, spec: InputSpec) -> nn.Module:

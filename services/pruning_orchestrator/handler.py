@@ -104,8 +104,11 @@ class RepairHandler:
         result_ref = runtime.store.put_blob(
             json.dumps(summary, default=_json_default).encode(), "application/json"
         )
-        return StageOutcome(result=result_ref, summary=summary,
-                            message=f"{len(summary.get('pruned', []))} neurons pruned")
+        return StageOutcome(
+            result=result_ref,
+            summary=summary,
+            message=f"{len(summary.get('pruned', []))} neurons pruned",
+        )
 
 
 def _ref_dict(ref: Any) -> dict[str, Any]:

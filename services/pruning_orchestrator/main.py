@@ -15,8 +15,9 @@ from shared.topics import AUDIT_EVENTS, NEURONS_SCORED, STAGE_REPAIR
 NAME = "pruning-orchestrator"
 
 
-def build(settings: PruningOrchestratorSettings, runtime: Runtime, metrics: ServiceMetrics
-          ) -> ServiceApp:
+def build(
+    settings: PruningOrchestratorSettings, runtime: Runtime, metrics: ServiceMetrics
+) -> ServiceApp:
     orchestrator = Orchestrator(runtime, settings, metrics)
     app = ServiceApp(NAME, settings, runtime, metrics)
     app.components["orchestrator"] = orchestrator

@@ -37,7 +37,7 @@ from shared.metrics import ServiceMetrics
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
 from shared.runtime import Runtime
 from shared.stage import publish_proto
-from shared.store.base import ArtifactRef, digest
+from shared.store.base import ArtifactRef
 from shared.topics import AUDIT_REQUESTED, JOB_AUDIT, STAGE_NEURON_SCORING, STAGE_REPAIR
 
 log = logging.getLogger(__name__)

@@ -133,8 +133,8 @@ def _stage_section(name: str, stage: dict[str, Any], store: ArtifactStore) -> st
     scalars = {
         k: v
         for k, v in summary.items()
-        if not isinstance(v, (dict, list)) or (isinstance(v, list) and v and
-                                                not isinstance(v[0], dict))
+        if not isinstance(v, (dict, list))
+        or (isinstance(v, list) and v and not isinstance(v[0], dict))
     }
     if scalars:
         items = "".join(f"<dt>{_esc(k)}</dt><dd>{_fmt(v)}</dd>" for k, v in scalars.items())
@@ -146,9 +146,14 @@ def _stage_section(name: str, stage: dict[str, Any], store: ArtifactStore) -> st
             for k in keys
         ]
         parts.append("<h3>Before and after</h3>" + _table(rows))
-    for key, title in (("labels", "Per label"), ("layers", "Per layer"), ("evidence", "Evidence"),
-                       ("pruned", "Pruned neurons"), ("curve", "Pruning curve"),
-                       ("neurons", "Top neurons")):
+    for key, title in (
+        ("labels", "Per label"),
+        ("layers", "Per layer"),
+        ("evidence", "Evidence"),
+        ("pruned", "Pruned neurons"),
+        ("curve", "Pruning curve"),
+        ("neurons", "Top neurons"),
+    ):
         value = summary.get(key)
         if isinstance(value, list) and value and isinstance(value[0], dict):
             parts.append(f"<h3>{title}</h3>" + _table(value))
@@ -170,7 +175,7 @@ def render_html(document: dict[str, Any], store: ArtifactStore) -> str:
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>ModelGuard audit {_esc(document['audit_id'])}</title>
+<title>ModelGuard audit {_esc(document["audit_id"])}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 70rem; color: #1f2328; }}
 table {{ border-collapse: collapse; margin: .5rem 0; font-size: .9rem; }}
@@ -184,9 +189,9 @@ dt {{ font-weight: 600; }}
 figure img {{ image-rendering: pixelated; min-width: 112px; max-width: 420px; }}
 section {{ border-top: 1px solid #d0d7de; margin-top: 1.5rem; }}
 </style></head><body>
-<h1>ModelGuard audit {_esc(document['audit_id'])}</h1>
-<p>State: <b>{_esc(document['state'])}</b> · submitted {created} ·
-model format {_esc(model.get('format', '?'))} {_esc(model.get('arch', ''))}</p>
+<h1>ModelGuard audit {_esc(document["audit_id"])}</h1>
+<p>State: <b>{_esc(document["state"])}</b> · submitted {created} ·
+model format {_esc(model.get("format", "?"))} {_esc(model.get("arch", ""))}</p>
 <h2>Verdicts</h2>{_table(verdict_rows)}
 {sections}
 </body></html>

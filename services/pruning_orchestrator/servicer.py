@@ -18,12 +18,12 @@ from services.pruning_orchestrator.state import (
     AuditRecord,
 )
 from shared.convert import ref_from_proto, ref_to_proto
-from shared.status import service_status
 from shared.proto.modelguard.v1 import (
     common_pb2,
     pruning_orchestrator_pb2,
     pruning_orchestrator_pb2_grpc,
 )
+from shared.status import service_status
 
 DOWNLOAD_CHUNK = 1 << 20
 JOB_STATES = {
@@ -49,7 +49,7 @@ def _ref(record: ArtifactRecord | None) -> common_pb2.ArtifactRef:
 def audit_to_proto(record: AuditRecord) -> pruning_orchestrator_pb2.Audit:
     audit = pruning_orchestrator_pb2.Audit(
         audit_id=record.audit_id,
-        state=JOB_STATES[record.state],  # type: ignore[arg-type]
+        state=JOB_STATES[record.state],
         created_at=record.created_at,
         updated_at=record.updated_at,
         report_json=_ref(record.report_json),
@@ -58,12 +58,13 @@ def audit_to_proto(record: AuditRecord) -> pruning_orchestrator_pb2.Audit:
     )
     json_format.ParseDict(record.model, audit.model)
     if record.error:
-        audit.error.CopyFrom(common_pb2.ErrorDetail(code="FAILED_PRECONDITION",
-                                                    message=record.error))
+        audit.error.CopyFrom(
+            common_pb2.ErrorDetail(code="FAILED_PRECONDITION", message=record.error)
+        )
     for stage in record.stages.values():
         status = audit.stages.add(
             stage=stage.name,
-            state=STAGE_STATES[stage.state],  # type: ignore[arg-type]
+            state=STAGE_STATES[stage.state],
             progress=stage.progress,
             message=stage.message,
             result=_ref(stage.result),
@@ -71,8 +72,7 @@ def audit_to_proto(record: AuditRecord) -> pruning_orchestrator_pb2.Audit:
         )
         if stage.error:
             status.error.CopyFrom(
-                common_pb2.ErrorDetail(code=stage.error_code, message=stage.error,
-                                       stage=stage.name)
+                common_pb2.ErrorDetail(code=stage.error_code, message=stage.error, stage=stage.name)
             )
     return audit
 
@@ -93,7 +93,9 @@ class PruningOrchestratorServicer(pruning_orchestrator_pb2_grpc.PruningOrchestra
         self, request: pruning_orchestrator_pb2.SubmitAuditRequest, context: grpc.ServicerContext
     ) -> pruning_orchestrator_pb2.Audit:
         record = self.orchestrator.submit(
-            request.model, request.data, request.options,
+            request.model,
+            request.data,
+            request.options,
             idempotency_key=request.idempotency_key,
         )
         return audit_to_proto(record)

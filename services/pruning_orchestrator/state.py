@@ -21,7 +21,12 @@ QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINAL_JOB_STATES = (SUCCEEDED, FAILED)
 # stage states
 NOT_RUN, PENDING, STAGE_RUNNING, DONE, STAGE_FAILED, SKIPPED = (
-    "not_run", "pending", "running", "done", "failed", "skipped",
+    "not_run",
+    "pending",
+    "running",
+    "done",
+    "failed",
+    "skipped",
 )
 FINAL_STAGE_STATES = (NOT_RUN, DONE, STAGE_FAILED, SKIPPED)
 
@@ -82,9 +87,7 @@ class AuditRecord:
         stages = {}
         for name, stage in raw.pop("stages").items():
             result = stage.pop("result")
-            stages[name] = StageRecord(
-                **stage, result=ArtifactRecord(**result) if result else None
-            )
+            stages[name] = StageRecord(**stage, result=ArtifactRecord(**result) if result else None)
         artifacts = {
             key: ArtifactRecord(**raw[key]) if raw.get(key) else None
             for key in ("report_json", "report_html", "repaired_model")
@@ -93,9 +96,15 @@ class AuditRecord:
         return cls(**raw, stages=stages)
 
     @classmethod
-    def new(cls, audit_id: str, model: dict[str, Any], data: dict[str, Any],
-            options: dict[str, Any], tenant: str = "",
-            stages: tuple[str, ...] = AUDIT_STAGES) -> AuditRecord:
+    def new(
+        cls,
+        audit_id: str,
+        model: dict[str, Any],
+        data: dict[str, Any],
+        options: dict[str, Any],
+        tenant: str = "",
+        stages: tuple[str, ...] = AUDIT_STAGES,
+    ) -> AuditRecord:
         return cls(
             audit_id=audit_id,
             model=model,
@@ -140,7 +149,7 @@ class AuditRepository:
 
     def list(self, limit: int = 50) -> list[AuditRecord]:
         keys = self.store.list_docs(AUDIT_PREFIX)
-        records = [self.get(key[len(AUDIT_PREFIX):]) for key in keys]
+        records = [self.get(key[len(AUDIT_PREFIX) :]) for key in keys]
         records.sort(key=lambda r: r.created_at, reverse=True)
         return records[:limit]
 

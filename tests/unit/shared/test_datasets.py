@@ -39,7 +39,7 @@ def test_idx_parsing() -> None:
 def test_mnist_and_fashion_mnist_load() -> None:
     mnist = load_mnist("test")
     assert mnist.x.shape == (10000, 1, 28, 28) and mnist.y.shape == (10000,)
-    assert 0.0 <= float(mnist.x.min()) and float(mnist.x.max()) <= 1.0
+    assert float(mnist.x.min()) >= 0.0 and float(mnist.x.max()) <= 1.0
     assert mnist.y[:5].tolist() == [7, 2, 1, 0, 4]
     fashion = load_fashion_mnist("test")
     assert fashion.x.shape == (10000, 1, 28, 28)

@@ -34,8 +34,11 @@ class Failing(trigger_reversal_pb2_grpc.TriggerReversalServicer):
 def server() -> Iterator[GrpcServer]:
     metrics = ServiceMetrics(CollectorRegistry(), "trigger-reversal")
     srv = GrpcServer(metrics, port=0, metrics_port=0)
-    srv.register(trigger_reversal_pb2_grpc.add_TriggerReversalServicer_to_server, Failing(),
-                 "modelguard.v1.TriggerReversal")
+    srv.register(
+        trigger_reversal_pb2_grpc.add_TriggerReversalServicer_to_server,
+        Failing(),
+        "modelguard.v1.TriggerReversal",
+    )
     srv.start()
     yield srv
     srv.stop(0.5)

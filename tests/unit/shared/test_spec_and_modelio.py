@@ -146,6 +146,7 @@ def _torch_save(obj: object) -> bytes:
 
 
 def test_loaded_model_dataclass_fields() -> None:
-    loaded = LoadedModel(module=build("lenet5"), format="safetensors", arch="lenet5",
-                         num_classes=10)
+    loaded = LoadedModel(
+        module=build("lenet5"), format="safetensors", arch="lenet5", num_classes=10
+    )
     assert loaded.arch == "lenet5"

@@ -46,6 +46,11 @@ class CarrierTrainerStub:
                 request_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.GetCarrierRequest.SerializeToString,
                 response_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.FromString,
                 _registered_method=True)
+        self.DownloadCarrier = channel.unary_stream(
+                '/modelguard.v1.CarrierTrainer/DownloadCarrier',
+                request_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.DownloadCarrierRequest.SerializeToString,
+                response_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/modelguard.v1.CarrierTrainer/GetStatus',
                 request_serializer=modelguard_dot_v1_dot_common__pb2.StatusRequest.SerializeToString,
@@ -70,6 +75,13 @@ class CarrierTrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadCarrier(self, request, context):
+        """What the device downloads: its carrier (tensor or PNG), the manifest, the public model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -88,6 +100,11 @@ def add_CarrierTrainerServicer_to_server(servicer, server):
                     servicer.GetCarrier,
                     request_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.GetCarrierRequest.FromString,
                     response_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.SerializeToString,
+            ),
+            'DownloadCarrier': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCarrier,
+                    request_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.DownloadCarrierRequest.FromString,
+                    response_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -150,6 +167,33 @@ class CarrierTrainer:
             '/modelguard.v1.CarrierTrainer/GetCarrier',
             modelguard_dot_v1_dot_carrier__trainer__pb2.GetCarrierRequest.SerializeToString,
             modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCarrier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modelguard.v1.CarrierTrainer/DownloadCarrier',
+            modelguard_dot_v1_dot_carrier__trainer__pb2.DownloadCarrierRequest.SerializeToString,
+            modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,8 @@ class CarrierTrainerStub:
     RequestCarrier: _grpc.UnaryUnaryMultiCallable[_carrier_trainer_pb2.RequestCarrierRequest, _carrier_trainer_pb2.RequestCarrierResponse]
     """Queues a carrier for the user (rotation when one exists); returns at once."""
     GetCarrier: _grpc.UnaryUnaryMultiCallable[_carrier_trainer_pb2.GetCarrierRequest, _carrier_trainer_pb2.CarrierInfo]
+    DownloadCarrier: _grpc.UnaryStreamMultiCallable[_carrier_trainer_pb2.DownloadCarrierRequest, _carrier_trainer_pb2.CarrierChunk]
+    """What the device downloads: its carrier (tensor or PNG), the manifest, the public model."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_common_pb2.StatusRequest, _common_pb2.ServiceStatus]
 
 @_typing.type_check_only
@@ -47,6 +49,8 @@ class CarrierTrainerAsyncStub(CarrierTrainerStub):
     RequestCarrier: _aio.UnaryUnaryMultiCallable[_carrier_trainer_pb2.RequestCarrierRequest, _carrier_trainer_pb2.RequestCarrierResponse]  # type: ignore[assignment]
     """Queues a carrier for the user (rotation when one exists); returns at once."""
     GetCarrier: _aio.UnaryUnaryMultiCallable[_carrier_trainer_pb2.GetCarrierRequest, _carrier_trainer_pb2.CarrierInfo]  # type: ignore[assignment]
+    DownloadCarrier: _aio.UnaryStreamMultiCallable[_carrier_trainer_pb2.DownloadCarrierRequest, _carrier_trainer_pb2.CarrierChunk]  # type: ignore[assignment]
+    """What the device downloads: its carrier (tensor or PNG), the manifest, the public model."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_common_pb2.StatusRequest, _common_pb2.ServiceStatus]  # type: ignore[assignment]
 
 class CarrierTrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -66,6 +70,14 @@ class CarrierTrainerServicer(metaclass=_abc_1.ABCMeta):
         request: _carrier_trainer_pb2.GetCarrierRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_carrier_trainer_pb2.CarrierInfo, _abc.Awaitable[_carrier_trainer_pb2.CarrierInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadCarrier(
+        self,
+        request: _carrier_trainer_pb2.DownloadCarrierRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_carrier_trainer_pb2.CarrierChunk], _abc.AsyncIterator[_carrier_trainer_pb2.CarrierChunk]]:
+        """What the device downloads: its carrier (tensor or PNG), the manifest, the public model."""
 
     @_abc_1.abstractmethod
     def GetStatus(

@@ -235,6 +235,7 @@ class CarrierRequested(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     generation: _builtins.int
+    """0: rotate (the trainer allocates the next generation)"""
     tenant: _builtins.str
     @_builtins.property
     def options(self) -> Global___CarrierOptions: ...
@@ -266,8 +267,12 @@ class CarrierReady(_message.Message):
     CARRIER_PNG_FIELD_NUMBER: _builtins.int
     MAPPER_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
+    PUBLIC_MODEL_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_HASH_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     generation: _builtins.int
+    credential_hash: _builtins.str
+    """salted hash of the user's credential"""
     @_builtins.property
     def carrier(self) -> _common_pb2.ArtifactRef:
         """safetensors tensor"""
@@ -282,6 +287,10 @@ class CarrierReady(_message.Message):
     def manifest(self) -> _common_pb2.ArtifactRef:
         """JSON (public model, input placement, accuracy)"""
 
+    @_builtins.property
+    def public_model(self) -> _common_pb2.ArtifactRef:
+        """weights of the frozen public model"""
+
     def __init__(
         self,
         *,
@@ -291,10 +300,12 @@ class CarrierReady(_message.Message):
         carrier_png: _common_pb2.ArtifactRef | None = ...,
         mapper: _common_pb2.ArtifactRef | None = ...,
         manifest: _common_pb2.ArtifactRef | None = ...,
+        public_model: _common_pb2.ArtifactRef | None = ...,
+        credential_hash: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_png", b"carrier_png", "manifest", b"manifest", "mapper", b"mapper"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_png", b"carrier_png", "manifest", b"manifest", "mapper", b"mapper", "public_model", b"public_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_png", b"carrier_png", "generation", b"generation", "manifest", b"manifest", "mapper", b"mapper", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_png", b"carrier_png", "credential_hash", b"credential_hash", "generation", b"generation", "manifest", b"manifest", "mapper", b"mapper", "public_model", b"public_model", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -309,20 +320,24 @@ class CarrierRevoked(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ROTATE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     generation: _builtins.int
     """every generation <= this is revoked"""
     reason: _builtins.str
+    rotate: _builtins.bool
+    """also train a new carrier (automatic rotation on extraction)"""
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         generation: _builtins.int = ...,
         reason: _builtins.str = ...,
+        rotate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "reason", b"reason", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "reason", b"reason", "rotate", b"rotate", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,6 +16,7 @@ from shared.config import SERVICE_SETTINGS, SERVICES, PlatformSettings, ServiceS
 from shared.grpc_server import wait_for_termination
 from shared.metrics import ServiceMetrics
 from shared.runtime import Runtime, ServiceApp, build_runtime
+from shared.store.instrumented import InstrumentedStore
 from shared.topics import ALL_TOPICS
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ def build_service(
     registry = registry or CollectorRegistry()
     settings = settings or SERVICE_SETTINGS[name]()
     runtime = build_runtime(platform, client_id=name, bus=bus, registry=registry)
-    return builder(name)(settings, runtime, ServiceMetrics(registry, name))
+    metrics = ServiceMetrics(registry, name)
+    runtime.store = InstrumentedStore(runtime.store, metrics.store_errors)
+    return builder(name)(settings, runtime, metrics)
 
 
 def run_service(name: str) -> None:

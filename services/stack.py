@@ -14,8 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,14 +53,20 @@ class ServiceProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
-        env = {**os.environ, **self.env,
-               self.prefix + "GRPC_PORT": str(self.grpc_port),
-               self.prefix + "METRICS_PORT": str(self.metrics_port)}
+        env = {
+            **os.environ,
+            **self.env,
+            self.prefix + "GRPC_PORT": str(self.grpc_port),
+            self.prefix + "METRICS_PORT": str(self.metrics_port),
+        }
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{self.name}.log").open("ab")
         module = f"services.{self.name.replace('-', '_')}.main"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", module],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.wait_healthy(timeout)
@@ -70,11 +79,14 @@ class ServiceProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
-                                       f"see {self.log_dir / (self.name + '.log')}")
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.process.returncode}; "
+                        f"see {self.log_dir / (self.name + '.log')}"
+                    )
                 try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                       timeout=1.0, wait_for_ready=True)
+                    reply = stub.Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=1.0, wait_for_ready=True
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
@@ -98,8 +110,9 @@ class ServiceProcess:
             self.kill()
 
 
-def platform_env(bootstrap: str, s3_endpoint: str, access_key: str, secret_key: str,
-                 bucket: str) -> dict[str, str]:
+def platform_env(
+    bootstrap: str, s3_endpoint: str, access_key: str, secret_key: str, bucket: str
+) -> dict[str, str]:
     return {
         "MODELGUARD_BUS": "kafka",
         "MODELGUARD_KAFKA_BOOTSTRAP": bootstrap,
@@ -121,15 +134,16 @@ def up() -> None:
     STACK_DIR.mkdir(parents=True, exist_ok=True)
     seaweed = start_seaweedfs(STACK_DIR / "seaweedfs")
     tansu = start_tansu(STACK_DIR / "tansu", s3=seaweed)
-    env = platform_env(tansu.bootstrap, seaweed.endpoint, seaweed.access_key,
-                       seaweed.secret_key, "modelguard")
+    env = platform_env(
+        tansu.bootstrap, seaweed.endpoint, seaweed.access_key, seaweed.secret_key, "modelguard"
+    )
     services = []
     for name in SERVICES:
         services.append(ServiceProcess(name, env, STACK_DIR / "logs").start())
         print(f"{name:>22}: gRPC {services[-1].address}, metrics :{services[-1].metrics_port}")
     pids = {
-        "seaweedfs": seaweed.pid,
-        "tansu": tansu.pid,
+        "seaweedfs": seaweed.process.pid,
+        "tansu": tansu.process.pid,
         **{s.name: s.process.pid for s in services if s.process},
     }
     prometheus = start_prometheus(services)
@@ -142,41 +156,144 @@ def up() -> None:
         "prometheus": prometheus[1] if prometheus else "",
     }
     (STACK_DIR / "state.json").write_text(json.dumps(state, indent=2))
-    print(f"\nstack up. Use it with:\n  export MODELGUARD_CLI_TARGET={services[0].address}\n"
-          f"  modelguard audit submit …\nPrometheus: {state['prometheus'] or 'not started'}\n"
-          "Stop it with `make down`.")
+    print(
+        f"\nstack up. Use it with:\n  export MODELGUARD_CLI_TARGET={services[0].address}\n"
+        f"  modelguard audit submit …\nPrometheus: {state['prometheus'] or 'not started'}\n"
+        "Stop it with `make down`."
+    )
+
+
+#: The recording and alerting rules (deploy/k8s/monitoring/prometheus/), loaded by the
+#: local Prometheus as by the cluster's (there as a PrometheusRule).
+RULES_DIR = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "monitoring" / "prometheus"
+
+
+def rule_files() -> list[Path]:
+    return sorted(RULES_DIR.glob("*.rules.yml"))
+
+
+@dataclass
+class PrometheusProcess:
+    """A real Prometheus (Debian package) scraping ``services`` with the project's rules,
+    on 127.0.0.1, storing its data under ``directory``. Ready when ``/-/ready`` answers."""
+
+    directory: Path
+    services: list[ServiceProcess]
+    port: int = 0
+    scrape_interval: str = "5s"
+    evaluation_interval: str = "5s"
+    rules: list[Path] = field(default_factory=rule_files)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> PrometheusProcess:
+        from shutil import which
+
+        binary = which("prometheus")
+        if binary is None:
+            raise FileNotFoundError("prometheus is not installed (Debian package prometheus)")
+        self.port = self.port or free_port()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "prometheus.yml"
+        config.write_text(
+            scrape_config(self.services, self.scrape_interval, self.rules, self.evaluation_interval)
+        )
+        log = (self.directory / "prometheus.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=2d",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll ``/-/ready`` (no sleeps beyond the poll interval)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"prometheus exited with {self.process.returncode}; "
+                    f"see {self.directory / 'prometheus.log'}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1.0) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"prometheus not ready after {timeout} s")
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET ``/api/v1/<path>``; returns ``data`` of a successful answer."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10.0) as reply:
+            body = json.loads(reply.read())
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus {path}: {body}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query; the vector's samples (``metric`` labels, ``value``)."""
+        return list(self.api("query", query=expr)["result"])
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
 def start_prometheus(services: list[ServiceProcess]) -> tuple[int, str] | None:
-    """Prometheus (Debian package) scraping the services, when it is installed."""
-    from shutil import which
-
-    binary = which("prometheus")
-    if binary is None:
+    """Prometheus (Debian package) scraping the services with the project's rules, when it
+    is installed; returns its pid and URL."""
+    try:
+        prometheus = PrometheusProcess(STACK_DIR / "prometheus", services).start()
+    except FileNotFoundError:
         return None
-    directory = STACK_DIR / "prometheus"
-    directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "prometheus.yml"
-    config.write_text(scrape_config(services))
-    port = free_port()
-    log = (directory / "prometheus.log").open("ab")
-    process = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    return process.pid, f"http://127.0.0.1:{port}"
+    assert prometheus.process is not None
+    return prometheus.process.pid, prometheus.url
 
 
-def scrape_config(services: list[ServiceProcess], interval: str = "5s") -> str:
-    jobs = []
+def scrape_config(
+    services: list[ServiceProcess],
+    interval: str = "5s",
+    rules: list[Path] | None = None,
+    evaluation_interval: str = "",
+) -> str:
+    """A prometheus.yml: one job per service named after it (as the ServiceMonitors name
+    theirs in the cluster, which the rules rely on) and the rule files."""
+    lines = [
+        "global:",
+        f"  scrape_interval: {interval}",
+        f"  evaluation_interval: {evaluation_interval or interval}",
+    ]
+    if rules:
+        lines.append("rule_files:")
+        lines += [f"  - {json.dumps(str(path))}" for path in rules]
+    lines.append("scrape_configs:")
     for service in services:
-        jobs.append(
-            f"  - job_name: {service.name}\n"
-            f"    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{service.metrics_port}']\n"
-        )
-    return f"global:\n  scrape_interval: {interval}\nscrape_configs:\n" + "".join(jobs)
+        lines += [
+            f"  - job_name: {service.name}",
+            "    static_configs:",
+            f"      - targets: ['127.0.0.1:{service.metrics_port}']",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def down() -> None:

@@ -29,6 +29,11 @@ class PlatformSettings(BaseSettings):
         6000, description="Consumer-group session timeout; Tansu joins slowly above ~6 s."
     )
     kafka_partitions: int = Field(3, description="Partitions per topic when creating topics.")
+    kafka_max_poll_interval_ms: int = Field(
+        1_800_000,
+        description="Longest a handler may run before the group gives its work to another "
+        "member; audits of big models take minutes.",
+    )
     store: Literal["local", "s3"] = Field(
         "local", description="Artifact store: a local directory or an S3/MinIO bucket."
     )
@@ -47,7 +52,9 @@ class PlatformSettings(BaseSettings):
     max_model_bytes: int = Field(512 << 20, description="Largest accepted model file.")
     max_dataset_bytes: int = Field(1 << 30, description="Largest accepted dataset file.")
     job_max_attempts: int = Field(3, description="Handler attempts before dead-lettering.")
-    torch_threads: int = Field(0, description="torch intra-op threads per process (0: torch default).")
+    torch_threads: int = Field(
+        0, description="torch intra-op threads per process (0: torch default)."
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
 
@@ -58,7 +65,9 @@ class ServiceSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gRPC and metrics servers bind.")
     grpc_port: int = Field(0, description="gRPC port (0: any free port).")
-    metrics_port: int = Field(0, description="Prometheus /metrics port (0: any free port; -1: off).")
+    metrics_port: int = Field(
+        0, description="Prometheus /metrics port (0: any free port; -1: off)."
+    )
     grpc_workers: int = Field(8, description="gRPC thread-pool size.")
     grace_seconds: float = Field(10.0, description="Graceful shutdown period on SIGTERM.")
     worker: bool = Field(True, description="Run the Kafka worker (consume jobs) in this process.")
@@ -81,9 +90,7 @@ class NeuronScoringSettings(ServiceSettings):
 
 
 class PruningOrchestratorSettings(ServiceSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="MODELGUARD_PRUNING_ORCHESTRATOR_", extra="forbid"
-    )
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_PRUNING_ORCHESTRATOR_", extra="forbid")
     grpc_port: int = 50051
     metrics_port: int = 9101
     max_upload_bytes: int = Field(1 << 30, description="Largest artifact accepted by upload.")

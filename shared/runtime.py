@@ -47,8 +47,12 @@ def build_store(platform: PlatformSettings) -> ArtifactStore:
     return make_store("local", root=platform.store_dir)
 
 
-def build_runtime(platform: PlatformSettings, client_id: str = "modelguard",
-                  bus: JobBus | None = None, registry: CollectorRegistry | None = None) -> Runtime:
+def build_runtime(
+    platform: PlatformSettings,
+    client_id: str = "modelguard",
+    bus: JobBus | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Runtime:
     """Build bus and store from settings (``bus`` given: embedded mode shares one)."""
     from shared.bus import make_bus
     from shared.bus.metrics import BusMetrics
@@ -57,11 +61,21 @@ def build_runtime(platform: PlatformSettings, client_id: str = "modelguard",
         torch.set_num_threads(platform.torch_threads)
     if bus is None:
         metrics = BusMetrics(registry, client_id) if registry is not None else None
+        kafka_options = (
+            {
+                "session_timeout_ms": platform.kafka_session_timeout_ms,
+                "max_poll_interval_ms": platform.kafka_max_poll_interval_ms,
+                "partitions": platform.kafka_partitions,
+            }
+            if platform.bus == "kafka"
+            else {}
+        )
         bus = make_bus(
             platform.bus,
             bootstrap_servers=platform.kafka_bootstrap,
             client_id=client_id,
             metrics=metrics,
+            **kafka_options,
         )
     return Runtime(
         platform=platform,
@@ -103,8 +117,9 @@ class ServiceApp:
             metrics_port=self.settings.metrics_port,
         )
 
-    def add_servicer(self, add_to_server: Callable[[Any, Any], None], servicer: Any,
-                     full_name: str) -> None:
+    def add_servicer(
+        self, add_to_server: Callable[[Any, Any], None], servicer: Any, full_name: str
+    ) -> None:
         self.grpc.register(add_to_server, servicer, full_name)
 
     def add_worker(self, topics: list[str], handler: Handler, group: str = "") -> None:
@@ -116,8 +131,9 @@ class ServiceApp:
             retry = RetryPolicy(max_attempts=self.runtime.platform.job_max_attempts)
             for worker in self.workers:
                 self._subscriptions.append(
-                    self.runtime.bus.subscribe(worker.topics, worker.group, worker.handler,
-                                               retry=retry)
+                    self.runtime.bus.subscribe(
+                        worker.topics, worker.group, worker.handler, retry=retry
+                    )
                 )
 
     def stop(self, grace: float | None = None) -> None:

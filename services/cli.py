@@ -244,6 +244,14 @@ def print_audit(audit: Any) -> None:
         out_console.print(f"report: modelguard audit report {audit.audit_id} --out DIR")
 
 
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return ", ".join(_num(v) for v in value)
+    return str(value)
+
+
 def cmd_audit_show(args: argparse.Namespace) -> int:
     with audit_client(args, workers=False) as client:
         audit = client.get(args.audit_id)
@@ -413,9 +421,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
             config=ReversalConfig(seed=args.seed),
             progress=progress_printer("reversal"),
         )
-        flagged = (
-            [int(v) for v in args.target.split(",")] if args.target else list(result.flagged)
-        )
+        flagged = [int(v) for v in args.target.split(",")] if args.target else list(result.flagged)
         if not flagged:
             err_console.print("no backdoor found: nothing to repair (use --target to force)")
             if args.json:
@@ -455,7 +461,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     else:
         table = Table("measure", "before", "after")
         for key in document["before"]:
-            table.add_row(key, f"{document['before'][key]:.4f}", f"{document['after'][key]:.4f}")
+            table.add_row(key, _num(document["before"][key]), _num(document["after"].get(key)))
         out_console.print(table)
         out_console.print(f"pruned {len(document['pruned'])} neurons; wrote {args.out}")
     return EXIT_OK

@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -31,20 +32,21 @@ from shared.training import accuracy
 console = Console()
 CACHE = Path(".cache/demo")
 SPEC = InputSpec(shape=(1, 28, 28), value_range=(0.0, 1.0))
+AUDIT_SERVICES = ("pruning-orchestrator", "leak-detector", "trigger-reversal", "neuron-scoring")
 
 
-def infected_model(train: Dataset, seed: int = 0) -> tuple[bytes, object]:
-    """LeNet-5 with a 4×4 white patch in the bottom-right corner that flips any digit to 7
-    (BadNets). Cached, so a second demo run skips training."""
+def infected_model(train: Dataset, test: Dataset, seed: int = 0) -> tuple[bytes, Any]:
+    """LeNet-5 with a 4×4 white patch near the bottom-right corner that flips any digit to
+    7 (BadNets). Cached, so a second demo run skips training."""
     from shared.attacks.backdoor import PatchTrigger, train_backdoored
 
-    trigger = PatchTrigger.square(size=4, position=(23, 23), value=1.0, target=7)
+    trigger = PatchTrigger(target=7, size=4, position=(-2, -2), pattern="white")
     path = CACHE / f"lenet5-badnets-seed{seed}.safetensors"
     if path.exists():
         return path.read_bytes(), trigger
     CACHE.mkdir(parents=True, exist_ok=True)
     console.print("training an infected LeNet-5 on MNIST (BadNets, target 7; ~1 min) …")
-    model = train_backdoored("lenet5", train, [trigger], seed=seed)
+    model = train_backdoored("lenet5", (train, test), [trigger], seed=seed).model
     data = weights_to_safetensors(model)
     path.write_bytes(data)
     return data, trigger
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     from shared.attacks.backdoor import attack_success_rate
 
     train, test = load_mnist("train"), load_mnist("test")
-    model_bytes, trigger = infected_model(train, args.seed)
+    model_bytes, trigger = infected_model(train, test, args.seed)
     model = load_model(model_bytes, SPEC, arch="lenet5").module
     defender = test.subset(1000, seed=args.seed)  # the defender's small clean set
     holdout = Dataset(test.x[5000:], test.y[5000:])
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     console.rule("[bold]2. Audit through the six services (embedded mode)")
     platform = PlatformSettings(store_dir=out / "store")
     started = time.perf_counter()
-    with start_stack(platform) as stack, AuditClient(stack.orchestrator_address) as client:
+    with start_stack(platform, AUDIT_SERVICES) as stack, AuditClient(stack.orchestrator_address) as client:
         options = jobs_pb2.AuditOptions(repair_mode="rollback", seed=args.seed)
         audit = client.submit(
             out / "model.safetensors", out / "clean.npz", SPEC, arch="lenet5", options=options

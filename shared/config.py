@@ -110,6 +110,13 @@ class CarrierTrainerSettings(ServiceSettings):
     grpc_port: int = 50055
     metrics_port: int = 9105
     steps: int = Field(0, description="Training steps per carrier (0: algorithm default).")
+    public_model: str = Field(
+        "lenet5-fashion", description="Registered public model carriers are trained for."
+    )
+    task: str = Field("mnist", description="Dataset the mapping networks classify.")
+    train_samples: int = Field(20000, description="Task samples used to train one carrier.")
+    hidden: int = Field(64, description="Hidden width of the mapping network (0: linear).")
+    time_budget_seconds: float = Field(600.0, description="Wall-time budget of one carrier.")
 
 
 class ResultMapperSettings(ServiceSettings):
@@ -118,6 +125,15 @@ class ResultMapperSettings(ServiceSettings):
     metrics_port: int = 9106
     max_loaded_bytes: int = Field(
         256 << 20, description="Memory bound of the loaded-mapper LRU cache."
+    )
+    max_rows_per_window: int = Field(
+        5000, description="Rows one user may map per hour before extraction is suspected."
+    )
+    max_rows_per_generation: int = Field(
+        20000, description="Rows one carrier generation may map before it is rotated (0: off)."
+    )
+    auto_revoke: bool = Field(
+        True, description="Revoke a carrier at once when its queries look like extraction."
     )
 
 

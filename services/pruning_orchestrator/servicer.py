@@ -24,8 +24,10 @@ from shared.proto.modelguard.v1 import (
     pruning_orchestrator_pb2_grpc,
 )
 from shared.status import service_status
+from shared.topics import AUDIT_STAGES
 
 DOWNLOAD_CHUNK = 1 << 20
+STAGE_ORDER = {name: index for index, name in enumerate(AUDIT_STAGES)}
 JOB_STATES = {
     QUEUED: common_pb2.JOB_STATE_QUEUED,
     RUNNING: common_pb2.JOB_STATE_RUNNING,
@@ -61,7 +63,8 @@ def audit_to_proto(record: AuditRecord) -> pruning_orchestrator_pb2.Audit:
         audit.error.CopyFrom(
             common_pb2.ErrorDetail(code="FAILED_PRECONDITION", message=record.error)
         )
-    for stage in record.stages.values():
+    ordered = sorted(record.stages.values(), key=lambda s: STAGE_ORDER.get(s.name, 99))
+    for stage in ordered:
         status = audit.stages.add(
             stage=stage.name,
             state=STAGE_STATES[stage.state],

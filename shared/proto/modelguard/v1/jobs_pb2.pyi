@@ -320,24 +320,20 @@ class CarrierRevoked(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    ROTATE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     generation: _builtins.int
     """every generation <= this is revoked"""
     reason: _builtins.str
-    rotate: _builtins.bool
-    """also train a new carrier (automatic rotation on extraction)"""
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         generation: _builtins.int = ...,
         reason: _builtins.str = ...,
-        rotate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "reason", b"reason", "rotate", b"rotate", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "reason", b"reason", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

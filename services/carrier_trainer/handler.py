@@ -1,0 +1,24 @@
+"""Kafka handlers of carrier-trainer: train requested carriers; record revocations."""
+
+from __future__ import annotations
+
+from services.carrier_trainer.service import CarrierService
+from shared.bus.base import Message
+from shared.convert import parse_message
+from shared.errors import InvalidInput
+from shared.proto.modelguard.v1 import jobs_pb2
+from shared.topics import CARRIER_REVOKED
+
+
+class CarrierHandler:
+    def __init__(self, service: CarrierService) -> None:
+        self.service = service
+
+    def __call__(self, message: Message) -> None:
+        if message.topic == CARRIER_REVOKED:
+            self.service.on_revoked(parse_message(message.value, jobs_pb2.CarrierRevoked))
+            return
+        job = parse_message(message.value, jobs_pb2.CarrierRequested)
+        if not job.user_id or job.generation < 1:
+            raise InvalidInput("CarrierRequested needs a user id and a generation >= 1")
+        self.service.train(job)

@@ -1,0 +1,311 @@
+"""carrier-trainer, transport-neutral: enrol and rotate users, train their carriers and
+mapping networks (seed 000), and hand devices their carrier.
+
+Credentials are per (user, carrier generation): rotating a carrier issues a new one, so a
+thief holding a device's credential cannot fetch the next carrier. Only salted hashes are
+stored; the plain credential is returned once, to the caller who enrolled or rotated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from google.protobuf import json_format
+
+from services.carrier_trainer.state import (
+    FAILED,
+    QUEUED,
+    READY,
+    REVOKED,
+    TRAINING,
+    CarrierRecord,
+    CarrierRepository,
+    check_user_id,
+)
+from services.result_mapper.core.registry import (
+    hash_credential,
+    new_credential,
+    verify_credential,
+)
+from shared.config import CarrierTrainerSettings
+from shared.convert import ref_to_proto
+from shared.datasets import load_named
+from shared.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from shared.metrics import ServiceMetrics
+from shared.plots import tensor_png
+from shared.proto.modelguard.v1 import jobs_pb2
+from shared.runtime import Runtime
+from shared.stage import publish_proto
+from shared.store.base import ArtifactRef
+from shared.topics import CARRIER_READY, CARRIER_REQUESTED, CARRIER_REVOKED, JOB_CARRIER
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ("carrier", "carrier_png", "mapper", "manifest", "public_model", "profile")
+#: What a device may download; the mapper and the query profile stay on the server (the
+#: profile would tell an attacker how to shape queries that pass the extraction detector).
+DEVICE_ARTIFACTS = ("carrier", "carrier_png", "manifest", "public_model")
+
+
+def ref_dict(ref: ArtifactRef) -> dict[str, Any]:
+    return {"sha256": ref.sha256, "key": ref.key, "size": ref.size, "media_type": ref.media_type}
+
+
+def ref_from_dict(data: dict[str, Any]) -> ArtifactRef:
+    return ArtifactRef(data["sha256"], data["key"], int(data["size"]), data["media_type"])
+
+
+class CarrierService:
+    def __init__(
+        self, runtime: Runtime, settings: CarrierTrainerSettings, metrics: ServiceMetrics
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.repository = CarrierRepository(runtime.store)
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self.carriers = metrics.counter("carriers_total", "Carrier requests by kind.", ("kind",))
+        self.accuracy = metrics.gauge(
+            "last_mapped_accuracy", "Validation accuracy of the last trained carrier."
+        )
+        self.training_seconds = metrics.histogram(
+            "training_seconds",
+            "Wall time of one carrier training.",
+            (5, 10, 30, 60, 120, 300, 600, 1200),
+        )
+
+    # --- enrolment and rotation ----------------------------------------------------------
+    def request(
+        self, user_id: str, options: jobs_pb2.CarrierOptions, credential: str = ""
+    ) -> tuple[int, str]:
+        """Enrol ``user_id`` (no carrier yet) or rotate its carrier (``credential`` of the
+        current or last revoked generation required). Returns (generation, credential)."""
+        check_user_id(user_id)
+        with self._locks[user_id]:
+            current = self.repository.find(user_id)
+            if current is not None:
+                if not credential:
+                    raise Unauthenticated(
+                        f"user {user_id!r} is enrolled: rotating needs its current credential"
+                    )
+                if not verify_credential(credential, current.credential_hash):
+                    raise PermissionDenied(f"this credential does not belong to {user_id!r}")
+            generation = current.generation + 1 if current else 1
+            issued = new_credential()
+            merged = self._options(options)
+            record = CarrierRecord(
+                user_id,
+                generation,
+                hash_credential(issued),
+                options=json_format.MessageToDict(merged),
+            )
+            self.repository.put(record)
+            if current is not None and current.state != REVOKED:
+                # the old carrier stops working at once, not when the new one is ready
+                self.publish_revoked(user_id, current.generation, "rotated")
+            publish_proto(
+                self.runtime.bus,
+                CARRIER_REQUESTED,
+                jobs_pb2.CarrierRequested(user_id=user_id, generation=generation, options=merged),
+                key=user_id,
+                job_type=JOB_CARRIER,
+            )
+        self.carriers.labels("rotation" if current else "enrolment").inc()
+        return generation, issued
+
+    def _options(self, options: jobs_pb2.CarrierOptions) -> jobs_pb2.CarrierOptions:
+        merged = jobs_pb2.CarrierOptions()
+        merged.CopyFrom(options)
+        merged.public_model = options.public_model or self.settings.public_model
+        merged.task = options.task or self.settings.task
+        merged.hidden = options.hidden or self.settings.hidden
+        merged.steps = options.steps or self.settings.steps
+        if options.steps < 0 or options.hidden < 0 or options.gamma < 0:
+            raise InvalidInput("steps, hidden and gamma must not be negative")
+        return merged
+
+    def publish_revoked(self, user_id: str, generation: int, reason: str) -> None:
+        publish_proto(
+            self.runtime.bus,
+            CARRIER_REVOKED,
+            jobs_pb2.CarrierRevoked(user_id=user_id, generation=generation, reason=reason),
+            key=user_id,
+            job_type=JOB_CARRIER,
+        )
+
+    def on_revoked(self, event: jobs_pb2.CarrierRevoked) -> None:
+        """Record a revocation made elsewhere (result-mapper on suspected extraction)."""
+        with self._locks[event.user_id]:
+            record = self.repository.find(event.user_id)
+            if record is None or record.generation != event.generation:
+                return
+            if record.state != REVOKED:
+                record.state = REVOKED
+                record.revoked_reason = event.reason
+                self.repository.put(record)
+                self.carriers.labels("revoked").inc()
+
+    # --- the device's view ----------------------------------------------------------------
+    def authorised(self, user_id: str, credential: str) -> CarrierRecord:
+        record = self.repository.get(user_id)
+        if not credential:
+            raise Unauthenticated("send the credential issued with the carrier")
+        if not verify_credential(credential, record.credential_hash):
+            raise PermissionDenied(f"this credential does not belong to {user_id!r}")
+        return record
+
+    def download(self, user_id: str, credential: str, artifact: str) -> tuple[bytes, str]:
+        if artifact not in DEVICE_ARTIFACTS:
+            allowed = ", ".join(DEVICE_ARTIFACTS)
+            raise InvalidInput(f"artifact {artifact!r} unknown; devices may fetch: {allowed}")
+        record = self.authorised(user_id, credential)
+        if record.state == REVOKED:
+            raise NotFound(f"carrier generation {record.generation} of {user_id!r} is revoked")
+        if record.state != READY:
+            raise NotFound(f"the carrier of {user_id!r} is not ready yet ({record.state})")
+        ref = ref_from_dict(record.artifacts[artifact])
+        data = self.runtime.store.get_blob(ref)
+        self.runtime.signer.verify(ref.sha256, record.signatures.get(artifact, ""), artifact)
+        return data, ref.media_type
+
+    # --- training (the Kafka job) ------------------------------------------------------------
+    def train(self, job: jobs_pb2.CarrierRequested, progress: Any = None) -> None:
+        from services.carrier_trainer.core.carrier import (
+            CarrierConfig,
+            carrier_to_safetensors,
+            mapper_to_safetensors,
+            train_carrier,
+        )
+        from services.carrier_trainer.core.natural_images import natural_image_for_user
+        from services.carrier_trainer.core.public_models import load_public_model
+
+        user_id, generation = job.user_id, job.generation
+        record = self.repository.find(user_id)
+        if record is None or record.generation != generation:
+            log.info("carrier %s/%d superseded; skipping", user_id, generation)
+            self.metrics.jobs.labels("skipped").inc()
+            return
+        if record.state == READY:  # redelivered after success: announce again, idempotent
+            self._announce(record)
+            return
+        if record.state == REVOKED:
+            return
+        record.state = TRAINING
+        self.repository.put(record)
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            options = job.options
+            public = load_public_model(options.public_model or self.settings.public_model)
+            task = load_named(options.task or self.settings.task, "train")
+            test = load_named(options.task or self.settings.task, "test")
+            seed = int(options.seed) + generation
+            data = task.subset(min(self.settings.train_samples, len(task)), seed=seed)
+            overrides: dict[str, Any] = {
+                "seed": seed,
+                "hidden": options.hidden or self.settings.hidden,
+                "time_budget_s": self.settings.time_budget_seconds,
+            }
+            steps = options.steps or self.settings.steps
+            if steps:
+                overrides["max_steps"] = steps
+            if options.gamma:
+                overrides["gamma"] = options.gamma
+            natural = natural_image_for_user(user_id, generation, public.input_shape)
+            result = train_carrier(
+                CarrierConfig(**overrides),
+                public,
+                data,
+                natural,
+                progress,
+                test_data=test.subset(2000, seed=seed),
+            )
+        except InvalidInput as err:
+            self._fail(user_id, generation, str(err))
+            return
+        finally:
+            self.metrics.in_flight.dec()
+        self.training_seconds.observe(time.perf_counter() - started)
+        manifest = {
+            **result.manifest(),
+            "user_id": user_id,
+            "generation": generation,
+            "public_model_sha256": public.weights_sha256,
+        }
+        profile = result.query_profile.to_dict()
+        store = self.runtime.store
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(public.module.state_dict(), buffer)
+        blobs = {
+            "carrier": (
+                carrier_to_safetensors(result.carrier, result.placement, public, generation),
+                "application/vnd.modelguard.carrier",
+            ),
+            "carrier_png": (tensor_png(result.carrier.numpy(), scale=4), "image/png"),
+            "mapper": (mapper_to_safetensors(result.mapper), "application/vnd.modelguard.mapper"),
+            "manifest": (json.dumps(manifest, default=float).encode(), "application/json"),
+            "public_model": (buffer.getvalue(), "application/vnd.modelguard.torch-state-dict"),
+            "profile": (json.dumps(profile, default=_jsonable).encode(), "application/json"),
+        }
+        artifacts, signatures = {}, {}
+        for name, (payload, media_type) in blobs.items():
+            ref = store.put_blob(payload, media_type)
+            artifacts[name] = ref_dict(ref)
+            signatures[name] = self.runtime.signer.sign(ref.sha256)
+        with self._locks[user_id]:
+            record = self.repository.find(user_id)
+            if record is None or record.generation != generation or record.state == REVOKED:
+                return  # rotated or revoked while training: never announce a stale carrier
+            record.state = READY
+            record.artifacts, record.signatures = artifacts, signatures
+            record.manifest = manifest
+            self.repository.put(record)
+        self.accuracy.set(result.validation_accuracy)
+        self.metrics.jobs.labels("succeeded").inc()
+        self._announce(record)
+
+    def _announce(self, record: CarrierRecord) -> None:
+        refs = {
+            name: ref_to_proto(ref_from_dict(ref))
+            for name, ref in record.artifacts.items()
+            if name != "profile"
+        }
+        publish_proto(
+            self.runtime.bus,
+            CARRIER_READY,
+            jobs_pb2.CarrierReady(
+                user_id=record.user_id,
+                generation=record.generation,
+                credential_hash=record.credential_hash,
+                **refs,
+            ),
+            key=record.user_id,
+            job_type=JOB_CARRIER,
+        )
+
+    def _fail(self, user_id: str, generation: int, reason: str) -> None:
+        log.warning("carrier %s/%d failed: %s", user_id, generation, reason)
+        self.metrics.jobs.labels("failed").inc()
+        with self._locks[user_id]:
+            record = self.repository.find(user_id)
+            if record is not None and record.generation == generation:
+                record.state, record.error = FAILED, reason
+                self.repository.put(record)
+
+
+def _jsonable(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    return float(value)
+
+
+__all__ = ["QUEUED", "CarrierService"]

@@ -1,0 +1,43 @@
+"""Wiring of result-mapper: gRPC API and the carrier-events worker."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from services.result_mapper.handler import CarrierEventsHandler
+from services.result_mapper.service import ResultMapperService
+from services.result_mapper.servicer import ResultMapperServicer
+from shared.config import ResultMapperSettings
+from shared.metrics import ServiceMetrics
+from shared.proto.modelguard.v1 import result_mapper_pb2_grpc
+from shared.runtime import Runtime, ServiceApp
+from shared.topics import CARRIER_READY, CARRIER_REVOKED
+
+NAME = "result-mapper"
+
+
+def build(settings: ResultMapperSettings, runtime: Runtime, metrics: ServiceMetrics) -> ServiceApp:
+    service = ResultMapperService(runtime, settings, metrics)
+    app = ServiceApp(NAME, settings, runtime, metrics)
+    app.components["service"] = service
+    app.add_servicer(
+        result_mapper_pb2_grpc.add_ResultMapperServicer_to_server,
+        ResultMapperServicer(service),
+        "modelguard.v1.ResultMapper",
+    )
+    # Every replica must see every carrier event (a revocation applies everywhere at
+    # once), so each process reads them in a consumer group of its own, from the start.
+    group = settings.group or f"{NAME}-{socket.gethostname()}-{os.getpid()}"
+    app.add_worker([CARRIER_READY, CARRIER_REVOKED], CarrierEventsHandler(service), group=group)
+    return app
+
+
+def main() -> None:
+    from services.launcher import run_service
+
+    run_service(NAME)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""result-mapper, transport-neutral: the user's mapper registry fed by carrier events,
+with extraction detection that revokes a carrier at once (seed 000, beyond the seed)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
+from services.result_mapper.core.registry import MapperRegistry, MapResult
+from shared.config import ResultMapperSettings
+from shared.convert import parse_message, ref_from_proto
+from shared.errors import InvalidInput, NotFound, Unavailable
+from shared.metrics import LATENCY_BUCKETS, ServiceMetrics
+from shared.proto.modelguard.v1 import jobs_pb2
+from shared.runtime import Runtime
+from shared.stage import publish_proto
+from shared.topics import CARRIER_READY, CARRIER_REVOKED, JOB_CARRIER
+
+log = logging.getLogger(__name__)
+
+#: How long an unknown user is remembered before the store is asked again.
+MISS_TTL_S = 5.0
+
+
+def _valid_user(user_id: str) -> bool:
+    from services.carrier_trainer.state import check_user_id
+
+    try:
+        check_user_id(user_id)
+    except InvalidInput:
+        return False
+    return True
+
+
+class ResultMapperService:
+    def __init__(
+        self, runtime: Runtime, settings: ResultMapperSettings, metrics: ServiceMetrics
+    ) -> None:
+        from services.carrier_trainer.core.extraction import (
+            Alarm,
+            DetectorConfig,
+            ExtractionDetector,
+            QueryProfile,
+        )
+
+        self.runtime = runtime
+        self.settings = settings
+        self.metrics = metrics
+        self.carriers = CarrierRepository(runtime.store)
+        self._profiles: dict[tuple[str, int], QueryProfile] = {}
+        self._profiles_lock = threading.Lock()
+        self._misses: dict[str, float] = {}
+
+        def on_alarm(alarm: Alarm) -> None:
+            self.alarms.labels(alarm.reason).inc()
+            if settings.auto_revoke:
+                log.warning("revoking %s/%d: %s", alarm.user_id, alarm.generation, alarm.detail)
+                self.registry.revoke(alarm.user_id, alarm.generation)
+                publish_proto(
+                    runtime.bus,
+                    CARRIER_REVOKED,
+                    jobs_pb2.CarrierRevoked(
+                        user_id=alarm.user_id,
+                        generation=alarm.generation,
+                        reason=f"suspected extraction ({alarm.reason}: {alarm.detail})",
+                    ),
+                    key=alarm.user_id,
+                    job_type=JOB_CARRIER,
+                )
+
+        self.detector = ExtractionDetector(
+            DetectorConfig(
+                max_rows_per_window=settings.max_rows_per_window,
+                max_rows_per_generation=settings.max_rows_per_generation,
+            ),
+            profiles=lambda user, generation: self._profiles.get((user, generation)),
+            on_alarm=on_alarm,
+        )
+        self.registry = MapperRegistry(
+            max_loaded_bytes=settings.max_loaded_bytes, loader=self._reload, observer=self.detector
+        )
+        self.alarms = metrics.counter(
+            "extraction_alarms_total", "Suspected model-extraction alarms.", ("reason",)
+        )
+        self.rows = metrics.counter("mapped_rows_total", "Pseudo-outputs mapped.")
+        self.refusals = metrics.counter("refusals_total", "Map calls refused.", ("code",))
+        self.map_seconds = metrics.histogram(
+            "map_seconds", "Map latency inside the server.", LATENCY_BUCKETS
+        )
+        self.loaded = metrics.gauge("loaded_mappers", "Mappers in memory.")
+        self.events = metrics.counter("carrier_events_total", "Carrier events applied.", ("kind",))
+
+    def _mapper_bytes(self, user_id: str, generation: int) -> bytes:
+        record = self.carriers.get(user_id)
+        if record.generation != generation or "mapper" not in record.artifacts:
+            raise NotFound(f"no mapper for {user_id!r} generation {generation}")
+        ref = record.artifacts["mapper"]
+        data = self.runtime.store.get_blob(str(ref["sha256"]))
+        self.runtime.signer.verify(
+            str(ref["sha256"]), record.signatures.get("mapper", ""), "mapper"
+        )
+        return data
+
+    def _reload(self, user_id: str, generation: int) -> bytes:
+        try:
+            return self._mapper_bytes(user_id, generation)
+        except NotFound as err:
+            raise Unavailable(str(err)) from err
+
+    # --- carrier events --------------------------------------------------------------------
+    def on_event(self, topic: str, value: bytes) -> None:
+        if topic == CARRIER_REVOKED:
+            event = parse_message(value, jobs_pb2.CarrierRevoked)
+            self.registry.revoke(event.user_id, event.generation)
+            self.events.labels("revoked").inc()
+        else:
+            ready = parse_message(value, jobs_pb2.CarrierReady)
+            mapper = self.runtime.store.get_blob(ref_from_proto(ready.mapper, "mapper"))
+            signature = self._signature(ready.user_id, "mapper")
+            self.runtime.signer.verify(ready.mapper.sha256, signature, "mapper")
+            self._load_profile(ready)
+            if self.registry.hot_load(
+                ready.user_id, ready.generation, mapper, ready.credential_hash
+            ):
+                self.events.labels("loaded").inc()
+        self.loaded.set(self.registry.status().loaded_mappers)
+
+    def _signature(self, user_id: str, name: str) -> str:
+        try:
+            return self.carriers.get(user_id).signatures.get(name, "")
+        except NotFound:
+            return ""
+
+    def _load_profile(self, ready: jobs_pb2.CarrierReady) -> None:
+        """What legitimate queries of this carrier look like (kept server-side)."""
+        record = self.carriers.find(ready.user_id)
+        if record is not None and record.generation == ready.generation:
+            self._load_profile_of(record)
+
+    def _load_profile_of(self, record: CarrierRecord) -> None:
+        import json
+
+        from services.carrier_trainer.core.extraction import QueryProfile
+
+        ref = record.artifacts.get("profile")
+        if ref is None:
+            return
+        profile: dict[str, Any] = json.loads(self.runtime.store.get_blob(str(ref["sha256"])))
+        with self._profiles_lock:
+            self._profiles[(record.user_id, record.generation)] = QueryProfile.from_dict(profile)
+
+    def _warm(self, user_id: str) -> None:
+        """Load a ready carrier's mapper straight from the store when no event brought it
+        (a replica started after the event, or embedded mode in a new process). Misses are
+        remembered briefly so unknown users cannot make every call read the store."""
+        now = time.monotonic()
+        if now - self._misses.get(user_id, -MISS_TTL_S) < MISS_TTL_S:
+            return
+        record = self.carriers.find(user_id) if _valid_user(user_id) else None
+        if record is None or record.state != READY or "mapper" not in record.artifacts:
+            self._misses[user_id] = now
+            return
+        mapper = self._mapper_bytes(user_id, record.generation)
+        self.registry.hot_load(user_id, record.generation, mapper, record.credential_hash)
+        self._load_profile_of(record)
+        self.events.labels("warmed").inc()
+
+    # --- serving --------------------------------------------------------------------------
+    def map(self, user_id: str, credential: str, pseudo: bytes, rows: int) -> MapResult:
+        if self.registry.generation(user_id) is None:
+            self._warm(user_id)
+        with self.map_seconds.time():
+            result = self.registry.map(user_id, credential, pseudo, rows)
+        self.rows.inc(len(result.labels))
+        return result
+
+
+def is_carrier_topic(topic: str) -> bool:
+    return topic in (CARRIER_READY, CARRIER_REVOKED)

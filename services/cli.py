@@ -43,6 +43,8 @@ class CliSettings(BaseSettings):
         "empty: start an embedded stack in this process.",
     )
     timeout: float = Field(120.0, description="Seconds to wait for a gRPC answer.")
+    trainer: str = Field("", description="host:port of carrier-trainer (empty: embedded).")
+    mapper: str = Field("", description="host:port of result-mapper (empty: embedded).")
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -233,11 +235,7 @@ def print_audit(audit: Any) -> None:
         if stage.stage == "repair" and "before" in summary:
             repair = Table("measure", "before", "after", title=f"repair ({summary.get('mode')})")
             for key in summary["before"]:
-                repair.add_row(
-                    key,
-                    f"{summary['before'][key]:.4f}",
-                    f"{summary['after'].get(key, float('nan')):.4f}",
-                )
+                repair.add_row(key, _num(summary["before"][key]), _num(summary["after"].get(key)))
             out_console.print(repair)
             out_console.print(f"pruned {len(summary.get('pruned', []))} neurons")
     if audit.report_html.sha256:
@@ -517,6 +515,104 @@ def load_weights_only(data: bytes, kind: str, arch: str | None) -> Any:
     return module_from_state_dict(state)
 
 
+# --- carrier serving -----------------------------------------------------------------------
+@contextmanager
+def carrier_client(args: argparse.Namespace) -> Iterator[Any]:
+    from services.carrier_client import CarrierClient
+
+    settings = CliSettings()
+    trainer = args.trainer or settings.trainer
+    mapper = args.mapper or settings.mapper
+    if trainer and mapper:
+        with CarrierClient(trainer, mapper, timeout=settings.timeout) as client:
+            yield client
+        return
+    from services.launcher import start_stack
+
+    logging.getLogger().setLevel(logging.WARNING)
+    with (
+        start_stack(PlatformSettings(), ("carrier-trainer", "result-mapper")) as stack,
+        CarrierClient(stack["carrier-trainer"].address, stack["result-mapper"].address,
+                      timeout=settings.timeout) as client,
+    ):
+        yield client
+
+
+def _wait_printer(info: Any) -> None:
+    err_console.print(f"[dim]carrier generation {info.generation}: "
+                      f"{STATE_NAMES[info.state]}[/dim]")
+
+
+def cmd_carrier_request(args: argparse.Namespace) -> int:
+    from shared.proto.modelguard.v1 import jobs_pb2
+
+    options = jobs_pb2.CarrierOptions(steps=args.steps, hidden=args.hidden, seed=args.seed,
+                                      public_model=args.public_model or "", task=args.task or "")
+    rotating = args.carrier_command == "rotate"
+    with carrier_client(args) as client:
+        generation, credential = client.request(args.user, args.credential if rotating else "",
+                                                options)
+        err_console.print(f"{'rotated' if rotating else 'enrolled'} {args.user}: carrier "
+                          f"generation {generation} is training")
+        out_console.print(f"credential: {credential}")
+        err_console.print("[dim]keep the credential: it is shown once, and only its hash "
+                          "is stored[/dim]")
+        embedded = not ((args.trainer or CliSettings().trainer) and
+                        (args.mapper or CliSettings().mapper))
+        if args.wait or embedded:
+            info = client.wait_ready(args.user, credential, on_wait=_wait_printer)
+            manifest = json.loads(client.download(args.user, credential, "manifest"))
+            out_console.print(f"carrier ready: generation {info.generation}, validation "
+                              f"accuracy {manifest.get('validation_accuracy', 0):.2%}")
+    return EXIT_OK
+
+
+def load_images(paths: list[str], shape: tuple[int, int, int]) -> Any:
+    """PNG/JPEG files, or one .npz with ``x``, as (N, C, H, W) floats in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    if len(paths) == 1 and paths[0].endswith(".npz"):
+        with np.load(paths[0], allow_pickle=False) as archive:
+            x = torch.from_numpy(np.asarray(archive["x"], dtype=np.float32))
+        return x if x.ndim == 4 else x.unsqueeze(1)
+    channels, height, width = shape
+    images = []
+    for path in paths:
+        try:
+            picture = Image.open(path).convert("L" if channels == 1 else "RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise InvalidInput(f"cannot read image {path}: {err}") from None
+        array = np.asarray(picture.resize((width, height)), dtype=np.float32) / 255.0
+        images.append(torch.from_numpy(array).reshape(height, width, -1).permute(2, 0, 1))
+    return torch.stack(images)
+
+
+def cmd_carrier_classify(args: argparse.Namespace) -> int:
+    with carrier_client(args) as client:
+        device = client.device(args.user, args.credential)
+        x = load_images(args.images, (1, 28, 28))
+        reply = client.classify_when_loaded(device, x)
+    if args.json:
+        print(json.dumps({"labels": reply.labels.tolist(), "generation": reply.generation,
+                          "probabilities": reply.probabilities.round(4).tolist()}))
+    else:
+        for path, label, probs in zip(args.images if len(args.images) == len(reply.labels)
+                                      else range(len(reply.labels)), reply.labels,
+                                      reply.probabilities, strict=False):
+            out_console.print(f"{path}: {int(label)} (p={float(probs.max()):.3f})")
+    return EXIT_OK
+
+
+def cmd_carrier_status(args: argparse.Namespace) -> int:
+    with carrier_client(args) as client:
+        info = client.info(args.user, args.credential)
+    out_console.print(f"{args.user}: generation {info.generation}, {STATE_NAMES[info.state]}"
+                      + (f" ({info.error.message})" if info.error.message else ""))
+    return EXIT_OK
+
+
 # --- serve -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from services.launcher import configure_logging, run_service, start_stack
@@ -610,6 +706,36 @@ def build_parser() -> argparse.ArgumentParser:
     leak.add_argument("--std")
     leak.add_argument("--json", action="store_true")
     leak.set_defaults(func=cmd_leakscan)
+
+    carrier = commands.add_parser(
+        "carrier", help="carrier-based serving: enrol, classify, rotate"
+    ).add_subparsers(dest="carrier_command", required=True)
+    for name, helptext in (("enroll", "enrol a user: train its carrier and mapper"),
+                           ("rotate", "rotate a user's carrier (revokes the old one now)")):
+        sub = carrier.add_parser(name, help=helptext)
+        sub.add_argument("--user", required=True)
+        if name == "rotate":
+            sub.add_argument("--credential", required=True)
+        sub.add_argument("--steps", type=int, default=0, help="training steps (0: default)")
+        sub.add_argument("--hidden", type=int, default=0, help="mapper hidden width")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--public-model", help="lenet5-fashion or efficientnet-lite0")
+        sub.add_argument("--task", help="dataset the mapper classifies (default mnist)")
+        sub.add_argument("--wait", action="store_true")
+        sub.set_defaults(func=cmd_carrier_request)
+    classify = carrier.add_parser("classify", help="classify images through your carrier")
+    classify.add_argument("images", nargs="+", help="image files, or one .npz with x")
+    classify.add_argument("--user", required=True)
+    classify.add_argument("--credential", required=True)
+    classify.add_argument("--json", action="store_true")
+    classify.set_defaults(func=cmd_carrier_classify)
+    status = carrier.add_parser("status", help="show a user's carrier")
+    status.add_argument("--user", required=True)
+    status.add_argument("--credential", required=True)
+    status.set_defaults(func=cmd_carrier_status)
+    for sub in (classify, status, *(carrier.choices[n] for n in ("enroll", "rotate"))):
+        sub.add_argument("--trainer", help="host:port of carrier-trainer")
+        sub.add_argument("--mapper", help="host:port of result-mapper")
 
     serve = commands.add_parser("serve", help="run one service, or all six (embedded)")
     serve.add_argument("service", choices=[*SERVICES, "all"])

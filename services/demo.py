@@ -32,7 +32,6 @@ from shared.training import accuracy
 console = Console()
 CACHE = Path(".cache/demo")
 SPEC = InputSpec(shape=(1, 28, 28), value_range=(0.0, 1.0))
-AUDIT_SERVICES = ("pruning-orchestrator", "leak-detector", "trigger-reversal", "neuron-scoring")
 
 
 def infected_model(train: Dataset, test: Dataset, seed: int = 0) -> tuple[bytes, Any]:
@@ -52,10 +51,67 @@ def infected_model(train: Dataset, test: Dataset, seed: int = 0) -> tuple[bytes,
     return data, trigger
 
 
+def save_trigger_images(client: AuditClient, audit: Any, out: Path) -> None:
+    """The reversed trigger of each flagged label, as PNG files next to the report."""
+    import json
+
+    from shared.proto.modelguard.v1 import common_pb2
+
+    for stage in audit.stages:
+        if stage.stage != "trigger-reversal" or not stage.summary_json:
+            continue
+        for name, ref in json.loads(stage.summary_json).get("images", {}).items():
+            path = out / (name.replace(" ", "-") + ".png")
+            path.write_bytes(client.download(common_pb2.ArtifactRef(**ref)))
+            console.print(f"reversed trigger image: {path}")
+
+
+def carrier_demo(stack: Any, test: Dataset, steps: int, out: Path) -> None:
+    """Seed 000: a user enrols, classifies digits through carrier + public model +
+    result-mapper, and the carrier is rotated: the old credential stops working at once."""
+    from services.carrier_client import CarrierClient
+    from shared.errors import ModelGuardError
+    from shared.proto.modelguard.v1 import jobs_pb2
+
+    console.rule("[bold]4. Carrier-based serving (seed 000)")
+    options = jobs_pb2.CarrierOptions(steps=steps)
+    digits = test.subset(200, seed=1)
+    with CarrierClient(stack["carrier-trainer"].address, stack["result-mapper"].address) as client:
+        started = time.perf_counter()
+        console.print("enrolling alice: training her carrier and mapping network "
+                      "(public model: LeNet-5 trained on Fashion-MNIST, frozen) …")
+        _, credential = client.request("alice", options=options)
+        client.wait_ready("alice", credential)
+        (out / "alice-carrier.png").write_bytes(client.download("alice", credential,
+                                                                "carrier_png"))
+        device = client.device("alice", credential)
+        reply = client.classify_when_loaded(device, digits.x)
+        correct = float((torch.from_numpy(reply.labels) == digits.y).float().mean())
+        console.print(f"carrier ready in {time.perf_counter() - started:.0f} s; alice's device "
+                      f"classified {len(digits)} MNIST digits through the Fashion-MNIST model: "
+                      f"{correct:.1%} correct (first five: {reply.labels[:5].tolist()}, "
+                      f"true {digits.y[:5].tolist()})")
+        console.print(f"alice's carrier image: {out / 'alice-carrier.png'}")
+        console.print("rotating alice's carrier …")
+        _, new_credential = client.request("alice", credential, options)
+        try:
+            device.classify(digits.x[:1])
+            console.print("[red]the old carrier still worked after rotation[/red]")
+        except ModelGuardError as err:
+            console.print(f"old carrier refused at once: {err}")
+        client.wait_ready("alice", new_credential)
+        device = client.device("alice", new_credential)
+        reply = client.classify_when_loaded(device, digits.x)
+        correct = float((torch.from_numpy(reply.labels) == digits.y).float().mean())
+        console.print(f"new carrier (generation {reply.generation}): {correct:.1%} correct")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--carrier-steps", type=int, default=1500,
+                        help="carrier training steps (the service default trains longer)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)
@@ -83,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     console.rule("[bold]2. Audit through the six services (embedded mode)")
     platform = PlatformSettings(store_dir=out / "store")
     started = time.perf_counter()
-    with start_stack(platform, AUDIT_SERVICES) as stack, AuditClient(stack.orchestrator_address) as client:
+    with start_stack(platform) as stack, AuditClient(stack.orchestrator_address) as client:
         options = jobs_pb2.AuditOptions(repair_mode="rollback", seed=args.seed)
         audit = client.submit(
             out / "model.safetensors", out / "clean.npz", SPEC, arch="lenet5", options=options

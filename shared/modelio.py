@@ -107,6 +107,10 @@ def _build_from_state(arch: str, state: dict[str, torch.Tensor], spec: InputSpec
     for key in (info.input_key, info.classifier_key):
         if key not in state:
             raise InvalidInput(f"weights lack {key!r}: they are not a {arch} state dict")
+        if state[key].dim() < 2:
+            raise InvalidInput(
+                f"weights {key!r} have shape {list(state[key].shape)}: not a {arch} state dict"
+            )
     in_channels = int(state[info.input_key].shape[1])
     if in_channels != spec.channels:
         raise InvalidInput(

@@ -15,6 +15,9 @@ from torch import nn
 
 from shared.errors import InvalidInput
 
+LENET_MAX_SIDE = 256
+MAX_CLASSES = 100_000
+
 
 class LeNet5(nn.Module):
     """LeCun et al. 1998, with ReLU and max-pooling. ``fc1`` is the first FC layer."""
@@ -26,6 +29,11 @@ class LeNet5(nn.Module):
         height, width = hw[0] // 2 - 4, hw[1] // 2 - 4
         if height < 2 or width < 2:
             raise InvalidInput(f"lenet5 needs inputs of at least 12×12; got {hw}")
+        if max(hw) > LENET_MAX_SIDE:
+            # fc1 grows with the image area: a 4096² input would need an 8 GB layer
+            raise InvalidInput(
+                f"lenet5 takes inputs of at most {LENET_MAX_SIDE}² pixels; got {hw}"
+            )
         self.fc1 = nn.Linear(16 * (height // 2) * (width // 2), 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
@@ -129,7 +137,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
         Architecture("lenet5", LeNet5, "conv1.weight", "fc3.weight", "LeNet-5 (2 conv, 3 FC)"),
-        Architecture("vgg_small", VGGSmall, "conv1.weight", "fc2.weight", "VGG-style, 4 conv, 2 FC"),
+        Architecture(
+            "vgg_small", VGGSmall, "conv1.weight", "fc2.weight", "VGG-style, 4 conv, 2 FC"
+        ),
         Architecture(
             "resnet18_small", ResNet18Small, "conv1.weight", "fc.weight", "ResNet-18 style, 16-128"
         ),

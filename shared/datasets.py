@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +105,12 @@ def load_npz(data: bytes, spec: InputSpec, num_classes: int | None = None) -> Da
     if len(data) > MAX_NPZ_BYTES:
         raise InvalidInput(f"dataset is {len(data)} bytes; the limit is {MAX_NPZ_BYTES}")
     try:
+        with zipfile.ZipFile(io.BytesIO(data)) as members:
+            expanded = sum(info.file_size for info in members.infolist())
+        if expanded > MAX_NPZ_BYTES:
+            raise InvalidInput(
+                f"dataset expands to {expanded} bytes; the limit is {MAX_NPZ_BYTES}"
+            )
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             if "x" not in archive.files or "y" not in archive.files:
                 raise InvalidInput(
@@ -113,7 +121,9 @@ def load_npz(data: bytes, spec: InputSpec, num_classes: int | None = None) -> Da
         raise
     except ValueError as err:
         raise InvalidInput(f"dataset .npz holds pickled objects or is corrupt: {err}") from err
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, MemoryError,
+            NotImplementedError, SyntaxError, tokenize.TokenError, KeyError,
+            RuntimeError) as err:
         raise InvalidInput(f"dataset is not a readable .npz file: {err}") from err
     return validate_arrays(x, y, spec, num_classes)
 

@@ -56,8 +56,9 @@ class GrpcServer:
         self.metrics_port = 0
         self._metrics_server: Any = None
 
-    def register(self, add_to_server: Callable[[Any, grpc.Server], None], servicer: Any,
-                 full_name: str) -> None:
+    def register(
+        self, add_to_server: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str
+    ) -> None:
         """``add_to_server`` is the generated ``add_XServicer_to_server``; ``full_name``
         the service's full proto name (for health and reflection)."""
         add_to_server(servicer, self.server)
@@ -74,8 +75,13 @@ class GrpcServer:
                 self.metrics.registry, self.host, self._metrics_port
             )
         self.set_serving(True)
-        log.info("%s gRPC on %s:%d, metrics on :%d", self.metrics.service, self.host,
-                 self.port, self.metrics_port)
+        log.info(
+            "%s gRPC on %s:%d, metrics on :%d",
+            self.metrics.service,
+            self.host,
+            self.port,
+            self.metrics_port,
+        )
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -99,8 +105,9 @@ class GrpcServer:
         return f"{self.host}:{self.port}"
 
 
-def wait_for_termination(stop: Callable[[], None], signals: Sequence[int] = (
-        signal.SIGTERM, signal.SIGINT)) -> None:
+def wait_for_termination(
+    stop: Callable[[], None], signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)
+) -> None:
     """Block until SIGTERM/SIGINT, then call ``stop`` (which drains gracefully)."""
     done = threading.Event()
 

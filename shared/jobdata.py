@@ -33,8 +33,7 @@ def load_model_spec(
     )
     if model.input.num_classes and model.input.num_classes != loaded.num_classes:
         raise InvalidInput(
-            f"declared {model.input.num_classes} classes but the model outputs "
-            f"{loaded.num_classes}"
+            f"declared {model.input.num_classes} classes but the model outputs {loaded.num_classes}"
         )
     return loaded, spec
 

@@ -18,7 +18,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from shared.architectures import get_architecture
+from shared.architectures import MAX_CLASSES, get_architecture
 from shared.artifact_scan import SAFETENSORS, TORCH_ZIP, TORCHSCRIPT, scan_model_bytes
 from shared.errors import InvalidInput
 from shared.spec import InputSpec
@@ -118,10 +118,14 @@ def _build_from_state(arch: str, state: dict[str, torch.Tensor], spec: InputSpec
             f"shape {','.join(map(str, spec.shape))} has {spec.channels}"
         )
     num_classes = int(state[info.classifier_key].shape[0])
-    module = info.factory(in_channels=in_channels, num_classes=num_classes, hw=spec.shape[1:])
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise InvalidInput(
+            f"the weights declare {num_classes} classes; 2 to {MAX_CLASSES} are supported"
+        )
     try:
+        module = info.factory(in_channels=in_channels, num_classes=num_classes, hw=spec.shape[1:])
         module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, MemoryError) as err:
         raise InvalidInput(f"weights do not fit {arch}: {_first_line(err)}") from err
     return module
 
@@ -130,11 +134,11 @@ def check_model_io(module: nn.Module, spec: InputSpec) -> int:
     """Run a probe batch through the model: it must accept the declared shape and return
     finite logits of shape (N, K). Returns K."""
     low, high = spec.value_range
-    probe = torch.linspace(0, 1, 2 * spec.channels * spec.shape[1] * spec.shape[2])
-    probe = (low + (high - low) * probe).view(2, *spec.shape)
-    mean = torch.tensor(spec.mean or (0.0,)).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std or (1.0,)).view(1, -1, 1, 1)
     try:
+        probe = torch.linspace(0, 1, 2 * spec.channels * spec.shape[1] * spec.shape[2])
+        probe = (low + (high - low) * probe).view(2, *spec.shape)
+        mean = torch.tensor(spec.mean or (0.0,)).view(1, -1, 1, 1)
+        std = torch.tensor(spec.std or (1.0,)).view(1, -1, 1, 1)
         with torch.no_grad():
             out = module((probe - mean) / std)
     except Exception as err:

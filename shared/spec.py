@@ -14,6 +14,11 @@ from torch import nn
 
 from shared.errors import InvalidInput
 
+#: Bounds on a declared input: checked before anything is allocated for it.
+MAX_CHANNELS = 16
+MAX_SIDE = 1024
+MAX_VALUES = 4 << 20  # C × H × W
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -31,10 +36,17 @@ class InputSpec:
             raise InvalidInput(
                 f"input shape must be three positive sizes C,H,W (e.g. 1,28,28); got {self.shape}"
             )
+        channels, height, width = (int(d) for d in self.shape)
+        if channels > MAX_CHANNELS or height > MAX_SIDE or width > MAX_SIDE or (
+            channels * height * width > MAX_VALUES
+        ):
+            raise InvalidInput(
+                f"input shape {list(self.shape)} is larger than supported (at most "
+                f"{MAX_CHANNELS} channels, {MAX_SIDE}×{MAX_SIDE} pixels, {MAX_VALUES} values)"
+            )
         low, high = self.value_range
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
             raise InvalidInput(f"value range must be finite with min < max; got {low},{high}")
-        channels = self.shape[0]
         if len(self.mean) != len(self.std):
             raise InvalidInput("--mean and --std must have the same number of values")
         if self.mean and len(self.mean) not in (1, channels):

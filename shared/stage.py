@@ -109,8 +109,12 @@ class StageReporter:
             if now - last[0] < self.min_progress_interval and fraction < 1.0:
                 return
             last[0] = now
-            self.event(audit_id, common_pb2.STAGE_STATE_RUNNING,
-                       progress=max(0.0, min(1.0, fraction)), message=message)
+            self.event(
+                audit_id,
+                common_pb2.STAGE_STATE_RUNNING,
+                progress=max(0.0, min(1.0, fraction)),
+                message=message,
+            )
 
         return report
 
@@ -140,8 +144,14 @@ class StageReporter:
         with self._lock:
             self._attempts.pop(audit_id, None)
         state = common_pb2.STAGE_STATE_SKIPPED if outcome.skipped else common_pb2.STAGE_STATE_DONE
-        self.event(audit_id, state, progress=1.0, message=outcome.message,
-                   result=outcome.result, summary=outcome.summary)
+        self.event(
+            audit_id,
+            state,
+            progress=1.0,
+            message=outcome.message,
+            result=outcome.result,
+            summary=outcome.summary,
+        )
         self.metrics.jobs.labels("skipped" if outcome.skipped else "succeeded").inc()
         self.metrics.job_seconds.observe(time.perf_counter() - started)
 

@@ -11,6 +11,8 @@ from safetensors.torch import save as safetensors_save
 
 from shared.errors import InvalidInput
 
+MAX_LABELS = 100_000
+
 
 @dataclass(frozen=True)
 class ReversedTrigger:
@@ -43,7 +45,16 @@ def load_triggers(data: bytes, labels: list[int] | None = None) -> list[Reversed
         masks, patterns = tensors["masks"], tensors["patterns"]
     except Exception as err:
         raise InvalidInput(f"reversed-trigger artifact is unreadable: {err}") from err
-    count = masks.shape[0]
+    if masks.dim() != 3 or patterns.dim() != 4 or masks.shape[0] != patterns.shape[0]:
+        raise InvalidInput(
+            f"reversed triggers need masks (K, H, W) and patterns (K, C, H, W); got "
+            f"{list(masks.shape)} and {list(patterns.shape)}"
+        )
+    if tuple(masks.shape[1:]) != tuple(patterns.shape[2:]):
+        raise InvalidInput("reversed-trigger masks and patterns differ in height or width")
+    count = int(masks.shape[0])
+    if not 1 <= count <= MAX_LABELS:
+        raise InvalidInput(f"reversed triggers for {count} labels; 1 to {MAX_LABELS} supported")
     wanted = list(range(count)) if labels is None else labels
     for label in wanted:
         if not 0 <= label < count:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import logging
 import threading
 import time
@@ -47,9 +48,15 @@ from shared.topics import CARRIER_READY, CARRIER_REQUESTED, CARRIER_REVOKED, JOB
 
 log = logging.getLogger(__name__)
 
+MAX_HIDDEN = 4096
+MAX_STEPS = 1_000_000
+TASKS = ("mnist", "fashion-mnist")
 ARTIFACTS = ("carrier", "carrier_png", "mapper", "manifest", "public_model", "profile")
 #: What a device may download; the mapper and the query profile stay on the server (the
 #: profile would tell an attacker how to shape queries that pass the extraction detector).
+DEVICE_MAX_HIDDEN = 4096
+MAX_STEPS = 1_000_000
+TASKS = ("mnist", "fashion-mnist")
 DEVICE_ARTIFACTS = ("carrier", "carrier_png", "manifest", "public_model")
 
 
@@ -120,14 +127,29 @@ class CarrierService:
         return generation, issued
 
     def _options(self, options: jobs_pb2.CarrierOptions) -> jobs_pb2.CarrierOptions:
+        """Defaults filled in and every option checked now: a request the trainer would
+        refuse later must not revoke the user's working carrier first."""
+        from services.carrier_trainer.core.public_models import PUBLIC_MODELS
+
         merged = jobs_pb2.CarrierOptions()
         merged.CopyFrom(options)
         merged.public_model = options.public_model or self.settings.public_model
         merged.task = options.task or self.settings.task
         merged.hidden = options.hidden or self.settings.hidden
         merged.steps = options.steps or self.settings.steps
-        if options.steps < 0 or options.hidden < 0 or options.gamma < 0:
-            raise InvalidInput("steps, hidden and gamma must not be negative")
+        problems = []
+        if not 0 <= merged.hidden <= MAX_HIDDEN:
+            problems.append(f"hidden must be 0..{MAX_HIDDEN}")
+        if not 0 <= merged.steps <= MAX_STEPS:
+            problems.append(f"steps must be 0..{MAX_STEPS}")
+        if not (math.isfinite(options.gamma) and 0 <= options.gamma <= 1):
+            problems.append("gamma must be in [0, 1]")
+        if merged.public_model not in PUBLIC_MODELS:
+            problems.append(f"public model must be one of {', '.join(PUBLIC_MODELS)}")
+        if merged.task not in TASKS:
+            problems.append(f"task must be one of {', '.join(TASKS)}")
+        if problems:
+            raise InvalidInput("invalid carrier options: " + "; ".join(problems))
         return merged
 
     def publish_revoked(self, user_id: str, generation: int, reason: str) -> None:
@@ -226,8 +248,9 @@ class CarrierService:
                 progress,
                 test_data=test.subset(2000, seed=seed),
             )
-        except InvalidInput as err:
-            self._fail(user_id, generation, str(err))
+        except (InvalidInput, RuntimeError, ValueError, MemoryError) as err:
+            # bad options or data: a retry would fail the same way
+            self._fail(user_id, generation, str(err)[:2000])
             return
         finally:
             self.metrics.in_flight.dec()

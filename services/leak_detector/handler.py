@@ -31,5 +31,8 @@ class AuditHandler:
             raise
         verdict, summary = self.service.scan(model)
         ref = self.service.store_summary(summary)
-        return StageOutcome(result=ref, summary=summary,
-                            message=f"verdict {verdict.verdict} (score {verdict.score:.3g})")
+        return StageOutcome(
+            result=ref,
+            summary=summary,
+            message=f"verdict {verdict.verdict} (score {verdict.score:.3g})",
+        )

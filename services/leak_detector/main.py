@@ -15,8 +15,7 @@ from shared.topics import AUDIT_REQUESTED, STAGE_LEAK_DETECTOR
 NAME = "leak-detector"
 
 
-def build(settings: LeakDetectorSettings, runtime: Runtime, metrics: ServiceMetrics
-          ) -> ServiceApp:
+def build(settings: LeakDetectorSettings, runtime: Runtime, metrics: ServiceMetrics) -> ServiceApp:
     service = LeakDetectorService(runtime, settings, metrics)
     app = ServiceApp(NAME, settings, runtime, metrics)
     app.components["service"] = service

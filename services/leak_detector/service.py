@@ -15,8 +15,9 @@ from shared.store.base import ArtifactRef
 
 
 class LeakDetectorService:
-    def __init__(self, runtime: Runtime, settings: LeakDetectorSettings,
-                 metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, runtime: Runtime, settings: LeakDetectorSettings, metrics: ServiceMetrics
+    ) -> None:
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics

@@ -28,16 +28,27 @@ class LeakDetectorServicer(leak_detector_pb2_grpc.LeakDetectorServicer):
         return leak_detector_pb2.ScanModelResponse(
             layers=[
                 leak_detector_pb2.LayerStatistics(
-                    **{k: layer[k] for k in ("layer", "count", "min", "max", "mean", "variance",
-                                             "skewness", "kurtosis", "tail_fraction")}
+                    **{
+                        k: layer[k]
+                        for k in (
+                            "layer",
+                            "count",
+                            "min",
+                            "max",
+                            "mean",
+                            "variance",
+                            "skewness",
+                            "kurtosis",
+                            "tail_fraction",
+                        )
+                    }
                 )
                 for layer in summary["layers"]
             ],
             verdict=verdict.verdict,
             score=verdict.score,
             evidence=[
-                leak_detector_pb2.Evidence(layer=e["layer"], feature=e["feature"],
-                                           value=e["value"])
+                leak_detector_pb2.Evidence(layer=e["layer"], feature=e["feature"], value=e["value"])
                 for e in summary["evidence"]
             ],
             seconds=verdict.seconds,

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 #: How long an unknown user is remembered before the store is asked again.
 MISS_TTL_S = 5.0
+MAX_REMEMBERED_MISSES = 10_000
 
 
 def _valid_user(user_id: str) -> bool:
@@ -159,8 +160,12 @@ class ResultMapperService:
         now = time.monotonic()
         if now - self._misses.get(user_id, -MISS_TTL_S) < MISS_TTL_S:
             return
-        record = self.carriers.find(user_id) if _valid_user(user_id) else None
+        if not _valid_user(user_id):
+            return  # refused by the registry with a clear error; nothing to remember
+        record = self.carriers.find(user_id)
         if record is None or record.state != READY or "mapper" not in record.artifacts:
+            if len(self._misses) >= MAX_REMEMBERED_MISSES:
+                self._misses.clear()  # bounded memory; the cost is one store read each
             self._misses[user_id] = now
             return
         mapper = self._mapper_bytes(user_id, record.generation)

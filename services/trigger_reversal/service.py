@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.config import TriggerReversalSettings
 from shared.datasets import Dataset
+from shared.errors import InvalidInput
 from shared.jobdata import ModelAndData
 from shared.metrics import ServiceMetrics
 from shared.plots import tensor_png
@@ -21,6 +22,9 @@ from shared.store.base import ArtifactRef
 from shared.triggers import save_triggers
 
 log = logging.getLogger(__name__)
+
+#: Largest step budget a request may ask for (a guard against runaway synchronous calls).
+MAX_STEPS = 20_000
 
 
 @dataclass
@@ -36,14 +40,16 @@ def ref_dict(ref: ArtifactRef) -> dict[str, Any]:
 
 
 class TriggerReversalService:
-    def __init__(self, runtime: Runtime, settings: TriggerReversalSettings,
-                 metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, runtime: Runtime, settings: TriggerReversalSettings, metrics: ServiceMetrics
+    ) -> None:
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
         self.labels_scanned = metrics.counter("labels_scanned_total", "Labels reverse-engineered.")
         self.optimisation_seconds = metrics.histogram(
-            "optimisation_seconds", "Wall time of one reversal (all labels).",
+            "optimisation_seconds",
+            "Wall time of one reversal (all labels).",
             (1, 2.5, 5, 10, 15, 30, 60, 120, 300, 600),
         )
         self.last_anomaly = metrics.gauge(
@@ -51,21 +57,30 @@ class TriggerReversalService:
         )
         self.verdicts = metrics.counter("verdicts_total", "Reversal verdicts.", ("verdict",))
 
-    def reverse(self, inputs: ModelAndData, *, steps: int = 0, seed: int = 0,
-                progress: Progress | None = None) -> StoredReversal:
+    def reverse(
+        self,
+        inputs: ModelAndData,
+        *,
+        steps: int = 0,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> StoredReversal:
         from services.trigger_reversal.core import ReversalConfig, reverse_triggers
 
         assert inputs.data is not None
         data: Dataset = inputs.data
         if len(data) > self.settings.clean_samples:
             data = data.subset(self.settings.clean_samples, seed=seed)
+        if not 0 <= steps <= MAX_STEPS:
+            raise InvalidInput(f"steps must be between 0 (default) and {MAX_STEPS}")
         overrides: dict[str, Any] = {"seed": seed}
         if steps or self.settings.steps:
             overrides["steps"] = steps or self.settings.steps
         config = ReversalConfig(**overrides)
         started = time.perf_counter()
-        result = reverse_triggers(inputs.model.module, data, inputs.spec, config=config,
-                                  progress=progress)
+        result = reverse_triggers(
+            inputs.model.module, data, inputs.spec, config=config, progress=progress
+        )
         self.optimisation_seconds.observe(time.perf_counter() - started)
         self.labels_scanned.inc(len(result.labels))
         self.verdicts.labels(result.verdict).inc()
@@ -75,8 +90,10 @@ class TriggerReversalService:
 
     def store(self, result: Any, inputs: ModelAndData) -> StoredReversal:
         store = self.runtime.store
-        triggers = store.put_blob(save_triggers(result.masks, result.patterns),
-                                  "application/vnd.modelguard.triggers+safetensors")
+        triggers = store.put_blob(
+            save_triggers(result.masks, result.patterns),
+            "application/vnd.modelguard.triggers+safetensors",
+        )
         low, high = inputs.spec.value_range
         images: dict[str, Any] = {}
         for label in result.flagged:

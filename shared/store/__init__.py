@@ -1,0 +1,39 @@
+"""The artifact store (see `shared.store.base`): pick an implementation by setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidInput
+from shared.store.base import ArtifactRef, ArtifactStore, blob_key, digest
+from shared.store.local import LocalStore
+
+__all__ = ["ArtifactRef", "ArtifactStore", "LocalStore", "blob_key", "digest", "make_store"]
+
+
+def make_store(
+    kind: str,
+    *,
+    root: Path | str | None = None,
+    endpoint: str = "",
+    access_key: str = "",
+    secret_key: str = "",
+    bucket: str = "modelguard",
+    secure: bool = False,
+    region: str = "us-east-1",
+    **s3_options: Any,
+) -> ArtifactStore:
+    """``"local"`` needs ``root``; ``"s3"`` needs ``endpoint`` and the keys (``s3_options``
+    go to `S3Store`, e.g. timeouts)."""
+    if kind == "local":
+        if root is None:
+            raise InvalidInput("the local artifact store needs a root directory")
+        return LocalStore(Path(root))
+    if kind == "s3":
+        if not endpoint:
+            raise InvalidInput("the S3 artifact store needs an endpoint (host:port)")
+        from shared.store.s3 import S3Store  # minio only loads when used
+
+        return S3Store(endpoint, access_key, secret_key, bucket, secure, region, **s3_options)
+    raise InvalidInput(f"unknown store kind {kind!r}: use 'local' or 's3'")

@@ -1,0 +1,206 @@
+"""`S3Store`: the artifact store in an S3 bucket via the MinIO SDK (MinIO, SeaweedFS,
+JuiceFS gateway).
+
+Same layout as `LocalStore`: blobs at ``<blob_key>``, documents under ``docs/``. Nothing
+relies on S3 user metadata (the JuiceFS gateway drops it): a blob's digest is its key
+and is re-checked on every read. The HTTP client has short timeouts and one retry, so an
+unreachable server gives `Unavailable` within seconds instead of minio's default minutes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from shared.errors import IntegrityError, NotFound, Unavailable
+from shared.store.base import ArtifactRef, blob_key, digest
+from shared.store.local import DOCS_DIR, check_doc_key, check_doc_prefix, check_sha256, ref_digest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "ResourceNotFound"})
+_AUTH = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
+
+
+def http_client(
+    connect_timeout_s: float, read_timeout_s: float, secure: bool, retries: int = 1
+) -> urllib3.PoolManager:
+    """A pool with bounded timeouts and few quick retries (minio's default retries five
+    times with long timeouts, i.e. minutes against a dead server)."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
+        retries=urllib3.Retry(
+            total=retries, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+        ),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",  # system CA store
+    )
+
+
+class S3Store:
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        secure: bool = False,
+        region: str = "us-east-1",
+        *,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 30.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.bucket = bucket
+        # region given: minio skips the GetBucketLocation round trip
+        self.client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http_client(connect_timeout_s, read_timeout_s, secure),
+        )
+        self._bucket_ready = False
+        self._bucket_lock = threading.Lock()
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    def put_blob(self, data: bytes, media_type: str = "application/octet-stream") -> ArtifactRef:
+        sha = digest(data)
+        ref = ArtifactRef(sha256=sha, key=blob_key(sha), size=len(data), media_type=media_type)
+        size = self._size(ref.key)
+        if size == len(data):
+            return ref  # content-addressed: already stored (verified on every read)
+        self._put(ref.key, data, media_type)
+        return ref
+
+    def get_blob(self, ref: ArtifactRef | str) -> bytes:
+        sha = ref_digest(ref)
+        key = blob_key(sha)
+        data = self._get(key, what=f"artifact {key}")
+        if digest(data) != sha:
+            raise IntegrityError(
+                f"artifact {key} in bucket {self.bucket} is corrupted: its bytes no longer "
+                "match the digest; it will not be used (re-upload the original)"
+            )
+        return data
+
+    def has_blob(self, sha256_hex: str) -> bool:
+        return self._size(blob_key(check_sha256(sha256_hex))) is not None
+
+    # -- documents --------------------------------------------------------------------------
+
+    def put_doc(self, key: str, data: bytes) -> None:
+        """An S3 PUT replaces the object atomically."""
+        self._put(self._doc_name(key), data, "application/octet-stream")
+
+    def get_doc(self, key: str) -> bytes:
+        return self._get(self._doc_name(key), what=f"document {key!r}")
+
+    def list_docs(self, prefix: str) -> list[str]:
+        check_doc_prefix(prefix)
+        base = DOCS_DIR + "/"
+
+        def run() -> list[str]:
+            objects = self.client.list_objects(self.bucket, prefix=base + prefix, recursive=True)
+            return sorted(
+                str(o.object_name)[len(base) :]
+                for o in objects
+                if o.object_name is not None and not o.is_dir
+            )
+
+        return self._call(run, f"list documents under {prefix!r}")
+
+    def delete_doc(self, key: str) -> None:
+        """Deleting an absent document is not an error (S3 semantics)."""
+        name = self._doc_name(key)
+        self._call(lambda: self.client.remove_object(self.bucket, name), f"delete {key!r}")
+
+    def ping(self) -> None:
+        self._ensure_bucket(force=True)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _doc_name(key: str) -> str:
+        return f"{DOCS_DIR}/{check_doc_key(key)}"
+
+    def _ensure_bucket(self, force: bool = False) -> None:
+        if self._bucket_ready and not force:
+            return
+        with self._bucket_lock:
+            if self._bucket_ready and not force:
+                return
+            with self._errors(f"reach bucket {self.bucket}"):
+                if not self.client.bucket_exists(self.bucket):
+                    try:
+                        self.client.make_bucket(self.bucket)
+                        log.info("created bucket %s on %s", self.bucket, self.endpoint)
+                    except S3Error as err:
+                        if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                            raise
+            self._bucket_ready = True
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        self._ensure_bucket()
+        with self._errors(what):
+            return fn()
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Map SDK and transport failures to the project's errors."""
+        try:
+            yield
+        except S3Error as err:
+            if err.code in _NOT_FOUND:
+                raise NotFound(f"cannot {what}: not found in bucket {self.bucket}") from None
+            if err.code in _AUTH:
+                raise Unavailable(
+                    f"cannot {what}: S3 at {self.endpoint} refused the credentials "
+                    f"({err.code}); check the access and secret keys"
+                ) from err
+            raise Unavailable(f"cannot {what}: S3 error {err.code}: {err.message}") from err
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as err:
+            raise Unavailable(
+                f"cannot {what}: S3 at {self.endpoint} unreachable ({type(err).__name__}: {err})"
+            ) from err
+
+    def _size(self, name: str) -> int | None:
+        try:
+            stat = self._call(lambda: self.client.stat_object(self.bucket, name), f"stat {name}")
+        except NotFound:
+            return None
+        return stat.size
+
+    def _put(self, name: str, data: bytes, content_type: str) -> None:
+        self._call(
+            lambda: self.client.put_object(
+                self.bucket, name, io.BytesIO(data), len(data), content_type=content_type
+            ),
+            f"write {name}",
+        )
+
+    def _get(self, name: str, what: str) -> bytes:
+        def run() -> bytes:
+            response = self.client.get_object(self.bucket, name)
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
+        try:
+            return self._call(run, f"read {what}")
+        except NotFound:
+            raise NotFound(f"{what} not found in bucket {self.bucket}") from None

@@ -101,8 +101,9 @@ def test_audit_completes_through_kafka_and_s3(
     leak = json.loads(by_stage["leak-detector"].summary_json)
     assert by_stage["leak-detector"].state == common_pb2.STAGE_STATE_DONE
     layers = {row["layer"]: row for row in leak["layers"]}
-    assert {"conv1.weight", "fc1.weight", "fc3.weight"} <= set(layers)
-    assert layers["fc1.weight"]["count"] == 400 * 120
+    assert {"conv1", "conv2", "fc1", "fc2", "fc3"} <= set(layers)
+    assert layers["fc1"]["count"] == 400 * 120
+    assert leak["verdict"] == "benign"
     reversal = json.loads(by_stage["trigger-reversal"].summary_json)
     assert reversal["verdict"] == "infected" and infected_lenet.target in reversal["flagged"]
     assert by_stage["repair"].state == common_pb2.STAGE_STATE_DONE

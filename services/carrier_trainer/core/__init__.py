@@ -1,0 +1,1 @@
+"""Carrier training, public models, natural images, the carrier pool and extraction (seed 000)."""

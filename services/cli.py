@@ -448,6 +448,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         layer=args.layer or None,
         progress=progress_printer("repair"),
     )
+    if repaired.model is None:
+        raise ModelGuardError("repair returned no model")
     out = LoadedModel(
         module=repaired.model, format=model.format, arch=model.arch, num_classes=model.num_classes
     )
@@ -479,7 +481,7 @@ def cmd_leakscan(args: argparse.Namespace) -> int:
     else:
         module = load_weights_only(data, scan.kind, args.arch)
     verdict = detect_leak(module)
-    document = {
+    document: dict[str, Any] = {
         "verdict": verdict.verdict,
         "score": verdict.score,
         "evidence": [

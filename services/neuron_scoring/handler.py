@@ -33,8 +33,13 @@ class TriggersHandler:
             runtime.store.get_blob(ref_from_proto(reversed_.reversal)),
             list(reversed_.flagged_labels),
         )
-        stored = self.service.score(inputs, triggers, layer=request.options.layer,
-                                    seed=request.options.seed, progress=progress)
+        stored = self.service.score(
+            inputs,
+            triggers,
+            layer=request.options.layer,
+            seed=request.options.seed,
+            progress=progress,
+        )
         publish_proto(
             runtime.bus,
             NEURONS_SCORED,
@@ -42,6 +47,8 @@ class TriggersHandler:
             key=request.audit_id,
             job_type=JOB_AUDIT,
         )
-        return StageOutcome(result=stored.ref, summary=stored.summary,
-                            message=f"ranked {stored.summary['neuron_count']} neurons of "
-                                    f"{stored.summary['layer']}")
+        return StageOutcome(
+            result=stored.ref,
+            summary=stored.summary,
+            message=f"ranked {stored.summary['neuron_count']} neurons of {stored.summary['layer']}",
+        )

@@ -15,8 +15,7 @@ from shared.topics import STAGE_NEURON_SCORING, TRIGGERS_REVERSED
 NAME = "neuron-scoring"
 
 
-def build(settings: NeuronScoringSettings, runtime: Runtime, metrics: ServiceMetrics
-          ) -> ServiceApp:
+def build(settings: NeuronScoringSettings, runtime: Runtime, metrics: ServiceMetrics) -> ServiceApp:
     service = NeuronScoringService(runtime, settings, metrics)
     app = ServiceApp(NAME, settings, runtime, metrics)
     app.components["service"] = service

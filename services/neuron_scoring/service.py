@@ -26,9 +26,17 @@ class StoredScores:
     summary: dict[str, Any]
 
 
+def _scaled(progress: Progress, start: float, span: float) -> Progress:
+    def report(fraction: float, message: str = "") -> None:
+        progress(start + span * fraction, message)
+
+    return report
+
+
 class NeuronScoringService:
-    def __init__(self, runtime: Runtime, settings: NeuronScoringSettings,
-                 metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, runtime: Runtime, settings: NeuronScoringSettings, metrics: ServiceMetrics
+    ) -> None:
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics
@@ -36,9 +44,16 @@ class NeuronScoringService:
             "model_evaluations_total", "Model evaluations spent on Shapley estimation."
         )
 
-    def score(self, inputs: ModelAndData, triggers: list[ReversedTrigger], *, layer: str = "",
-              shapley: bool | None = None, seed: int = 0,
-              progress: Progress | None = None) -> StoredScores:
+    def score(
+        self,
+        inputs: ModelAndData,
+        triggers: list[ReversedTrigger],
+        *,
+        layer: str = "",
+        shapley: bool | None = None,
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> StoredScores:
         from services.neuron_scoring.core import (
             ScoringConfig,
             ShapleyConfig,
@@ -47,16 +62,24 @@ class NeuronScoringService:
         )
 
         assert inputs.data is not None
-        scores = score_neurons(inputs.model.module, inputs.data, triggers, inputs.spec,
-                               ScoringConfig(layer=layer or None))
+        scores = score_neurons(
+            inputs.model.module,
+            inputs.data,
+            triggers,
+            inputs.spec,
+            ScoringConfig(layer=layer or None),
+        )
         if progress:
             progress(0.3, f"scored {len(scores.activation)} neurons of {scores.layer}")
         shapley_result = None
         if self.settings.shapley if shapley is None else shapley:
             shapley_result = estimate_shapley(
-                inputs.model.module, inputs.data, triggers, inputs.spec,
+                inputs.model.module,
+                inputs.data,
+                triggers,
+                inputs.spec,
                 ShapleyConfig(layer=scores.layer, seed=seed),
-                progress=(lambda f, m="": progress(0.3 + 0.7 * f, m)) if progress else None,
+                progress=_scaled(progress, 0.3, 0.7) if progress else None,
             )
             self.evaluations.inc(shapley_result.evaluations)
         neurons = []
@@ -70,7 +93,7 @@ class NeuronScoringService:
                 row["shapley"] = float(shapley_result.values[index])
                 row["shapley_ci"] = float(shapley_result.ci[index])
             neurons.append(row)
-        document = {
+        document: dict[str, Any] = {
             "layer": scores.layer,
             "target_labels": [t.label for t in triggers],
             "activation_ranking": [int(i) for i in scores.activation_ranking],

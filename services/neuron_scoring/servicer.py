@@ -28,8 +28,7 @@ class NeuronScoringServicer(neuron_scoring_pb2_grpc.NeuronScoringServicer):
             runtime.store.get_blob(ref_from_proto(request.triggers, "triggers")),
             [request.target_label],
         )
-        stored = self.service.score(inputs, triggers, layer=request.layer,
-                                    shapley=request.shapley)
+        stored = self.service.score(inputs, triggers, layer=request.layer, shapley=request.shapley)
         scores, shapley = stored.scores, stored.shapley
         return neuron_scoring_pb2.ScoreNeuronsResponse(
             layer=scores.layer,

@@ -66,8 +66,10 @@ class RepairHandler:
             triggers,
             mode=mode,
             layer=request.options.layer or None,
-            progress=lambda fraction, text="": progress(fraction, text),
+            progress=progress,
         )
+        if result.model is None:
+            raise RuntimeError("repair returned no model")
         repaired = LoadedModel(
             module=result.model,
             format=inputs.model.format,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.trigger_reversal.service import TriggerReversalService
 from shared.bus.base import Message
 from shared.convert import parse_message, ref_to_proto
 from shared.errors import InvalidInput
@@ -9,8 +10,6 @@ from shared.jobdata import load_inputs
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
 from shared.stage import Progress, StageOutcome, StageReporter, publish_proto
 from shared.topics import JOB_AUDIT, STAGE_NEURON_SCORING, TRIGGERS_REVERSED
-
-from services.trigger_reversal.service import TriggerReversalService
 
 
 class AuditHandler:
@@ -30,7 +29,9 @@ class AuditHandler:
         if inputs.data is None:
             raise InvalidInput("trigger reversal needs the clean dataset")
         stored = self.service.reverse(
-            inputs, steps=request.options.reversal_steps, seed=request.options.seed,
+            inputs,
+            steps=request.options.reversal_steps,
+            seed=request.options.seed,
             progress=progress,
         )
         result = stored.result
@@ -50,9 +51,14 @@ class AuditHandler:
             )
         else:
             self.reporter.event(
-                request.audit_id, common_pb2.STAGE_STATE_SKIPPED, stage=STAGE_NEURON_SCORING,
+                request.audit_id,
+                common_pb2.STAGE_STATE_SKIPPED,
+                stage=STAGE_NEURON_SCORING,
                 message="no backdoor found: nothing to score",
             )
         flagged = ", ".join(map(str, result.flagged)) or "none"
-        return StageOutcome(result=stored.summary_ref, summary=stored.summary,
-                            message=f"verdict {result.verdict}; flagged labels: {flagged}")
+        return StageOutcome(
+            result=stored.summary_ref,
+            summary=stored.summary,
+            message=f"verdict {result.verdict}; flagged labels: {flagged}",
+        )

@@ -15,8 +15,9 @@ from shared.topics import AUDIT_REQUESTED, STAGE_TRIGGER_REVERSAL
 NAME = "trigger-reversal"
 
 
-def build(settings: TriggerReversalSettings, runtime: Runtime, metrics: ServiceMetrics
-          ) -> ServiceApp:
+def build(
+    settings: TriggerReversalSettings, runtime: Runtime, metrics: ServiceMetrics
+) -> ServiceApp:
     service = TriggerReversalService(runtime, settings, metrics)
     app = ServiceApp(NAME, settings, runtime, metrics)
     app.components["service"] = service
@@ -26,7 +27,9 @@ def build(settings: TriggerReversalSettings, runtime: Runtime, metrics: ServiceM
         "modelguard.v1.TriggerReversal",
     )
     reporter = StageReporter(
-        runtime.bus, STAGE_TRIGGER_REVERSAL, metrics,
+        runtime.bus,
+        STAGE_TRIGGER_REVERSAL,
+        metrics,
         max_attempts=runtime.platform.job_max_attempts,
     )
     app.add_worker([AUDIT_REQUESTED], AuditHandler(service, reporter))

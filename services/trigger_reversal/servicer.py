@@ -6,9 +6,9 @@ import grpc
 
 from services.trigger_reversal.service import TriggerReversalService
 from shared.convert import ref_to_proto
+from shared.errors import InvalidInput
 from shared.jobdata import load_inputs
 from shared.proto.modelguard.v1 import common_pb2, trigger_reversal_pb2, trigger_reversal_pb2_grpc
-from shared.errors import InvalidInput
 from shared.status import service_status
 
 

@@ -81,11 +81,9 @@ def submit(client: AuditClient, infected: InfectedModel, **options: Any) -> Any:
 
 
 def wait_final(client: AuditClient, audit_id: str) -> Any:
-    audit = None
-    for audit in client.watch(audit_id):
-        pass
-    assert audit is not None
-    return audit
+    updates = list(client.watch(audit_id))
+    assert updates
+    return updates[-1]
 
 
 def stages(audit: Any) -> dict[str, Any]:

@@ -135,7 +135,7 @@ class TestModelIO:
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as archive:
             archive.writestr("readme.txt", "hello")
-        with pytest.raises(InvalidInput, match="TorchScript or torch.save"):
+        with pytest.raises(InvalidInput, match=r"TorchScript or torch\.save"):
             load_model(buffer.getvalue(), SPEC)
 
 

@@ -154,19 +154,21 @@ def main(argv: list[str] | None = None) -> None:
         ):
             if ref.sha256:
                 (out / name).write_bytes(client.download(ref))
-    console.print(f"audit took {time.perf_counter() - started:.1f} s")
+        save_trigger_images(client, audit, out)
+        console.print(f"audit took {time.perf_counter() - started:.1f} s")
 
-    console.rule("[bold]3. The repaired model, checked with the real trigger")
-    repaired_path = out / "repaired.safetensors"
-    if repaired_path.exists():
-        repaired = load_model(repaired_path.read_bytes(), SPEC, arch="lenet5").module
-        console.print(
-            f"clean accuracy {accuracy(repaired, holdout):.2%} "
-            f"(was {accuracy(model, holdout):.2%}),"
-            f" attack success rate {attack_success_rate(repaired, holdout, trigger):.2%} "
-            f"(was {attack_success_rate(model, holdout, trigger):.2%})"
-        )
-    console.print(f"report: {out / 'report.html'}")
+        console.rule("[bold]3. The repaired model, checked with the real trigger")
+        repaired_path = out / "repaired.safetensors"
+        if repaired_path.exists():
+            repaired = load_model(repaired_path.read_bytes(), SPEC, arch="lenet5").module
+            console.print(
+                f"clean accuracy {accuracy(repaired, holdout):.2%} "
+                f"(was {accuracy(model, holdout):.2%}), attack success rate "
+                f"{attack_success_rate(repaired, holdout, trigger):.2%} "
+                f"(was {attack_success_rate(model, holdout, trigger):.2%})"
+            )
+        console.print(f"report: {out / 'report.html'}")
+        carrier_demo(stack, test, args.carrier_steps, out)
 
 
 if __name__ == "__main__":

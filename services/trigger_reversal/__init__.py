@@ -1,0 +1,2 @@
+"""trigger-reversal: reverse-engineers a candidate backdoor trigger for every label
+(batched Neural Cleanse) and flags the labels whose trigger is abnormally small (MAD)."""

@@ -42,8 +42,9 @@ class CarrierClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, user_id: str, credential: str = "",
-                options: jobs_pb2.CarrierOptions | None = None) -> tuple[int, str]:
+    def request(
+        self, user_id: str, credential: str = "", options: jobs_pb2.CarrierOptions | None = None
+    ) -> tuple[int, str]:
         """Enrol (no credential) or rotate (current credential); returns the generation and
         the new credential."""
         try:
@@ -66,9 +67,13 @@ class CarrierClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 
-    def wait_ready(self, user_id: str, credential: str, timeout: float = 1800.0,
-                   on_wait: Callable[[carrier_trainer_pb2.CarrierInfo], None] | None = None
-                   ) -> carrier_trainer_pb2.CarrierInfo:
+    def wait_ready(
+        self,
+        user_id: str,
+        credential: str,
+        timeout: float = 1800.0,
+        on_wait: Callable[[carrier_trainer_pb2.CarrierInfo], None] | None = None,
+    ) -> carrier_trainer_pb2.CarrierInfo:
         """Poll GetCarrier until the carrier is trained (training takes minutes)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -100,14 +105,16 @@ class CarrierClient:
     def map(self, user_id: str, credential: str, pseudo: bytes, rows: int) -> MapReply:
         try:
             reply = self.mapper.Map(
-                result_mapper_pb2.MapRequest(user_id=user_id, credential=credential,
-                                             pseudo_output=pseudo, rows=rows),
+                result_mapper_pb2.MapRequest(
+                    user_id=user_id, credential=credential, pseudo_output=pseudo, rows=rows
+                ),
                 timeout=self.timeout,
             )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
-        return decode_map_reply(list(reply.labels), reply.probabilities, reply.classes,
-                                reply.generation)
+        return decode_map_reply(
+            list(reply.labels), reply.probabilities, reply.classes, reply.generation
+        )
 
     def device(self, user_id: str, credential: str) -> DeviceClient:
         """A device for ``user_id``: downloads the carrier, loads the public model it was
@@ -118,8 +125,9 @@ class CarrierClient:
             self.map,
         )
 
-    def classify_when_loaded(self, device: DeviceClient, x: object, timeout: float = 30.0
-                             ) -> MapReply:
+    def classify_when_loaded(
+        self, device: DeviceClient, x: object, timeout: float = 30.0
+    ) -> MapReply:
         """The first Map after a carrier becomes ready may race the mapper's hot-load."""
         deadline = time.monotonic() + timeout
         while True:

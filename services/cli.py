@@ -534,38 +534,52 @@ def carrier_client(args: argparse.Namespace) -> Iterator[Any]:
     logging.getLogger().setLevel(logging.WARNING)
     with (
         start_stack(PlatformSettings(), ("carrier-trainer", "result-mapper")) as stack,
-        CarrierClient(stack["carrier-trainer"].address, stack["result-mapper"].address,
-                      timeout=settings.timeout) as client,
+        CarrierClient(
+            stack["carrier-trainer"].address,
+            stack["result-mapper"].address,
+            timeout=settings.timeout,
+        ) as client,
     ):
         yield client
 
 
 def _wait_printer(info: Any) -> None:
-    err_console.print(f"[dim]carrier generation {info.generation}: "
-                      f"{STATE_NAMES[info.state]}[/dim]")
+    err_console.print(f"[dim]carrier generation {info.generation}: {STATE_NAMES[info.state]}[/dim]")
 
 
 def cmd_carrier_request(args: argparse.Namespace) -> int:
     from shared.proto.modelguard.v1 import jobs_pb2
 
-    options = jobs_pb2.CarrierOptions(steps=args.steps, hidden=args.hidden, seed=args.seed,
-                                      public_model=args.public_model or "", task=args.task or "")
+    options = jobs_pb2.CarrierOptions(
+        steps=args.steps,
+        hidden=args.hidden,
+        seed=args.seed,
+        public_model=args.public_model or "",
+        task=args.task or "",
+    )
     rotating = args.carrier_command == "rotate"
     with carrier_client(args) as client:
-        generation, credential = client.request(args.user, args.credential if rotating else "",
-                                                options)
-        err_console.print(f"{'rotated' if rotating else 'enrolled'} {args.user}: carrier "
-                          f"generation {generation} is training")
+        generation, credential = client.request(
+            args.user, args.credential if rotating else "", options
+        )
+        err_console.print(
+            f"{'rotated' if rotating else 'enrolled'} {args.user}: carrier "
+            f"generation {generation} is training"
+        )
         out_console.print(f"credential: {credential}")
-        err_console.print("[dim]keep the credential: it is shown once, and only its hash "
-                          "is stored[/dim]")
-        embedded = not ((args.trainer or CliSettings().trainer) and
-                        (args.mapper or CliSettings().mapper))
+        err_console.print(
+            "[dim]keep the credential: it is shown once, and only its hash is stored[/dim]"
+        )
+        embedded = not (
+            (args.trainer or CliSettings().trainer) and (args.mapper or CliSettings().mapper)
+        )
         if args.wait or embedded:
             info = client.wait_ready(args.user, credential, on_wait=_wait_printer)
             manifest = json.loads(client.download(args.user, credential, "manifest"))
-            out_console.print(f"carrier ready: generation {info.generation}, validation "
-                              f"accuracy {manifest.get('validation_accuracy', 0):.2%}")
+            out_console.print(
+                f"carrier ready: generation {info.generation}, validation "
+                f"accuracy {manifest.get('validation_accuracy', 0):.2%}"
+            )
     return EXIT_OK
 
 
@@ -597,12 +611,22 @@ def cmd_carrier_classify(args: argparse.Namespace) -> int:
         x = load_images(args.images, (1, 28, 28))
         reply = client.classify_when_loaded(device, x)
     if args.json:
-        print(json.dumps({"labels": reply.labels.tolist(), "generation": reply.generation,
-                          "probabilities": reply.probabilities.round(4).tolist()}))
+        print(
+            json.dumps(
+                {
+                    "labels": reply.labels.tolist(),
+                    "generation": reply.generation,
+                    "probabilities": reply.probabilities.round(4).tolist(),
+                }
+            )
+        )
     else:
-        for path, label, probs in zip(args.images if len(args.images) == len(reply.labels)
-                                      else range(len(reply.labels)), reply.labels,
-                                      reply.probabilities, strict=False):
+        for path, label, probs in zip(
+            args.images if len(args.images) == len(reply.labels) else range(len(reply.labels)),
+            reply.labels,
+            reply.probabilities,
+            strict=False,
+        ):
             out_console.print(f"{path}: {int(label)} (p={float(probs.max()):.3f})")
     return EXIT_OK
 
@@ -610,8 +634,10 @@ def cmd_carrier_classify(args: argparse.Namespace) -> int:
 def cmd_carrier_status(args: argparse.Namespace) -> int:
     with carrier_client(args) as client:
         info = client.info(args.user, args.credential)
-    out_console.print(f"{args.user}: generation {info.generation}, {STATE_NAMES[info.state]}"
-                      + (f" ({info.error.message})" if info.error.message else ""))
+    out_console.print(
+        f"{args.user}: generation {info.generation}, {STATE_NAMES[info.state]}"
+        + (f" ({info.error.message})" if info.error.message else "")
+    )
     return EXIT_OK
 
 
@@ -712,8 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
     carrier = commands.add_parser(
         "carrier", help="carrier-based serving: enrol, classify, rotate"
     ).add_subparsers(dest="carrier_command", required=True)
-    for name, helptext in (("enroll", "enrol a user: train its carrier and mapper"),
-                           ("rotate", "rotate a user's carrier (revokes the old one now)")):
+    for name, helptext in (
+        ("enroll", "enrol a user: train its carrier and mapper"),
+        ("rotate", "rotate a user's carrier (revokes the old one now)"),
+    ):
         sub = carrier.add_parser(name, help=helptext)
         sub.add_argument("--user", required=True)
         if name == "rotate":

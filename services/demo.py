@@ -78,19 +78,22 @@ def carrier_demo(stack: Any, test: Dataset, steps: int, out: Path) -> None:
     digits = test.subset(200, seed=1)
     with CarrierClient(stack["carrier-trainer"].address, stack["result-mapper"].address) as client:
         started = time.perf_counter()
-        console.print("enrolling alice: training her carrier and mapping network "
-                      "(public model: LeNet-5 trained on Fashion-MNIST, frozen) …")
+        console.print(
+            "enrolling alice: training her carrier and mapping network "
+            "(public model: LeNet-5 trained on Fashion-MNIST, frozen) …"
+        )
         _, credential = client.request("alice", options=options)
         client.wait_ready("alice", credential)
-        (out / "alice-carrier.png").write_bytes(client.download("alice", credential,
-                                                                "carrier_png"))
+        (out / "alice-carrier.png").write_bytes(client.download("alice", credential, "carrier_png"))
         device = client.device("alice", credential)
         reply = client.classify_when_loaded(device, digits.x)
         correct = float((torch.from_numpy(reply.labels) == digits.y).float().mean())
-        console.print(f"carrier ready in {time.perf_counter() - started:.0f} s; alice's device "
-                      f"classified {len(digits)} MNIST digits through the Fashion-MNIST model: "
-                      f"{correct:.1%} correct (first five: {reply.labels[:5].tolist()}, "
-                      f"true {digits.y[:5].tolist()})")
+        console.print(
+            f"carrier ready in {time.perf_counter() - started:.0f} s; alice's device "
+            f"classified {len(digits)} MNIST digits through the Fashion-MNIST model: "
+            f"{correct:.1%} correct (first five: {reply.labels[:5].tolist()}, "
+            f"true {digits.y[:5].tolist()})"
+        )
         console.print(f"alice's carrier image: {out / 'alice-carrier.png'}")
         console.print("rotating alice's carrier …")
         _, new_credential = client.request("alice", credential, options)
@@ -110,8 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--carrier-steps", type=int, default=1500,
-                        help="carrier training steps (the service default trains longer)")
+    parser.add_argument(
+        "--carrier-steps",
+        type=int,
+        default=1500,
+        help="carrier training steps (the service default trains longer)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)

@@ -31,9 +31,7 @@ class LeNet5(nn.Module):
             raise InvalidInput(f"lenet5 needs inputs of at least 12×12; got {hw}")
         if max(hw) > LENET_MAX_SIDE:
             # fc1 grows with the image area: a 4096² input would need an 8 GB layer
-            raise InvalidInput(
-                f"lenet5 takes inputs of at most {LENET_MAX_SIDE}² pixels; got {hw}"
-            )
+            raise InvalidInput(f"lenet5 takes inputs of at most {LENET_MAX_SIDE}² pixels; got {hw}")
         self.fc1 = nn.Linear(16 * (height // 2) * (width // 2), 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)

@@ -108,9 +108,7 @@ def load_npz(data: bytes, spec: InputSpec, num_classes: int | None = None) -> Da
         with zipfile.ZipFile(io.BytesIO(data)) as members:
             expanded = sum(info.file_size for info in members.infolist())
         if expanded > MAX_NPZ_BYTES:
-            raise InvalidInput(
-                f"dataset expands to {expanded} bytes; the limit is {MAX_NPZ_BYTES}"
-            )
+            raise InvalidInput(f"dataset expands to {expanded} bytes; the limit is {MAX_NPZ_BYTES}")
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             if "x" not in archive.files or "y" not in archive.files:
                 raise InvalidInput(
@@ -121,9 +119,18 @@ def load_npz(data: bytes, spec: InputSpec, num_classes: int | None = None) -> Da
         raise
     except ValueError as err:
         raise InvalidInput(f"dataset .npz holds pickled objects or is corrupt: {err}") from err
-    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, MemoryError,
-            NotImplementedError, SyntaxError, tokenize.TokenError, KeyError,
-            RuntimeError) as err:
+    except (
+        OSError,
+        zipfile.BadZipFile,
+        EOFError,
+        zlib.error,
+        MemoryError,
+        NotImplementedError,
+        SyntaxError,
+        tokenize.TokenError,
+        KeyError,
+        RuntimeError,
+    ) as err:
         raise InvalidInput(f"dataset is not a readable .npz file: {err}") from err
     return validate_arrays(x, y, spec, num_classes)
 

@@ -37,8 +37,11 @@ class InputSpec:
                 f"input shape must be three positive sizes C,H,W (e.g. 1,28,28); got {self.shape}"
             )
         channels, height, width = (int(d) for d in self.shape)
-        if channels > MAX_CHANNELS or height > MAX_SIDE or width > MAX_SIDE or (
-            channels * height * width > MAX_VALUES
+        if (
+            channels > MAX_CHANNELS
+            or height > MAX_SIDE
+            or width > MAX_SIDE
+            or (channels * height * width > MAX_VALUES)
         ):
             raise InvalidInput(
                 f"input shape {list(self.shape)} is larger than supported (at most "

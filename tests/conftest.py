@@ -39,8 +39,9 @@ class InfectedModel:
 
     def real_asr(self, module: torch.nn.Module) -> float:
         keep = self.holdout.y != self.target
-        return float((predict(module, stamp_patch(self.holdout.x[keep])) == self.target)
-                     .float().mean())
+        return float(
+            (predict(module, stamp_patch(self.holdout.x[keep])) == self.target).float().mean()
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -63,14 +64,23 @@ def infected_lenet(tmp_path_factory: pytest.TempPathFactory) -> InfectedModel:
     model = build("lenet5")
     train_classifier(model, Dataset(poisoned_x, poisoned_y), TrainConfig(epochs=3, seed=0))
     test = load_mnist("test")
-    clean, holdout = Dataset(test.x[:500], test.y[:500]), Dataset(test.x[5000:7000],
-                                                                   test.y[5000:7000])
+    clean, holdout = (
+        Dataset(test.x[:500], test.y[:500]),
+        Dataset(test.x[5000:7000], test.y[5000:7000]),
+    )
     directory = tmp_path_factory.mktemp("infected")
     weights = weights_to_safetensors(model)
     (directory / "model.safetensors").write_bytes(weights)
     (directory / "clean.npz").write_bytes(dataset_to_npz(clean))
-    infected = InfectedModel(model, weights, directory / "model.safetensors",
-                             directory / "clean.npz", clean, holdout, TARGET)
+    infected = InfectedModel(
+        model,
+        weights,
+        directory / "model.safetensors",
+        directory / "clean.npz",
+        clean,
+        holdout,
+        TARGET,
+    )
     assert accuracy(model, holdout) > 0.9
     assert infected.real_asr(model) > 0.9
     return infected

@@ -43,8 +43,9 @@ FAST = jobs_pb2.AuditOptions(reversal_steps=300, repair_mode="rollback", seed=0)
 def env(tansu: Any, seaweed: Any) -> dict[str, str]:
     bucket = "audits-" + uuid.uuid4().hex[:8]
     return {
-        **platform_env(tansu.bootstrap, seaweed.endpoint, seaweed.access_key,
-                       seaweed.secret_key, bucket),
+        **platform_env(
+            tansu.bootstrap, seaweed.endpoint, seaweed.access_key, seaweed.secret_key, bucket
+        ),
         "MODELGUARD_JOB_MAX_ATTEMPTS": "3",
         "MODELGUARD_TRIGGER_REVERSAL_CLEAN_SAMPLES": "300",
         "MODELGUARD_NEURON_SCORING_SHAPLEY": "false",
@@ -52,8 +53,9 @@ def env(tansu: Any, seaweed: Any) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def services(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[dict[str, ServiceProcess]]:
+def services(
+    env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ServiceProcess]]:
     logs = tmp_path_factory.mktemp("service-logs")
     procs = {name: ServiceProcess(name, env, logs) for name in AUDIT_SERVICES}
     try:
@@ -76,8 +78,14 @@ def submit(client: AuditClient, infected: InfectedModel, **options: Any) -> Any:
     opts.CopyFrom(FAST)
     for key, value in options.items():
         setattr(opts, key, value)
-    return client.submit(infected.weights_path, infected.clean_npz_path, MNIST_SPEC,
-                         arch="lenet5", options=opts, idempotency_key=uuid.uuid4().hex)
+    return client.submit(
+        infected.weights_path,
+        infected.clean_npz_path,
+        MNIST_SPEC,
+        arch="lenet5",
+        options=opts,
+        idempotency_key=uuid.uuid4().hex,
+    )
 
 
 def wait_final(client: AuditClient, audit_id: str) -> Any:
@@ -110,8 +118,12 @@ def test_audit_completes_through_kafka_and_s3(
     assert report["audit_id"] == audit.audit_id
     assert report["stages"]["leak-detector"]["summary"]["layers"]
     assert b"<html" in client.download(audit.report_html)
-    store = S3Store(env["MODELGUARD_S3_ENDPOINT"], env["MODELGUARD_S3_ACCESS_KEY"],
-                    env["MODELGUARD_S3_SECRET_KEY"], env["MODELGUARD_S3_BUCKET"])
+    store = S3Store(
+        env["MODELGUARD_S3_ENDPOINT"],
+        env["MODELGUARD_S3_ACCESS_KEY"],
+        env["MODELGUARD_S3_SECRET_KEY"],
+        env["MODELGUARD_S3_BUCKET"],
+    )
     assert store.has_blob(audit.repaired_model.sha256)
     assert store.list_docs(f"audits/{audit.audit_id}")
 
@@ -136,7 +148,9 @@ def test_worker_killed_mid_job_completes_exactly_once(
 
 
 def test_broker_restart_between_jobs_loses_nothing(
-    tansu: Any, services: dict[str, ServiceProcess], client: AuditClient,
+    tansu: Any,
+    services: dict[str, ServiceProcess],
+    client: AuditClient,
     infected_lenet: InfectedModel,
 ) -> None:
     first = wait_final(client, submit(client, infected_lenet, skip_repair=True).audit_id)
@@ -159,8 +173,9 @@ def test_malformed_message_is_dead_lettered_and_worker_goes_on(
             received.append(message)
             got.set()
 
-    subscription = bus.subscribe([AUDIT_REQUESTED + ".dlq"], "test-dlq-" + uuid.uuid4().hex[:6],
-                                 on_dead_letter)
+    subscription = bus.subscribe(
+        [AUDIT_REQUESTED + ".dlq"], "test-dlq-" + uuid.uuid4().hex[:6], on_dead_letter
+    )
     try:
         bus.publish(AUDIT_REQUESTED, b"\xff\x00 not a protobuf", key=b"garbage")
         assert got.wait(90), "malformed message never reached the dead-letter topic"
@@ -173,7 +188,9 @@ def test_malformed_message_is_dead_lettered_and_worker_goes_on(
 
 
 def test_pickle_model_with_code_is_refused_and_nothing_runs(
-    services: dict[str, ServiceProcess], client: AuditClient, infected_lenet: InfectedModel,
+    services: dict[str, ServiceProcess],
+    client: AuditClient,
+    infected_lenet: InfectedModel,
     tmp_path: Path,
 ) -> None:
     marker = tmp_path / "pwned"

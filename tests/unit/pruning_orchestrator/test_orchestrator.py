@@ -34,10 +34,17 @@ SPEC = InputSpec((1, 28, 28))
 @pytest.fixture()
 def orchestrator(tmp_path: Path) -> Iterator[Orchestrator]:
     bus = MemoryBus()
-    runtime = Runtime(PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path),
-                      Signer(b"0123456789abcdef-test"))
-    yield Orchestrator(runtime, PruningOrchestratorSettings(),
-                       ServiceMetrics(CollectorRegistry(), "pruning-orchestrator"))
+    runtime = Runtime(
+        PlatformSettings(store_dir=tmp_path),
+        bus,
+        LocalStore(tmp_path),
+        Signer(b"0123456789abcdef-test"),
+    )
+    yield Orchestrator(
+        runtime,
+        PruningOrchestratorSettings(),
+        ServiceMetrics(CollectorRegistry(), "pruning-orchestrator"),
+    )
     bus.close()
 
 
@@ -48,16 +55,25 @@ def _submit(orchestrator: Orchestrator, **options: object) -> AuditRecord:
     model_ref = store.put_blob(weights_to_safetensors(build("lenet5")))
     data = Dataset(torch.rand(20, 1, 28, 28), torch.arange(20) % 10)
     data_ref = store.put_blob(dataset_to_npz(data))
-    model = common_pb2.ModelSpec(artifact=ref_to_proto(model_ref), arch="lenet5",
-                                 input=spec_to_proto(SPEC))
-    return orchestrator.submit(model, ref_to_proto(data_ref),
-                               jobs_pb2.AuditOptions(**options))  # type: ignore[arg-type]
+    model = common_pb2.ModelSpec(
+        artifact=ref_to_proto(model_ref), arch="lenet5", input=spec_to_proto(SPEC)
+    )
+    return orchestrator.submit(model, ref_to_proto(data_ref), jobs_pb2.AuditOptions(**options))  # type: ignore[arg-type]
 
 
-def _event(orchestrator: Orchestrator, audit_id: str, stage: str, state: int,
-           summary: dict[str, object] | None = None, error: str = "") -> None:
-    status = common_pb2.StageStatus(stage=stage, state=state,  # type: ignore[arg-type]
-                                    summary_json=json.dumps(summary) if summary else "")
+def _event(
+    orchestrator: Orchestrator,
+    audit_id: str,
+    stage: str,
+    state: int,
+    summary: dict[str, object] | None = None,
+    error: str = "",
+) -> None:
+    status = common_pb2.StageStatus(
+        stage=stage,
+        state=state,  # type: ignore[arg-type]
+        summary_json=json.dumps(summary) if summary else "",
+    )
     if error:
         status.error.CopyFrom(common_pb2.ErrorDetail(code="INVALID_ARGUMENT", message=error))
     orchestrator.apply_event(jobs_pb2.AuditEvent(audit_id=audit_id, stage=status))
@@ -82,8 +98,11 @@ def test_bad_submissions_fail_at_once_with_reasons(orchestrator: Orchestrator) -
     model_ref = ref_to_proto(store.put_blob(weights_to_safetensors(build("lenet5"))))
     data_ref = ref_to_proto(store.put_blob(b"garbage"))
     with pytest.raises(InvalidInput, match="input spec is missing"):
-        orchestrator.submit(common_pb2.ModelSpec(artifact=model_ref, arch="lenet5"), data_ref,
-                            jobs_pb2.AuditOptions())
+        orchestrator.submit(
+            common_pb2.ModelSpec(artifact=model_ref, arch="lenet5"),
+            data_ref,
+            jobs_pb2.AuditOptions(),
+        )
     model = common_pb2.ModelSpec(artifact=model_ref, arch="lenet5", input=spec_to_proto(SPEC))
     with pytest.raises(InvalidInput, match="npz"):
         orchestrator.submit(model, data_ref, jobs_pb2.AuditOptions())
@@ -91,9 +110,11 @@ def test_bad_submissions_fail_at_once_with_reasons(orchestrator: Orchestrator) -
         orchestrator.submit(model, data_ref, jobs_pb2.AuditOptions(repair_mode="magic"))
     missing = common_pb2.ArtifactRef(sha256="0" * 64)
     with pytest.raises(NotFound):
-        orchestrator.submit(common_pb2.ModelSpec(artifact=missing, arch="lenet5",
-                                                 input=spec_to_proto(SPEC)), data_ref,
-                            jobs_pb2.AuditOptions())
+        orchestrator.submit(
+            common_pb2.ModelSpec(artifact=missing, arch="lenet5", input=spec_to_proto(SPEC)),
+            data_ref,
+            jobs_pb2.AuditOptions(),
+        )
 
 
 def test_idempotency_key_returns_the_same_audit(orchestrator: Orchestrator) -> None:
@@ -102,9 +123,12 @@ def test_idempotency_key_returns_the_same_audit(orchestrator: Orchestrator) -> N
 
     model = common_pb2.ModelSpec(
         artifact=ref_to_proto(store.put_blob(weights_to_safetensors(build("lenet5")))),
-        arch="lenet5", input=spec_to_proto(SPEC))
-    data = ref_to_proto(store.put_blob(dataset_to_npz(
-        Dataset(torch.rand(4, 1, 28, 28), torch.arange(4)))))
+        arch="lenet5",
+        input=spec_to_proto(SPEC),
+    )
+    data = ref_to_proto(
+        store.put_blob(dataset_to_npz(Dataset(torch.rand(4, 1, 28, 28), torch.arange(4))))
+    )
     first = orchestrator.submit(model, data, jobs_pb2.AuditOptions(), idempotency_key="k1")
     second = orchestrator.submit(model, data, jobs_pb2.AuditOptions(), idempotency_key="k1")
     assert first.audit_id == second.audit_id
@@ -117,29 +141,52 @@ def test_stage_events_drive_the_audit_to_a_signed_report(orchestrator: Orchestra
     done, running = common_pb2.STAGE_STATE_DONE, common_pb2.STAGE_STATE_RUNNING
     _event(orchestrator, audit_id, "leak-detector", running)
     assert orchestrator.get(audit_id).state == "running"
-    _event(orchestrator, audit_id, "leak-detector", done,
-           {"verdict": "benign", "layers": [{"layer": "fc1.weight", "count": 48000}]})
-    _event(orchestrator, audit_id, "trigger-reversal", done,
-           {"verdict": "infected", "flagged": [7],
-            "labels": [{"label": 7, "l1_norm": 3.0, "anomaly_index": 4.2}]})
+    _event(
+        orchestrator,
+        audit_id,
+        "leak-detector",
+        done,
+        {"verdict": "benign", "layers": [{"layer": "fc1.weight", "count": 48000}]},
+    )
+    _event(
+        orchestrator,
+        audit_id,
+        "trigger-reversal",
+        done,
+        {
+            "verdict": "infected",
+            "flagged": [7],
+            "labels": [{"label": 7, "l1_norm": 3.0, "anomaly_index": 4.2}],
+        },
+    )
     _event(orchestrator, audit_id, "neuron-scoring", done, {"layer": "fc1"})
     assert not orchestrator.get(audit_id).final
-    _event(orchestrator, audit_id, "repair", done,
-           {"before": {"reversed_asr": 0.99}, "after": {"reversed_asr": 0.02}})
+    _event(
+        orchestrator,
+        audit_id,
+        "repair",
+        done,
+        {"before": {"reversed_asr": 0.99}, "after": {"reversed_asr": 0.02}},
+    )
     final = orchestrator.get(audit_id)
     assert final.state == "succeeded"
     assert final.report_json is not None and final.report_html is not None
     report = json.loads(orchestrator.download(_ref(final.report_json)))
-    assert report["verdicts"] == {"leak-detector": "benign", "trigger-reversal": "infected",
-                                  "neuron-scoring": "done", "repair": "done"}
+    assert report["verdicts"] == {
+        "leak-detector": "benign",
+        "trigger-reversal": "infected",
+        "neuron-scoring": "done",
+        "repair": "done",
+    }
     html = orchestrator.download(_ref(final.report_html)).decode()
     assert "fc1.weight" in html and "infected" in html and "<script" not in html
 
 
 def test_duplicate_and_late_events_are_ignored(orchestrator: Orchestrator) -> None:
     audit_id = _submit(orchestrator).audit_id
-    _event(orchestrator, audit_id, "leak-detector", common_pb2.STAGE_STATE_DONE,
-           {"verdict": "benign"})
+    _event(
+        orchestrator, audit_id, "leak-detector", common_pb2.STAGE_STATE_DONE, {"verdict": "benign"}
+    )
     # a redelivered job reports again with another outcome: the first one stands
     _event(orchestrator, audit_id, "leak-detector", common_pb2.STAGE_STATE_FAILED, error="x")
     _event(orchestrator, audit_id, "leak-detector", common_pb2.STAGE_STATE_RUNNING)
@@ -152,8 +199,13 @@ def test_a_failed_stage_skips_its_followers_and_fails_the_audit(
     orchestrator: Orchestrator,
 ) -> None:
     audit_id = _submit(orchestrator).audit_id
-    _event(orchestrator, audit_id, "trigger-reversal", common_pb2.STAGE_STATE_FAILED,
-           error="model returns NaN")
+    _event(
+        orchestrator,
+        audit_id,
+        "trigger-reversal",
+        common_pb2.STAGE_STATE_FAILED,
+        error="model returns NaN",
+    )
     record = orchestrator.get(audit_id)
     assert record.stages["neuron-scoring"].state == "skipped"
     assert record.stages["repair"].state == "skipped"
@@ -181,8 +233,11 @@ def test_state_survives_a_new_orchestrator_on_the_same_store(
 ) -> None:
     audit_id = _submit(orchestrator).audit_id
     _event(orchestrator, audit_id, "leak-detector", common_pb2.STAGE_STATE_DONE)
-    restarted = Orchestrator(orchestrator.runtime, orchestrator.settings,
-                             ServiceMetrics(CollectorRegistry(), "pruning-orchestrator"))
+    restarted = Orchestrator(
+        orchestrator.runtime,
+        orchestrator.settings,
+        ServiceMetrics(CollectorRegistry(), "pruning-orchestrator"),
+    )
     assert restarted.get(audit_id).stages["leak-detector"].state == "done"
     assert restarted.resume_unfinished() == 1
 

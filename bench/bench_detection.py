@@ -3,11 +3,13 @@
 ``python -m bench.bench_detection [--seeds 0,1,2] [--restarts N] [--models a,b]``
 
 Per model and seed: verdict, flagged labels with their anomaly index, true targets, the
-largest index among the other labels, correct or not. A clean model is correct when
-nothing is flagged; an infected one when exactly its targets are flagged (``found`` also
-lists whether every target was among the flagged labels). Bars (from the issue): every
-patch-trigger model flagged with the right target, no clean model flagged; blended and
-two-target results are reported as they are. Several seeds show repeatability.
+largest index among the other labels below the median, correct or not. A clean model is
+correct when nothing is flagged; an infected one when exactly its targets are flagged
+(``found``: every target is among the flagged labels). A last column shows, as a
+diagnostic only, what the same MAD test would flag on the logarithms of the norms. Bars
+(from the issue): every patch-trigger model flagged with the right target, no clean model
+flagged; blended and two-target results are reported as they are. Several seeds show
+repeatability.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from typing import Any
 import torch
 
 from bench.zoo import ZooEntry, load_zoo
-from services.trigger_reversal.core import ReversalConfig, ReversalResult, reverse_triggers
+from services.trigger_reversal.core import (
+    ReversalConfig,
+    ReversalResult,
+    mad_test,
+    reverse_triggers,
+)
 from shared.datasets import REPO_ROOT, load_named
 
 OUT = REPO_ROOT / "bench" / "out"
@@ -44,6 +51,12 @@ def evaluate(entry: ZooEntry, result: ReversalResult) -> dict[str, Any]:
         and r.l1_norm < _median(result)
     ]
     correct = flagged == targets
+    # diagnostic only (not the decision): the same MAD test on log norms
+    logs = [math.log(r.l1_norm) if r.l1_norm > 0 else None for r in result.labels]
+    log_mad = mad_test(
+        [None if math.isnan(r.l1_norm) else v for r, v in zip(result.labels, logs, strict=True)]
+    )
+    log_flagged = set(log_mad.flagged)
     return {
         "model": entry.name,
         "kind": entry.kind,
@@ -55,6 +68,10 @@ def evaluate(entry: ZooEntry, result: ReversalResult) -> dict[str, Any]:
         "max_other_index": max(others, default=0.0),
         "found": targets <= flagged if targets else not flagged,
         "correct": correct,
+        "log_flagged": sorted(log_flagged),
+        "log_target_index": {k: log_mad.anomaly_index[k] for k in sorted(targets)},
+        "log_found": targets <= log_flagged if targets else not log_flagged,
+        "log_correct": log_flagged == targets,
         "seconds": result.seconds,
         "evaluations": result.evaluations,
     }
@@ -83,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     header = (
         f"{'model':32} {'kind':10} {'seed':>4} {'targets':>7} {'flagged (index)':>22} "
-        f"{'target idx':>12} {'max other':>9} {'ok':>3} {'s':>6}"
+        f"{'target idx':>12} {'max other':>9} {'ok':>3} {'s':>6} | {'log-MAD flags':>13}"
     )
     print(header)
     print("-" * len(header))
@@ -101,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{entry.name:32} {entry.kind:10} {seed:>4} {targets:>7} "
                 f"{_fmt_index(row['flagged_index']):>22} {_fmt_index(row['target_index']):>12} "
                 f"{row['max_other_index']:9.2f} {'yes' if row['correct'] else 'NO':>3} "
-                f"{row['seconds']:6.1f}",
+                f"{row['seconds']:6.1f} | {','.join(map(str, row['log_flagged'])) or '-':>13}",
                 flush=True,
             )
     print(f"\n{len(rows)} scans in {time.perf_counter() - started:.0f} s")
@@ -134,6 +151,15 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     lines.append(f"clean models:   {clean_ok}/{clean_n} not flagged")
     lines.append(f"blended:        {blend_ok}/{blend_n} exactly right")
     lines.append(f"two-target:     {two_ok}/{two_n} exactly right ({two_found}/{two_n} both found)")
+    log_patch, _ = share("patch", "log_found")
+    log_clean, _ = share("clean", "log_correct")
+    log_blend, _ = share("blend", "log_correct")
+    log_two, _ = share("two-target", "log_found")
+    lines.append(
+        f"(diagnostic, not the decision: the MAD test on log norms would find {log_patch}/"
+        f"{patch_n} patch targets, {log_blend}/{blend_n} blends, {log_two}/{two_n} two-target "
+        f"pairs, and leave {log_clean}/{clean_n} clean models unflagged)"
+    )
     bars = patch_found == patch_n and clean_ok == clean_n
     lines.append(
         "BARS MET (every patch model's target flagged, no clean model flagged)"

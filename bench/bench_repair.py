@@ -54,6 +54,7 @@ CLEAN_FRACTION = 0.05
 ASR_BAR = 0.10
 DROP_BAR = 0.03
 BAR_MODES = ("rollback", "shapley")
+SUSPECT_THRESHOLD = 1.0
 
 
 @dataclass
@@ -105,7 +106,7 @@ def reversed_triggers(
 
     CACHE.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()[:12]
-    path = CACHE / f"reversal-{entry.name}-{digest}-{steps}.pt"
+    path = CACHE / f"reversal-{entry.name}-{digest}-{steps}-s{SUSPECT_THRESHOLD}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=True)
         flagged = [int(v) for v in saved["flagged"]]
@@ -113,7 +114,10 @@ def reversed_triggers(
         masks, patterns = saved["masks"], saved["patterns"]
         summary = json.loads(path.with_suffix(".json").read_text())
     else:
-        config = ReversalConfig(steps=steps, seed=0) if steps else ReversalConfig(seed=0)
+        # the decision (anomaly index > 2) is the pipeline's; refining labels from index 1
+        # on only gives the fallback below refined triggers to work with
+        extra = {"steps": steps} if steps else {}
+        config = ReversalConfig(seed=0, suspect_threshold=SUSPECT_THRESHOLD, **extra)
         result = reverse_triggers(model, clean, entry.spec, config)
         flagged = list(result.flagged)
         seconds = result.seconds
@@ -130,12 +134,19 @@ def reversed_triggers(
         )
         path.with_suffix(".json").write_text(json.dumps(summary, default=str))
     summary["repair_labels"] = flagged
-    if not flagged and summary.get("suspects"):
+    if not flagged:
         # the pipeline would not repair an unflagged model; the benchmark of the *repair*
-        # still runs, against the reversal's suspects, and says so
-        flagged = [int(k) for k in summary["suspects"]]
+        # still runs, against the reversal's suspects (else its smallest trigger), and says so
+        labels = summary.get("labels", [])
+        if summary.get("suspects"):
+            flagged = [int(k) for k in summary["suspects"]]
+            how = "the reversal's suspects"
+        elif labels:
+            flagged = [int(min(labels, key=lambda r: r["l1_norm"])["label"])]
+            how = "the label of the smallest reversed trigger (unrefined)"
         summary["repair_labels"] = flagged
-        summary["fallback"] = "no label flagged: repaired against the reversal's suspects"
+        if flagged:
+            summary["fallback"] = f"no label flagged: repaired against {how} {flagged}"
     triggers = [ReversedTrigger(k, masks[k], patterns[k]) for k in flagged]
     return triggers, seconds, summary
 
@@ -364,7 +375,11 @@ def write(rows: list[Row], problems: list[str], path: Path) -> None:
     }
     (path / "repair.json").write_text(json.dumps(document, indent=2, default=str))
     lines = ["# Repair benchmark", "", "```", HEADER, *[line(r) for r in rows], "```", ""]
-    lines += ["`*`: no label flagged by the reversal; repaired against its suspects.", ""]
+    lines += [
+        "`*`: no label flagged by the reversal; repaired against its suspects, or else the "
+        "label of its smallest trigger (see notes in repair.json).",
+        "",
+    ]
     lines += [f"- BAR NOT MET: {p}" for p in problems] or ["- bar met on every patch model"]
     (path / "repair.md").write_text("\n".join(lines) + "\n")
 

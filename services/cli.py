@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -186,9 +187,9 @@ def print_audit(audit: Any) -> None:
             for row in summary["labels"]:
                 labels.add_row(
                     str(row["label"]),
-                    f"{row['l1_norm']:.2f}",
-                    f"{row['anomaly_index']:.2f}",
-                    f"{row['attack_success']:.3f}",
+                    _fixed(row["l1_norm"], 2),
+                    _fixed(row["anomaly_index"], 2),
+                    _fixed(row["attack_success"], 3),
                     "yes" if row["label"] in flagged else "",
                 )
             out_console.print(labels)
@@ -240,6 +241,14 @@ def print_audit(audit: Any) -> None:
             out_console.print(f"pruned {len(summary.get('pruned', []))} neurons")
     if audit.report_html.sha256:
         out_console.print(f"report: modelguard audit report {audit.audit_id} --out DIR")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def _num(value: Any) -> str:
@@ -348,9 +357,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
         "labels": [
             {
                 "label": r.label,
-                "l1_norm": r.l1_norm,
-                "anomaly_index": r.anomaly_index,
-                "attack_success": r.attack_success,
+                # strict JSON: a label whose trigger never reached the threshold has an
+                # infinite norm and no index, written as null
+                "l1_norm": _finite_or_none(r.l1_norm),
+                "anomaly_index": _finite_or_none(r.anomaly_index),
+                "attack_success": _finite_or_none(r.attack_success),
             }
             for r in result.labels
         ],
@@ -365,9 +376,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
         for r in result.labels:
             table.add_row(
                 str(r.label),
-                f"{r.l1_norm:.2f}",
-                f"{r.anomaly_index:.2f}",
-                f"{r.attack_success:.3f}",
+                _fixed(r.l1_norm, 2),
+                _fixed(r.anomaly_index, 2),
+                _fixed(r.attack_success, 3),
                 "yes" if r.label in result.flagged else "",
             )
         out_console.print(table)

@@ -5,6 +5,7 @@ handler both call `TriggerReversalService.reverse`."""
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from dataclasses import dataclass
@@ -84,8 +85,9 @@ class TriggerReversalService:
         self.optimisation_seconds.observe(time.perf_counter() - started)
         self.labels_scanned.inc(len(result.labels))
         self.verdicts.labels(result.verdict).inc()
-        if result.labels:
-            self.last_anomaly.set(max(label.anomaly_index for label in result.labels))
+        finite = [x.anomaly_index for x in result.labels if math.isfinite(x.anomaly_index)]
+        if finite:  # a label whose trigger never reached the threshold has no index
+            self.last_anomaly.set(max(finite))
         return self.store(result, inputs)
 
     def store(self, result: Any, inputs: ModelAndData) -> StoredReversal:

@@ -5,8 +5,8 @@ handler both call `TriggerReversalService.reverse`."""
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any

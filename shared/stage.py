@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,8 +63,6 @@ class StageReporter:
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.min_progress_interval = min_progress_interval
-        self._attempts: dict[str, int] = {}
-        self._lock = threading.Lock()
 
     def event(
         self,
@@ -118,15 +115,19 @@ class StageReporter:
 
         return report
 
-    def run(self, audit_id: str, work: Callable[[Progress], StageOutcome]) -> None:
-        """Run one stage job and publish its outcome; see the module docstring."""
+    def run(
+        self, audit_id: str, work: Callable[[Progress], StageOutcome], attempt: int = 1
+    ) -> None:
+        """Run one stage job and publish its outcome; see the module docstring.
+        ``attempt`` is the bus's count for this record (`Message.attempt`)."""
+        last_attempt = attempt >= self.max_attempts
         started = time.perf_counter()
         self.metrics.in_flight.inc()
         try:
             self.event(audit_id, common_pb2.STAGE_STATE_RUNNING, message="started")
             outcome = work(self.progress(audit_id))
         except ModelGuardError as err:
-            if not err.permanent and not self._last_attempt(audit_id):
+            if not err.permanent and not last_attempt:
                 self.metrics.jobs.labels("retried").inc()
                 raise
             self._fail(audit_id, err)
@@ -134,15 +135,13 @@ class StageReporter:
                 raise
             return
         except Exception as err:
-            if not self._last_attempt(audit_id):
+            if not last_attempt:
                 self.metrics.jobs.labels("retried").inc()
                 raise
             self._fail(audit_id, err)
             raise
         finally:
             self.metrics.in_flight.dec()
-        with self._lock:
-            self._attempts.pop(audit_id, None)
         state = common_pb2.STAGE_STATE_SKIPPED if outcome.skipped else common_pb2.STAGE_STATE_DONE
         self.event(
             audit_id,
@@ -155,16 +154,8 @@ class StageReporter:
         self.metrics.jobs.labels("skipped" if outcome.skipped else "succeeded").inc()
         self.metrics.job_seconds.observe(time.perf_counter() - started)
 
-    def _last_attempt(self, audit_id: str) -> bool:
-        with self._lock:
-            count = self._attempts.get(audit_id, 0) + 1
-            self._attempts[audit_id] = count
-        return count >= self.max_attempts
-
     def _fail(self, audit_id: str, err: Exception) -> None:
         log.warning("%s failed for audit %s: %s", self.stage, audit_id, err)
-        with self._lock:
-            self._attempts.pop(audit_id, None)
         self.metrics.jobs.labels("failed").inc()
         try:
             self.event(audit_id, common_pb2.STAGE_STATE_FAILED, message=str(err), error=err)

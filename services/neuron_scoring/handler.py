@@ -23,7 +23,9 @@ class TriggersHandler:
         audit_id = reversed_.request.audit_id
         if not audit_id:
             raise InvalidInput("TriggersReversed message without an audit id")
-        self.reporter.run(audit_id, lambda progress: self.handle(reversed_, progress))
+        self.reporter.run(
+            audit_id, lambda progress: self.handle(reversed_, progress), message.attempt
+        )
 
     def handle(self, reversed_: jobs_pb2.TriggersReversed, progress: Progress) -> StageOutcome:
         runtime = self.service.runtime

@@ -45,7 +45,9 @@ class RepairHandler:
             from shared.errors import InvalidInput
 
             raise InvalidInput("NeuronsScored message without an audit id")
-        self.reporter.run(request.audit_id, lambda progress: self.repair(scored, progress))
+        self.reporter.run(
+            request.audit_id, lambda progress: self.repair(scored, progress), message.attempt
+        )
 
     def repair(self, scored: jobs_pb2.NeuronsScored, progress: Progress) -> StageOutcome:
         from services.pruning_orchestrator.core import repair

@@ -21,7 +21,9 @@ class AuditHandler:
         request = parse_message(message.value, jobs_pb2.AuditRequested)
         if not request.audit_id:
             raise InvalidInput("AuditRequested message without an audit id")
-        self.reporter.run(request.audit_id, lambda progress: self.handle(request, progress))
+        self.reporter.run(
+            request.audit_id, lambda progress: self.handle(request, progress), message.attempt
+        )
 
     def handle(self, request: jobs_pb2.AuditRequested, progress: Progress) -> StageOutcome:
         runtime = self.service.runtime

@@ -52,6 +52,25 @@ class PlatformSettings(BaseSettings):
     max_model_bytes: int = Field(512 << 20, description="Largest accepted model file.")
     max_dataset_bytes: int = Field(1 << 30, description="Largest accepted dataset file.")
     job_max_attempts: int = Field(3, description="Handler attempts before dead-lettering.")
+    stage_time_limit_seconds: float = Field(
+        3600.0,
+        description="Longest one audit stage may run; past it the stage fails with the reason "
+        "and is not retried (0: no limit).",
+    )
+    auth_tokens_file: str = Field(
+        "",
+        description="Tokens file (tenant, role, salted hash per line; mounted from a Secret): "
+        "every gRPC API needs a bearer token. Empty: authentication off (a warning is logged).",
+    )
+    tls_cert_file: str = Field(
+        "", description="Server certificate (PEM) for gRPC over TLS (empty: plaintext)."
+    )
+    tls_key_file: str = Field("", description="Private key (PEM) of the server certificate.")
+    tls_client_ca_file: str = Field(
+        "",
+        description="CA (PEM) that client certificates must chain to; set: mTLS, clients "
+        "without a valid certificate are refused.",
+    )
     torch_threads: int = Field(
         0, description="torch intra-op threads per process (0: torch default)."
     )
@@ -134,6 +153,16 @@ class ResultMapperSettings(ServiceSettings):
     )
     auto_revoke: bool = Field(
         True, description="Revoke a carrier at once when its queries look like extraction."
+    )
+    rate_per_second: float = Field(
+        100.0, description="Map calls per second one user may sustain (0: no rate limit)."
+    )
+    rate_burst: int = Field(200, description="Map calls one user may make at once above the rate.")
+    query_budget_rows: int = Field(
+        200_000, description="Rows one user may map per budget period (0: no budget)."
+    )
+    query_budget_period_seconds: float = Field(
+        86_400.0, description="Length of the query-budget period (a day by default)."
     )
 
 

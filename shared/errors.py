@@ -63,6 +63,20 @@ class ResourceExhausted(ModelGuardError):
 
 class Unavailable(ModelGuardError):
     """A dependency (broker, object store) cannot be reached; retrying may help."""
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: Seconds after which the same call may succeed (sent as ``retry-after`` trailing
+        #: metadata); None when waiting will not help (e.g. an upload that is too big).
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(ModelGuardError):
+    """A job ran past its time limit: it fails with this reason and is not retried (a
+    retry would run as long again)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    permanent = True
+
 
     code = grpc.StatusCode.UNAVAILABLE
     permanent = False

@@ -1,5 +1,6 @@
-"""The gRPC server runner every service uses: health service, server reflection, error
-and metrics interceptors, the /metrics endpoint, and graceful shutdown on SIGTERM."""
+"""The gRPC server runner every service uses: health service, server reflection, error,
+metrics and (optional) authentication interceptors, optional TLS/mTLS, the /metrics
+endpoint, and graceful shutdown on SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.auth import AuthInterceptor, TokenStore
+from shared.errors import InvalidInput
 from shared.interceptors import ErrorInterceptor, MetricsInterceptor
 from shared.metrics import ServiceMetrics, serve_metrics
 
@@ -21,6 +26,42 @@ log = logging.getLogger(__name__)
 
 #: Messages up to this size (uploads are chunked far below it; Map batches stay small).
 MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """Server certificate and key; with ``client_ca_file``, clients must present a
+    certificate signed by that CA (mTLS) or the handshake fails."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""
+
+    @classmethod
+    def of(cls, cert_file: str, key_file: str, client_ca_file: str = "") -> ServerTls | None:
+        """None (plaintext) when no file is given; refuses half a configuration, since a
+        server that silently fell back to plaintext would be worse than one that fails."""
+        if not (cert_file or key_file or client_ca_file):
+            return None
+        if not (cert_file and key_file):
+            raise InvalidInput(
+                "TLS needs both MODELGUARD_TLS_CERT_FILE and MODELGUARD_TLS_KEY_FILE"
+            )
+        return cls(cert_file, key_file, client_ca_file)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def read(path: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as err:
+                raise InvalidInput(f"cannot read TLS file {path}: {err.strerror}") from None
+
+        ca = read(self.client_ca_file) if self.client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(read(self.key_file), read(self.cert_file))],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
 
 class GrpcServer:
@@ -35,14 +76,23 @@ class GrpcServer:
         port: int = 0,
         workers: int = 8,
         metrics_port: int = 0,
+        tokens: TokenStore | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self.metrics = metrics
         self.host = host
         self._requested_port = port
         self._metrics_port = metrics_port
+        self.tls = tls
+        # Outermost first: metrics count refusals too; authentication runs before the
+        # error interceptor decodes the request, so strangers never reach a parser.
+        interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+        if tokens is not None:
+            interceptors.append(AuthInterceptor(tokens))
+        interceptors.append(ErrorInterceptor())
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=metrics.service),
-            interceptors=[MetricsInterceptor(metrics), ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -66,7 +116,11 @@ class GrpcServer:
 
     def start(self) -> None:
         reflection.enable_server_reflection(self._service_names, self.server)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self._requested_port}")
+        address = f"{self.host}:{self._requested_port}"
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(address, self.tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {self.host}:{self._requested_port}")
         self.server.start()
@@ -76,8 +130,9 @@ class GrpcServer:
             )
         self.set_serving(True)
         log.info(
-            "%s gRPC on %s:%d, metrics on :%d",
+            "%s gRPC%s on %s:%d, metrics on :%d",
             self.metrics.service,
+            "" if self.tls is None else (" (mTLS)" if self.tls.client_ca_file else " (TLS)"),
             self.host,
             self.port,
             self.metrics_port,

@@ -92,6 +92,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
         def abort(context: grpc.ServicerContext, err: Exception) -> None:
             if isinstance(err, ModelGuardError):
+                retry_after = getattr(err, "retry_after", None)
+                if retry_after is not None:  # a machine-readable hint beside the message
+                    context.set_trailing_metadata((("retry-after", f"{retry_after:.3f}"),))
                 context.abort(err.code, _short(str(err)))
             incident = uuid.uuid4().hex[:12]
             log.exception("unhandled error in %s (incident %s)", method, incident)

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
+from shared.auth import load_token_store
 from shared.bus.base import Handler, JobBus, RetryPolicy, Subscription
 from shared.config import PlatformSettings, ServiceSettings
-from shared.grpc_server import GrpcServer
+from shared.grpc_server import GrpcServer, ServerTls
 from shared.metrics import ServiceMetrics
 from shared.signing import Signer
 from shared.store.base import ArtifactStore
@@ -109,12 +110,17 @@ class ServiceApp:
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
+        platform = self.runtime.platform
         self.grpc = GrpcServer(
             self.metrics,
             host=self.settings.host,
             port=self.settings.grpc_port,
             workers=self.settings.grpc_workers,
             metrics_port=self.settings.metrics_port,
+            tokens=load_token_store(platform.auth_tokens_file, self.name),
+            tls=ServerTls.of(
+                platform.tls_cert_file, platform.tls_key_file, platform.tls_client_ca_file
+            ),
         )
 
     def add_servicer(

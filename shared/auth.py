@@ -1,0 +1,299 @@
+"""Who is calling: per-tenant bearer tokens, checked once per call by `AuthInterceptor`.
+
+Tokens file (``MODELGUARD_AUTH_TOKENS_FILE``, mounted from a Secret), one token a line::
+
+    # tenant  role    hash
+    acme      tenant  sha256$3f9c0a7d21be$<salt base64>$<sha256(salt + token) hex>
+    ops       admin   sha256$81d2e6f00c4a$...
+
+Only hashes are stored. A token is ``mg1.<key id>.<secret>``: the key id names its line,
+so a call costs one dict look-up and one salted SHA-256, compared in constant time. A
+fast hash is enough because the secret is 256 random bits, not a password: there is
+nothing to brute-force, and scrypt would add milliseconds to every call.
+
+Roles: ``tenant`` sees its own audits and artifacts; ``admin`` sees every tenant's and may
+enrol carrier users and rotate or revoke any carrier. Health checks and reflection
+(``/grpc.*``) stay open. The file is re-read when it changes (a rotated Secret), so
+adding or removing a token needs no restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+
+from shared.errors import InvalidInput, PermissionDenied, Unauthenticated
+from shared.interceptors import Behaviour, Continuation, wrap_handler
+
+log = logging.getLogger(__name__)
+
+Role = Literal["tenant", "admin"]
+ROLES: tuple[Role, ...] = ("tenant", "admin")
+TOKEN_PREFIX = "mg1"
+HASH_SCHEME = "sha256"
+#: Methods anyone may call: gRPC health (Kubernetes probes) and server reflection.
+OPEN_METHOD_PREFIX = "/grpc."
+#: How often the tokens file's mtime is checked for a rotated Secret.
+RELOAD_INTERVAL_S = 2.0
+_warned = False  # the "auth is off" warning, once per process
+_TENANT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.@")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The authenticated caller."""
+
+    tenant: str
+    role: Role = "tenant"
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+    def sees(self, owner: str) -> bool:
+        """Whether this caller may see something owned by tenant ``owner``."""
+        return self.admin or owner == self.tenant
+
+
+def check_tenant(tenant: str) -> str:
+    # also a path segment of ownership records in the store: no leading dot
+    if not tenant or len(tenant) > 128 or tenant[0] == "." or not set(tenant) <= _TENANT_CHARS:
+        raise InvalidInput(
+            f"tenant id {tenant!r} is not valid: 1-128 letters, digits, -_.@ (not starting "
+            "with a dot)"
+        )
+    return tenant
+
+
+# --- tokens and their hashes -----------------------------------------------------------------
+def _digest(salt: bytes, token: str) -> bytes:
+    return hashlib.sha256(salt + token.encode()).digest()
+
+
+def _key_id(token: str) -> str | None:
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1] or not parts[2]:
+        return None
+    return parts[1]
+
+
+def mint_token(tenant: str, role: Role = "tenant") -> tuple[str, str]:
+    """A new token and the line that goes into the tokens file for it."""
+    check_tenant(tenant)
+    if role not in ROLES:
+        raise InvalidInput(f"role must be one of {', '.join(ROLES)}")
+    key_id = secrets.token_hex(6)
+    token = f"{TOKEN_PREFIX}.{key_id}.{secrets.token_urlsafe(32)}"
+    salt = secrets.token_bytes(16)
+    salt_text = base64.b64encode(salt).decode()
+    hashed = f"{HASH_SCHEME}${key_id}${salt_text}${_digest(salt, token).hex()}"
+    return token, f"{tenant} {role} {hashed}"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    identity: Identity
+    salt: bytes
+    digest: bytes
+
+
+def parse_tokens(text: str, origin: str = "tokens file") -> dict[str, _Entry]:
+    """Key id → entry. A malformed line refuses the whole file (fail closed, with the
+    line number), rather than silently dropping a tenant's access."""
+    entries: dict[str, _Entry] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{origin} line {number}"
+        fields = line.split()
+        if len(fields) != 3:
+            raise InvalidInput(f"{where}: expected 'TENANT ROLE HASH', got {len(fields)} fields")
+        tenant, role, hashed = fields
+        check_tenant(tenant)
+        if role not in ROLES:
+            raise InvalidInput(f"{where}: role {role!r} unknown; use tenant or admin")
+        try:
+            scheme, key_id, salt, digest = hashed.split("$")
+            if scheme != HASH_SCHEME or not key_id:
+                raise ValueError(scheme)
+            entry = _Entry(
+                Identity(tenant, role),
+                base64.b64decode(salt, validate=True),
+                bytes.fromhex(digest),
+            )
+        except ValueError:
+            raise InvalidInput(
+                f"{where}: hash must look like {HASH_SCHEME}$<key id>$<salt>$<hex> (use "
+                "`modelguard token create`)"
+            ) from None
+        if len(entry.digest) != 32 or key_id in entries:
+            raise InvalidInput(f"{where}: bad digest length or duplicate key id {key_id}")
+        entries[key_id] = entry
+    return entries
+
+
+class TokenStore:
+    """The tokens file in memory, re-read when its modification time or size changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] = (-1, -1)
+        self._checked = 0.0
+        self._entries: dict[str, _Entry] = {}
+        self._reload(force=True)
+
+    def _reload(self, force: bool = False) -> None:
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp == self._stamp and not force:
+                return
+            entries = parse_tokens(self.path.read_text(), str(self.path))
+        except (OSError, InvalidInput) as err:
+            if force:  # at start: refuse to run without the tokens the settings name
+                raise InvalidInput(f"cannot load the tokens file {self.path}: {err}") from err
+            # a half-written or broken update: keep serving the last good tokens
+            log.error("tokens file %s not reloaded (keeping the last good one): %s", self.path, err)
+            return
+        self._entries, self._stamp = entries, stamp
+        if not force:
+            log.info("tokens file %s reloaded: %d token(s)", self.path, len(entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def authenticate(self, token: str) -> Identity:
+        now = time.monotonic()
+        if now - self._checked >= RELOAD_INTERVAL_S:
+            with self._lock:
+                if now - self._checked >= RELOAD_INTERVAL_S:
+                    self._checked = now
+                    self._reload()
+        key_id = _key_id(token)
+        entry = self._entries.get(key_id) if key_id else None
+        # compare even when the key id is unknown, so timing does not tell ids apart
+        salt, expected = (entry.salt, entry.digest) if entry else (b"", b"\0" * 32)
+        if not hmac.compare_digest(_digest(salt, token), expected) or entry is None:
+            raise Unauthenticated("unknown or revoked token")
+        return entry.identity
+
+
+def bearer_token(metadata: Any) -> str:
+    """The token of ``authorization: Bearer <token>`` in gRPC invocation metadata."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if not values:
+        raise Unauthenticated(
+            "no token: send 'authorization: Bearer <token>' metadata (the CLI sends "
+            "MODELGUARD_TOKEN or --token)"
+        )
+    scheme, _, token = str(values[0]).strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
+    return token.strip()
+
+
+# --- the caller of the current call ------------------------------------------------------------
+_caller: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "modelguard_caller", default=None
+)
+
+
+def current_identity() -> Identity | None:
+    """The authenticated caller of the RPC this thread serves; None when auth is off."""
+    return _caller.get()
+
+
+def require_admin(caller: Identity | None, action: str) -> None:
+    """Refuse ``action`` to a non-admin caller (auth off: everyone may)."""
+    if caller is not None and not caller.admin:
+        raise PermissionDenied(f"{action} needs an admin token (tenant {caller.tenant!r})")
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Authenticates every call but health and reflection: UNAUTHENTICATED for a missing or
+    unknown token; the caller's `Identity` is available to servicers through
+    `current_identity` while the call runs. What the caller may do (roles, tenants) is
+    decided by the services, which know who owns what."""
+
+    def __init__(self, tokens: TokenStore) -> None:
+        self.tokens = tokens
+
+    def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIX):
+            return handler
+        try:
+            identity: Identity | None = self.tokens.authenticate(
+                bearer_token(handler_call_details.invocation_metadata)
+            )
+            refusal = ""
+        except Unauthenticated as err:
+            identity, refusal = None, str(err)
+
+        def wrap_unary(behaviour: Behaviour) -> Behaviour:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                if identity is None:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+                token = _caller.set(identity)
+                try:
+                    return behaviour(request, context)
+                finally:
+                    _reset(token)
+
+            return call
+
+        def wrap_stream(behaviour: Behaviour) -> Behaviour:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                if identity is None:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+                # the generator runs in the worker thread that iterates it
+                token = _caller.set(identity)
+                try:
+                    yield from behaviour(request, context)
+                finally:
+                    _reset(token)
+
+            return call
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+def _reset(token: contextvars.Token[Identity | None]) -> None:
+    try:
+        _caller.reset(token)
+    except ValueError:  # a generator closed from another context: clear instead
+        _caller.set(None)
+
+
+def load_token_store(tokens_file: str, service: str) -> TokenStore | None:
+    """The token store the settings name, or None (auth off) with a warning, once per
+    process, that the APIs are open."""
+    if tokens_file:
+        store = TokenStore(Path(tokens_file))
+        log.info("%s: bearer-token authentication on (%d token(s))", service, len(store))
+        return store
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "authentication is OFF: MODELGUARD_AUTH_TOKENS_FILE is not set, so every gRPC API "
+            "is open to anyone who can reach it (fine for embedded mode and tests; set it in "
+            "any deployment)"
+        )
+    return None

@@ -16,6 +16,9 @@ class ModelGuardError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     #: Errors a retry cannot fix (bad input): jobs fail at once instead of retrying.
     permanent: bool = False
+    #: A dependency is down (broker, object store): the job waits for it, retrying with
+    #: backoff without using up its attempts, instead of failing during an outage.
+    transient: bool = False
 
 
 class InvalidInput(ModelGuardError):
@@ -60,9 +63,6 @@ class ResourceExhausted(ModelGuardError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     permanent = True
 
-
-class Unavailable(ModelGuardError):
-    """A dependency (broker, object store) cannot be reached; retrying may help."""
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         #: Seconds after which the same call may succeed (sent as ``retry-after`` trailing
@@ -78,5 +78,14 @@ class DeadlineExceeded(ModelGuardError):
     permanent = True
 
 
+class Unavailable(ModelGuardError):
+    """A dependency (broker, object store) cannot be reached; retrying may help."""
+
     code = grpc.StatusCode.UNAVAILABLE
     permanent = False
+    transient = True
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for an outage of a dependency (see `ModelGuardError.transient`)."""
+    return isinstance(err, ModelGuardError) and err.transient

@@ -38,7 +38,7 @@ class ServiceMetrics:
         )
         self.jobs = Counter(
             f"{prefix}_jobs_total",
-            "Jobs handled, by outcome (succeeded, failed, skipped, duplicate).",
+            "Jobs handled, by outcome (succeeded, failed, skipped, duplicate, retried, waiting).",
             ["outcome"],
             registry=registry,
         )

@@ -2,9 +2,11 @@
 
 Every stage outcome travels as an `AuditEvent` on ``modelguard.audit.events`` to the
 pruning-orchestrator, which owns the audit's state. Bad input fails the stage with a
-reason (never retried); transient failures are retried by the bus, and the last attempt
-fails the stage with the reason before the record is dead-lettered, so no audit is left
-waiting on a job that will never finish.
+reason (never retried); an outage of the broker or the store (`Unavailable`) never fails
+the stage: the bus retries the job until the dependency is back; other failures are
+retried by the bus, and the last attempt fails the stage with the reason before the
+record is dead-lettered, so no audit is left waiting on a job that will never finish.
+Progress events are best effort: an unreachable broker does not abort the work for them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from shared.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus
 from shared.convert import ref_to_proto
-from shared.errors import ModelGuardError
+from shared.errors import ModelGuardError, is_transient
 from shared.metrics import ServiceMetrics
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
 from shared.store.base import ArtifactRef
@@ -27,6 +29,10 @@ from shared.topics import AUDIT_EVENTS, JOB_AUDIT
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
+
+#: After a progress event could not be published, skip progress events for this long:
+#: each failed publish blocks for the bus's timeout, which would stall the work.
+PROGRESS_PAUSE_AFTER_FAILURE_S = 30.0
 
 
 @dataclass
@@ -100,18 +106,27 @@ class StageReporter:
     def progress(self, audit_id: str) -> Progress:
         """A throttled callback publishing RUNNING events (at most one per interval)."""
         last = [0.0]
+        paused_until = [0.0]
 
         def report(fraction: float, message: str = "") -> None:
             now = time.monotonic()
+            if now < paused_until[0]:
+                return
             if now - last[0] < self.min_progress_interval and fraction < 1.0:
                 return
             last[0] = now
-            self.event(
-                audit_id,
-                common_pb2.STAGE_STATE_RUNNING,
-                progress=max(0.0, min(1.0, fraction)),
-                message=message,
-            )
+            try:
+                self.event(
+                    audit_id,
+                    common_pb2.STAGE_STATE_RUNNING,
+                    progress=max(0.0, min(1.0, fraction)),
+                    message=message,
+                )
+            except Exception as err:  # advisory: the outcome event is what must get through
+                if not is_transient(err):
+                    raise
+                log.warning("progress of %s for %s not published: %s", self.stage, audit_id, err)
+                paused_until[0] = time.monotonic() + PROGRESS_PAUSE_AFTER_FAILURE_S
 
         return report
 
@@ -127,6 +142,10 @@ class StageReporter:
             self.event(audit_id, common_pb2.STAGE_STATE_RUNNING, message="started")
             outcome = work(self.progress(audit_id))
         except ModelGuardError as err:
+            if err.transient:
+                # an outage is not the job's fault: the bus retries without using an attempt
+                self.metrics.jobs.labels("waiting").inc()
+                raise
             if not err.permanent and not last_attempt:
                 self.metrics.jobs.labels("retried").inc()
                 raise
@@ -155,9 +174,9 @@ class StageReporter:
         self.metrics.job_seconds.observe(time.perf_counter() - started)
 
     def _fail(self, audit_id: str, err: Exception) -> None:
+        """Publish FAILED; when the bus is down, raise its (transient) error instead, so
+        the bus retries the job rather than dead-letter it with the failure unreported
+        (which would leave the audit waiting forever)."""
         log.warning("%s failed for audit %s: %s", self.stage, audit_id, err)
+        self.event(audit_id, common_pb2.STAGE_STATE_FAILED, message=str(err), error=err)
         self.metrics.jobs.labels("failed").inc()
-        try:
-            self.event(audit_id, common_pb2.STAGE_STATE_FAILED, message=str(err), error=err)
-        except Exception:  # the bus itself is down: the record will be redelivered
-            log.exception("could not publish the failure of %s for %s", self.stage, audit_id)

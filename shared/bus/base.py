@@ -50,8 +50,10 @@ class Message:
 
 #: A handler processes one message. Returning normally means done (the offset is
 #: committed). Raising an error marked ``permanent`` (see shared.errors) dead-letters the
-#: message at once; any other exception is retried with backoff up to ``max_attempts``,
-#: then dead-lettered with the error text in the ``error`` header.
+#: message at once; one marked ``transient`` (a dependency outage) is retried with backoff
+#: without using up an attempt, until it succeeds or the subscription stops; any other
+#: exception is retried with backoff up to ``max_attempts``, then dead-lettered with the
+#: error text in the ``error`` header.
 Handler = Callable[[Message], None]
 
 

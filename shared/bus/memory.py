@@ -33,7 +33,7 @@ from shared.bus.base import (
     dead_letter_topic,
 )
 from shared.bus.metrics import BusMetrics
-from shared.errors import InvalidInput, ModelGuardError, Unavailable
+from shared.errors import InvalidInput, ModelGuardError, Unavailable, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,17 @@ def deliver(
     Retries see the message with its ``attempt`` header set to 2, 3, ...; the first
     attempt sees the record's own headers, so `Message.attempt` is 1 for a fresh job and,
     on a dead-letter topic, still tells how many attempts the original record had.
+    A transient error (a dependency outage, `shared.errors.is_transient`) does not use up
+    an attempt: the same attempt is retried with its own backoff for as long as the outage
+    lasts, so a job waits for the broker or the store instead of failing because of them.
     ``wait_for_stop(seconds)`` sleeps between attempts and returns True when the
     subscription is stopping, which abandons the message instead of retrying it.
     """
     backoff = retry.initial_backoff_s
+    transient_backoff = retry.initial_backoff_s
     attempts = max(1, retry.max_attempts)
-    for attempt in range(1, attempts + 1):
+    attempt = 1
+    while True:
         current = message
         if attempt > 1:
             current = replace(message, headers={**message.headers, HEADER_ATTEMPT: str(attempt)})
@@ -95,9 +100,25 @@ def deliver(
                         time.perf_counter() - started
                     )
         except Exception as err:
+            text = f"{type(err).__name__}: {err}"[:MAX_ERROR_CHARS]
+            if is_transient(err):
+                if metrics is not None:
+                    metrics.transient.labels(message.topic).inc()
+                log.warning(
+                    "attempt %d on %s@%d waits for a dependency (%s); retrying in %.2fs",
+                    attempt,
+                    message.topic,
+                    message.offset,
+                    text,
+                    transient_backoff,
+                )
+                if wait_for_stop(transient_backoff):
+                    return Delivery(Outcome.ABANDONED, attempt, text)
+                transient_backoff = min(transient_backoff * 2, retry.max_backoff_s)
+                continue
+            transient_backoff = retry.initial_backoff_s
             if metrics is not None:
                 metrics.failed.labels(message.topic).inc()
-            text = f"{type(err).__name__}: {err}"[:MAX_ERROR_CHARS]
             permanent = isinstance(err, ModelGuardError) and err.permanent
             if permanent or attempt >= attempts:
                 log.warning(
@@ -122,9 +143,9 @@ def deliver(
             if wait_for_stop(backoff):
                 return Delivery(Outcome.ABANDONED, attempt, text)
             backoff = min(backoff * 2, retry.max_backoff_s)
+            attempt += 1
         else:
             return Delivery(Outcome.DONE, attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def dead_letter_headers(message: Message, delivery: Delivery) -> dict[str, str]:

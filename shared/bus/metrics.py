@@ -28,6 +28,13 @@ class BusMetrics:
             ["topic"],
             registry=registry,
         )
+        self.transient = Counter(
+            f"{prefix}_transient_retries_total",
+            "Handler attempts that met a dependency outage (broker, store) and were retried "
+            "without using up an attempt.",
+            ["topic"],
+            registry=registry,
+        )
         self.dead_lettered = Counter(
             f"{prefix}_dead_lettered_total",
             "Records moved to the topic's dead-letter topic, by original topic.",

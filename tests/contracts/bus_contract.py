@@ -26,7 +26,7 @@ from shared.bus.base import (
     dead_letter_topic,
 )
 from shared.bus.metrics import BusMetrics
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, Unavailable
 
 #: Bounds a failing wait; Kafka group joins take a few seconds.
 WAIT_S = 30.0
@@ -266,6 +266,30 @@ class BusContract:
         assert letter.job_id == "audit-1"
         assert self.sample(registry, "failed_total", topic) == 3
         assert self.sample(registry, "dead_lettered_total", topic) == 1
+
+    def test_outage_retries_without_using_attempts(
+        self, bus: JobBus, topic: str, registry: CollectorRegistry
+    ) -> None:
+        """A dependency outage (`Unavailable`) longer than all attempts: the record waits
+        and is handled once the dependency is back; nothing is dead-lettered."""
+        calls: list[int] = []
+        done = Collector()
+
+        def waits_for_store(message: Message) -> None:
+            calls.append(message.attempt)
+            if len(calls) <= 2 * FAST_RETRY.max_attempts:
+                raise Unavailable("S3 unreachable")
+            if len(calls) == 2 * FAST_RETRY.max_attempts + 1:
+                raise RuntimeError("one ordinary failure still uses an attempt")
+            done(message)
+
+        self.subscribe(bus, [topic], waits_for_store)
+        bus.publish(topic, b"job")
+        assert [m.value for m in done.wait_for(1)] == [b"job"]
+        assert calls == [1] * (2 * FAST_RETRY.max_attempts + 1) + [2]
+        assert self.sample(registry, "transient_retries_total", topic) == 6
+        assert self.sample(registry, "failed_total", topic) == 1
+        assert self.sample(registry, "dead_lettered_total", topic) == 0
 
     def test_permanent_error_dead_letters_without_retry(self, bus: JobBus, topic: str) -> None:
         calls: list[int] = []

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import grpc
 
+from shared.channels import ClientTls, open_channel
 from shared.convert import spec_to_proto
 from shared.errors import (
     InvalidInput,
@@ -45,7 +46,12 @@ def error_from_rpc(err: grpc.RpcError) -> ModelGuardError:
     """The server's error as the project's own type, with the server's message."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    return STATUS_ERRORS.get(code, ModelGuardError)(details or code.name)
+    kind = STATUS_ERRORS.get(code, ModelGuardError)
+    if kind is ResourceExhausted:
+        trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        hints = [str(m.value) for m in trailers or () if m.key == "retry-after"]
+        return ResourceExhausted(details or code.name, float(hints[0]) if hints else None)
+    return kind(details or code.name)
 
 
 def sniff_format(data: bytes) -> str:
@@ -55,9 +61,21 @@ def sniff_format(data: bytes) -> str:
 
 
 class AuditClient:
-    def __init__(self, target: str, timeout: float = 60.0) -> None:
-        self.channel = grpc.insecure_channel(
+    """``token``: the tenant's bearer token (servers with authentication on refuse calls
+    without one); ``tls``: TLS/mTLS towards the server (None: plaintext)."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 60.0,
+        *,
+        token: str = "",
+        tls: ClientTls | None = None,
+    ) -> None:
+        self.channel = open_channel(
             target,
+            token=token,
+            tls=tls,
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),

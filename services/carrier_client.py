@@ -11,6 +11,7 @@ import grpc
 
 from services.audit_client import error_from_rpc
 from services.client import DeviceClient, MapReply, connect, decode_map_reply
+from shared.channels import ClientTls, open_channel
 from shared.errors import ModelGuardError, NotFound, Unavailable
 from shared.proto.modelguard.v1 import (
     carrier_trainer_pb2,
@@ -25,9 +26,20 @@ FINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED)
 
 
 class CarrierClient:
-    def __init__(self, trainer: str, mapper: str, timeout: float = 60.0) -> None:
-        self.trainer_channel = grpc.insecure_channel(trainer)
-        self.mapper_channel = grpc.insecure_channel(mapper)
+    """``token``: the bearer token sent with every call (an admin's to enrol users);
+    ``tls``: TLS/mTLS towards both servers (None: plaintext)."""
+
+    def __init__(
+        self,
+        trainer: str,
+        mapper: str,
+        timeout: float = 60.0,
+        *,
+        token: str = "",
+        tls: ClientTls | None = None,
+    ) -> None:
+        self.trainer_channel = open_channel(trainer, token=token, tls=tls)
+        self.mapper_channel = open_channel(mapper, token=token, tls=tls)
         self.trainer = carrier_trainer_pb2_grpc.CarrierTrainerStub(self.trainer_channel)
         self.mapper = result_mapper_pb2_grpc.ResultMapperStub(self.mapper_channel)
         self.timeout = timeout
@@ -57,6 +69,20 @@ class CarrierClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return reply.generation, reply.credential
+
+    def revoke(
+        self, user_id: str, credential: str = "", reason: str = ""
+    ) -> carrier_trainer_pb2.CarrierInfo:
+        """Revoke the user's carrier now (its credential, or an admin token without it)."""
+        try:
+            return self.trainer.RevokeCarrier(
+                carrier_trainer_pb2.RevokeCarrierRequest(
+                    user_id=user_id, credential=credential, reason=reason
+                ),
+                timeout=self.timeout,
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
 
     def info(self, user_id: str, credential: str) -> carrier_trainer_pb2.CarrierInfo:
         try:

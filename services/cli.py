@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.console import Console
 from rich.table import Table
@@ -46,6 +46,29 @@ class CliSettings(BaseSettings):
     timeout: float = Field(120.0, description="Seconds to wait for a gRPC answer.")
     trainer: str = Field("", description="host:port of carrier-trainer (empty: embedded).")
     mapper: str = Field("", description="host:port of result-mapper (empty: embedded).")
+    token: SecretStr = Field(
+        SecretStr(""),
+        validation_alias=AliasChoices("MODELGUARD_TOKEN", "MODELGUARD_CLI_TOKEN"),
+        description="Bearer token sent with every call (MODELGUARD_TOKEN; see `modelguard "
+        "token create`).",
+    )
+    tls_ca_file: str = Field("", description="CA (PEM) verifying the servers; set: use TLS.")
+    tls_cert_file: str = Field("", description="Client certificate (PEM) for mTLS.")
+    tls_key_file: str = Field("", description="Key (PEM) of the client certificate.")
+
+
+def client_credentials(args: argparse.Namespace) -> dict[str, Any]:
+    """Token and TLS for the clients: command-line options over the environment."""
+    from shared.channels import ClientTls
+
+    settings = CliSettings()
+    token = getattr(args, "token", None) or settings.token.get_secret_value()
+    tls = ClientTls.of(
+        getattr(args, "tls_ca", None) or settings.tls_ca_file,
+        getattr(args, "tls_cert", None) or settings.tls_cert_file,
+        getattr(args, "tls_key", None) or settings.tls_key_file,
+    )
+    return {"token": token, "tls": tls}
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -79,8 +102,9 @@ def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[Any]:
 
     settings = CliSettings()
     target = getattr(args, "target", None) or settings.target
+    credentials = client_credentials(args)
     if target:
-        with AuditClient(target, timeout=settings.timeout) as client:
+        with AuditClient(target, timeout=settings.timeout, **credentials) as client:
             yield client
         return
     from services.launcher import start_stack
@@ -92,7 +116,7 @@ def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[Any]:
     # they would abandon on exit
     with (
         start_stack(platform, names, workers=workers) as stack,
-        AuditClient(stack.orchestrator_address, timeout=settings.timeout) as client,
+        AuditClient(stack.orchestrator_address, timeout=settings.timeout, **credentials) as client,
     ):
         yield client
 
@@ -536,8 +560,9 @@ def carrier_client(args: argparse.Namespace) -> Iterator[Any]:
     settings = CliSettings()
     trainer = args.trainer or settings.trainer
     mapper = args.mapper or settings.mapper
+    credentials = client_credentials(args)
     if trainer and mapper:
-        with CarrierClient(trainer, mapper, timeout=settings.timeout) as client:
+        with CarrierClient(trainer, mapper, timeout=settings.timeout, **credentials) as client:
             yield client
         return
     from services.launcher import start_stack
@@ -549,6 +574,7 @@ def carrier_client(args: argparse.Namespace) -> Iterator[Any]:
             stack["carrier-trainer"].address,
             stack["result-mapper"].address,
             timeout=settings.timeout,
+            **credentials,
         ) as client,
     ):
         yield client
@@ -571,7 +597,7 @@ def cmd_carrier_request(args: argparse.Namespace) -> int:
     rotating = args.carrier_command == "rotate"
     with carrier_client(args) as client:
         generation, credential = client.request(
-            args.user, args.credential if rotating else "", options
+            args.user, (args.credential or "") if rotating else "", options
         )
         err_console.print(
             f"{'rotated' if rotating else 'enrolled'} {args.user}: carrier "
@@ -642,6 +668,32 @@ def cmd_carrier_classify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_carrier_revoke(args: argparse.Namespace) -> int:
+    with carrier_client(args) as client:
+        info = client.revoke(args.user, args.credential or "", args.reason or "")
+    out_console.print(f"{args.user}: generation {info.generation} revoked")
+    return EXIT_OK
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from shared.auth import mint_token
+
+    token, line = mint_token(args.tenant, "admin" if args.admin else "tenant")
+    if args.append:
+        with open(args.append, "a", encoding="utf-8") as tokens_file:
+            tokens_file.write(line + "\n")
+        err_console.print(f"[dim]appended the hashed line to {args.append}[/dim]")
+    else:
+        out_console.print(line, soft_wrap=True)
+        err_console.print("[dim]add the line above to MODELGUARD_AUTH_TOKENS_FILE[/dim]")
+    print(token)
+    err_console.print(
+        f"[dim]the token above is {args.tenant}'s: shown once, only its hash is stored; "
+        "clients send it as MODELGUARD_TOKEN or --token[/dim]"
+    )
+    return EXIT_OK
+
+
 def cmd_carrier_status(args: argparse.Namespace) -> int:
     with carrier_client(args) as client:
         info = client.info(args.user, args.credential)
@@ -673,6 +725,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelguard", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--token", help="bearer token (default: MODELGUARD_TOKEN)")
+    parser.add_argument("--tls-ca", help="CA (PEM) verifying the servers: use TLS")
+    parser.add_argument("--tls-cert", help="client certificate (PEM) for mTLS")
+    parser.add_argument("--tls-key", help="key (PEM) of the client certificate")
     commands = parser.add_subparsers(dest="command", required=True)
 
     audit = commands.add_parser("audit", help="submit and inspect audits").add_subparsers(
@@ -756,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = carrier.add_parser(name, help=helptext)
         sub.add_argument("--user", required=True)
         if name == "rotate":
-            sub.add_argument("--credential", required=True)
+            sub.add_argument("--credential", help="the user's (omit with an admin token)")
         sub.add_argument("--steps", type=int, default=0, help="training steps (0: default)")
         sub.add_argument("--hidden", type=int, default=0, help="mapper hidden width")
         sub.add_argument("--seed", type=int, default=0)
@@ -774,9 +830,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--user", required=True)
     status.add_argument("--credential", required=True)
     status.set_defaults(func=cmd_carrier_status)
-    for sub in (classify, status, *(carrier.choices[n] for n in ("enroll", "rotate"))):
+    revoke = carrier.add_parser(
+        "revoke", help="revoke a user's carrier now (its credential, or an admin token)"
+    )
+    revoke.add_argument("--user", required=True)
+    revoke.add_argument("--credential", help="the user's (omit with an admin token)")
+    revoke.add_argument("--reason", help="recorded with the revocation")
+    revoke.set_defaults(func=cmd_carrier_revoke)
+    for sub in (classify, status, revoke, *(carrier.choices[n] for n in ("enroll", "rotate"))):
         sub.add_argument("--trainer", help="host:port of carrier-trainer")
         sub.add_argument("--mapper", help="host:port of result-mapper")
+
+    token = commands.add_parser("token", help="API tokens").add_subparsers(
+        dest="token_command", required=True
+    )
+    create = token.add_parser(
+        "create", help="mint a bearer token: prints the tokens-file line and the token"
+    )
+    create.add_argument("--tenant", required=True, help="tenant id the token acts for")
+    create.add_argument("--admin", action="store_true", help="an admin token (all tenants)")
+    create.add_argument("--append", metavar="FILE", help="append the line to this tokens file")
+    create.set_defaults(func=cmd_token_create)
 
     serve = commands.add_parser("serve", help="run one service, or all six (embedded)")
     serve.add_argument("service", choices=[*SERVICES, "all"])

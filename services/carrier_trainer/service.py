@@ -4,6 +4,11 @@ mapping networks (seed 000), and hand devices their carrier.
 Credentials are per (user, carrier generation): rotating a carrier issues a new one, so a
 thief holding a device's credential cannot fetch the next carrier. Only salted hashes are
 stored; the plain credential is returned once, to the caller who enrolled or rotated.
+
+Who may do what (``caller`` is the bearer-token identity; None: authentication off):
+enrolling a new user needs an admin token; rotating or revoking needs the user's
+credential, or an admin token without it; reading a carrier (GetCarrier, DownloadCarrier)
+needs the user's credential (an admin may read the state without it, never the carrier).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from services.result_mapper.core.registry import (
     new_credential,
     verify_credential,
 )
+from shared.auth import Identity, require_admin
 from shared.config import CarrierTrainerSettings
 from shared.convert import ref_to_proto
 from shared.datasets import load_named
@@ -89,20 +95,22 @@ class CarrierService:
 
     # --- enrolment and rotation ----------------------------------------------------------
     def request(
-        self, user_id: str, options: jobs_pb2.CarrierOptions, credential: str = ""
+        self,
+        user_id: str,
+        options: jobs_pb2.CarrierOptions,
+        credential: str = "",
+        caller: Identity | None = None,
     ) -> tuple[int, str]:
-        """Enrol ``user_id`` (no carrier yet) or rotate its carrier (``credential`` of the
-        current or last revoked generation required). Returns (generation, credential)."""
+        """Enrol ``user_id`` (no carrier yet; an admin operation) or rotate its carrier
+        (``credential`` of the current or last revoked generation, or an admin caller).
+        Returns (generation, credential)."""
         check_user_id(user_id)
         with self._locks[user_id]:
             current = self.repository.find(user_id)
-            if current is not None:
-                if not credential:
-                    raise Unauthenticated(
-                        f"user {user_id!r} is enrolled: rotating needs its current credential"
-                    )
-                if not verify_credential(credential, current.credential_hash):
-                    raise PermissionDenied(f"this credential does not belong to {user_id!r}")
+            if current is None:
+                require_admin(caller, "enrolling a new carrier user")
+            else:
+                self._check_owner(current, credential, caller, "rotating")
             generation = current.generation + 1 if current else 1
             issued = new_credential()
             merged = self._options(options)
@@ -152,6 +160,39 @@ class CarrierService:
             raise InvalidInput("invalid carrier options: " + "; ".join(problems))
         return merged
 
+    def _check_owner(
+        self, record: CarrierRecord, credential: str, caller: Identity | None, action: str
+    ) -> None:
+        """The user's own credential, or (when none is given) an admin caller."""
+        if credential:
+            if not verify_credential(credential, record.credential_hash):
+                raise PermissionDenied(f"this credential does not belong to {record.user_id!r}")
+            return
+        if caller is not None and caller.admin:
+            return
+        raise Unauthenticated(
+            f"user {record.user_id!r} is enrolled: {action} needs its current credential"
+            + (" (or an admin token)" if caller is not None else "")
+        )
+
+    def revoke(
+        self, user_id: str, credential: str, reason: str = "", caller: Identity | None = None
+    ) -> CarrierRecord:
+        """Revoke the user's current carrier at once: the mapper stops answering on every
+        replica (CarrierRevoked). Idempotent."""
+        check_user_id(user_id)
+        with self._locks[user_id]:
+            record = self.repository.get(user_id)
+            self._check_owner(record, credential, caller, "revoking")
+            if record.state != REVOKED:
+                who = f"admin {caller.tenant}" if caller is not None and caller.admin else "user"
+                record.state = REVOKED
+                record.revoked_reason = (reason or "revoked")[:200] + f" (by {who})"
+                self.repository.put(record)
+                self.publish_revoked(user_id, record.generation, record.revoked_reason)
+                self.carriers.labels("revoked").inc()
+        return record
+
     def publish_revoked(self, user_id: str, generation: int, reason: str) -> None:
         publish_proto(
             self.runtime.bus,
@@ -174,8 +215,14 @@ class CarrierService:
                 self.carriers.labels("revoked").inc()
 
     # --- the device's view ----------------------------------------------------------------
-    def authorised(self, user_id: str, credential: str) -> CarrierRecord:
+    def authorised(
+        self, user_id: str, credential: str, caller: Identity | None = None
+    ) -> CarrierRecord:
+        """The user's record, for its own credential (or, to read the state only, an
+        admin caller without one)."""
         record = self.repository.get(user_id)
+        if not credential and caller is not None and caller.admin:
+            return record
         if not credential:
             raise Unauthenticated("send the credential issued with the carrier")
         if not verify_credential(credential, record.credential_hash):

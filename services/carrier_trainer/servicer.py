@@ -7,7 +7,15 @@ from collections.abc import Iterator
 import grpc
 
 from services.carrier_trainer.service import CarrierService, ref_from_dict
-from services.carrier_trainer.state import FAILED, QUEUED, READY, REVOKED, TRAINING
+from services.carrier_trainer.state import (
+    FAILED,
+    QUEUED,
+    READY,
+    REVOKED,
+    TRAINING,
+    CarrierRecord,
+)
+from shared.auth import current_identity
 from shared.convert import ref_to_proto
 from shared.proto.modelguard.v1 import carrier_trainer_pb2, carrier_trainer_pb2_grpc, common_pb2
 from shared.status import service_status
@@ -30,7 +38,7 @@ class CarrierTrainerServicer(carrier_trainer_pb2_grpc.CarrierTrainerServicer):
         self, request: carrier_trainer_pb2.RequestCarrierRequest, context: grpc.ServicerContext
     ) -> carrier_trainer_pb2.RequestCarrierResponse:
         generation, credential = self.service.request(
-            request.user_id, request.options, request.credential
+            request.user_id, request.options, request.credential, current_identity()
         )
         return carrier_trainer_pb2.RequestCarrierResponse(
             user_id=request.user_id, generation=generation, credential=credential
@@ -39,21 +47,16 @@ class CarrierTrainerServicer(carrier_trainer_pb2_grpc.CarrierTrainerServicer):
     def GetCarrier(
         self, request: carrier_trainer_pb2.GetCarrierRequest, context: grpc.ServicerContext
     ) -> carrier_trainer_pb2.CarrierInfo:
-        record = self.service.authorised(request.user_id, request.credential)
-        info = carrier_trainer_pb2.CarrierInfo(
-            user_id=record.user_id, generation=record.generation, state=STATES[record.state]
+        record = self.service.authorised(request.user_id, request.credential, current_identity())
+        return carrier_info(record)
+
+    def RevokeCarrier(
+        self, request: carrier_trainer_pb2.RevokeCarrierRequest, context: grpc.ServicerContext
+    ) -> carrier_trainer_pb2.CarrierInfo:
+        record = self.service.revoke(
+            request.user_id, request.credential, request.reason, current_identity()
         )
-        for name in ("carrier", "carrier_png", "manifest"):
-            if name in record.artifacts:
-                getattr(info, name).CopyFrom(ref_to_proto(ref_from_dict(record.artifacts[name])))
-        if record.error or record.state == REVOKED:
-            info.error.CopyFrom(
-                common_pb2.ErrorDetail(
-                    code="FAILED_PRECONDITION",
-                    message=record.error or f"revoked: {record.revoked_reason}",
-                )
-            )
-        return info
+        return carrier_info(record)
 
     def DownloadCarrier(
         self, request: carrier_trainer_pb2.DownloadCarrierRequest, context: grpc.ServicerContext
@@ -70,3 +73,20 @@ class CarrierTrainerServicer(carrier_trainer_pb2_grpc.CarrierTrainerServicer):
         self, request: common_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> common_pb2.ServiceStatus:
         return service_status(self.service.metrics)
+
+
+def carrier_info(record: CarrierRecord) -> carrier_trainer_pb2.CarrierInfo:
+    info = carrier_trainer_pb2.CarrierInfo(
+        user_id=record.user_id, generation=record.generation, state=STATES[record.state]
+    )
+    for name in ("carrier", "carrier_png", "manifest"):
+        if name in record.artifacts:
+            getattr(info, name).CopyFrom(ref_to_proto(ref_from_dict(record.artifacts[name])))
+    if record.error or record.state == REVOKED:
+        info.error.CopyFrom(
+            common_pb2.ErrorDetail(
+                code="FAILED_PRECONDITION",
+                message=record.error or f"revoked: {record.revoked_reason}",
+            )
+        )
+    return info

@@ -27,7 +27,9 @@ class RequestCarrierRequest(_message.Message):
     CREDENTIAL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     credential: _builtins.str
-    """required to rotate an existing user's carrier"""
+    """Rotating an existing user's carrier: its credential, or none with an admin token.
+    Enrolling a new user needs an admin token (when authentication is on).
+    """
     @_builtins.property
     def options(self) -> _jobs_pb2.CarrierOptions: ...
     def __init__(
@@ -70,6 +72,32 @@ class RequestCarrierResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RequestCarrierResponse: _TypeAlias = RequestCarrierResponse  # noqa: Y015
+
+@_typing.final
+class RevokeCarrierRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    credential: _builtins.str
+    """the user's; may be empty with an admin token"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        credential: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "reason", b"reason", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeCarrierRequest: _TypeAlias = RevokeCarrierRequest  # noqa: Y015
 
 @_typing.final
 class GetCarrierRequest(_message.Message):

@@ -51,6 +51,11 @@ class CarrierTrainerStub:
                 request_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.DownloadCarrierRequest.SerializeToString,
                 response_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.FromString,
                 _registered_method=True)
+        self.RevokeCarrier = channel.unary_unary(
+                '/modelguard.v1.CarrierTrainer/RevokeCarrier',
+                request_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.RevokeCarrierRequest.SerializeToString,
+                response_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/modelguard.v1.CarrierTrainer/GetStatus',
                 request_serializer=modelguard_dot_v1_dot_common__pb2.StatusRequest.SerializeToString,
@@ -82,6 +87,14 @@ class CarrierTrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCarrier(self, request, context):
+        """Revokes the user's current carrier at once (its mapper stops answering); the user's
+        credential or an admin token. A later RequestCarrier issues a new one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -105,6 +118,11 @@ def add_CarrierTrainerServicer_to_server(servicer, server):
                     servicer.DownloadCarrier,
                     request_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.DownloadCarrierRequest.FromString,
                     response_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.SerializeToString,
+            ),
+            'RevokeCarrier': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCarrier,
+                    request_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.RevokeCarrierRequest.FromString,
+                    response_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -194,6 +212,33 @@ class CarrierTrainer:
             '/modelguard.v1.CarrierTrainer/DownloadCarrier',
             modelguard_dot_v1_dot_carrier__trainer__pb2.DownloadCarrierRequest.SerializeToString,
             modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCarrier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelguard.v1.CarrierTrainer/RevokeCarrier',
+            modelguard_dot_v1_dot_carrier__trainer__pb2.RevokeCarrierRequest.SerializeToString,
+            modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class CarrierTrainerStub:
     GetCarrier: _grpc.UnaryUnaryMultiCallable[_carrier_trainer_pb2.GetCarrierRequest, _carrier_trainer_pb2.CarrierInfo]
     DownloadCarrier: _grpc.UnaryStreamMultiCallable[_carrier_trainer_pb2.DownloadCarrierRequest, _carrier_trainer_pb2.CarrierChunk]
     """What the device downloads: its carrier (tensor or PNG), the manifest, the public model."""
+    RevokeCarrier: _grpc.UnaryUnaryMultiCallable[_carrier_trainer_pb2.RevokeCarrierRequest, _carrier_trainer_pb2.CarrierInfo]
+    """Revokes the user's current carrier at once (its mapper stops answering); the user's
+    credential or an admin token. A later RequestCarrier issues a new one.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_common_pb2.StatusRequest, _common_pb2.ServiceStatus]
 
 @_typing.type_check_only
@@ -51,6 +55,10 @@ class CarrierTrainerAsyncStub(CarrierTrainerStub):
     GetCarrier: _aio.UnaryUnaryMultiCallable[_carrier_trainer_pb2.GetCarrierRequest, _carrier_trainer_pb2.CarrierInfo]  # type: ignore[assignment]
     DownloadCarrier: _aio.UnaryStreamMultiCallable[_carrier_trainer_pb2.DownloadCarrierRequest, _carrier_trainer_pb2.CarrierChunk]  # type: ignore[assignment]
     """What the device downloads: its carrier (tensor or PNG), the manifest, the public model."""
+    RevokeCarrier: _aio.UnaryUnaryMultiCallable[_carrier_trainer_pb2.RevokeCarrierRequest, _carrier_trainer_pb2.CarrierInfo]  # type: ignore[assignment]
+    """Revokes the user's current carrier at once (its mapper stops answering); the user's
+    credential or an admin token. A later RequestCarrier issues a new one.
+    """
     GetStatus: _aio.UnaryUnaryMultiCallable[_common_pb2.StatusRequest, _common_pb2.ServiceStatus]  # type: ignore[assignment]
 
 class CarrierTrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -78,6 +86,16 @@ class CarrierTrainerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_carrier_trainer_pb2.CarrierChunk], _abc.AsyncIterator[_carrier_trainer_pb2.CarrierChunk]]:
         """What the device downloads: its carrier (tensor or PNG), the manifest, the public model."""
+
+    @_abc_1.abstractmethod
+    def RevokeCarrier(
+        self,
+        request: _carrier_trainer_pb2.RevokeCarrierRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_carrier_trainer_pb2.CarrierInfo, _abc.Awaitable[_carrier_trainer_pb2.CarrierInfo]]:
+        """Revokes the user's current carrier at once (its mapper stops answering); the user's
+        credential or an admin token. A later RequestCarrier issues a new one.
+        """
 
     @_abc_1.abstractmethod
     def GetStatus(

@@ -20,7 +20,7 @@ from typing import Any
 
 from shared.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus
 from shared.convert import ref_to_proto
-from shared.errors import ModelGuardError, is_transient
+from shared.errors import DeadlineExceeded, ModelGuardError, is_transient
 from shared.metrics import ServiceMetrics
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
 from shared.store.base import ArtifactRef
@@ -63,12 +63,17 @@ class StageReporter:
         *,
         max_attempts: int = 3,
         min_progress_interval: float = 0.5,
+        time_limit: float = 0.0,
     ) -> None:
         self.bus = bus
         self.stage = stage
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.min_progress_interval = min_progress_interval
+        #: Seconds one job may run (0: no limit). Enforced at the work's progress reports
+        #: (every stage's algorithm reports several times a second); past it the job fails
+        #: with DeadlineExceeded, a permanent error: a retry would run as long again.
+        self.time_limit = time_limit
 
     def event(
         self,
@@ -103,13 +108,20 @@ class StageReporter:
             job_type=JOB_AUDIT,
         )
 
-    def progress(self, audit_id: str) -> Progress:
-        """A throttled callback publishing RUNNING events (at most one per interval)."""
+    def progress(self, audit_id: str, deadline: float | None = None) -> Progress:
+        """A throttled callback publishing RUNNING events (at most one per interval); past
+        ``deadline`` (monotonic seconds) it raises DeadlineExceeded instead."""
         last = [0.0]
         paused_until = [0.0]
 
         def report(fraction: float, message: str = "") -> None:
             now = time.monotonic()
+            if deadline is not None and now > deadline:
+                raise DeadlineExceeded(
+                    f"{self.stage} ran past its time limit of {self.time_limit:g} s "
+                    f"(at {fraction:.0%}); the job is not retried: submit a smaller model or "
+                    "dataset, fewer steps, or raise MODELGUARD_STAGE_TIME_LIMIT_SECONDS"
+                )
             if now < paused_until[0]:
                 return
             if now - last[0] < self.min_progress_interval and fraction < 1.0:
@@ -137,10 +149,11 @@ class StageReporter:
         ``attempt`` is the bus's count for this record (`Message.attempt`)."""
         last_attempt = attempt >= self.max_attempts
         started = time.perf_counter()
+        deadline = time.monotonic() + self.time_limit if self.time_limit > 0 else None
         self.metrics.in_flight.inc()
         try:
             self.event(audit_id, common_pb2.STAGE_STATE_RUNNING, message="started")
-            outcome = work(self.progress(audit_id))
+            outcome = work(self.progress(audit_id, deadline))
         except ModelGuardError as err:
             if err.transient:
                 # an outage is not the job's fault: the bus retries without using an attempt

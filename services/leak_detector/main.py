@@ -25,7 +25,11 @@ def build(settings: LeakDetectorSettings, runtime: Runtime, metrics: ServiceMetr
         "modelguard.v1.LeakDetector",
     )
     reporter = StageReporter(
-        runtime.bus, STAGE_LEAK_DETECTOR, metrics, max_attempts=runtime.platform.job_max_attempts
+        runtime.bus,
+        STAGE_LEAK_DETECTOR,
+        metrics,
+        max_attempts=runtime.platform.job_max_attempts,
+        time_limit=runtime.platform.stage_time_limit_seconds,
     )
     app.add_worker([AUDIT_REQUESTED], AuditHandler(service, reporter))
     return app

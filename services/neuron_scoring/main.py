@@ -25,7 +25,11 @@ def build(settings: NeuronScoringSettings, runtime: Runtime, metrics: ServiceMet
         "modelguard.v1.NeuronScoring",
     )
     reporter = StageReporter(
-        runtime.bus, STAGE_NEURON_SCORING, metrics, max_attempts=runtime.platform.job_max_attempts
+        runtime.bus,
+        STAGE_NEURON_SCORING,
+        metrics,
+        max_attempts=runtime.platform.job_max_attempts,
+        time_limit=runtime.platform.stage_time_limit_seconds,
     )
     app.add_worker([TRIGGERS_REVERSED], TriggersHandler(service, reporter))
     return app

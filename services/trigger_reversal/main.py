@@ -31,6 +31,7 @@ def build(
         STAGE_TRIGGER_REVERSAL,
         metrics,
         max_attempts=runtime.platform.job_max_attempts,
+        time_limit=runtime.platform.stage_time_limit_seconds,
     )
     app.add_worker([AUDIT_REQUESTED], AuditHandler(service, reporter))
     return app

@@ -3,6 +3,7 @@ both call into this class (as MLServer's servicers call one DataPlane)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,10 +26,13 @@ from services.pruning_orchestrator.state import (
     STAGE_FAILED,
     STAGE_RUNNING,
     SUCCEEDED,
+    ArtifactOwners,
     ArtifactRecord,
     AuditRecord,
     AuditRepository,
+    artifact_digests,
 )
+from shared.auth import Identity
 from shared.config import PlatformSettings, PruningOrchestratorSettings
 from shared.convert import ref_from_proto
 from shared.errors import InvalidInput, NotFound, ResourceExhausted
@@ -71,6 +75,7 @@ class Orchestrator:
         self.settings = settings
         self.metrics = metrics
         self.repository = AuditRepository(runtime.store)
+        self.owners = ArtifactOwners(runtime.store)
         self.audits_by_state = metrics.gauge(
             "audits", "Audits known to this replica by state (refreshed on list).", ("state",)
         )
@@ -87,8 +92,31 @@ class Orchestrator:
     def platform(self) -> PlatformSettings:
         return self.runtime.platform
 
+    # --- tenants -----------------------------------------------------------------------
+    # ``caller`` is the authenticated identity; None means authentication is off and
+    # everything is visible (embedded mode). Another tenant's audit or artifact answers
+    # NOT_FOUND, exactly like a missing one, so that ids do not leak.
+    @staticmethod
+    def _restricted(caller: Identity | None) -> bool:
+        return caller is not None and not caller.admin
+
+    def _check_owned(self, sha256: str, caller: Identity | None, what: str) -> None:
+        if self._restricted(caller) and caller and not self.owners.owns(sha256, caller.tenant):
+            raise NotFound(
+                f"{what} {sha256[:16]}… not found: upload it first (UploadArtifact), or use "
+                "an artifact of one of your own audits"
+            )
+
+    def _grant(self, record: AuditRecord, value: Any) -> None:
+        """The audit's tenant may download what its audit produced."""
+        if record.tenant:
+            for sha256 in artifact_digests(value):
+                self.owners.grant(sha256, record.tenant)
+
     # --- artifacts -------------------------------------------------------------------
-    def upload(self, chunks: Iterable[tuple[bytes, str]]) -> ArtifactRef:
+    def upload(
+        self, chunks: Iterable[tuple[bytes, str]], caller: Identity | None = None
+    ) -> ArtifactRef:
         parts: list[bytes] = []
         size = 0
         media_type = "application/octet-stream"
@@ -103,10 +131,15 @@ class Orchestrator:
             parts.append(data)
         if size == 0:
             raise InvalidInput("empty upload")
-        return self.runtime.store.put_blob(b"".join(parts), media_type)
+        ref = self.runtime.store.put_blob(b"".join(parts), media_type)
+        if caller is not None:
+            # the same bytes uploaded by two tenants belong to both: each had them anyway
+            self.owners.grant(ref.sha256, caller.tenant)
+        return ref
 
-    def download(self, ref: ArtifactRef) -> bytes:
+    def download(self, ref: ArtifactRef, caller: Identity | None = None) -> bytes:
         """Read back an artifact; a signed one (report, repaired model) is verified first."""
+        self._check_owned(ref.sha256, caller, "artifact")
         data = self.runtime.store.get_blob(ref)
         signature = self._signature_of(ref.sha256)
         if signature is not None:
@@ -132,8 +165,12 @@ class Orchestrator:
         options: jobs_pb2.AuditOptions,
         *,
         idempotency_key: str = "",
-        tenant: str = "",
+        caller: Identity | None = None,
     ) -> AuditRecord:
+        tenant = caller.tenant if caller is not None else ""
+        # before the idempotency look-up: a key must not reveal another tenant's inputs
+        self._check_owned(model.artifact.sha256, caller, "model artifact")
+        self._check_owned(data.sha256, caller, "dataset artifact")
         key_hash = ""
         if idempotency_key:
             key_hash = hashlib.sha256(f"{tenant}\0{idempotency_key}".encode()).hexdigest()
@@ -235,6 +272,8 @@ class Orchestrator:
             repaired = stage.summary.get("repaired_model") if status.stage == STAGE_REPAIR else None
             if state == DONE and isinstance(repaired, dict):
                 record.repaired_model = self._sign(ArtifactRef(**repaired))
+            if stage.final:
+                self._grant(record, {"result": asdict_or_none(stage.result), **stage.summary})
             self._cascade(record, status.stage, state)
             if all(s.final for s in record.stages.values()):
                 self._finish(record)
@@ -260,6 +299,13 @@ class Orchestrator:
             self.runtime.store.put_blob(report_json, "application/json")
         )
         record.report_html = self._sign(self.runtime.store.put_blob(report_html, "text/html"))
+        self._grant(
+            record,
+            [
+                asdict_or_none(a)
+                for a in (record.report_json, record.report_html, record.repaired_model)
+            ],
+        )
         failed = [s for s in record.stages.values() if s.state == STAGE_FAILED]
         record.state = FAILED if failed else SUCCEEDED
         record.error = "; ".join(f"{s.name}: {s.error or s.message}" for s in failed)
@@ -268,14 +314,16 @@ class Orchestrator:
         log.info("audit %s %s", record.audit_id, record.state)
 
     # --- queries ---------------------------------------------------------------------
-    def get(self, audit_id: str, tenant: str = "") -> AuditRecord:
+    def get(self, audit_id: str, caller: Identity | None = None) -> AuditRecord:
         record = self.repository.get(audit_id)
-        if tenant and record.tenant and record.tenant != tenant:
-            raise NotFound(f"no audit {audit_id!r}")  # do not reveal other tenants' audits
+        if caller is not None and not caller.sees(record.tenant):
+            raise NotFound(f"no audit {audit_id!r}")  # same answer as a missing audit
         return record
 
-    def list(self, limit: int = 50, tenant: str = "") -> list[AuditRecord]:
-        records = [r for r in self.repository.list(10_000) if not tenant or r.tenant == tenant]
+    def list(self, limit: int = 50, caller: Identity | None = None) -> list[AuditRecord]:
+        records = [
+            r for r in self.repository.list(10_000) if caller is None or caller.sees(r.tenant)
+        ]
         counts: dict[str, int] = {}
         for record in records:
             counts[record.state] = counts.get(record.state, 0) + 1
@@ -284,13 +332,13 @@ class Orchestrator:
         return records[: limit or 50]
 
     def watch(
-        self, audit_id: str, is_active: Callable[[], bool], tenant: str = ""
+        self, audit_id: str, is_active: Callable[[], bool], caller: Identity | None = None
     ) -> Iterator[AuditRecord]:
         """Yield the record at once and on every change until it is final."""
         version = -1
         updated = -1.0
         while is_active():
-            record = self.get(audit_id, tenant)
+            record = self.get(audit_id, caller)
             if (record.version, record.updated_at) != (version, updated):
                 version, updated = record.version, record.updated_at
                 yield record
@@ -300,3 +348,7 @@ class Orchestrator:
 
     def summary(self, record: AuditRecord) -> dict[str, Any]:
         return {name: stage.state for name, stage in record.stages.items()}
+
+
+def asdict_or_none(record: ArtifactRecord | None) -> dict[str, Any] | None:
+    return dataclasses.asdict(record) if record is not None else None

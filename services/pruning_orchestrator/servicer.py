@@ -17,6 +17,7 @@ from services.pruning_orchestrator.state import (
     ArtifactRecord,
     AuditRecord,
 )
+from shared.auth import current_identity
 from shared.convert import ref_from_proto, ref_to_proto
 from shared.proto.modelguard.v1 import (
     common_pb2,
@@ -89,7 +90,9 @@ class PruningOrchestratorServicer(pruning_orchestrator_pb2_grpc.PruningOrchestra
         request_iterator: Iterator[pruning_orchestrator_pb2.UploadChunk],
         context: grpc.ServicerContext,
     ) -> common_pb2.ArtifactRef:
-        ref = self.orchestrator.upload((c.data, c.media_type) for c in request_iterator)
+        ref = self.orchestrator.upload(
+            ((c.data, c.media_type) for c in request_iterator), current_identity()
+        )
         return ref_to_proto(ref)
 
     def SubmitAudit(
@@ -100,24 +103,26 @@ class PruningOrchestratorServicer(pruning_orchestrator_pb2_grpc.PruningOrchestra
             request.data,
             request.options,
             idempotency_key=request.idempotency_key,
+            caller=current_identity(),
         )
         return audit_to_proto(record)
 
     def GetAudit(
         self, request: pruning_orchestrator_pb2.GetAuditRequest, context: grpc.ServicerContext
     ) -> pruning_orchestrator_pb2.Audit:
-        return audit_to_proto(self.orchestrator.get(request.audit_id))
+        return audit_to_proto(self.orchestrator.get(request.audit_id, current_identity()))
 
     def WatchAudit(
         self, request: pruning_orchestrator_pb2.GetAuditRequest, context: grpc.ServicerContext
     ) -> Iterator[pruning_orchestrator_pb2.Audit]:
-        for record in self.orchestrator.watch(request.audit_id, context.is_active):
+        caller = current_identity()
+        for record in self.orchestrator.watch(request.audit_id, context.is_active, caller):
             yield audit_to_proto(record)
 
     def ListAudits(
         self, request: pruning_orchestrator_pb2.ListAuditsRequest, context: grpc.ServicerContext
     ) -> pruning_orchestrator_pb2.ListAuditsResponse:
-        records = self.orchestrator.list(request.limit)
+        records = self.orchestrator.list(request.limit, current_identity())
         return pruning_orchestrator_pb2.ListAuditsResponse(
             audits=[audit_to_proto(r) for r in records]
         )
@@ -125,7 +130,7 @@ class PruningOrchestratorServicer(pruning_orchestrator_pb2_grpc.PruningOrchestra
     def DownloadArtifact(
         self, request: common_pb2.ArtifactRef, context: grpc.ServicerContext
     ) -> Iterator[pruning_orchestrator_pb2.UploadChunk]:
-        data = self.orchestrator.download(ref_from_proto(request))
+        data = self.orchestrator.download(ref_from_proto(request), current_identity())
         for start in range(0, max(len(data), 1), DOWNLOAD_CHUNK):
             yield pruning_orchestrator_pb2.UploadChunk(
                 data=data[start : start + DOWNLOAD_CHUNK], media_type=request.media_type

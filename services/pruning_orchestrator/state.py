@@ -16,6 +16,7 @@ from shared.topics import AUDIT_STAGES
 
 AUDIT_PREFIX = "audits/"
 IDEMPOTENCY_PREFIX = "idempotency/"
+OWNERS_PREFIX = "owners/"
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 FINAL_JOB_STATES = (SUCCEEDED, FAILED)
@@ -165,3 +166,40 @@ class AuditRepository:
 
     def remember_idempotent(self, key_hash: str, audit_id: str) -> None:
         self.store.put_doc(IDEMPOTENCY_PREFIX + key_hash, audit_id.encode())
+
+
+class ArtifactOwners:
+    """Which tenants may use a content-addressed artifact: those who uploaded its bytes and
+    those whose audit produced it. One empty document per (sha256, tenant): granting is an
+    idempotent write with no read-modify-write, so replicas cannot lose a grant."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+
+    def grant(self, sha256: str, tenant: str) -> None:
+        self.store.put_doc(f"{OWNERS_PREFIX}{sha256}/{tenant}", b"")
+
+    def owns(self, sha256: str, tenant: str) -> bool:
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            return False
+        try:
+            self.store.get_doc(f"{OWNERS_PREFIX}{sha256}/{tenant}")
+        except NotFound:
+            return False
+        return True
+
+
+def artifact_digests(value: Any) -> set[str]:
+    """The sha256 of every artifact reference (a dict with ``sha256``) inside ``value``, a
+    record's JSON: stage results, summaries (trigger images, repaired model), reports."""
+    found: set[str] = set()
+    if isinstance(value, dict):
+        digest = value.get("sha256")
+        if isinstance(digest, str) and len(digest) == 64:
+            found.add(digest)
+        for item in value.values():
+            found |= artifact_digests(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= artifact_digests(item)
+    return found

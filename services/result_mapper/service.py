@@ -10,6 +10,7 @@ from typing import Any
 
 from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
 from services.result_mapper.core.registry import MapperRegistry, MapResult
+from services.result_mapper.limits import LimitsConfig, UserLimits
 from shared.config import ResultMapperSettings
 from shared.convert import parse_message, ref_from_proto
 from shared.errors import InvalidInput, NotFound, Unavailable
@@ -79,6 +80,14 @@ class ResultMapperService:
             ),
             profiles=lambda user, generation: self._profiles.get((user, generation)),
             on_alarm=on_alarm,
+        )
+        self.limits = UserLimits(
+            LimitsConfig(
+                rate_per_second=settings.rate_per_second,
+                burst=settings.rate_burst,
+                budget_rows=settings.query_budget_rows,
+                budget_period_s=settings.query_budget_period_seconds,
+            )
         )
         self.registry = MapperRegistry(
             max_loaded_bytes=settings.max_loaded_bytes, loader=self._reload, observer=self.detector
@@ -178,7 +187,7 @@ class ResultMapperService:
         if self.registry.generation(user_id) is None:
             self._warm(user_id)
         with self.map_seconds.time():
-            result = self.registry.map(user_id, credential, pseudo, rows)
+            result = self.registry.map(user_id, credential, pseudo, rows, self.limits.admit)
         self.rows.inc(len(result.labels))
         return result
 

@@ -359,13 +359,24 @@ class MapperRegistry:
 
     # --------------------------------------------------------------------------- map
 
-    def map(self, user_id: str, credential: str, pseudo_output: bytes, rows: int = 1) -> MapResult:
+    def map(
+        self,
+        user_id: str,
+        credential: str,
+        pseudo_output: bytes,
+        rows: int = 1,
+        admit: Callable[[str, int], None] | None = None,
+    ) -> MapResult:
         """Map ``rows`` pseudo-outputs (little-endian float32, row-major) with the user's
-        own mapper. Raises the errors listed in the module docstring."""
+        own mapper. Raises the errors listed in the module docstring. ``admit(user_id,
+        rows)`` (resource limits) runs once the credential and the request are checked, so
+        neither a stranger nor a malformed call spends the user's rate or budget."""
         rows = rows or 1
         try:
             entry, mapper = self._authorise(user_id, credential)
             x = self._decode(entry, pseudo_output, rows)
+            if admit is not None:
+                admit(user_id, rows)
         except ModelGuardError:
             self._account_refusal(user_id)
             raise

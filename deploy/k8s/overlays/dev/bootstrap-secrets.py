@@ -1,11 +1,16 @@
 """Create the development Secrets with random values, once: modelguard-s3 (the services'
-S3 credentials, also the dev MinIO's root credentials) and modelguard-signing (the HMAC
-key). An existing Secret is left alone, so re-applying the overlay changes nothing.
+S3 credentials, also the dev MinIO's root credentials), modelguard-signing (the HMAC
+key) and modelguard-auth (the API tokens file with one admin token: key ``tokens`` holds
+its salted hash, the only key the services mount; key ``admin-token`` the token itself,
+for the operator: ``kubectl get secret modelguard-auth -o jsonpath='{.data.admin-token}'
+| base64 -d``). Mint tenant tokens with ``modelguard token create``. An existing Secret is left alone, so re-applying the overlay changes nothing.
 
 Runs in the cluster as the secrets-bootstrap Job, with the Python standard library only:
 no credential is ever written into the repository.
 """
 
+import base64
+import hashlib
 import json
 import os
 import secrets
@@ -41,6 +46,16 @@ def create(
         print(f"secret {name} exists; left as it is")
 
 
+def admin_tokens() -> dict[str, str]:
+    """The same format as shared.auth.mint_token (this Job has the standard library only)."""
+    key_id = secrets.token_hex(6)
+    token = f"mg1.{key_id}.{secrets.token_urlsafe(32)}"
+    salt = secrets.token_bytes(16)
+    digest = hashlib.sha256(salt + token.encode()).hexdigest()
+    line = f"admin admin sha256${key_id}${base64.b64encode(salt).decode()}${digest}"
+    return {"tokens": line + "\n", "admin-token": token}
+
+
 def main() -> None:
     with open(f"{ACCOUNT}/namespace") as f:
         namespace = f.read().strip()
@@ -66,6 +81,7 @@ def main() -> None:
         "modelguard-signing",
         {"signing-key": secrets.token_urlsafe(48)},
     )
+    create(api, namespace, token, context, "modelguard-auth", admin_tokens())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "leak": ["bench.bench_leak"],
     "carrier": ["bench.bench_carrier"],
     "serving": ["bench.bench_serving"],
+    "load": ["bench.bench_load"],
 }
 
 

@@ -281,9 +281,10 @@ def _reset(token: contextvars.Token[Identity | None]) -> None:
         _caller.set(None)
 
 
-def load_token_store(tokens_file: str, service: str) -> TokenStore | None:
-    """The token store the settings name, or None (auth off) with a warning, once per
-    process, that the APIs are open."""
+def load_token_store(tokens_file: str, service: str, host: str = "0.0.0.0") -> TokenStore | None:
+    """The token store the settings name, or None (auth off), saying so once per process:
+    a WARNING when the server is reachable from other machines, INFO on loopback only
+    (embedded mode: the demo, the CLI, tests)."""
     if tokens_file:
         store = TokenStore(Path(tokens_file))
         log.info("%s: bearer-token authentication on (%d token(s))", service, len(store))
@@ -291,9 +292,11 @@ def load_token_store(tokens_file: str, service: str) -> TokenStore | None:
     global _warned
     if not _warned:
         _warned = True
-        log.warning(
+        loopback = host in ("127.0.0.1", "localhost", "::1")
+        log.log(
+            logging.INFO if loopback else logging.WARNING,
             "authentication is OFF: MODELGUARD_AUTH_TOKENS_FILE is not set, so every gRPC API "
-            "is open to anyone who can reach it (fine for embedded mode and tests; set it in "
-            "any deployment)"
+            "on %s is open to anyone who can reach it (set it in any deployment)",
+            host,
         )
     return None

@@ -117,7 +117,7 @@ class ServiceApp:
             port=self.settings.grpc_port,
             workers=self.settings.grpc_workers,
             metrics_port=self.settings.metrics_port,
-            tokens=load_token_store(platform.auth_tokens_file, self.name),
+            tokens=load_token_store(platform.auth_tokens_file, self.name, self.settings.host),
             tls=ServerTls.of(
                 platform.tls_cert_file, platform.tls_key_file, platform.tls_client_ca_file
             ),

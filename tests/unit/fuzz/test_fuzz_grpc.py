@@ -631,7 +631,8 @@ def overrides_for(world: World, method: Method) -> Overrides:
     refs = artifact_refs(world, exclude)
     users = [world.ready_user, world.queued_user, "fuzz-unknown"]
     credentials = [world.ready_credential, world.queued_credential, "wrong-credential"]
-    if method.name == "RequestCarrier":  # never rotate the ready user (others rely on it)
+    if method.name in ("RequestCarrier", "RevokeCarrier"):
+        # never rotate or revoke the ready user (others rely on it)
         credentials.remove(world.ready_credential)
     user_ids = lambda: st.sampled_from(users)  # noqa: E731
     creds = lambda: st.sampled_from(credentials)  # noqa: E731
@@ -642,6 +643,8 @@ def overrides_for(world: World, method: Method) -> Overrides:
         "modelguard.v1.GetAuditRequest.audit_id": lambda: st.just(world.audit_id),
         "modelguard.v1.RequestCarrierRequest.user_id": user_ids,
         "modelguard.v1.RequestCarrierRequest.credential": creds,
+        "modelguard.v1.RevokeCarrierRequest.user_id": user_ids,
+        "modelguard.v1.RevokeCarrierRequest.credential": creds,
         "modelguard.v1.GetCarrierRequest.user_id": user_ids,
         "modelguard.v1.GetCarrierRequest.credential": creds,
         "modelguard.v1.DownloadCarrierRequest.user_id": user_ids,

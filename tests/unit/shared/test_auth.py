@@ -3,7 +3,9 @@ in-process server, and TLS/mTLS with certificates made here."""
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +14,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from shared import auth
-from shared.auth import Identity, TokenStore, current_identity, mint_token, parse_tokens
+from shared.auth import (
+    Identity,
+    TokenStore,
+    bearer_token,
+    current_identity,
+    mint_token,
+    parse_tokens,
+)
 from shared.channels import ClientTls, open_channel
 from shared.errors import InvalidInput, Unauthenticated
 from shared.grpc_server import GrpcServer, ServerTls
@@ -244,3 +255,20 @@ def test_half_a_tls_configuration_is_refused() -> None:
         ServerTls.of("cert.pem", "", "")
     with pytest.raises(InvalidInput, match="both"):
         ClientTls.of("", "client.pem", "")
+
+
+@functools.cache
+def _fuzz_store() -> TokenStore:
+    directory = Path(tempfile.mkdtemp(prefix="tokens-"))
+    return TokenStore(write_tokens(directory).file)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(st.text(max_size=300), st.binary(max_size=300)))
+def test_any_authorization_value_is_accepted_or_unauthenticated(value: str | bytes) -> None:
+    store = _fuzz_store()
+    try:
+        identity = store.authenticate(bearer_token([("authorization", value)]))
+    except Unauthenticated:
+        return
+    raise AssertionError(f"{value!r} authenticated as {identity}")  # pragma: no cover

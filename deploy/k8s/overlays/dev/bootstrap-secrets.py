@@ -3,7 +3,8 @@ S3 credentials, also the dev MinIO's root credentials), modelguard-signing (the 
 key) and modelguard-auth (the API tokens file with one admin token: key ``tokens`` holds
 its salted hash, the only key the services mount; key ``admin-token`` the token itself,
 for the operator: ``kubectl get secret modelguard-auth -o jsonpath='{.data.admin-token}'
-| base64 -d``). Mint tenant tokens with ``modelguard token create``. An existing Secret is left alone, so re-applying the overlay changes nothing.
+| base64 -d``). Mint tenant tokens with ``modelguard token create``. An existing Secret
+is left alone, so re-applying the overlay changes nothing.
 
 Runs in the cluster as the secrets-bootstrap Job, with the Python standard library only:
 no credential is ever written into the repository.

@@ -272,3 +272,19 @@ def test_any_authorization_value_is_accepted_or_unauthenticated(value: str | byt
     except Unauthenticated:
         return
     raise AssertionError(f"{value!r} authenticated as {identity}")  # pragma: no cover
+
+
+def test_the_dev_overlays_bootstrap_mints_an_admin_token_in_the_same_format(
+    tmp_path: Path,
+) -> None:
+    import importlib.util
+
+    script = Path(__file__).parents[3] / "deploy/k8s/overlays/dev/bootstrap-secrets.py"
+    spec = importlib.util.spec_from_file_location("bootstrap_secrets", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    secret = module.admin_tokens()
+    (tmp_path / "tokens").write_text(secret["tokens"])
+    assert secret["admin-token"] not in secret["tokens"]
+    assert TokenStore(tmp_path / "tokens").authenticate(secret["admin-token"]).admin

@@ -6,7 +6,8 @@ Per model and seed: verdict, flagged labels with their anomaly index, true targe
 largest index among the other labels below the median, correct or not. A clean model is
 correct when nothing is flagged; an infected one when exactly its targets are flagged
 (``found``: every target is among the flagged labels). A last column shows, as a
-diagnostic only, what the same MAD test would flag on the logarithms of the norms. Bars
+diagnostic only, what the same MAD test would flag on the other scale (``--norm-scale``:
+the decision's scale, log by default; the diagnostic is then the paper's linear rule). Bars
 (from the issue): every patch-trigger model flagged with the right target, no clean model
 flagged; blended and two-target results are reported as they are. Several seeds show
 repeatability.
@@ -40,7 +41,7 @@ def clean_set(dataset: str, count: int = CLEAN_IMAGES) -> Any:
     return load_named(dataset, "test").subset(count, seed=0)
 
 
-def evaluate(entry: ZooEntry, result: ReversalResult) -> dict[str, Any]:
+def evaluate(entry: ZooEntry, result: ReversalResult, other_scale: str) -> dict[str, Any]:
     targets = set(entry.targets)
     flagged = set(result.flagged)
     others = [
@@ -51,10 +52,9 @@ def evaluate(entry: ZooEntry, result: ReversalResult) -> dict[str, Any]:
         and r.l1_norm < _median(result)
     ]
     correct = flagged == targets
-    # diagnostic only (not the decision): the same MAD test on log norms
-    logs = [math.log(r.l1_norm) if r.l1_norm > 0 else None for r in result.labels]
+    # diagnostic only (not the decision): the same MAD test on the other scale
     log_mad = mad_test(
-        [None if math.isnan(r.l1_norm) else v for r, v in zip(result.labels, logs, strict=True)]
+        [None if math.isnan(r.l1_norm) else r.l1_norm for r in result.labels], scale=other_scale
     )
     log_flagged = set(log_mad.flagged)
     return {
@@ -89,18 +89,20 @@ def _fmt_index(values: dict[int, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--restarts", type=int, default=ReversalConfig().restarts)
     parser.add_argument("--models", default="", help="comma-separated zoo names (default all)")
     parser.add_argument("--images", type=int, default=CLEAN_IMAGES)
+    parser.add_argument("--norm-scale", choices=("log", "linear"), default="log")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wanted = {m for m in args.models.split(",") if m}
     entries = [e for e in load_zoo(build_missing=True) if not wanted or e.name in wanted]
     rows: list[dict[str, Any]] = []
+    other = "linear" if args.norm_scale == "log" else "log"
     header = (
         f"{'model':32} {'kind':10} {'seed':>4} {'targets':>7} {'flagged (index)':>22} "
-        f"{'target idx':>12} {'max other':>9} {'ok':>3} {'s':>6} | {'log-MAD flags':>13}"
+        f"{'target idx':>12} {'max other':>9} {'ok':>3} {'s':>6} | {other + '-MAD flags':>13}"
     )
     print(header)
     print("-" * len(header))
@@ -109,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         model = entry.load()
         data = clean_set(entry.dataset, args.images)
         for seed in seeds:
-            config = ReversalConfig(seed=seed, restarts=args.restarts)
+            config = ReversalConfig(seed=seed, restarts=args.restarts, norm_scale=args.norm_scale)
             result = reverse_triggers(model, data, entry.spec, config)
-            row = evaluate(entry, result) | {"seed": seed}
+            row = evaluate(entry, result, other) | {"seed": seed}
             rows.append(row)
             targets = ",".join(map(str, row["targets"])) or "-"
             print(
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     print(f"\n{len(rows)} scans in {time.perf_counter() - started:.0f} s")
-    summary = summarise(rows)
+    summary = summarise(rows, other)
     for line in summary["lines"]:
         print(line)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if summary["bars_met"] else 1
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(rows: list[dict[str, Any]], other: str = "linear") -> dict[str, Any]:
     def share(kind: str, key: str) -> tuple[int, int]:
         chosen = [r for r in rows if r["kind"] == kind]
         return sum(bool(r[key]) for r in chosen), len(chosen)
@@ -156,7 +158,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     log_blend, _ = share("blend", "log_correct")
     log_two, _ = share("two-target", "log_found")
     lines.append(
-        f"(diagnostic, not the decision: the MAD test on log norms would find {log_patch}/"
+        f"(diagnostic, not the decision: the MAD test on {other} norms would find {log_patch}/"
         f"{patch_n} patch targets, {log_blend}/{blend_n} blends, {log_two}/{two_n} two-target "
         f"pairs, and leave {log_clean}/{clean_n} clean models unflagged)"
     )

@@ -363,7 +363,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     model = load_local_model(args.model, args.arch, spec)
     data = load_local_data(args.data, spec, model.num_classes)
-    overrides: dict[str, Any] = {"seed": args.seed}
+    overrides: dict[str, Any] = {"seed": args.seed, "norm_scale": args.norm_scale}
     if args.steps:
         overrides["steps"] = args.steps
     started = time.perf_counter()
@@ -772,6 +772,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_args(detect)
     detect.add_argument("--steps", type=int, default=0)
     detect.add_argument("--seed", type=int, default=0)
+    detect.add_argument(
+        "--norm-scale",
+        choices=("log", "linear"),
+        default="log",
+        help="MAD outlier test on log trigger norms (default) or on the norms themselves "
+        "(Neural Cleanse's original rule)",
+    )
     detect.add_argument("--out", help="directory for the reversed trigger images")
     detect.add_argument("--json", action="store_true", help="one JSON object on stdout")
     detect.set_defaults(func=cmd_detect)

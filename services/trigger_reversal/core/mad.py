@@ -28,6 +28,15 @@ Rules for the cases the paper leaves open (documented, deliberate, and tested):
 4. A negative or non-finite norm is never produced by the optimiser; a negative value is
    rejected as a programming error.
 
+**Scale** (``scale="log"``, the reversal's default; ``"linear"`` is the paper's rule
+exactly). The test is the same — median, 1.4826 · MAD, index > 2, only labels below the
+median — applied to ``log a_k``. Trigger norms spread multiplicatively: on the zoo's
+VGG and ResNet models the clean labels' norms run from about 10 to 150, so a 3-pixel
+backdoor trigger (norm 3) sits only 1.1–1.6 linear MADs below the median and is missed,
+while on the log scale it is 3–4 MADs away; the clean labels' log norms are close to
+symmetric. Measured over the zoo (``bench.bench_detection``): see README. The reported
+median is converted back to a norm, so "norm < median" reads the same on both scales.
+
 Everything here is plain Python on floats: the arithmetic can be checked by hand.
 """
 
@@ -44,6 +53,7 @@ MAD_CONSISTENCY = 1.4826
 #: sqrt(π / 2): makes the mean absolute deviation consistent for σ (zero-MAD fallback).
 MEAN_AD_CONSISTENCY = 1.253314
 DEFAULT_THRESHOLD = 2.0
+SCALES = ("linear", "log")
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class MadResult:
     ``anomaly_index[k]`` is None for a label without a valid trigger. ``dispersion`` is the
     denominator actually used (``MAD``, or the fallback of rule 3); ``rule`` says which:
     ``"mad"``, ``"mean-absolute-deviation"``, ``"identical-norms"`` or ``"inconclusive"``.
+    ``median`` is in norm units whatever the ``scale``; ``mad`` and ``dispersion`` are on
+    the test's scale.
     """
 
     median: float
@@ -63,6 +75,7 @@ class MadResult:
     rule: str
     reason: str = ""
     valid: tuple[bool, ...] = field(default_factory=tuple)
+    scale: str = "linear"
 
     @property
     def conclusive(self) -> bool:
@@ -77,6 +90,7 @@ class MadResult:
             "flagged": list(self.flagged),
             "rule": self.rule,
             "reason": self.reason,
+            "scale": self.scale,
         }
 
 
@@ -94,9 +108,13 @@ def mad_test(
     consistency: float = MAD_CONSISTENCY,
     threshold: float = DEFAULT_THRESHOLD,
     min_valid: int = 3,
+    scale: str = "linear",
 ) -> MadResult:
     """Anomaly indices and flagged labels for the trigger norms ``norms[k]`` (None, NaN or
-    +inf: the label's trigger never reached the attack-success threshold)."""
+    +inf: the label's trigger never reached the attack-success threshold), on the
+    ``scale`` ``"linear"`` (the paper) or ``"log"``."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}; got {scale!r}")
     if consistency <= 0 or not math.isfinite(consistency):
         raise ValueError(f"consistency constant must be finite and > 0; got {consistency}")
     if threshold < 0 or not math.isfinite(threshold):
@@ -106,7 +124,8 @@ def mad_test(
         if ok and value is not None and value < 0:
             raise ValueError(f"a trigger norm cannot be negative; got {value}")
     values = [
-        float(v) if ok and v is not None else math.inf for v, ok in zip(norms, valid, strict=True)
+        _transform(float(v), scale) if ok and v is not None else math.inf
+        for v, ok in zip(norms, valid, strict=True)
     ]
     count = sum(valid)
     none: tuple[float | None, ...] = tuple(None for _ in values)
@@ -115,7 +134,7 @@ def mad_test(
             math.nan, math.nan, math.nan, none, (), "inconclusive",
             f"only {count} of {len(values)} labels produced a trigger that reaches the "
             f"attack-success threshold; the outlier test needs at least {min_valid}",
-            valid,
+            valid, scale,
         )  # fmt: skip
     median = statistics.median(values)
     if not math.isfinite(median):
@@ -123,7 +142,7 @@ def mad_test(
             median, math.nan, math.nan, none, (), "inconclusive",
             f"{len(values) - count} of {len(values)} labels never reached the "
             "attack-success threshold, so the median norm is undefined",
-            valid,
+            valid, scale,
         )  # fmt: skip
     deviations = [abs(v - median) for v in values]
     mad = consistency * statistics.median(deviations)
@@ -145,4 +164,10 @@ def mad_test(
         for k, (value, idx) in enumerate(zip(values, index, strict=True))
         if idx is not None and value < median and idx > threshold
     )
-    return MadResult(median, mad, dispersion, tuple(index), flagged, rule, "", valid)
+    median_norm = math.exp(median) if scale == "log" else median
+    return MadResult(median_norm, mad, dispersion, tuple(index), flagged, rule, "", valid, scale)
+
+
+def _transform(norm: float, scale: str) -> float:
+    # a mask is strictly positive (sigmoid/tanh), but guard log(0) for hand-made inputs
+    return math.log(max(norm, 1e-12)) if scale == "log" else norm

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.trigger_reversal.core.mad import mad_test
+from services.trigger_reversal.core.mad import SCALES, mad_test
 from services.trigger_reversal.core.optimizer import (
     OptimizerSettings,
     TriggerOptimizer,
@@ -93,7 +93,9 @@ class ReversalConfig:
       once λ went up and down and its best norm has not improved by more than
       ``1 − early_stop_threshold`` for ``early_stop_patience`` steps.
 
-    Decision: ``anomaly_threshold`` (2), ``mad_consistency`` (1.4826), ``min_valid_labels``
+    Decision: ``anomaly_threshold`` (2), ``mad_consistency`` (1.4826), ``norm_scale``
+    (``"log"``: the MAD test on log norms, see :mod:`.mad`; ``"linear"``: the paper's
+    rule on the norms themselves), ``min_valid_labels``
     (3: fewer labels with a trigger make the test inconclusive), ``suspect_threshold``
     and ``max_suspects`` (which labels are refined), ``verify_threshold`` (attack success
     of the refined trigger for a flag to stand), ``verify_samples`` (clean images, a seeded
@@ -109,7 +111,7 @@ class ReversalConfig:
     steps: int = 300
     batch_size: int = 32
     screening_steps: int | None = None
-    screening_batch_size: int = 4
+    screening_batch_size: int = 8
     lr: float = 0.1
     beta1: float = 0.5
     beta2: float = 0.9
@@ -123,6 +125,7 @@ class ReversalConfig:
     early_stop_patience: int = 25
     anomaly_threshold: float = 2.0
     mad_consistency: float = 1.4826
+    norm_scale: str = "log"
     min_valid_labels: int = 3
     suspect_threshold: float = 2.0
     max_suspects: int = 3
@@ -163,6 +166,7 @@ class ReversalConfig:
         require(0 < self.early_stop_threshold <= 1, "early_stop_threshold in (0, 1]")
         require(_finite(self.anomaly_threshold) and self.anomaly_threshold >= 0, "threshold")
         require(_finite(self.mad_consistency) and self.mad_consistency > 0, "mad_consistency")
+        require(self.norm_scale in SCALES, f"norm_scale must be one of {SCALES}")
         require(_finite(self.suspect_threshold) and self.suspect_threshold >= 0, "suspects")
         require(0 <= self.verify_threshold <= 1, "verify_threshold in [0, 1]")
         require(self.restart_margin >= 0, "restart_margin >= 0 (inf: always make every restart)")
@@ -561,6 +565,7 @@ class _Reversal:
             consistency=c.mad_consistency,
             threshold=c.anomaly_threshold,
             min_valid=c.min_valid_labels,
+            scale=c.norm_scale,
         )
         info = RestartInfo(
             seed=seed,

@@ -191,6 +191,7 @@ def reverse_triggers_sequential(
             consistency=c.mad_consistency,
             threshold=c.anomaly_threshold,
             min_valid=c.min_valid_labels,
+            scale=c.norm_scale,
         )
         mask_t, pattern_t = torch.stack(masks), torch.stack(patterns)
         index = verification_subset(len(x), c).to(x.device)

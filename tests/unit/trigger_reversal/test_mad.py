@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 
@@ -129,3 +130,34 @@ def test_restarts_combine_by_median_index() -> None:
     assert index[4] <= 2.0 < max(per_run[4])  # one run is not enough
     # a label above the median counts 0 in that run, whatever its index
     assert combine_restarts([run([50.0, 50.0, 50.0, 51.0, 500.0])])[4] == 0.0
+
+
+# norms of the zoo's VGG MNIST model with a 3x3 patch on label 5 (screening, seed 0):
+# clean labels spread multiplicatively from 12 to 55, the backdoor trigger is 2.8
+VGG_NORMS = [53.4, 24.1, 11.7, 18.4, 54.8, 2.8, 42.5, 23.1, 33.1, 37.0]
+
+
+def test_log_scale_finds_an_outlier_the_linear_rule_misses() -> None:
+    linear = mad_test(VGG_NORMS)
+    log = mad_test(VGG_NORMS, scale="log")
+    assert linear.flagged == () and (linear.anomaly_index[5] or 0.0) < 2.0
+    assert log.flagged == (5,)
+    # by hand: log median = (log 24.1 + log 33.1) / 2; MAD over |log a - median|
+    logs = [math.log(v) for v in VGG_NORMS]
+    median = statistics.median(logs)
+    mad = 1.4826 * statistics.median(abs(v - median) for v in logs)
+    assert log.anomaly_index[5] == pytest.approx((median - logs[5]) / mad)
+    assert log.median == pytest.approx(math.exp(median))  # reported in norm units
+    assert log.scale == "log" and log.to_dict()["scale"] == "log"
+
+
+def test_log_scale_keeps_the_rules_for_unreached_labels() -> None:
+    result = mad_test([None, 10.0, 20.0, 30.0, 40.0, math.inf], scale="log")
+    assert result.anomaly_index[0] is None and result.anomaly_index[5] is None
+    assert result.rule == "mad"
+    assert mad_test([None, None, 5.0], scale="log").rule == "inconclusive"
+
+
+def test_unknown_scale_is_rejected() -> None:
+    with pytest.raises(ValueError, match="scale"):
+        mad_test([1.0, 2.0, 3.0], scale="sqrt")

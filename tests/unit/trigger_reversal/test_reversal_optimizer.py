@@ -214,6 +214,7 @@ def test_batched_equals_sequential_without_screening() -> None:
         {"max_samples": 1},
         {"steps": 2.5},
         {"early_stop": True, "early_stop_threshold": 0.0},
+        {"norm_scale": "sqrt"},
     ],
 )
 def test_config_is_validated_on_construction(bad: dict[str, object]) -> None:

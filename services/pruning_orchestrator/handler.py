@@ -28,7 +28,11 @@ class EventsHandler:
         self.orchestrator = orchestrator
 
     def __call__(self, message: Message) -> None:
-        self.orchestrator.apply_event(parse_message(message.value, jobs_pb2.AuditEvent))
+        # the record's publish time, not the clock: a redelivered event then rebuilds the
+        # very same record and report (see Orchestrator.apply_event)
+        self.orchestrator.apply_event(
+            parse_message(message.value, jobs_pb2.AuditEvent), at=message.timestamp or None
+        )
 
 
 class RepairHandler:

@@ -236,7 +236,15 @@ class Orchestrator:
         return count
 
     # --- events ----------------------------------------------------------------------
-    def apply_event(self, event: jobs_pb2.AuditEvent) -> None:
+    def apply_event(self, event: jobs_pb2.AuditEvent, at: float | None = None) -> None:
+        """Record a stage event; ``at`` is when it was published (default: now).
+
+        The record is written last: a crash (or a store outage) before that leaves the
+        event uncommitted and it is applied again. Everything this writes before the
+        record — the signed report, the repaired model's signature — depends only on the
+        record and ``at``, so the second application writes the same bytes (content
+        addressed: the same objects) instead of a second report."""
+        now = time.time() if at is None else at
         status = event.stage
         state = STAGE_STATE_NAMES.get(status.state)
         if state is None:
@@ -259,7 +267,7 @@ class Orchestrator:
             stage.state = state
             stage.progress = status.progress
             stage.message = status.message
-            stage.updated_at = time.time()
+            stage.updated_at = now
             if status.summary_json:
                 stage.summary = json.loads(status.summary_json)
             if status.result.sha256:
@@ -276,7 +284,7 @@ class Orchestrator:
                 self._grant(record, {"result": asdict_or_none(stage.result), **stage.summary})
             self._cascade(record, status.stage, state)
             if all(s.final for s in record.stages.values()):
-                self._finish(record)
+                self._finish(record, now)
             self.repository.put(record)
 
     def _cascade(self, record: AuditRecord, stage: str, state: str) -> None:
@@ -293,8 +301,8 @@ class Orchestrator:
                 follower.state = SKIPPED
                 follower.message = f"{stage} {'failed' if state == STAGE_FAILED else 'skipped'}"
 
-    def _finish(self, record: AuditRecord) -> None:
-        report_json, report_html = build_report(record, self.runtime.store)
+    def _finish(self, record: AuditRecord, finished_at: float) -> None:
+        report_json, report_html = build_report(record, self.runtime.store, finished_at)
         record.report_json = self._sign(
             self.runtime.store.put_blob(report_json, "application/json")
         )
@@ -309,7 +317,7 @@ class Orchestrator:
         failed = [s for s in record.stages.values() if s.state == STAGE_FAILED]
         record.state = FAILED if failed else SUCCEEDED
         record.error = "; ".join(f"{s.name}: {s.error or s.message}" for s in failed)
-        self.audit_seconds.observe(time.time() - record.created_at)
+        self.audit_seconds.observe(finished_at - record.created_at)
         self.metrics.jobs.labels(record.state).inc()
         log.info("audit %s %s", record.audit_id, record.state)
 

@@ -31,20 +31,24 @@ STATE_COLOURS = {
 }
 
 
-def build_report(record: AuditRecord, store: ArtifactStore) -> tuple[bytes, bytes]:
-    document = report_document(record)
+def build_report(
+    record: AuditRecord, store: ArtifactStore, finished_at: float | None = None
+) -> tuple[bytes, bytes]:
+    """``finished_at`` (default: now) is the only input besides the record: the same
+    record gives the same bytes, hence the same content-addressed report."""
+    document = report_document(record, finished_at)
     return json.dumps(document, indent=2, sort_keys=True).encode(), render_html(
         document, store
     ).encode()
 
 
-def report_document(record: AuditRecord) -> dict[str, Any]:
+def report_document(record: AuditRecord, finished_at: float | None = None) -> dict[str, Any]:
     failed = [s.name for s in record.stages.values() if s.state == "failed"]
     return {
         "audit_id": record.audit_id,
         "state": "failed" if failed else "succeeded",
         "created_at": record.created_at,
-        "finished_at": time.time(),
+        "finished_at": time.time() if finished_at is None else finished_at,
         "model": record.model,
         "options": record.options,
         "stages": {

@@ -38,6 +38,9 @@ class Message:
     headers: Mapping[str, str] = field(default_factory=dict)
     partition: int = 0
     offset: int = 0
+    #: When the record was published (seconds since the epoch; 0 if unknown). The same
+    #: for every redelivery, so handlers can derive state from it deterministically.
+    timestamp: float = 0.0
 
     @property
     def job_id(self) -> str:

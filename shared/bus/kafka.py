@@ -446,6 +446,7 @@ class KafkaSubscription:
             headers=headers,
             partition=record.partition,
             offset=record.offset,
+            timestamp=record.timestamp / 1000 if (record.timestamp or -1) > 0 else 0.0,
         )
         item = _InFlight(record=record, message=message, partition=tp)
         consumer.pause(*consumer.assignment())

@@ -180,6 +180,7 @@ class _Record:
     value: bytes
     key: bytes | None
     headers: Mapping[str, str]
+    timestamp: float
 
 
 class _Claim:
@@ -296,7 +297,7 @@ class MemoryBus:
     def _append(self, topic: str, value: bytes, key: bytes | None, headers: dict[str, str]) -> None:
         """Holding the lock."""
         log_ = self._logs.setdefault(topic, [])
-        log_.append(_Record(len(log_), bytes(value), key, headers))
+        log_.append(_Record(len(log_), bytes(value), key, headers, time.time()))
         if self.metrics is not None:
             self.metrics.published.labels(topic).inc()
         self._cond.notify_all()
@@ -310,6 +311,7 @@ class MemoryBus:
             headers=dict(record.headers),
             partition=0,
             offset=record.offset,
+            timestamp=record.timestamp,
         )
 
     def _claim_next(self, sub: MemorySubscription) -> _Claim | None:

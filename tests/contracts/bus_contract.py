@@ -8,6 +8,7 @@ failing test. Subscriptions started through `self.subscribe` are stopped after e
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -229,10 +230,12 @@ class BusContract:
 
     def test_retry_then_success(self, bus: JobBus, topic: str, registry: CollectorRegistry) -> None:
         attempts: list[int] = []
+        stamps: set[float] = set()
         done = Collector()
 
         def flaky(message: Message) -> None:
             attempts.append(message.attempt)
+            stamps.add(message.timestamp)
             if message.attempt < 3:
                 raise RuntimeError("transient")
             done(message)
@@ -241,6 +244,9 @@ class BusContract:
         bus.publish(topic, b"job")
         assert [m.value for m in done.wait_for(1)] == [b"job"]
         assert attempts == [1, 2, 3]
+        # the publish time, identical on every delivery of the record
+        [stamp] = stamps
+        assert abs(stamp - time.time()) < 120
         assert self.sample(registry, "failed_total", topic) == 2
         assert self.sample(registry, "dead_lettered_total", topic) == 0
 

@@ -4,6 +4,7 @@ upload, submit, watch, fetch artifacts."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +32,11 @@ from shared.proto.modelguard.v1 import (
 from shared.spec import InputSpec
 
 UPLOAD_CHUNK = 1 << 20
+#: Status codes after which a watch reconnects: the server is down or restarting
+#: (CANCELLED: a stopping server cancels the streams it still serves).
+RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+RECONNECT_INITIAL_S = 0.2
+RECONNECT_MAX_S = 2.0
 T = TypeVar("T")
 STATUS_ERRORS: dict[grpc.StatusCode, type[ModelGuardError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
@@ -152,19 +158,39 @@ class AuditClient:
         return list(response.audits)
 
     def watch(self, audit_id: str) -> Iterator[pruning_orchestrator_pb2.Audit]:
-        """Stream updates until final; reconnects when the orchestrator restarts."""
+        """Stream updates until the audit is final, across orchestrator restarts: a
+        broken stream, or one that ends before the audit is final (a graceful shutdown
+        ends it cleanly), is opened again with backoff; an update already yielded is not
+        repeated. Raises `Unavailable` after ``timeout`` seconds without a stream."""
         request = pruning_orchestrator_pb2.GetAuditRequest(audit_id=audit_id)
+        last = b""
+        delay = RECONNECT_INITIAL_S
+        give_up: float | None = None
         while True:
             try:
                 for audit in self.stub.WatchAudit(request):
-                    yield audit
+                    delay, give_up = RECONNECT_INITIAL_S, None
+                    seen = audit.SerializeToString(deterministic=True)
+                    if seen != last:  # a reconnect starts with the current state again
+                        last = seen
+                        yield audit
                     if audit.state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED):
                         return
-                return
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                if err.code() not in RECONNECT_CODES:
                     raise error_from_rpc(err) from None
-                grpc.channel_ready_future(self.channel).result(timeout=self.timeout)
+                reason = f"{err.code().name}: {err.details()}"
+            else:
+                reason = "the stream ended before the audit was final"
+            now = time.monotonic()
+            give_up = give_up or now + self.timeout
+            if now >= give_up:
+                raise Unavailable(
+                    f"lost the watch of audit {audit_id}: no stream from the orchestrator "
+                    f"for {self.timeout:.0f} s ({reason})"
+                )
+            time.sleep(delay)  # backoff: a restarting server refuses calls for a while
+            delay = min(delay * 2, RECONNECT_MAX_S)
 
     def download(self, ref: common_pb2.ArtifactRef) -> bytes:
         try:

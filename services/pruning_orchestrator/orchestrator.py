@@ -35,7 +35,7 @@ from services.pruning_orchestrator.state import (
 from shared.auth import Identity
 from shared.config import PlatformSettings, PruningOrchestratorSettings
 from shared.convert import ref_from_proto
-from shared.errors import InvalidInput, NotFound, ResourceExhausted
+from shared.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable
 from shared.jobdata import load_inputs
 from shared.metrics import ServiceMetrics
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
@@ -342,11 +342,20 @@ class Orchestrator:
     def watch(
         self, audit_id: str, is_active: Callable[[], bool], caller: Identity | None = None
     ) -> Iterator[AuditRecord]:
-        """Yield the record at once and on every change until it is final."""
+        """Yield the record at once and on every change until it is final. While the
+        store is unreachable the stream stays open and waits (a watcher cannot tell an
+        outage of the store from one of the orchestrator, so it would only reconnect)."""
         version = -1
         updated = -1.0
         while is_active():
-            record = self.get(audit_id, caller)
+            try:
+                record = self.get(audit_id, caller)
+            except Unavailable:
+                if version < 0:
+                    raise  # nothing shown yet: let the client know at once
+                log.warning("watch of %s waits for the store", audit_id)
+                self.repository.wait_for_change(self.settings.watch_poll_seconds)
+                continue
             if (record.version, record.updated_at) != (version, updated):
                 version, updated = record.version, record.updated_at
                 yield record

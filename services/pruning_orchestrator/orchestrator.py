@@ -176,7 +176,13 @@ class Orchestrator:
             key_hash = hashlib.sha256(f"{tenant}\0{idempotency_key}".encode()).hexdigest()
             existing = self.repository.find_idempotent(key_hash)
             if existing:
-                return self.repository.get(existing)
+                record = self.repository.get(existing)
+                if record.state == QUEUED and not any(s.updated_at for s in record.stages.values()):
+                    # The first try may have stored the record and then failed to publish
+                    # (broker down): the client's retry must not leave it queued forever.
+                    # A second request is harmless: each stage's first outcome counts.
+                    self._publish_request(record)
+                return record
         if options.repair_mode not in ("", "rollback", "shapley", "fine-pruning", "none"):
             raise InvalidInput(
                 f"repair mode {options.repair_mode!r} unknown; use rollback, shapley, "

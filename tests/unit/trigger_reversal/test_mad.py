@@ -161,3 +161,15 @@ def test_log_scale_keeps_the_rules_for_unreached_labels() -> None:
 def test_unknown_scale_is_rejected() -> None:
     with pytest.raises(ValueError, match="scale"):
         mad_test([1.0, 2.0, 3.0], scale="sqrt")
+
+
+def test_norm_ratio_is_the_median_over_runs_of_norm_over_run_median() -> None:
+    from services.trigger_reversal.core.reversal import RestartInfo, norm_ratio
+
+    def run(norms: list[float | None], median: float) -> RestartInfo:
+        return RestartInfo(0, tuple(norms), (None,) * len(norms), (), 10, median)
+
+    runs = [run([5.0, 50.0], 50.0), run([10.0, 40.0], 40.0), run([None, 60.0], 60.0)]
+    assert norm_ratio(runs, 0) == pytest.approx(statistics.median([0.1, 0.25]))
+    assert norm_ratio(runs, 1) == pytest.approx(1.0)
+    assert math.isnan(norm_ratio([run([None, 1.0], 1.0)], 0))

@@ -215,6 +215,8 @@ def test_batched_equals_sequential_without_screening() -> None:
         {"steps": 2.5},
         {"early_stop": True, "early_stop_threshold": 0.0},
         {"norm_scale": "sqrt"},
+        {"max_norm_ratio": 0.0},
+        {"max_norm_ratio": 1.5},
     ],
 )
 def test_config_is_validated_on_construction(bad: dict[str, object]) -> None:

@@ -106,7 +106,11 @@ def reversed_triggers(
 
     CACHE.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()[:12]
-    path = CACHE / f"reversal-{entry.name}-{digest}-{steps}-s{SUSPECT_THRESHOLD}.pt"
+    extra = {"steps": steps} if steps else {}
+    config = ReversalConfig(seed=0, suspect_threshold=SUSPECT_THRESHOLD, **extra)
+    # the cache is keyed by the model and the whole reversal config (defaults change)
+    settings = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    path = CACHE / f"reversal-{entry.name}-{digest}-{settings[:10]}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=True)
         flagged = [int(v) for v in saved["flagged"]]
@@ -116,8 +120,6 @@ def reversed_triggers(
     else:
         # the decision (anomaly index > 2) is the pipeline's; refining labels from index 1
         # on only gives the fallback below refined triggers to work with
-        extra = {"steps": steps} if steps else {}
-        config = ReversalConfig(seed=0, suspect_threshold=SUSPECT_THRESHOLD, **extra)
         result = reverse_triggers(model, clean, entry.spec, config)
         flagged = list(result.flagged)
         seconds = result.seconds

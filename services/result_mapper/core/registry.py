@@ -242,6 +242,10 @@ class QueryObserver(Protocol):
     ) -> None: ...
 
 
+#: Key of the verified-credential cache, random per process (never stored or sent).
+_VERIFIED_KEY = secrets.token_bytes(32)
+
+
 @dataclass
 class _UserEntry:
     generation: int
@@ -249,6 +253,21 @@ class _UserEntry:
     digest: str
     in_features: int
     classes: int
+    #: Keyed blake2b of the last credential that passed the HMAC check. A returning
+    #: caller then costs one blake2b (~1 µs) instead of HMAC-SHA256 (~5-10 µs, the
+    #: largest fixed cost of a Map after gRPC itself). It dies with the entry, so
+    #: rotation and revocation need nothing more.
+    verified: bytes = b""
+
+    def accepts(self, credential: str) -> bool:
+        given = credential.encode()
+        fast = hashlib.blake2b(given, key=_VERIFIED_KEY, digest_size=32).digest()
+        if self.verified and hmac.compare_digest(fast, self.verified):
+            return True
+        if self.credential.matches(credential):
+            self.verified = fast
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -428,7 +447,7 @@ class MapperRegistry:
                 f"no carrier is registered for user {user_id!r}: request one with "
                 "CarrierTrainer.RequestCarrier, then retry once it is ready"
             )
-        if not entry.credential.matches(credential):
+        if not entry.accepts(credential):
             if revoked_credential is not None and revoked_credential.matches(credential):
                 raise NotFound(
                     f"the carrier this credential belongs to was revoked (user {user_id!r} is "

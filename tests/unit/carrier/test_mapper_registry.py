@@ -56,6 +56,23 @@ def test_credentials_are_stored_hashed_and_verified() -> None:
         verify_credential(credential, "plain-text")
 
 
+def test_verified_credential_cache_never_widens_access(registry: MapperRegistry) -> None:
+    credential, _ = load_user(registry, "alice", seed=1)
+    other, _ = load_user(registry, "bob", seed=2)
+    row = pack(np.zeros((1, 10)))
+    for _ in range(3):  # the first call fills the cache, the next ones use it
+        registry.map("alice", credential, row)
+    with pytest.raises(PermissionDenied):
+        registry.map("alice", credential + "x", row)
+    with pytest.raises(PermissionDenied):
+        registry.map("alice", other, row)
+    registry.map("alice", credential, row)  # a refusal does not evict the good credential
+    rotated, _ = load_user(registry, "alice", seed=3, generation=1)
+    with pytest.raises(PermissionDenied):
+        registry.map("alice", credential, row)  # the old generation's cache died with it
+    registry.map("alice", rotated, row)
+
+
 def test_map_matches_the_torch_mapper(registry: MapperRegistry) -> None:
     credential, mapper = load_user(registry, "alice", seed=1)
     x = np.random.default_rng(0).normal(size=(5, 10)).astype(np.float32)

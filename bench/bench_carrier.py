@@ -3,10 +3,14 @@ automatic rotation by the extraction detector.
 
 ``python -m bench.bench_carrier`` (one thread; part of ``make bench``):
 
-1. **Quality, lenet5-fashion.** The project's LeNet-5 trained on Fashion-MNIST (cached)
-   carries MNIST: a carrier for user ``victim`` (generation 0) and its rotation
-   (generation 1), mapped accuracy on the 10,000 MNIST test images, and the public
-   model's own Fashion-MNIST accuracy before and after (it is frozen).
+1. **Quality.** The project's LeNet-5 trained on Fashion-MNIST (cached) carries MNIST.
+   ``--public-model`` (default ``lenet5-fashion-features``, carrier-trainer's default:
+   the frozen LeNet-5's fc1/fc2 activations + logits, 214 scores): a carrier for user
+   ``victim`` (generation 0), its rotation (generation 1) and a rotation-aware rotation,
+   mapped accuracy on the 10,000 MNIST test images, the public model's own Fashion-MNIST
+   accuracy before and after (it is frozen), and the same mapper trained on the
+   *untrained* carrier (``p = 0``, what the carrier itself adds). ``--baseline``
+   (default ``lenet5-fashion``, 10 logits): generation 0 only, for comparison.
 2. **Stealing (seed Fig. 8).** An attacker holding the public model, the carrier and the
    credential sends 200 rounds × 50 queries through the real `MapperRegistry` and trains a
    substitute mapper; its MNIST accuracy is measured every 10 rounds through the stolen
@@ -18,8 +22,8 @@ automatic rotation by the extraction detector.
    (mapper warm start on cached pseudo-outputs, then joint ``(p, w)`` steps), evaluated
    on ``--efficientnet-test`` MNIST test images. ``--skip-efficientnet`` leaves it out.
 
-Writes ``bench/out/carrier.json`` and the mapper/carrier of step 1 to
-``.cache/carrier-bench/`` (the serving benchmark serves that mapper).
+Writes ``bench/out/carrier.json`` and each model's generation-0 mapper/carrier to
+``.cache/carrier-bench/`` (the serving benchmark serves the lenet5-fashion one).
 """
 
 from __future__ import annotations
@@ -78,6 +82,12 @@ LENET_CONFIG = CarrierConfig(
     validation_samples=2000,
     gamma=1e-4,
 )
+#: lenet5-fashion-features: measured (see the module docstring of `carrier`) to need a
+#: decaying rate to settle; converges within the step budget.
+FEATURES_CONFIG = replace(
+    LENET_CONFIG, max_steps=6000, lr_schedule="cosine", eval_every=500, patience=100
+)
+CONFIGS = {"lenet5-fashion": LENET_CONFIG, "lenet5-fashion-features": FEATURES_CONFIG}
 ROTATION_WEIGHT = 1.0
 EFFICIENTNET_CONFIG = CarrierConfig(
     hidden=256,
@@ -108,48 +118,67 @@ def _progress(label: str) -> Any:
 # ---------------------------------------------------------------------------------- quality
 
 
+class _OwnLogits(torch.nn.Module):
+    """The public model's own-task logits: its last 10 scores (all of them for
+    lenet5-fashion)."""
+
+    def __init__(self, public: PublicModel) -> None:
+        super().__init__()
+        self.module = public.module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)[:, -10:]  # type: ignore[no-any-return]
+
+
 def lenet_quality(
-    public: PublicModel, train: Dataset, test: Dataset, config: CarrierConfig
+    public: PublicModel,
+    train: Dataset,
+    test: Dataset,
+    config: CarrierConfig,
+    generations: tuple[int, ...] = (0, 1),
 ) -> dict[str, Any]:
     fashion_test = load_fashion_mnist("test")
-    own_before = accuracy(public.module, fashion_test)
+    own_before = accuracy(_OwnLogits(public), fashion_test)
     results: dict[int, CarrierResult] = {}
-    for generation in (0, 1):
+    for generation in generations:
         natural = natural_image_for_user("victim", generation, public.input_shape)
         results[generation] = train_carrier(
             replace(config, seed=generation),
             public,
             train,
             natural,
-            _progress(f"lenet5-fashion carrier victim/{generation}"),
+            _progress(f"{public.name} carrier victim/{generation}"),
             test_data=test,
         )
         log.info("victim/%d: %s", generation, results[generation].manifest())
-    # beyond the seed: generation 1 trained so that generation 0's mapper cannot read it
-    aware = train_carrier(
-        replace(config, seed=1, rotation_weight=ROTATION_WEIGHT),
+    # what the carrier adds: the same mapper and steps with p frozen at 0 (a learning rate
+    # of 1e-12 leaves tanh(p) ~ 0)
+    frozen = train_carrier(
+        replace(config, seed=0, lr_perturbation=1e-12),
         public,
         train,
-        natural_image_for_user("victim", 1, public.input_shape),
-        _progress("lenet5-fashion carrier victim/1 (rotation-aware)"),
+        natural_image_for_user("victim", 0, public.input_shape),
+        _progress(f"{public.name} untrained carrier (p = 0)"),
         test_data=test,
-        previous_mappers=[results[0].mapper],
     )
-    log.info("victim/1 rotation-aware: %s", aware.manifest())
-    own_after = accuracy(public.module, fashion_test)
+    log.info("victim/0 with p = 0: %s", frozen.manifest())
+    own_after = accuracy(_OwnLogits(public), fashion_test)
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    (CACHE_DIR / "mapper-lenet5-fashion.safetensors").write_bytes(
+    (CACHE_DIR / f"mapper-{public.name}.safetensors").write_bytes(
         mapper_to_safetensors(results[0].mapper)
     )
-    (CACHE_DIR / "carrier-lenet5-fashion.safetensors").write_bytes(
+    (CACHE_DIR / f"carrier-{public.name}.safetensors").write_bytes(
         carrier_to_safetensors(results[0].carrier, results[0].placement, public)
     )
-    return {
+    report: dict[str, Any] = {
         "public_model": public.name,
+        "public_model_description": public.description,
+        "output_dim": public.output_dim,
         "public_model_own_task": public.own_task,
         "public_model_own_accuracy_cached": public.own_accuracy,
         "public_model_own_accuracy_before": own_before,
         "public_model_own_accuracy_after": own_after,
+        "config": asdict(config),
         "carriers": {
             str(g): {
                 **r.manifest(),
@@ -158,19 +187,37 @@ def lenet_quality(
             }
             for g, r in results.items()
         },
-        "rotation_aware_generation_1": {
-            **aware.manifest(),
-            "rotation_weight": ROTATION_WEIGHT,
-            "old_mapper_accuracy_on_it": mapped_accuracy(
-                public, results[0].mapper, aware.carrier, aware.placement, test
-            ),
-            "old_mapper_accuracy_on_plain_rotation": mapped_accuracy(
-                public, results[0].mapper, results[1].carrier, results[1].placement, test
-            ),
+        "untrained_carrier_p0": {
+            **frozen.manifest(),
+            "history": [asdict(p) for p in frozen.history],
         },
         "_results": results,
-        "_aware": aware,
     }
+    if 1 not in results:
+        return report
+    # beyond the seed: generation 1 trained so that generation 0's mapper cannot read it
+    aware = train_carrier(
+        replace(config, seed=1, rotation_weight=ROTATION_WEIGHT),
+        public,
+        train,
+        natural_image_for_user("victim", 1, public.input_shape),
+        _progress(f"{public.name} carrier victim/1 (rotation-aware)"),
+        test_data=test,
+        previous_mappers=[results[0].mapper],
+    )
+    log.info("victim/1 rotation-aware: %s", aware.manifest())
+    report["rotation_aware_generation_1"] = {
+        **aware.manifest(),
+        "rotation_weight": ROTATION_WEIGHT,
+        "old_mapper_accuracy_on_it": mapped_accuracy(
+            public, results[0].mapper, aware.carrier, aware.placement, test
+        ),
+        "old_mapper_accuracy_on_plain_rotation": mapped_accuracy(
+            public, results[0].mapper, results[1].carrier, results[1].placement, test
+        ),
+    }
+    report["_aware"] = aware
+    return report
 
 
 def efficientnet_quality(
@@ -293,7 +340,8 @@ def stealing_experiment(
     )
     old_credential = service.credentials[("victim", 0)]
     try:
-        service.registry.map("victim", old_credential, np.zeros((1, 10), "<f4").tobytes(), 1)
+        zeros = np.zeros((1, public.output_dim), "<f4").tobytes()
+        service.registry.map("victim", old_credential, zeros, 1)
         after = "answered (BUG)"
     except ModelGuardError as err:
         after = f"{type(err).__name__}: {err}"
@@ -389,7 +437,11 @@ def auto_rotation(
 
 
 def plot(
-    stealing: dict[str, Any], scenarios: dict[str, Any] | None, mapped: float, path: Path
+    stealing: dict[str, Any],
+    scenarios: dict[str, Any] | None,
+    mapped: float,
+    path: Path,
+    public_name: str,
 ) -> None:
     try:
         import matplotlib
@@ -429,7 +481,7 @@ def plot(
             )
     ax.set_xlabel("queries answered by the result-mapper")
     ax.set_ylabel("substitute accuracy on MNIST test")
-    ax.set_title("Stealing a carrier's mapper (lenet5-fashion → MNIST)")
+    ax.set_title(f"Stealing a carrier's mapper ({public_name} → MNIST)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center right")
@@ -448,7 +500,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--efficientnet-test", type=int, default=1000)
     parser.add_argument("--stealing-rounds", type=int, default=200)
-    parser.add_argument("--max-steps", type=int, default=LENET_CONFIG.max_steps)
+    parser.add_argument(
+        "--public-model",
+        default="lenet5-fashion-features",
+        choices=sorted(CONFIGS),
+        help="model of the full run (quality, stealing, auto-rotation)",
+    )
+    parser.add_argument(
+        "--baseline",
+        nargs="*",
+        default=["lenet5-fashion"],
+        choices=sorted(CONFIGS),
+        help="models measured for quality only (generation 0)",
+    )
+    parser.add_argument("--max-steps", type=int, default=0, help="override every budget")
     parser.add_argument("--plot-only", action="store_true", help="redraw from carrier.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -457,27 +522,43 @@ def main(argv: list[str] | None = None) -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     out_path = OUT_DIR / "carrier.json"
     report: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
+    report.pop("lenet5_fashion", None)  # the layout before "quality" (one model)
+    quality: dict[str, Any] = report.setdefault("quality", {})
+
+    def config_of(name: str) -> CarrierConfig:
+        config = CONFIGS[name]
+        return replace(config, max_steps=args.max_steps) if args.max_steps else config
+
     if args.plot_only:
-        mapped = report["lenet5_fashion"]["carriers"]["0"]["test_accuracy"]
+        name = report["stealing_public_model"]
+        mapped = quality[name]["carriers"]["0"]["test_accuracy"]
         attackers = report.get("auto_rotation", {}).get("attackers")
-        plot(report["stealing"], attackers, mapped, OUT_DIR / "carrier_stealing.png")
+        plot(report["stealing"], attackers, mapped, OUT_DIR / "carrier_stealing.png", name)
         return 0
 
     if not args.only_efficientnet:
-        public = load_public_model("lenet5-fashion")
-        quality = lenet_quality(
-            public, train, test, replace(LENET_CONFIG, max_steps=args.max_steps)
-        )
-        carriers: dict[int, CarrierResult] = quality.pop("_results")
-        report["lenet5_fashion"] = quality
-        aware: CarrierResult = quality.pop("_aware")
+        public = load_public_model(args.public_model)
+        result = lenet_quality(public, train, test, config_of(public.name))
+        carriers: dict[int, CarrierResult] = result.pop("_results")
+        aware: CarrierResult = result.pop("_aware")
+        quality[public.name] = result
+        out_path.write_text(json.dumps(report, indent=2))
         stealing = stealing_experiment(public, carriers, aware, train, test, args.stealing_rounds)
         report["stealing"] = stealing
+        report["stealing_public_model"] = public.name
         rotation = auto_rotation(public, carriers, train, test, DetectorConfig())
         report["auto_rotation"] = rotation
         mapped = carriers[0].test_accuracy or 0.0
-        plot(stealing, rotation["attackers"], mapped, OUT_DIR / "carrier_stealing.png")
+        plot(stealing, rotation["attackers"], mapped, OUT_DIR / "carrier_stealing.png", public.name)
         out_path.write_text(json.dumps(report, indent=2))
+        for name in args.baseline:
+            if name == public.name:
+                continue
+            baseline = load_public_model(name)
+            result = lenet_quality(baseline, train, test, config_of(name), generations=(0,))
+            result.pop("_results")
+            quality[name] = result
+            out_path.write_text(json.dumps(report, indent=2))
 
     if not args.skip_efficientnet:
         report["efficientnet_lite0"] = efficientnet_quality(
@@ -486,14 +567,19 @@ def main(argv: list[str] | None = None) -> int:
         out_path.write_text(json.dumps(report, indent=2))
 
     summary = {
-        "lenet5_fashion_mapped_mnist": {
-            g: c["test_accuracy"]
-            for g, c in report.get("lenet5_fashion", {}).get("carriers", {}).items()
+        "mapped_mnist": {
+            name: {
+                **{g: c["test_accuracy"] for g, c in q.get("carriers", {}).items()},
+                "p=0": q.get("untrained_carrier_p0", {}).get("test_accuracy"),
+                "seconds_gen0": q.get("carriers", {}).get("0", {}).get("seconds"),
+                "own_accuracy_before_after": [
+                    q.get("public_model_own_accuracy_before"),
+                    q.get("public_model_own_accuracy_after"),
+                ],
+            }
+            for name, q in quality.items()
         },
-        "lenet5_fashion_own_accuracy": [
-            report.get("lenet5_fashion", {}).get(k)
-            for k in ("public_model_own_accuracy_before", "public_model_own_accuracy_after")
-        ],
+        "stealing_public_model": report.get("stealing_public_model"),
         "stealing_final": {
             k: report.get("stealing", {}).get(k)
             for k in (

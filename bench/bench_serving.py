@@ -2,8 +2,9 @@
 
 ``python -m bench.bench_serving`` (part of ``make bench``):
 
-1. takes the mapper trained by `bench.bench_carrier` (``.cache/carrier-bench/``) or, if
-   that has not run, a seeded 10→256→10 mapper; writes it as safetensors (result-mapper)
+1. takes the mapper `bench.bench_carrier` trained for ``--mapper`` (default: carrier-trainer's
+   default public model, lenet5-fashion-features, 214→256→10; ``.cache/carrier-bench/``)
+   or, if that has not run, a seeded 10→256→10 mapper; writes it as safetensors (result-mapper)
    and ``.npz`` (MLServer runtime `bench.mlserver_runtime`);
 2. for every server configuration, starts the server pinned to core 0 (``taskset``) and
    runs the same load generator pinned to core 1: closed-loop gRPC unary calls at
@@ -81,7 +82,8 @@ async def _run_level(
     import grpc
 
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(method)
+        # raw bytes both ways: the load generator never (de)serialises
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
         latencies: list[float] = []
         errors: dict[str, int] = {}
         state = {"measuring": False, "stop": False}
@@ -143,7 +145,8 @@ async def _wait_ready(target: str, method: str, request: bytes, timeout: float) 
     while time.monotonic() < deadline:
         try:
             async with grpc.aio.insecure_channel(target) as channel:
-                response: bytes = await channel.unary_unary(method)(request, timeout=2)
+                ready: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+                response: bytes = await ready(request, timeout=2)
                 return response
         except grpc.aio.AioRpcError as err:
             last = err
@@ -189,12 +192,14 @@ def loadgen_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------ orchestration
 
 
-def _mapper_arrays(hidden: int = 256) -> tuple[bytes, dict[str, np.ndarray], str]:
+def _mapper_arrays(
+    public_model: str, hidden: int = 256
+) -> tuple[bytes, dict[str, np.ndarray], str]:
     """(safetensors bytes, npz arrays, provenance)."""
     from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
     from services.result_mapper.core.registry import parse_mapper
 
-    trained = CARRIER_CACHE / "mapper-lenet5-fashion.safetensors"
+    trained = CARRIER_CACHE / f"mapper-{public_model}.safetensors"
     if trained.exists():
         data, source = trained.read_bytes(), str(trained.relative_to(REPO_ROOT))
     else:
@@ -353,7 +358,13 @@ def _mlserver(
     venv = _ensure_mlserver_venv()
     model_dir = workdir / f"mlserver-w{workers}"
     (model_dir / "mapper").mkdir(parents=True, exist_ok=True)
-    np.savez(model_dir / "mapper" / "mapper.npz", **arrays)
+    np.savez(
+        model_dir / "mapper" / "mapper.npz",
+        w1=arrays["w1"],
+        b1=arrays["b1"],
+        w2=arrays["w2"],
+        b2=arrays["b2"],
+    )
     shutil.copy(
         Path(__file__).with_name("mlserver_runtime.py"),
         model_dir / "mapper" / "mlserver_runtime.py",
@@ -478,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", nargs="+", default=["sync:4", "sync:16", "aio"], help="aio, sync or sync:N"
     )
     parser.add_argument("--mlserver-workers", type=int, nargs="+", default=[0, 1])
+    parser.add_argument(
+        "--mapper",
+        default="lenet5-fashion-features",
+        help="public model whose bench_carrier mapper is served (lenet5-fashion: 10 inputs)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("taskset") is None:
         raise SystemExit("taskset (util-linux) is needed to pin server and client to cores")
@@ -487,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for row in memory:
         print(json.dumps(row), flush=True)
-    weights, arrays, source = _mapper_arrays()
+    weights, arrays, source = _mapper_arrays(args.mapper)
     request_row = (
         np.random.default_rng(0).normal(size=(1, arrays["w1"].shape[0])).astype(np.float32)
     )
@@ -512,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     best_ours = max(ours, key=lambda r: at(r, 32)["rps"])
     summary: dict[str, Any] = {
         "mapper": source,
+        "mapper_shape": f"{arrays['w1'].shape[0]}→{arrays['w1'].shape[1]}→{arrays['w2'].shape[1]}",
         "best_result_mapper": best_ours["server"],
         "result_mapper_rps_c32": at(best_ours, 32)["rps"],
         "result_mapper_p99_ms_c8": at(best_ours, 8)["p99_ms"],

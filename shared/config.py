@@ -130,7 +130,8 @@ class CarrierTrainerSettings(ServiceSettings):
     metrics_port: int = 9105
     steps: int = Field(0, description="Training steps per carrier (0: algorithm default).")
     public_model: str = Field(
-        "lenet5-fashion", description="Registered public model carriers are trained for."
+        "lenet5-fashion-features",
+        description="Registered public model carriers are trained for.",
     )
     task: str = Field("mnist", description="Dataset the mapping networks classify.")
     train_samples: int = Field(20000, description="Task samples used to train one carrier.")

@@ -24,7 +24,7 @@ import copy
 import io
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -175,6 +175,13 @@ class FineTuneConfig:
     copies too generalised to the real trigger far better (on a 3×3-patch LeNet-5 whose
     reversed mask was a scatter of pixels near the patch: real ASR 14% → 5% after the
     rollback repair, clean accuracy unchanged).
+    ``unlearn_dilate``: the stamped mask is grown by this many pixels (a max filter), the
+    pattern unchanged. Neural Cleanse finds the *smallest* trigger, usually a subset of the
+    real one (on the zoo's Fashion-MNIST LeNet-5 five of the patch's nine pixels); the
+    model then still answers the pixels left out. Growing the mask covers them: real ASR
+    after the rollback repair 21% (no dilation, share 0.2) → 13% (1 pixel) → 11% (2) →
+    9.5% (2 pixels, share 0.35), clean accuracy −0.2 → −1.2 points; on the MNIST 3×3
+    model 1.5% → 1.0%.
     """
 
     local_steps: int = 30
@@ -189,8 +196,9 @@ class FineTuneConfig:
     weight_decay: float = 0.0
     freeze_batchnorm: bool = True
     keep_best: bool = True
-    unlearn_fraction: float = 0.2
+    unlearn_fraction: float = 0.35
     unlearn_jitter: float = 0.075
+    unlearn_dilate: int = 2
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or self.final_epochs < 0 or self.batch_size < 1:
@@ -205,6 +213,8 @@ class FineTuneConfig:
             raise ValueError("unlearn_fraction must be in [0, 1)")
         if not 0.0 <= self.unlearn_jitter < 0.5:
             raise ValueError("unlearn_jitter must be in [0, 0.5)")
+        if not 0 <= self.unlearn_dilate <= 8:
+            raise ValueError("unlearn_dilate must be in 0..8 pixels")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -257,7 +267,10 @@ def fine_tune(
             x, y = data.x[index], data.y[index]
             if triggers and config.unlearn_fraction > 0:
                 jitter = round(config.unlearn_jitter * min(spec.shape[1:]))
-                x = _stamp_share(x, triggers, config.unlearn_fraction, spec, generator, jitter)
+                x = _stamp_share(
+                    x, triggers, config.unlearn_fraction, spec, generator, jitter,
+                    config.unlearn_dilate,
+                )  # fmt: skip
             logits = model(normalise(x, spec))
             if targets is None:
                 loss = F.cross_entropy(logits, y)
@@ -282,11 +295,14 @@ def _stamp_share(
     spec: InputSpec,
     generator: torch.Generator,
     jitter: int = 0,
+    dilate: int = 0,
 ) -> torch.Tensor:
     count = round(fraction * len(x))
     if count == 0:
         return x
     x = x.clone()
+    if dilate > 0:
+        triggers = [_dilated(t, dilate) for t in triggers]
     rows = torch.randperm(len(x), generator=generator)[:count]
     which = torch.randint(len(triggers), (count,), generator=generator)
     for row, t in zip(rows.tolist(), which.tolist(), strict=True):
@@ -297,6 +313,13 @@ def _stamp_share(
             mask, pattern = _shift(mask, dy, dx), _shift(pattern, dy, dx)
         x[row] = ((1 - mask) * x[row] + mask * pattern).clamp(*spec.value_range)
     return x
+
+
+def _dilated(trigger: ReversedTrigger, pixels: int) -> ReversedTrigger:
+    """The trigger with its mask grown by ``pixels`` (a max filter), pattern unchanged."""
+    mask = trigger.mask.reshape(1, 1, *trigger.mask.shape[-2:])
+    grown = F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels)
+    return replace(trigger, mask=grown.reshape(trigger.mask.shape))
 
 
 def _shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import grpc
 from shared.channels import ClientTls, open_channel
 from shared.convert import spec_to_proto
 from shared.errors import (
+    IntegrityError,
     InvalidInput,
     ModelGuardError,
     NotFound,
@@ -45,6 +46,7 @@ STATUS_ERRORS: dict[grpc.StatusCode, type[ModelGuardError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
 }
 
 

@@ -498,8 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("taskset") is None:
         raise SystemExit("taskset (util-linux) is needed to pin server and client to cores")
 
-    memory = [measure_mapper_bytes(10, h) for h in (64, 256)] + [
-        measure_mapper_bytes(1000, 256, users=200)
+    memory = [
+        *(measure_mapper_bytes(10, h) for h in (64, 256)),  # lenet5-fashion
+        *(measure_mapper_bytes(214, h, users=500) for h in (64, 256)),  # lenet5-fashion-features
+        measure_mapper_bytes(1000, 256, users=200),  # efficientnet-lite0
     ]
     for row in memory:
         print(json.dumps(row), flush=True)

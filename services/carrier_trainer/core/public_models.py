@@ -181,8 +181,10 @@ class LeNetScores(nn.Module):
     ``fc1`` (120, after ReLU), ``fc2`` (84, after ReLU) and the logits, ``(N, 214)`` for
     10 classes. The weights are the wrapped model's, unchanged: more of what the frozen
     model computes is exposed, as an ImageNet model exposes 1000 scores where a
-    Fashion-MNIST model has 10. (Measured, bench/bench_carrier.py: 10 logits cap mapped
-    MNIST near 85%; a mapper on this vector with the carrier clears 95%.)"""
+    Fashion-MNIST model has 10. Measured (bench/bench_carrier.py, MNIST test set): 86.1%
+    through the 10 logits, 96.5% through these 214 scores (95.8% with the carrier left
+    untrained: the extra scores carry most of the gain), and a stolen mapper transfers
+    better to a rotated carrier (61%; 41% measured earlier for lenet5-fashion)."""
 
     def __init__(self, lenet: LeNet5) -> None:
         super().__init__()

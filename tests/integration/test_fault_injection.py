@@ -278,7 +278,7 @@ def test_broker_restart_mid_batch_loses_nothing(
     stack: AuditStack, client: AuditClient, inputs: Inputs, store: S3Store, servers: Servers
 ) -> None:
     batch = Batch()
-    submit_batch(client, good_jobs(inputs, 6, "broker"), MNIST_SPEC, batch)
+    submit_batch(client, good_jobs(inputs, 4, "broker"), MNIST_SPEC, batch)
     with RecordPoller(store) as poller:
         wait_until(
             lambda: poller.running("trigger-reversal", batch.ids), 120, "an audit in progress"
@@ -295,7 +295,7 @@ def test_broker_restart_mid_batch_loses_nothing(
         servers.tansu.start()
         late.join(SMALL_DEADLINE_S)
         assert not late.is_alive()
-    assert len(batch.jobs) == 8
+    assert len(batch.jobs) == 6
     wait_final(store, batch.ids, SMALL_DEADLINE_S, "every audit final after the broker restart")
     check_exactly_once(store, servers.tansu.bootstrap, batch)
 
@@ -304,7 +304,7 @@ def test_s3_outage_mid_batch_jobs_wait_and_resume(
     stack: AuditStack, client: AuditClient, inputs: Inputs, store: S3Store, servers: Servers
 ) -> None:
     batch = Batch()
-    submit_batch(client, good_jobs(inputs, 6, "s3"), MNIST_SPEC, batch)
+    submit_batch(client, good_jobs(inputs, 4, "s3"), MNIST_SPEC, batch)
     before = {name: stack.metric(name, _transient_metric(name)) for name in stack.procs}
     with RecordPoller(store) as poller:
         wait_until(

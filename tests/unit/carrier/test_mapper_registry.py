@@ -156,8 +156,9 @@ def test_malformed_mappers_and_credentials_are_refused(registry: MapperRegistry)
     with pytest.raises(InvalidInput, match="safetensors"):
         registry.hot_load("alice", 0, b"junk", hash_credential("c"))
     bad = make_mapper(0)
+    assert isinstance(bad.fc1, torch.nn.Linear)
     with torch.no_grad():
-        bad.fc1.weight[0, 0] = float("nan")  # type: ignore[index]
+        bad.fc1.weight[0, 0] = float("nan")
     with pytest.raises(InvalidInput, match="NaN"):
         registry.hot_load("alice", 0, mapper_to_safetensors(bad), hash_credential("c"))
     with pytest.raises(InvalidInput, match="credential hash"):

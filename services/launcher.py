@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,10 +44,11 @@ def build_service(
     *,
     bus: JobBus | None = None,
     registry: CollectorRegistry | None = None,
+    on_stuck: Callable[[str], None] | None = None,
 ) -> ServiceApp:
     registry = registry or CollectorRegistry()
     settings = settings or SERVICE_SETTINGS[name]()
-    runtime = build_runtime(platform, client_id=name, bus=bus, registry=registry)
+    runtime = build_runtime(platform, client_id=name, bus=bus, registry=registry, on_stuck=on_stuck)
     metrics = ServiceMetrics(registry, name)
     runtime.store = InstrumentedStore(runtime.store, metrics.store_errors)
     return builder(name)(settings, runtime, metrics)
@@ -56,12 +58,25 @@ def run_service(name: str) -> None:
     """Entry point of one service process: runs until SIGTERM, then drains."""
     platform = PlatformSettings()
     configure_logging(platform.log_level)
-    app = build_service(name, platform)
+    app = build_service(name, platform, on_stuck=exit_stuck_process)
     app.runtime.bus.ensure_topics(list(ALL_TOPICS), partitions=platform.kafka_partitions)
     app.start()
     log.info("%s ready: gRPC %s", name, app.address)
     wait_for_termination(app.stop)
     app.runtime.bus.close()
+
+
+#: Exit status of a service that found one of its Kafka consumers stuck (EX_SOFTWARE).
+EXIT_STUCK_CONSUMER = 70
+
+
+def exit_stuck_process(group: str) -> None:
+    """Crash-only recovery of a worker whose consumer hangs inside kafka-python: exit at
+    once (no drain: the consumer cannot commit), and let the supervisor (Kubernetes,
+    `make up`, the test harness) start a fresh process; the record in hand is redelivered."""
+    log.critical("exiting: the consumer of group %s is stuck; a restart recovers it", group)
+    logging.shutdown()
+    os._exit(EXIT_STUCK_CONSUMER)
 
 
 @dataclass

@@ -29,6 +29,11 @@ class PlatformSettings(BaseSettings):
         6000, description="Consumer-group session timeout; Tansu joins slowly above ~6 s."
     )
     kafka_partitions: int = Field(3, description="Partitions per topic when creating topics.")
+    kafka_stuck_poll_seconds: float = Field(
+        60.0,
+        description="A consumer blocked this long inside one poll (normally 200 ms) is "
+        "stuck: the service process exits so that its supervisor restarts it.",
+    )
     kafka_max_poll_interval_ms: int = Field(
         1_800_000,
         description="Longest a handler may run before the group gives its work to another "

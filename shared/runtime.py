@@ -53,8 +53,10 @@ def build_runtime(
     client_id: str = "modelguard",
     bus: JobBus | None = None,
     registry: CollectorRegistry | None = None,
+    on_stuck: Callable[[str], None] | None = None,
 ) -> Runtime:
-    """Build bus and store from settings (``bus`` given: embedded mode shares one)."""
+    """Build bus and store from settings (``bus`` given: embedded mode shares one).
+    ``on_stuck(group)`` is called when a Kafka consumer is found stuck (see `KafkaBus`)."""
     from shared.bus import make_bus
     from shared.bus.metrics import BusMetrics
 
@@ -67,6 +69,8 @@ def build_runtime(
                 "session_timeout_ms": platform.kafka_session_timeout_ms,
                 "max_poll_interval_ms": platform.kafka_max_poll_interval_ms,
                 "partitions": platform.kafka_partitions,
+                "stuck_poll_s": platform.kafka_stuck_poll_seconds,
+                "on_stuck": on_stuck,
             }
             if platform.bus == "kafka"
             else {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,8 @@ _TOPIC_ALREADY_EXISTS = 36
 _POLL_MS = 200
 #: Delay before a consumer that lost the broker tries to reconnect.
 _RECONNECT_BACKOFF_S = 1.0
+#: How often the watchdog looks at the consumer threads.
+_WATCHDOG_INTERVAL_S = 2.0
 
 
 class KafkaBus:
@@ -55,6 +57,14 @@ class KafkaBus:
     every 200 ms even while a handler runs, so handlers may take longer than it.
     New consumer groups read a topic from its beginning (``auto_offset_reset="earliest"``),
     as `MemoryBus` groups do: a job published before its worker first joined is not lost.
+
+    ``stuck_poll_s``: a watchdog notices a consumer blocked inside one ``poll`` (bounded at
+    200 ms by design) for longer than this. kafka-python 3.0 was seen, once in several
+    broker-restart runs, to block there for ever after a broker outage (gdb: inside the
+    fetcher), which silently stops a worker. The consumer cannot be interrupted from
+    another thread, so the watchdog calls ``on_stuck(group)``: service processes exit
+    (crash-only; Kubernetes restarts them and the record in hand is redelivered), and
+    without a callback the subscription only reports itself not `healthy`.
     """
 
     def __init__(
@@ -68,6 +78,8 @@ class KafkaBus:
         partitions: int = 1,
         max_poll_interval_ms: int = 300_000,
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+        stuck_poll_s: float = 60.0,
+        on_stuck: Callable[[str], None] | None = None,
     ) -> None:
         if not bootstrap_servers:
             raise InvalidInput("KafkaBus needs bootstrap servers (host:port[,host:port])")
@@ -79,6 +91,8 @@ class KafkaBus:
         self.partitions = partitions
         self.max_poll_interval_ms = max_poll_interval_ms
         self.stop_grace_s = stop_grace_s
+        self.stuck_poll_s = stuck_poll_s
+        self.on_stuck = on_stuck
         self._lock = threading.Lock()
         self._producer: Any = None
         self._known_topics: set[str] = set()
@@ -315,9 +329,45 @@ class KafkaSubscription:
         self._assignments = 0
         self._assigned = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"kafka-{group}", daemon=True)
+        #: monotonic time the consumer thread entered ``poll`` (None: not inside one)
+        self._poll_since: float | None = None
+        self.stuck = False
+        self._watchdog = threading.Thread(
+            target=self._watch, name=f"kafka-{group}-watchdog", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
+
+    @property
+    def healthy(self) -> bool:
+        """False once the consumer thread was found stuck inside ``poll``."""
+        return not self.stuck
+
+    def _watch(self) -> None:
+        while not self._stop.wait(_WATCHDOG_INTERVAL_S):
+            since = self._poll_since
+            if since is None or time.monotonic() - since <= self.bus.stuck_poll_s:
+                continue
+            self.stuck = True
+            log.critical(
+                "consumer of group %s has been stuck inside poll() for %.0f s (limit %.0f s): "
+                "this worker no longer consumes",
+                self.group,
+                time.monotonic() - since,
+                self.bus.stuck_poll_s,
+            )
+            if self.bus.on_stuck is not None:
+                self.bus.on_stuck(self.group)
+            return
+
+    def _poll(self, consumer: Any, timeout_ms: int, **options: Any) -> Any:
+        self._poll_since = time.monotonic()
+        try:
+            return consumer.poll(timeout_ms=timeout_ms, **options)
+        finally:
+            self._poll_since = None
 
     @property
     def running(self) -> bool:
@@ -408,7 +458,7 @@ class KafkaSubscription:
             if in_flight is None:
                 if self._stopping():
                     return
-                records = consumer.poll(timeout_ms=_POLL_MS, max_records=1)
+                records = self._poll(consumer, _POLL_MS, max_records=1)
                 for tp, batch in records.items():
                     if not batch:
                         continue
@@ -432,7 +482,7 @@ class KafkaSubscription:
                 return
             # keep the membership alive; a rebalance may hand us paused partitions anew
             consumer.pause(*consumer.assignment())
-            stray = consumer.poll(timeout_ms=0)
+            stray = self._poll(consumer, 0)
             for tp, batch in stray.items():
                 if batch:
                     consumer.seek(tp, batch[0].offset)

@@ -22,6 +22,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from services.audit_client import AuditClient
+from services.launcher import EXIT_STUCK_CONSUMER
 from services.pruning_orchestrator.orchestrator import STAGE_STATE_NAMES
 from services.pruning_orchestrator.state import AUDIT_PREFIX, AuditRecord
 from services.stack import ServiceProcess
@@ -64,28 +65,54 @@ AUDIT_ID = re.compile(rb"\d{8}-\d{6}-[0-9a-f]{8}")
 
 class AuditStack:
     """The four audit services, each its own process; a service can be SIGKILLed and
-    restarted on the same ports (readiness: gRPC health SERVING)."""
+    restarted on the same ports (readiness: gRPC health SERVING). Like Kubernetes, a
+    supervisor restarts a service that exited on its own because a Kafka consumer got
+    stuck (`EXIT_STUCK_CONSUMER`); the restarts are recorded in ``respawns``."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.procs = {name: ServiceProcess(name, env, log_dir) for name in AUDIT_SERVICES}
+        self.respawns: list[str] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
 
     def start(self) -> None:
         # in parallel: each start is mostly importing torch
         with ThreadPoolExecutor(len(self.procs)) as pool:
             list(pool.map(lambda p: p.start(timeout=180), self.procs.values()))
+        self._supervisor.start()
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.stop(timeout=10)
+        self._stopping.set()
+        with self._lock:
+            for proc in self.procs.values():
+                proc.stop(timeout=10)
+
+    def ensure_running(self, name: str) -> None:
+        """Start ``name`` unless it is running (one start at a time per stack)."""
+        with self._lock:
+            proc = self.procs[name]
+            if proc.process is None or proc.process.poll() is not None:
+                proc.start(timeout=180)
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(1.0):
+            for name, proc in self.procs.items():
+                if proc.process is not None and proc.process.poll() == EXIT_STUCK_CONSUMER:
+                    log.warning("supervisor: %s exited (stuck consumer); restarting", name)
+                    self.respawns.append(name)
+                    try:
+                        self.ensure_running(name)
+                    except Exception:
+                        log.exception("supervisor: %s did not come back", name)
 
     @property
     def orchestrator(self) -> ServiceProcess:
         return self.procs["pruning-orchestrator"]
 
     def kill_and_restart(self, name: str) -> None:
-        proc = self.procs[name]
-        proc.kill()
-        proc.start(timeout=180)
+        self.procs[name].kill()
+        self.ensure_running(name)
 
     def metric(self, name: str, metric: str) -> float:
         """Sum of a metric's samples on one service's /metrics endpoint."""
@@ -269,7 +296,7 @@ def chaos(
 
 def _restart(stack: AuditStack, name: str, kills: KillLog) -> None:
     try:
-        stack.procs[name].start(timeout=180)
+        stack.ensure_running(name)
     except Exception as err:  # reported by the test
         kills.errors.append(f"{name} did not come back: {err}")
 

@@ -119,6 +119,9 @@ def env(servers: Servers) -> dict[str, str]:
         "MODELGUARD_JOB_MAX_ATTEMPTS": "3",
         "MODELGUARD_TRIGGER_REVERSAL_CLEAN_SAMPLES": str(CLEAN_IMAGES),
         "MODELGUARD_NEURON_SCORING_SHAPLEY": "false",
+        # a consumer hung inside kafka-python (seen once in four runs after an outage)
+        # exits its process and the stack's supervisor restarts it, as Kubernetes would
+        "MODELGUARD_KAFKA_STUCK_POLL_SECONDS": "30",
         # short drains: the tests stop and restart services often
         **{
             f"MODELGUARD_{name.upper().replace('-', '_')}_GRACE_SECONDS": "2"
@@ -358,9 +361,8 @@ def test_watch_follows_an_audit_across_orchestrator_restarts(
         seen = len(updates)
         assert updates[0].state != common_pb2.JOB_STATE_SUCCEEDED
         stack.kill_and_restart("pruning-orchestrator")  # a crash
-        proc = stack.orchestrator
-        proc.stop(timeout=15)  # then a graceful restart (SIGTERM drains the stream)
-        proc.start(timeout=180)
+        stack.orchestrator.stop(timeout=15)  # then a graceful restart (SIGTERM drains it)
+        stack.ensure_running("pruning-orchestrator")
         watcher.join(SMALL_DEADLINE_S)
         assert not watcher.is_alive(), "the watch never ended"
         assert not errors, errors

@@ -823,7 +823,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=int, default=0, help="training steps (0: default)")
         sub.add_argument("--hidden", type=int, default=0, help="mapper hidden width")
         sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--public-model", help="lenet5-fashion or efficientnet-lite0")
+        sub.add_argument(
+            "--public-model",
+            help="lenet5-fashion-features (default), lenet5-fashion or efficientnet-lite0",
+        )
         sub.add_argument("--task", help="dataset the mapper classifies (default mnist)")
         sub.add_argument("--wait", action="store_true")
         sub.set_defaults(func=cmd_carrier_request)

@@ -292,6 +292,8 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("group %s: partitions assigned %s", self.sub.group, sorted(assigned))
         self.sub._note_assignment()
+        if self.sub.bus.metrics is not None:
+            self.sub.bus.metrics.assignments.labels(self.sub.group).inc()
 
 
 @dataclass

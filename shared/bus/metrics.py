@@ -47,6 +47,13 @@ class BusMetrics:
             ["topic"],
             registry=registry,
         )
+        self.assignments = Counter(
+            f"{prefix}_group_assignments_total",
+            "Completed consumer-group (re)joins with their partitions assigned, by group: a "
+            "group that keeps rebalancing without this moving consumes nothing.",
+            ["group"],
+            registry=registry,
+        )
         self.handler_seconds = Histogram(
             f"{prefix}_handler_seconds",
             "Wall time of one handler attempt.",

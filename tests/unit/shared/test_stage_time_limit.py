@@ -92,9 +92,7 @@ def test_the_limit_is_a_platform_setting_that_reaches_every_stage_worker(tmp_pat
         for name in ("trigger-reversal", "neuron-scoring", "leak-detector", "pruning-orchestrator"):
             app = build_service(name, platform, bus=bus)
             reporters: list[StageReporter] = [
-                w.handler.reporter
-                for w in app.workers
-                if hasattr(w.handler, "reporter")
+                w.handler.reporter for w in app.workers if hasattr(w.handler, "reporter")
             ]
             assert reporters and all(r.time_limit == 123.0 for r in reporters), name
     finally:

@@ -31,11 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.bench_serving import percentile_ms
 from shared.datasets import REPO_ROOT
 from shared.localstack import free_port, wait_for_port
 
@@ -131,9 +133,7 @@ async def run_load(
         await asyncio.gather(*tasks)
     latencies.sort()
     count = len(latencies)
-
-    def pct(q: float) -> float:
-        return latencies[min(count - 1, int(q * count))] * 1e3 if count else float("nan")
+    pct = partial(percentile_ms, latencies)
 
     # start/end memory: medians of the first and last five samples (one sample is noisy)
     start_mb = statistics.median(m for _, m in memory[:5])

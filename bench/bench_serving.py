@@ -70,6 +70,12 @@ def _group_cpu_seconds(pgid: int) -> float:
     return total / tick
 
 
+def percentile_ms(sorted_seconds: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of sorted latencies in seconds, in ms."""
+    count = len(sorted_seconds)
+    return sorted_seconds[min(count - 1, int(q * count))] * 1e3 if count else float("nan")
+
+
 async def _run_level(
     target: str,
     method: str,
@@ -118,7 +124,7 @@ async def _run_level(
     count = len(latencies)
 
     def pct(q: float) -> float:
-        return latencies[min(count - 1, int(q * count))] * 1e3 if count else float("nan")
+        return percentile_ms(latencies, q)
 
     return {
         "concurrency": concurrency,

@@ -28,6 +28,7 @@ from shared.bus.memory import (
     DEFAULT_STOP_GRACE_S,
     Delivery,
     Outcome,
+    check_subscription,
     check_topic,
     dead_letter_headers,
     deliver,
@@ -134,12 +135,7 @@ class KafkaBus:
         retry: RetryPolicy | None = None,
         stop_event: threading.Event | None = None,
     ) -> KafkaSubscription:
-        if not topics:
-            raise InvalidInput("subscribe needs at least one topic")
-        for topic in topics:
-            check_topic(topic)
-        if not group:
-            raise InvalidInput("subscribe needs a consumer group name")
+        check_subscription(topics, group)
         sub = KafkaSubscription(
             self, list(topics), group, handler, retry or RetryPolicy(), stop_event
         )

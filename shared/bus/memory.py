@@ -169,6 +169,16 @@ def check_topic(topic: str) -> None:
         )
 
 
+def check_subscription(topics: list[str], group: str) -> None:
+    """What both buses require of a subscription: topics with valid names and a group."""
+    if not topics:
+        raise InvalidInput("subscribe needs at least one topic")
+    for topic in topics:
+        check_topic(topic)
+    if not group:
+        raise InvalidInput("subscribe needs a consumer group name")
+
+
 # --------------------------------------------------------------------------------------
 # MemoryBus
 # --------------------------------------------------------------------------------------
@@ -240,12 +250,7 @@ class MemoryBus:
         retry: RetryPolicy | None = None,
         stop_event: threading.Event | None = None,
     ) -> MemorySubscription:
-        if not topics:
-            raise InvalidInput("subscribe needs at least one topic")
-        for topic in topics:
-            check_topic(topic)
-        if not group:
-            raise InvalidInput("subscribe needs a consumer group name")
+        check_subscription(topics, group)
         sub = MemorySubscription(
             self, list(topics), group, handler, retry or RetryPolicy(), stop_event
         )

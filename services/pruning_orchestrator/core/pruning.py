@@ -250,6 +250,12 @@ def fine_tune(
         params, lr=config.lr if lr is None else lr, weight_decay=config.weight_decay
     )
     generator = torch.Generator().manual_seed(seed)
+    # grown once here, not on every batch
+    stamped = (
+        [_dilated(t, config.unlearn_dilate) for t in triggers]
+        if config.unlearn_dilate
+        else triggers
+    )
     n = len(data)
     order = torch.randperm(n, generator=generator)
     cursor = 0
@@ -267,10 +273,7 @@ def fine_tune(
             x, y = data.x[index], data.y[index]
             if triggers and config.unlearn_fraction > 0:
                 jitter = round(config.unlearn_jitter * min(spec.shape[1:]))
-                x = _stamp_share(
-                    x, triggers, config.unlearn_fraction, spec, generator, jitter,
-                    config.unlearn_dilate,
-                )  # fmt: skip
+                x = _stamp_share(x, stamped, config.unlearn_fraction, spec, generator, jitter)
             logits = model(normalise(x, spec))
             if targets is None:
                 loss = F.cross_entropy(logits, y)
@@ -295,14 +298,11 @@ def _stamp_share(
     spec: InputSpec,
     generator: torch.Generator,
     jitter: int = 0,
-    dilate: int = 0,
 ) -> torch.Tensor:
     count = round(fraction * len(x))
     if count == 0:
         return x
     x = x.clone()
-    if dilate > 0:
-        triggers = [_dilated(t, dilate) for t in triggers]
     rows = torch.randperm(len(x), generator=generator)[:count]
     which = torch.randint(len(triggers), (count,), generator=generator)
     for row, t in zip(rows.tolist(), which.tolist(), strict=True):

@@ -34,7 +34,8 @@ def test_dilation_grows_the_mask_by_whole_pixels_and_keeps_the_pattern() -> None
 def test_stamp_share_stamps_that_share_with_the_dilated_trigger() -> None:
     x = torch.zeros(10, 1, 8, 8)
     generator = torch.Generator().manual_seed(0)
-    out = _stamp_share(x, [_corner_trigger()], 0.3, SPEC, generator, jitter=0, dilate=1)
+    grown = _dilated(_corner_trigger(), 1)
+    out = _stamp_share(x, [grown], 0.3, SPEC, generator, jitter=0)
     stamped = [i for i in range(10) if float(out[i].sum()) > 0]
     assert len(stamped) == 3
     for i in stamped:

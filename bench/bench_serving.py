@@ -6,11 +6,22 @@
    default public model, lenet5-fashion-features, 214→256→10; ``.cache/carrier-bench/``)
    or, if that has not run, a seeded 10→256→10 mapper; writes it as safetensors (result-mapper)
    and ``.npz`` (MLServer runtime `bench.mlserver_runtime`);
-2. for every server configuration, starts the server pinned to core 0 (``taskset``) and
-   runs the same load generator pinned to core 1: closed-loop gRPC unary calls at
-   concurrency 1, 8 and 32 (``--seconds`` each after a warm-up), one pre-serialised
-   request with one 10-float pseudo-output, counting every non-OK status as an error;
-3. prints a table, checks the bars (≥ 2.5× MLServer's best configuration at concurrency
+2. ours is the production result-mapper process (``python -m services.result_mapper.main``,
+   what Kubernetes runs) over a local store seeded with ``--users`` ready carriers exactly as
+   carrier-trainer leaves them (signed mapper, query profile, hashed credential), with
+   everything on at its defaults: bearer-token authentication, the per-user credential,
+   per-user rate limits and query budget, the extraction detector scoring each request
+   against the carrier's profile, query accounting, Prometheus metrics and /metrics;
+   theirs is MLServer 1.7.1 with a numpy runtime on the same weights;
+3. for every server configuration, starts the server pinned to core 0 (``taskset``) and
+   runs the same load generator pinned to core 1: closed-loop gRPC unary calls on one
+   channel at concurrency 1, 8 and 32 (``--seconds`` each after a warm-up), pre-serialised
+   requests (ours: one per user, round robin, so no user nears its rate limit), every
+   non-OK status counted as an error. The load generator is `bench/loadgen.cc` (C++, gRPC's
+   generic stub; built on first use from Debian's libgrpc++-dev): the Python asyncio client
+   costs ~250 µs of CPU a call and saturates its core below what the servers answer;
+   ``--client python`` uses it anyway;
+4. prints a table, checks the bars (≥ 2.5× MLServer's best configuration at concurrency
    32; p99 ≤ 5 ms at concurrency 8; zero errors) and writes ``bench/out/serving.json``.
 
 MLServer runs from its own venv (``.cache/mlserver-venv``; it pins protobuf < 7): created
@@ -79,11 +90,12 @@ def percentile_ms(sorted_seconds: list[float], q: float) -> float:
 async def _run_level(
     target: str,
     method: str,
-    request: bytes,
+    requests: list[bytes],
     concurrency: int,
     seconds: float,
     warmup: float,
     server_pgid: int = 0,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, Any]:
     import grpc
 
@@ -93,12 +105,16 @@ async def _run_level(
         latencies: list[float] = []
         errors: dict[str, int] = {}
         state = {"measuring": False, "stop": False}
+        n_requests = len(requests)
+        turn = [0]
 
         async def worker() -> None:
             while not state["stop"]:
+                request = requests[turn[0] % n_requests]  # round robin over the users
+                turn[0] += 1
                 start = time.perf_counter()
                 try:
-                    await call(request, timeout=10)
+                    await call(request, timeout=10, metadata=metadata or None)
                 except grpc.aio.AioRpcError as err:
                     key = err.code().name
                     errors[key] = errors.get(key, 0) + 1
@@ -143,38 +159,75 @@ async def _run_level(
     }
 
 
-async def _wait_ready(target: str, method: str, request: bytes, timeout: float) -> bytes:
+async def _wait_ready(
+    target: str,
+    method: str,
+    requests: list[bytes],
+    timeout: float,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    """Wait until the server answers the first request, then send every other one once
+    (each must succeed: e.g. every user's mapper is loaded before the measurement)."""
     import grpc
 
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            async with grpc.aio.insecure_channel(target) as channel:
-                ready: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
-                response: bytes = await ready(request, timeout=2)
-                return response
-        except grpc.aio.AioRpcError as err:
-            last = err
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{target} not ready after {timeout:g} s: {last}")
+    async with grpc.aio.insecure_channel(target) as channel:
+        ready: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+        while time.monotonic() < deadline:
+            try:  # any refusal while starting (MLServer: "model not ready yet")
+                response: bytes = await ready(requests[0], timeout=2, metadata=metadata or None)
+                break
+            except grpc.aio.AioRpcError as err:
+                last = err
+                await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError(f"{target} not ready after {timeout:g} s: {last}")
+        for request in requests[1:]:
+            try:
+                await ready(request, timeout=10, metadata=metadata or None)
+            except grpc.aio.AioRpcError as err:
+                raise RuntimeError(f"{target} refused a warm-up request: {err}") from err
+    return response
+
+
+def write_requests(path: Path, requests: list[bytes]) -> None:
+    """Requests for the load generator: each a 4-byte little-endian length, then bytes."""
+    path.write_bytes(b"".join(len(r).to_bytes(4, "little") + r for r in requests))
+
+
+def read_requests(path: Path) -> list[bytes]:
+    data, requests, at = path.read_bytes(), [], 0
+    while at < len(data):
+        size = int.from_bytes(data[at : at + 4], "little")
+        requests.append(data[at + 4 : at + 4 + size])
+        at += 4 + size
+    return requests
 
 
 def loadgen_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.bench_serving loadgen")
     parser.add_argument("--target", required=True)
     parser.add_argument("--method", required=True)
-    parser.add_argument("--request-file", type=Path, required=True)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--request-file", type=Path, required=True, help="see write_requests")
+    parser.add_argument("--metadata", nargs="*", default=[], help="KEY=VALUE sent with every call")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=list(CONCURRENCY))
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--ready-timeout", type=float, default=60.0)
     parser.add_argument("--server-pgid", type=int, default=0)
     args = parser.parse_args(argv)
-    request = args.request_file.read_bytes()
+    requests = read_requests(args.request_file)
+    metadata = tuple((key, value) for key, _, value in (m.partition("=") for m in args.metadata))
 
     async def run() -> None:
-        first = await _wait_ready(args.target, args.method, request, args.ready_timeout)
+        first = await _wait_ready(
+            args.target,
+            args.method,
+            requests,
+            args.ready_timeout,
+            metadata,
+        )
         print(
             json.dumps({"ready": True, "response_bytes": len(first), "response_hex": first.hex()}),
             flush=True,
@@ -183,11 +236,12 @@ def loadgen_main(argv: list[str]) -> int:
             result = await _run_level(
                 args.target,
                 args.method,
-                request,
+                requests,
                 concurrency,
                 args.seconds,
                 args.warmup,
                 args.server_pgid,
+                metadata,
             )
             print(json.dumps(result), flush=True)
 
@@ -292,53 +346,226 @@ class Server:
         self.log.close()
 
 
+LOADGEN_SOURCE = Path(__file__).with_name("loadgen.cc")
+LOADGEN_BINARY = REPO_ROOT / ".cache" / "loadgen" / "loadgen"
+#: Debian's gRPC C++ development files (the C++ load generator's only dependency).
+LOADGEN_PACKAGES = ("libgrpc++-dev", "pkgconf", "g++")
+
+
+def ensure_cc_loadgen() -> Path | None:
+    """The C++ load generator (`bench/loadgen.cc`), built on first use; None when it cannot
+    be built (no root to install Debian's libgrpc++-dev, no compiler)."""
+    stale = LOADGEN_BINARY.exists() and (
+        LOADGEN_BINARY.stat().st_mtime < LOADGEN_SOURCE.stat().st_mtime
+    )
+    if LOADGEN_BINARY.exists() and not stale:
+        return LOADGEN_BINARY
+
+    def flags() -> list[str] | None:
+        out = (
+            subprocess.run(
+                ["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True
+            )
+            if shutil.which("pkg-config")
+            else None
+        )
+        return out.stdout.split() if out is not None and out.returncode == 0 else None
+
+    if (flags() is None or shutil.which("g++") is None) and os.geteuid() == 0:
+        print(f"installing {', '.join(LOADGEN_PACKAGES)} for the C++ load generator", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *LOADGEN_PACKAGES],
+            check=False,
+            capture_output=True,
+            env=env,
+        )
+    cflags = flags()
+    if cflags is None or shutil.which("g++") is None:
+        return None
+    LOADGEN_BINARY.parent.mkdir(parents=True, exist_ok=True)
+    built = subprocess.run(
+        ["g++", "-O2", "-std=c++17", str(LOADGEN_SOURCE), *cflags, "-o", str(LOADGEN_BINARY)],
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        print(f"cannot build the C++ load generator:\n{built.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return LOADGEN_BINARY
+
+
 def _run_loadgen(
-    target: str, method: str, request_file: Path, seconds: float, warmup: float, server_pgid: int
+    target: str,
+    method: str,
+    request_file: Path,
+    seconds: float,
+    warmup: float,
+    server_pgid: int,
+    metadata: tuple[str, ...] = (),
+    cc_loadgen: Path | None = None,
 ) -> list[dict[str, Any]]:
+    """The ready line, then one result per concurrency level. The ready phase (every
+    request once) always runs in the Python client; the levels run in ``cc_loadgen`` when
+    given, else in the Python client."""
     command = [
         "taskset", "-c", "1", sys.executable, "-m", "bench.bench_serving", "loadgen",
         "--target", target, "--method", method, "--request-file", str(request_file),
         "--seconds", str(seconds), "--warmup", str(warmup), "--server-pgid", str(server_pgid),
     ]  # fmt: skip
+    if metadata:
+        command += ["--metadata", *metadata]
+    if cc_loadgen is not None:
+        command += ["--concurrency"]  # none: the ready phase only
     out = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO_ROOT)
     if out.returncode != 0:
         raise SystemExit(f"load generator failed ({out.returncode}):\n{out.stderr[-3000:]}")
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if cc_loadgen is None:
+        for line in lines[1:]:
+            line["client"] = "python grpc.aio"
+        return lines
+    for concurrency in CONCURRENCY:
+        command = [
+            "taskset", "-c", "1", str(cc_loadgen), "--target", target, "--method", method,
+            "--requests", str(request_file), "--concurrency", str(concurrency),
+            "--seconds", str(seconds), "--warmup", str(warmup), "--server-pgid", str(server_pgid),
+        ]  # fmt: skip
+        for item in metadata:
+            command += ["--metadata", item]
+        out = subprocess.run(command, check=False, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"C++ load generator failed ({out.returncode}):\n{out.stderr}")
+        level = json.loads(out.stdout.strip().splitlines()[-1])
+        count, server_cpu = level["requests"], level["server_cpu_s"]
+        level["server_cpu_us_per_request"] = server_cpu / count * 1e6 if count else None
+        level["rps_per_server_core"] = count / server_cpu if server_cpu else None
+        lines.append(level)
     return lines
 
 
+#: Signing key of the benchmark's throw-away store (carrier records are signed as
+#: carrier-trainer signs them; the service verifies every mapper it loads).
+BENCH_SIGNING_KEY = "bench-serving-signing-key"
+
+
+def seed_carriers(
+    store_dir: Path, weights: bytes, users: int, profile_samples: np.ndarray
+) -> dict[str, str]:
+    """Ready carriers for ``bench-0 .. bench-{users-1}`` exactly as carrier-trainer leaves
+    them (the signed mapper, the query profile the extraction detector scores every
+    request against, the credential stored hashed); returns user → credential."""
+    from services.carrier_trainer.core.extraction import QueryProfile
+    from services.carrier_trainer.service import ref_dict
+    from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
+    from services.result_mapper.core.registry import hash_credential, new_credential
+    from shared.signing import Signer
+    from shared.store import make_store
+
+    store = make_store("local", root=store_dir)
+    signer = Signer(BENCH_SIGNING_KEY.encode())
+    mapper = store.put_blob(weights, "application/vnd.modelguard.mapper")
+    profile = json.dumps(QueryProfile.fit(profile_samples).to_dict()).encode()
+    profile_ref = store.put_blob(profile, "application/json")
+    repository = CarrierRepository(store)
+    credentials: dict[str, str] = {}
+    for i in range(users):
+        user, credential = f"bench-{i}", new_credential()
+        repository.put(
+            CarrierRecord(
+                user_id=user,
+                generation=1,
+                credential_hash=hash_credential(credential),
+                state=READY,
+                artifacts={"mapper": ref_dict(mapper), "profile": ref_dict(profile_ref)},
+                signatures={"mapper": signer.sign(mapper.sha256)},
+            )
+        )
+        credentials[user] = credential
+    return credentials
+
+
+def _metric_samples(port: int, name: str) -> dict[str, float]:
+    """``labels → value`` of one metric family on a /metrics endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            samples[labels] = float(value)
+    return samples
+
+
 def _ours(
-    workdir: Path, weights: bytes, mode: str, request_row: np.ndarray, seconds: float, warmup: float
+    workdir: Path,
+    weights: bytes,
+    mode: str,
+    profile_rows: np.ndarray,
+    rows: np.ndarray,
+    seconds: float,
+    warmup: float,
+    cc_loadgen: Path | None,
 ) -> dict[str, Any]:
-    from services.result_mapper.core.registry import hash_credential
+    """The production result-mapper (``python -m services.result_mapper.main``, the
+    process Kubernetes runs) with everything on at its defaults: bearer-token
+    authentication, the per-user credential, per-user rate limits and query budget, the
+    extraction detector scoring every request against the carrier's profile, query
+    accounting, Prometheus metrics and their /metrics endpoint. ``mode`` is
+    ``workers=N`` (the gRPC thread pool, MODELGUARD_RESULT_MAPPER_GRPC_WORKERS)."""
+    from shared.auth import mint_token
     from shared.proto.modelguard.v1 import result_mapper_pb2
 
-    weights_file = workdir / "mapper.safetensors"
-    weights_file.write_bytes(weights)
-    credential = "bench-credential-" + "x" * 24
-    port = _free_port()
-    server = Server(
-        f"result-mapper-{mode.replace(':', '-')}",
-        [
-            sys.executable, "-m", "bench.mapper_server", "--weights", str(weights_file),
-            "--credential-hash", hash_credential(credential), "--mode", mode.split(":")[0],
-            "--workers", [*mode.split(":"), "8"][1],
-            "--port", str(port), "--users", "1000",
-        ],
-        workdir,
-    )  # fmt: skip
-    request = result_mapper_pb2.MapRequest(
-        user_id="bench-7",
-        credential=credential,
-        pseudo_output=request_row.astype("<f4").tobytes(),
-        rows=1,
-    ).SerializeToString()
-    request_file = workdir / f"map-{mode.replace(':', '-')}.bin"
-    request_file.write_bytes(request)
+    name = f"result-mapper-{mode.replace('=', '')}"
+    store_dir = workdir / f"store-{name}"
+    credentials = seed_carriers(store_dir, weights, len(rows), profile_rows)
+    token, line = mint_token("bench")
+    tokens_file = workdir / "tokens"
+    tokens_file.write_text(line + "\n")
+    port, metrics_port = _free_port(), _free_port()
+    env = {
+        "MODELGUARD_BUS": "memory",
+        "MODELGUARD_STORE": "local",
+        "MODELGUARD_STORE_DIR": str(store_dir),
+        "MODELGUARD_SIGNING_KEY": BENCH_SIGNING_KEY,
+        "MODELGUARD_AUTH_TOKENS_FILE": str(tokens_file),
+        "MODELGUARD_LOG_LEVEL": "WARNING",
+        "MODELGUARD_RESULT_MAPPER_HOST": "127.0.0.1",
+        "MODELGUARD_RESULT_MAPPER_GRPC_PORT": str(port),
+        "MODELGUARD_RESULT_MAPPER_METRICS_PORT": str(metrics_port),
+    }
+    for setting in mode.split(","):
+        key, _, value = setting.partition("=")
+        if key:
+            env[f"MODELGUARD_RESULT_MAPPER_{key.upper()}"] = value
+    server = Server(name, [sys.executable, "-m", "services.result_mapper.main"], workdir, env=env)
+    # one request per user, round robin: every user stays far below its rate limit
+    requests = [
+        result_mapper_pb2.MapRequest(
+            user_id=user,
+            credential=credential,
+            pseudo_output=rows[i].astype("<f4").tobytes(),
+            rows=1,
+        ).SerializeToString()
+        for i, (user, credential) in enumerate(credentials.items())
+    ]
+    request_file = workdir / f"{name}.requests"
+    write_requests(request_file, requests)
     try:
         results = _run_loadgen(
-            f"127.0.0.1:{port}", MAP_METHOD, request_file, seconds, warmup, server.process.pid
+            f"127.0.0.1:{port}",
+            MAP_METHOD,
+            request_file,
+            seconds,
+            warmup,
+            server.process.pid,
+            (f"authorization=Bearer {token}",),
+            cc_loadgen=cc_loadgen,
         )
+        counted = _metric_samples(metrics_port, "modelguard_result_mapper_grpc_requests_total")
     except SystemExit:
         print(server.tail(), file=sys.stderr)
         raise
@@ -349,6 +576,7 @@ def _ours(
     return {
         "server": f"result-mapper ({mode})",
         "first_label": list(response.labels),
+        "server_counted": counted,
         "levels": levels,
     }
 
@@ -360,6 +588,7 @@ def _mlserver(
     request_row: np.ndarray,
     seconds: float,
     warmup: float,
+    cc_loadgen: Path | None,
 ) -> dict[str, Any]:
     venv = _ensure_mlserver_venv()
     model_dir = workdir / f"mlserver-w{workers}"
@@ -397,8 +626,8 @@ def _mlserver(
             }
         )
     )
-    request_file = workdir / "infer.bin"
-    request_file.write_bytes(_mlserver_request(venv, request_row, workdir))
+    request_file = workdir / "infer.requests"
+    write_requests(request_file, [_mlserver_request(venv, request_row, workdir)])
     server = Server(
         f"mlserver-w{workers}",
         [str(venv / "bin" / "mlserver"), "start", str(model_dir)],
@@ -418,6 +647,7 @@ def _mlserver(
             seconds,
             warmup,
             server.process.pid,
+            cc_loadgen=cc_loadgen,
         )
     except SystemExit:
         print(server.tail(), file=sys.stderr)
@@ -492,7 +722,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--no-mlserver", action="store_true")
     parser.add_argument(
-        "--modes", nargs="+", default=["sync:4", "sync:16", "aio"], help="aio, sync or sync:N"
+        "--modes",
+        nargs="+",
+        default=["grpc_workers=4", "grpc_workers=8"],
+        help="result-mapper settings per run, KEY=VALUE[,KEY=VALUE] (MODELGUARD_RESULT_MAPPER_*)",
+    )
+    parser.add_argument(
+        "--users", type=int, default=200, help="users the load is spread over (round robin)"
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the bytes-per-user part")
+    parser.add_argument(
+        "--client",
+        choices=("cc", "python"),
+        default="cc",
+        help="load generator: C++ (bench/loadgen.cc, built on first use) or Python grpc.aio",
     )
     parser.add_argument("--mlserver-workers", type=int, nargs="+", default=[0, 1])
     parser.add_argument(
@@ -504,27 +747,55 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("taskset") is None:
         raise SystemExit("taskset (util-linux) is needed to pin server and client to cores")
 
-    memory = [
-        *(measure_mapper_bytes(10, h) for h in (64, 256)),  # lenet5-fashion
-        *(measure_mapper_bytes(214, h, users=500) for h in (64, 256)),  # lenet5-fashion-features
-        measure_mapper_bytes(1000, 256, users=200),  # efficientnet-lite0
-    ]
+    cc_loadgen = ensure_cc_loadgen() if args.client == "cc" else None
+    if args.client == "cc" and cc_loadgen is None:
+        print("the C++ load generator is unavailable: using the Python one", file=sys.stderr)
+    memory = (
+        []
+        if args.no_memory
+        else [
+            *(measure_mapper_bytes(10, h) for h in (64, 256)),  # lenet5-fashion
+            *(measure_mapper_bytes(214, h, users=500) for h in (64, 256)),  # 214 inputs
+            measure_mapper_bytes(1000, 256, users=200),  # efficientnet-lite0
+        ]
+    )
     for row in memory:
         print(json.dumps(row), flush=True)
     weights, arrays, source = _mapper_arrays(args.mapper)
-    request_row = (
-        np.random.default_rng(0).normal(size=(1, arrays["w1"].shape[0])).astype(np.float32)
-    )
+    # pseudo-outputs: the query profile is fitted on 2,000 draws, requests are fresh draws
+    # of the same distribution (legitimate traffic for the extraction detector)
+    draws = np.random.default_rng(0).normal(size=(2000 + args.users, arrays["w1"].shape[0]))
+    profile_rows, rows = draws[:2000].astype(np.float32), draws[2000:].astype(np.float32)
+    request_row = rows[:1]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mg-serving-") as tmp:
         workdir = Path(tmp)
         for mode in args.modes:
-            runs.append(_ours(workdir, weights, mode, request_row, args.seconds, args.warmup))
+            runs.append(
+                _ours(
+                    workdir,
+                    weights,
+                    mode,
+                    profile_rows,
+                    rows,
+                    args.seconds,
+                    args.warmup,
+                    cc_loadgen,
+                )
+            )
             print(_table(runs[-1:]), flush=True)
         if not args.no_mlserver:
             for workers in args.mlserver_workers:
                 runs.append(
-                    _mlserver(workdir, arrays, workers, request_row, args.seconds, args.warmup)
+                    _mlserver(
+                        workdir,
+                        arrays,
+                        workers,
+                        request_row,
+                        args.seconds,
+                        args.warmup,
+                        cc_loadgen,
+                    )
                 )
                 print(_table(runs[-1:]), flush=True)
 

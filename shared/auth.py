@@ -35,7 +35,7 @@ from typing import Any, Literal
 import grpc
 
 from shared.errors import InvalidInput, PermissionDenied, Unauthenticated
-from shared.interceptors import Behaviour, Continuation, wrap_handler
+from shared.interceptors import Behaviour, MethodInterceptor, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -223,34 +223,34 @@ def require_admin(caller: Identity | None, action: str) -> None:
         raise PermissionDenied(f"{action} needs an admin token (tenant {caller.tenant!r})")
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(MethodInterceptor):
     """Authenticates every call but health and reflection: UNAUTHENTICATED for a missing or
     unknown token; the caller's `Identity` is available to servicers through
     `current_identity` while the call runs. What the caller may do (roles, tenants) is
-    decided by the services, which know who owns what."""
+    decided by the services, which know who owns what. The token is checked on every call,
+    before the request is decoded (a stranger's bytes never reach a parser)."""
 
     def __init__(self, tokens: TokenStore) -> None:
+        super().__init__()
         self.tokens = tokens
 
-    def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIX):
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if method.startswith(OPEN_METHOD_PREFIX):
             return handler
-        try:
-            identity: Identity | None = self.tokens.authenticate(
-                bearer_token(handler_call_details.invocation_metadata)
-            )
-            refusal = ""
-        except Unauthenticated as err:
-            identity, refusal = None, str(err)
+        authenticate = self.tokens.authenticate
+
+        def caller(context: grpc.ServicerContext) -> Identity:
+            try:
+                return authenticate(bearer_token(context.invocation_metadata()))
+            except Unauthenticated as err:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+                raise  # not reached: abort raises
 
         def wrap_unary(behaviour: Behaviour) -> Behaviour:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
-                if identity is None:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-                token = _caller.set(identity)
+                token = _caller.set(caller(context))
                 try:
                     return behaviour(request, context)
                 finally:
@@ -260,10 +260,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
         def wrap_stream(behaviour: Behaviour) -> Behaviour:
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                if identity is None:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
                 # the generator runs in the worker thread that iterates it
-                token = _caller.set(identity)
+                token = _caller.set(caller(context))
                 try:
                     yield from behaviour(request, context)
                 finally:

@@ -19,7 +19,12 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.auth import AuthInterceptor, TokenStore
 from shared.errors import InvalidInput
-from shared.interceptors import ErrorInterceptor, MetricsInterceptor
+from shared.interceptors import (
+    ErrorInterceptor,
+    MethodInterceptor,
+    MetricsInterceptor,
+    wrap_method,
+)
 from shared.metrics import ServiceMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -85,20 +90,22 @@ class GrpcServer:
         self._metrics_port = metrics_port
         self.tls = tls
         # Outermost first: metrics count refusals too; authentication runs before the
-        # error interceptor decodes the request, so strangers never reach a parser.
-        interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+        # error interceptor decodes the request, so strangers never reach a parser. They
+        # wrap each method's handler once, at registration (`_Wrapping`), not per call.
+        interceptors: list[MethodInterceptor] = [MetricsInterceptor(metrics)]
         if tokens is not None:
             interceptors.append(AuthInterceptor(tokens))
         interceptors.append(ErrorInterceptor())
-        self.server = grpc.server(
+        self._grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=metrics.service),
-            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
             ],
         )
+        #: What servicers are added to: the gRPC server, with every handler wrapped.
+        self.server: grpc.Server = _Wrapping(self._grpc_server, interceptors)  # type: ignore[assignment]
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -118,12 +125,12 @@ class GrpcServer:
         reflection.enable_server_reflection(self._service_names, self.server)
         address = f"{self.host}:{self._requested_port}"
         if self.tls is not None:
-            self.port = self.server.add_secure_port(address, self.tls.credentials())
+            self.port = self._grpc_server.add_secure_port(address, self.tls.credentials())
         else:
-            self.port = self.server.add_insecure_port(address)
+            self.port = self._grpc_server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {self.host}:{self._requested_port}")
-        self.server.start()
+        self._grpc_server.start()
         if self._metrics_port >= 0:
             self._metrics_server, self.metrics_port = serve_metrics(
                 self.metrics.registry, self.host, self._metrics_port
@@ -149,7 +156,7 @@ class GrpcServer:
 
     def stop(self, grace: float = 5.0) -> None:
         self.set_serving(False)
-        self.server.stop(grace).wait(grace + 1)
+        self._grpc_server.stop(grace).wait(grace + 1)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -158,6 +165,60 @@ class GrpcServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers come out wrapped (each once)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, interceptors: list[MethodInterceptor]):
+        self.inner = inner
+        self.interceptors = interceptors
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self.inner.service(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, wrap_method(method, handler, self.interceptors))
+            if len(self._wrapped) < MethodInterceptor.MAX_CACHED:
+                self._wrapped[method] = cached
+        return cached[1]
+
+
+class _Wrapping:
+    """The gRPC server as servicers see it (``add_XServicer_to_server(servicer, server)``):
+    registration wraps every method handler with the interceptors once, and everything
+    else goes to the real server. A call then costs the wrappers only, where grpc's
+    interceptor pipeline would run every interceptor's ``intercept_service`` and rebuild
+    the handler on every call."""
+
+    def __init__(self, server: grpc.Server, interceptors: list[MethodInterceptor]) -> None:
+        self._server = server
+        self._interceptors = interceptors
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGeneric(handler, self._interceptors) for handler in handlers)
+        )
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service,
+            {
+                name: wrap_method(f"/{service}/{name}", handler, self._interceptors)
+                for name, handler in handlers.items()
+            },
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
 
 
 def wait_for_termination(

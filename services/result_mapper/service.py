@@ -101,6 +101,10 @@ class ResultMapperService:
             "map_seconds", "Map latency inside the server.", LATENCY_BUCKETS
         )
         self.loaded = metrics.gauge("loaded_mappers", "Mappers in memory.")
+        # bound once: the serving path calls them on every request
+        self._admit = self.limits.admit
+        self._map_seconds = self.map_seconds.observe
+        self._mapped_rows = self.rows.inc
         self.events = metrics.counter("carrier_events_total", "Carrier events applied.", ("kind",))
 
     def _mapper_bytes(self, user_id: str, generation: int) -> bytes:
@@ -153,14 +157,14 @@ class ResultMapperService:
     def _load_profile_of(self, record: CarrierRecord) -> None:
         import json
 
-        from services.carrier_trainer.core.extraction import QueryProfile
+        from services.result_mapper.profile import ServingProfile
 
         ref = record.artifacts.get("profile")
         if ref is None:
             return
         profile: dict[str, Any] = json.loads(self.runtime.store.get_blob(str(ref["sha256"])))
         with self._profiles_lock:
-            self._profiles[(record.user_id, record.generation)] = QueryProfile.from_dict(profile)
+            self._profiles[(record.user_id, record.generation)] = ServingProfile.from_dict(profile)
 
     def _warm(self, user_id: str) -> None:
         """Load a ready carrier's mapper straight from the store when no event brought it
@@ -186,9 +190,12 @@ class ResultMapperService:
     def map(self, user_id: str, credential: str, pseudo: bytes, rows: int) -> MapResult:
         if self.registry.generation(user_id) is None:
             self._warm(user_id)
-        with self.map_seconds.time():
-            result = self.registry.map(user_id, credential, pseudo, rows, self.limits.admit)
-        self.rows.inc(len(result.labels))
+        started = time.perf_counter()  # (Histogram.time() builds a timer object per call)
+        try:
+            result = self.registry.map(user_id, credential, pseudo, rows, self._admit)
+        finally:
+            self._map_seconds(time.perf_counter() - started)
+        self._mapped_rows(len(result.labels))
         return result
 
 

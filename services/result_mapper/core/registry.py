@@ -40,6 +40,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
@@ -136,6 +137,10 @@ class LoadedMapper:
     b1: np.ndarray | None
     w2: np.ndarray
     b2: np.ndarray
+    #: Whether a NaN or infinite input could come out as finite probabilities, so inputs
+    #: must be checked before mapping (see `inputs_need_check`); otherwise a non-finite
+    #: output is the check.
+    check_inputs: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -143,13 +148,14 @@ class LoadedMapper:
         return sum(a.nbytes for a in arrays if a is not None) + MAPPER_OVERHEAD_BYTES
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """``(rows, in_features)`` float32 → ``(rows, classes)``."""
+        """``(rows, in_features)`` float32 → ``(rows, classes)``. ``np.dot`` (BLAS
+        straight away) rather than ``@`` (a generalised ufunc: more set-up per call)."""
         if self.w1 is not None and self.b1 is not None:
-            h = x @ self.w1
+            h = np.dot(x, self.w1)
             h += self.b1
             np.maximum(h, 0.0, out=h)
             x = h
-        out: np.ndarray = x @ self.w2
+        out: np.ndarray = np.dot(x, self.w2)
         out += self.b2
         return out
 
@@ -202,7 +208,24 @@ def parse_mapper(weights: bytes) -> LoadedMapper:
         b1=b1,
         w2=np.ascontiguousarray(w2.T),
         b2=b2,
+        check_inputs=inputs_need_check(w1),
     )
+
+
+def inputs_need_check(w1: np.ndarray | None) -> bool:
+    """Whether a non-finite input can reach finite probabilities through this mapper.
+
+    NaN always propagates (NaN × 0 is NaN; ``maximum`` keeps NaN), and so does ±inf
+    wherever it lands in a logit or a hidden unit that ReLU keeps: ``softmax`` then meets
+    ``inf - inf``. The one escape is the hidden layer's ReLU: an infinite input ``j``
+    vanishes when every weight of row ``j`` of ``w1`` (``(in, hidden)``) has one strict
+    sign (all > 0 for −inf, all < 0 for +inf: every hidden unit gets −inf, ReLU makes it
+    0). A zero weight gives NaN, a weight of the other sign gives +inf: caught. So only a
+    mapper with such a row has its inputs checked first; a linear mapper never needs it.
+    """
+    if w1 is None:
+        return False
+    return bool(((w1 > 0).all(axis=1) | (w1 < 0).all(axis=1)).any())
 
 
 # ------------------------------------------------------------------------------- registry
@@ -281,11 +304,23 @@ class RegistryStatus:
     revoked_users: int
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits - logits.max(axis=1, keepdims=True)
+def _softmax(logits: np.ndarray) -> bool:
+    """Row-wise softmax of ``(rows, classes)`` logits in place; False when a row is not
+    finite (the matrix products overflowed). One row, the common case, is done on the
+    1-D view: the reductions without ``axis`` and ``keepdims`` cost half as much."""
+    if len(logits) == 1:
+        row = logits[0]
+        row -= row.max()
+        np.exp(row, out=row)
+        total = float(row.sum())
+        if not math.isfinite(total):
+            return False
+        row /= total
+        return True
+    logits -= logits.max(axis=1, keepdims=True)
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=1, keepdims=True)
-    return logits
+    return bool(np.isfinite(logits).all())
 
 
 class MapperRegistry:
@@ -394,22 +429,25 @@ class MapperRegistry:
         try:
             entry, mapper = self._authorise(user_id, credential)
             x = self._decode(entry, pseudo_output, rows)
+            # Computing before the finiteness check saves a pass over the input on every
+            # call: NaN or infinite inputs make the output non-finite (`inputs_need_check`
+            # says for which mappers that holds), and only then is the input looked at, to
+            # say which — still before ``admit`` charges anything.
+            if mapper.check_inputs and not np.isfinite(x).all():
+                self._refuse_non_finite(x)
+            with np.errstate(over="ignore", invalid="ignore"):
+                probabilities = mapper.logits(x)
+                finite = _softmax(probabilities)
+            if not finite:
+                self._refuse_non_finite(x)
             if admit is not None:
                 admit(user_id, rows)
         except ModelGuardError:
             self._account_refusal(user_id)
             raise
-        with np.errstate(over="ignore", invalid="ignore"):  # absurd inputs: refused below
-            probabilities = _softmax(mapper.logits(x))
-        if not np.isfinite(probabilities).all():
-            # finite inputs so large that the matrix products overflow
-            self._account_refusal(user_id)
-            raise InvalidInput(
-                "pseudo_output values are too large to map (the mapper overflows): send the "
-                "public model's unmodified scores"
-            )
         labels = probabilities.argmax(axis=1).astype(np.int32)
         now = self.clock()
+        generation = entry.generation
         with self._lock:
             usage = self._usage.get(user_id)
             if usage is None:
@@ -417,12 +455,25 @@ class MapperRegistry:
             usage.calls += 1
             usage.rows += rows
             usage.last_seen = now
-            usage.rows_by_generation[entry.generation] = (
-                usage.rows_by_generation.get(entry.generation, 0) + rows
-            )
+            by_generation = usage.rows_by_generation
+            by_generation[generation] = by_generation.get(generation, 0) + rows
         if self.observer is not None:
-            self.observer.observe(user_id, entry.generation, x, labels, now)
-        return MapResult(labels, probabilities, mapper.classes, entry.generation)
+            self.observer.observe(user_id, generation, x, labels, now)
+        return MapResult(labels, probabilities, mapper.classes, generation)
+
+    @staticmethod
+    def _refuse_non_finite(x: np.ndarray) -> None:
+        bad = int((~np.isfinite(x)).sum())
+        if bad:
+            raise InvalidInput(
+                f"pseudo_output contains {bad} NaN or infinite value(s): check the device's "
+                "public-model run"
+            )
+        # finite inputs so large that the matrix products overflow
+        raise InvalidInput(
+            "pseudo_output values are too large to map (the mapper overflows): send the "
+            "public model's unmodified scores"
+        )
 
     def _authorise(self, user_id: str, credential: str) -> tuple[_UserEntry, LoadedMapper]:
         if not credential:
@@ -471,14 +522,8 @@ class MapperRegistry:
                 f"{entry.in_features} little-endian float32): send the public model's whole "
                 "score vector, unmodified"
             )
-        x = np.frombuffer(pseudo_output, dtype="<f4").reshape(rows, entry.in_features)
-        if not np.isfinite(x).all():
-            bad = int((~np.isfinite(x)).sum())
-            raise InvalidInput(
-                f"pseudo_output contains {bad} NaN or infinite value(s): check the device's "
-                "public-model run"
-            )
-        return x
+        # finiteness is checked on the output (see `map`)
+        return np.frombuffer(pseudo_output, dtype="<f4").reshape(rows, entry.in_features)
 
     def _account_refusal(self, user_id: str) -> None:
         with self._lock:

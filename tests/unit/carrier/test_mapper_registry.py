@@ -11,6 +11,7 @@ from services.client import DeviceClient, MapReply
 from services.result_mapper.core.registry import (
     MapperRegistry,
     hash_credential,
+    inputs_need_check,
     new_credential,
     parse_mapper,
     verify_credential,
@@ -150,6 +151,57 @@ def test_bad_vectors_are_refused_with_actionable_messages(registry: MapperRegist
         registry.map("alice", credential, pack(np.full(10, 3.4e38)))
     assert registry.usage("alice").refused == 6
     assert registry.usage("alice").rows == 0
+
+
+@pytest.mark.parametrize("hidden", [16, 0])
+def test_every_non_finite_input_is_refused_before_anything_is_charged(hidden: int) -> None:
+    """Finiteness is judged on the output where that is exact (`inputs_need_check`):
+    NaN, +inf and -inf in any position, alone or together, are still all refused, with
+    the input's own message, and the user's limits are never charged for them."""
+    charged: list[int] = []
+    registry = MapperRegistry()
+    credential = new_credential()
+    torch.manual_seed(3)
+    mapper = MappingNetwork(10, 10, hidden).eval()
+    registry.hot_load("alice", 0, mapper_to_safetensors(mapper), hash_credential(credential))
+    rng = np.random.default_rng(0)
+    for value in (np.nan, np.inf, -np.inf):
+        for position in range(10):
+            x = rng.normal(size=10).astype(np.float32)
+            x[position] = value
+            with pytest.raises(InvalidInput, match="1 NaN or infinite"):
+                registry.map("alice", credential, pack(x), admit=lambda u, r: charged.append(r))
+    both = np.zeros(10, np.float32)
+    both[[1, 2]] = np.inf, -np.inf
+    with pytest.raises(InvalidInput, match="2 NaN or infinite"):
+        registry.map("alice", credential, pack(both), admit=lambda u, r: charged.append(r))
+    assert charged == []
+    registry.map("alice", credential, pack(np.zeros(10)), admit=lambda u, r: charged.append(r))
+    assert charged == [1]
+
+
+def test_a_mapper_that_could_hide_an_infinite_input_has_its_inputs_checked_first() -> None:
+    # row 0 of w1 all negative: +inf at input 0 sends every hidden unit to -inf, ReLU
+    # makes them 0, and the output would be finite without the explicit check
+    mapper = make_mapper(5)
+    assert isinstance(mapper.fc1, torch.nn.Linear)
+    with torch.no_grad():
+        mapper.fc1.weight[:, 0] = -torch.rand(16) - 0.1
+    loaded = parse_mapper(mapper_to_safetensors(mapper))
+    assert (
+        loaded.check_inputs and not parse_mapper(mapper_to_safetensors(make_mapper(5))).check_inputs
+    )
+    assert loaded.w1 is not None and inputs_need_check(loaded.w1)
+    registry = MapperRegistry()
+    credential = new_credential()
+    registry.hot_load("alice", 0, mapper_to_safetensors(mapper), hash_credential(credential))
+    x = np.zeros(10, np.float32)
+    x[0] = np.inf
+    with pytest.raises(InvalidInput, match="1 NaN or infinite"):
+        registry.map("alice", credential, pack(x))
+    loaded_x = loaded.logits(np.where(np.isinf(x), 0, x)[None])  # the escape is real:
+    with np.errstate(invalid="ignore", over="ignore"):
+        assert np.isfinite(loaded.logits(x[None])).all() and np.isfinite(loaded_x).all()
 
 
 def test_malformed_mappers_and_credentials_are_refused(registry: MapperRegistry) -> None:

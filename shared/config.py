@@ -148,6 +148,11 @@ class ResultMapperSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MODELGUARD_RESULT_MAPPER_", extra="forbid")
     grpc_port: int = 50056
     metrics_port: int = 9106
+    grpc_workers: int = Field(
+        4,
+        description="gRPC thread-pool size. Map calls are short and hold the GIL: 4 threads "
+        "answer more calls per core, with a lower p99, than 8 (bench.bench_serving).",
+    )
     max_loaded_bytes: int = Field(
         256 << 20, description="Memory bound of the loaded-mapper LRU cache."
     )

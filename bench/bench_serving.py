@@ -396,6 +396,26 @@ def ensure_cc_loadgen() -> Path | None:
     return LOADGEN_BINARY
 
 
+def _core_ticks() -> dict[str, list[int]]:
+    """Per-core /proc/stat counters (user nice system idle iowait irq softirq steal)."""
+    with open("/proc/stat") as handle:
+        return {
+            fields[0]: [int(v) for v in fields[1:9]]
+            for fields in (line.split() for line in handle)
+            if fields[0] in ("cpu0", "cpu1")
+        }
+
+
+def _steal_percent(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, float]:
+    """Share of each core's time the hypervisor gave to other guests (a shared host's
+    noise, which no pinning inside this machine avoids)."""
+    shares = {}
+    for core, old in before.items():
+        delta = [b - a for a, b in zip(old, after[core], strict=True)]
+        shares[core] = round(100 * delta[7] / max(1, sum(delta)), 1)
+    return shares
+
+
 def _run_loadgen(
     target: str,
     method: str,
@@ -434,6 +454,7 @@ def _run_loadgen(
         ]  # fmt: skip
         for item in metadata:
             command += ["--metadata", item]
+        ticks = _core_ticks()
         out = subprocess.run(command, check=False, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"C++ load generator failed ({out.returncode}):\n{out.stderr}")
@@ -441,6 +462,7 @@ def _run_loadgen(
         count, server_cpu = level["requests"], level["server_cpu_s"]
         level["server_cpu_us_per_request"] = server_cpu / count * 1e6 if count else None
         level["rps_per_server_core"] = count / server_cpu if server_cpu else None
+        level["steal_percent"] = _steal_percent(ticks, _core_ticks())
         lines.append(level)
     return lines
 
@@ -702,7 +724,7 @@ def measure_mapper_bytes(
 def _table(runs: list[dict[str, Any]]) -> str:
     lines = [
         f"{'server':<36} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-        f"{'srv CPU s':>9} {'req/srv-core-s':>14}"
+        f"{'srv CPU s':>9} {'req/srv-core-s':>14} {'steal % c0/c1':>13}"
     ]
     for run in runs:
         for level in run["levels"]:
@@ -710,7 +732,8 @@ def _table(runs: list[dict[str, Any]]) -> str:
             lines.append(
                 f"{run['server']:<36} {level['concurrency']:>4} {level['rps']:>8.0f} "
                 f"{level['p50_ms']:>7.2f} {level['p99_ms']:>7.2f} {level['errors']:>6} "
-                f"{level['server_cpu_s']:>9.2f} {capacity:>14.0f}"
+                f"{level['server_cpu_s']:>9.2f} {capacity:>14.0f} "
+                f"{'/'.join(str(v) for v in level.get('steal_percent', {}).values()):>13}"
             )
     return "\n".join(lines)
 

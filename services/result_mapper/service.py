@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
@@ -53,6 +54,10 @@ class ResultMapperService:
         self.metrics = metrics
         self.carriers = CarrierRepository(runtime.store)
         self._profiles: dict[tuple[str, int], QueryProfile] = {}
+        #: the same profiles by content (sha256); an entry lives while a user holds it
+        self._profiles_by_digest: weakref.WeakValueDictionary[str, QueryProfile] = (
+            weakref.WeakValueDictionary()
+        )
         self._profiles_lock = threading.Lock()
         self._misses: dict[str, float] = {}
 
@@ -162,9 +167,16 @@ class ResultMapperService:
         ref = record.artifacts.get("profile")
         if ref is None:
             return
-        profile: dict[str, Any] = json.loads(self.runtime.store.get_blob(str(ref["sha256"])))
+        digest = str(ref["sha256"])
+        # Users of one pooled carrier share its profile (as they share its mapper): one
+        # copy in memory and in the CPU caches, parsed once.
+        shared = self._profiles_by_digest.get(digest)
+        if shared is None:
+            data: dict[str, Any] = json.loads(self.runtime.store.get_blob(digest))
+            shared = ServingProfile.from_dict(data)
         with self._profiles_lock:
-            self._profiles[(record.user_id, record.generation)] = ServingProfile.from_dict(profile)
+            self._profiles_by_digest[digest] = shared
+            self._profiles[(record.user_id, record.generation)] = shared
 
     def _warm(self, user_id: str) -> None:
         """Load a ready carrier's mapper straight from the store when no event brought it

@@ -1,0 +1,64 @@
+"""result-mapper's query profiles: loaded with the carrier, shared by users of one pooled
+carrier, scored one row at a time exactly as `QueryProfile` scores them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
+from services.carrier_trainer.core.extraction import QueryProfile
+from services.carrier_trainer.service import ref_dict
+from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
+from services.launcher import build_service
+from services.result_mapper.core.registry import hash_credential, new_credential
+from services.result_mapper.profile import ServingProfile
+from services.result_mapper.service import ResultMapperService
+from shared.config import PlatformSettings, ResultMapperSettings
+
+
+def test_single_rows_score_as_the_batch_formula() -> None:
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(400, 40)).astype(np.float32)
+    reference = QueryProfile.fit(samples, rank=8)
+    serving = ServingProfile.from_dict(reference.to_dict())
+    rows = rng.normal(size=(50, 40)).astype(np.float32) * 3
+    single = np.array([serving.scores(row[None])[0] for row in rows])
+    np.testing.assert_allclose(single, reference.scores(rows), rtol=1e-4)
+    np.testing.assert_array_equal(serving.scores(rows), reference.scores(rows))  # batches
+
+
+def test_users_of_one_pooled_carrier_share_its_profile(tmp_path: Path) -> None:
+    platform = PlatformSettings(store_dir=tmp_path / "store")
+    app = build_service(
+        "result-mapper", platform, ResultMapperSettings(grpc_port=0, metrics_port=-1)
+    )
+    service: ResultMapperService = app.components["service"]
+    store, signer = app.runtime.store, app.runtime.signer
+    torch.manual_seed(0)
+    mapper = store.put_blob(mapper_to_safetensors(MappingNetwork(10, 10, 16)))
+    rng = np.random.default_rng(0)
+    profiles = [
+        store.put_blob(json.dumps(QueryProfile.fit(rng.normal(size=(100, 10))).to_dict()).encode())
+        for _ in range(2)
+    ]
+    for user, profile in (("ann", profiles[0]), ("ben", profiles[0]), ("cat", profiles[1])):
+        CarrierRepository(store).put(
+            CarrierRecord(
+                user_id=user,
+                generation=1,
+                credential_hash=hash_credential(new_credential()),
+                state=READY,
+                artifacts={"mapper": ref_dict(mapper), "profile": ref_dict(profile)},
+                signatures={"mapper": signer.sign(mapper.sha256)},
+            )
+        )
+        service._warm(user)
+    loaded = service._profiles
+    assert isinstance(loaded[("ann", 1)], ServingProfile)
+    assert loaded[("ann", 1)] is loaded[("ben", 1)]
+    assert loaded[("cat", 1)] is not loaded[("ann", 1)]
+    app.runtime.bus.close()

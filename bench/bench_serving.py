@@ -477,7 +477,9 @@ def seed_carriers(
 ) -> dict[str, str]:
     """Ready carriers for ``bench-0 .. bench-{users-1}`` exactly as carrier-trainer leaves
     them (the signed mapper, the query profile the extraction detector scores every
-    request against, the credential stored hashed); returns user → credential."""
+    request against, the credential stored hashed); returns user → credential. The users
+    share one pooled carrier's mapper and profile (the same weights MLServer serves); each
+    has its own credential, rate limit, budget, accounting and detector state."""
     from services.carrier_trainer.core.extraction import QueryProfile
     from services.carrier_trainer.service import ref_dict
     from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository

@@ -722,6 +722,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # --- parser --------------------------------------------------------------------------------
+LAYER_HELP = (
+    "layer to score and prune: a Linear or Conv2d module name (its output features or "
+    "channels), or NAME:in for a Linear layer's input features (default: the first "
+    "Linear layer that is not the classifier; fc:in when the classifier is the only one, "
+    "as in a ResNet)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelguard", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -742,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--repair-mode", default="rollback", choices=["rollback", "shapley", "fine-pruning", "none"]
     )
-    submit.add_argument("--layer", help="layer to score and prune (default: first Linear)")
+    submit.add_argument("--layer", help=LAYER_HELP)
     submit.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
     submit.add_argument("--seed", type=int, default=0)
     submit.add_argument("--wait", action="store_true", help="wait for the audit to finish")
@@ -791,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     repair_cmd.add_argument(
         "--mode", default="rollback", choices=["rollback", "shapley", "fine-pruning"]
     )
-    repair_cmd.add_argument("--layer")
+    repair_cmd.add_argument("--layer", help=LAYER_HELP)
     repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")
     repair_cmd.add_argument("--target", help="target label(s) to repair, comma-separated")
     repair_cmd.add_argument("--seed", type=int, default=0)

@@ -285,12 +285,13 @@ class NeuronScores:
         }
 
 
-def weight_magnitude(module: nn.Module, norm: str = "l2") -> torch.Tensor:
-    """Norm of each neuron's incoming weights: rows of a Linear weight ``(n, in)``,
-    filters of a Conv2d weight ``(n, in, kh, kw)`` → ``(n,)``."""
+def weight_magnitude(module: nn.Module, norm: str = "l2", side: str = "output") -> torch.Tensor:
+    """Norm of each neuron's weights: rows of a Linear weight ``(n, in)``, filters of a
+    Conv2d weight ``(n, in, kh, kw)`` → ``(n,)``; for an input site the columns (the
+    weights through which each input feature reaches the layer)."""
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    flat = weight.detach().flatten(1)
+    flat = weight.detach().t() if side == "input" else weight.detach().flatten(1)
     return flat.abs().sum(1) if norm == "l1" else flat.norm(dim=1)
 
 
@@ -327,8 +328,8 @@ def score_neurons(
     """
     probe = probe or LayerProbe(model, config.layer, spec, max_rows=config.max_rows)
     attack = build_attack_set(data, triggers, spec, samples=config.samples, seed=config.seed)
-    module = get_module(model, probe.info.name)
-    weight = weight_magnitude(module, config.weight_norm)
+    module = get_module(model, probe.info.module)
+    weight = weight_magnitude(module, config.weight_norm, probe.info.side)
     if probe.can_capture:
         reduce = _elementwise(config.activation)
         _, triggered = probe.capture(attack.x, reduce)

@@ -69,7 +69,7 @@ def dormancy_order(context: RepairContext, samples: int, seed: int) -> torch.Ten
         key = activation.mean(0)
     else:
         context.notes.append("activations unobservable: dormancy approximated by weight norm")
-        key = weight_magnitude(context.pruner.module)
+        key = weight_magnitude(context.pruner.module, side=context.probe.info.side)
     return torch.sort(key, stable=True).indices
 
 

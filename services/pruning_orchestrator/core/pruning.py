@@ -1,7 +1,8 @@
 """Pruning primitives shared by the repair modes.
 
 *Pruning a neuron* zeroes its output: the weight row (Linear) or output filter (Conv2d)
-and its bias are set to 0 **in place**, so the change is in the saved weights of every
+and its bias are set to 0 **in place** (for an input site ``<layer>:in``, the weight
+column: the feature no longer reaches the layer), so the change is in the saved weights of every
 format (safetensors, state dict, TorchScript) and needs no wrapper code. Rolling back
 restores the saved values exactly. Fine-tuning keeps pruned neurons at zero by zeroing
 their gradients and re-zeroing them after every optimiser step (Adam's moment estimates
@@ -32,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from services.neuron_scoring.core.layers import (
+    LayerInfo,
     LayerProbe,
     evaluating,
     get_module,
@@ -63,18 +65,23 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 class Pruner:
-    """The pruned neurons of one layer of ``model``, applied to its weights in place."""
+    """The pruned neurons of one site of ``model`` (a layer name, which means its
+    outputs, or a `LayerInfo`, which may be a Linear layer's inputs), applied to its
+    weights in place: rows / filters and bias for outputs, columns for inputs."""
 
-    def __init__(self, model: nn.Module, layer: str) -> None:
+    def __init__(self, model: nn.Module, layer: str | LayerInfo) -> None:
+        info = layer if isinstance(layer, LayerInfo) else None
         self.model = model
-        self.layer = layer
-        self.module = get_module(model, layer)
+        self.layer = info.name if info else str(layer)
+        self.module = get_module(model, info.module if info else str(layer))
         weight = self.module.weight
         assert isinstance(weight, torch.Tensor)
         self.weight: torch.Tensor = weight
-        bias = getattr(self.module, "bias", None)
+        #: the weight dimension indexed by neuron (1: input features)
+        self.dim = info.weight_dim if info else 0
+        bias = getattr(self.module, "bias", None) if self.dim == 0 else None
         self.bias: torch.Tensor | None = bias if isinstance(bias, torch.Tensor) else None
-        self.neurons = int(weight.shape[0])
+        self.neurons = int(weight.shape[self.dim])
         self.pruned: list[int] = []
         self._saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -91,10 +98,10 @@ class Pruner:
         if index in self._saved:
             return
         self._saved[index] = (
-            self.weight.data[index].clone(),
+            self.weight.data.select(self.dim, index).clone(),
             self.bias.data[index].clone() if self.bias is not None else None,
         )
-        self.weight.data[index] = 0
+        self.weight.data.select(self.dim, index).zero_()
         if self.bias is not None:
             self.bias.data[index] = 0
         self.pruned.append(index)
@@ -105,7 +112,7 @@ class Pruner:
         if index not in self._saved:
             raise ValueError(f"neuron {index} of {self.layer} is not pruned")
         weight, bias = self._saved.pop(index)
-        self.weight.data[index] = weight
+        self.weight.data.select(self.dim, index).copy_(weight)
         if self.bias is not None and bias is not None:
             self.bias.data[index] = bias
         self.pruned.remove(index)
@@ -115,7 +122,7 @@ class Pruner:
         """Zero every pruned neuron again (after an optimiser step)."""
         if self.pruned:
             index = torch.tensor(self.pruned, dtype=torch.long)
-            self.weight.data[index] = 0
+            self.weight.data.index_fill_(self.dim, index, 0)
             if self.bias is not None:
                 self.bias.data[index] = 0
 
@@ -123,9 +130,10 @@ class Pruner:
         if not self.pruned:
             return
         index = torch.tensor(self.pruned, dtype=torch.long)
-        for param in (self.weight, self.bias):
-            if param is not None and param.grad is not None:
-                param.grad[index] = 0
+        if self.weight.grad is not None:
+            self.weight.grad.index_fill_(self.dim, index, 0)
+        if self.bias is not None and self.bias.grad is not None:
+            self.bias.grad[index] = 0
 
     def keep_mask(self) -> torch.Tensor:
         """``(n,)`` float: 0 for pruned neurons, 1 otherwise."""
@@ -139,7 +147,7 @@ class Pruner:
         if not self.pruned:
             return True
         index = torch.tensor(self.pruned, dtype=torch.long)
-        zero = bool((self.weight.data[index] == 0).all())
+        zero = bool((self.weight.data.index_select(self.dim, index) == 0).all())
         if self.bias is not None:
             zero = zero and bool((self.bias.data[index] == 0).all())
         return zero
@@ -415,7 +423,7 @@ class RepairContext:
             model=model,
             spec=spec,
             probe=probe,
-            pruner=Pruner(model, probe.info.name),
+            pruner=Pruner(model, probe.info),
             tune=tune,
             val=val,
             attack=attack,

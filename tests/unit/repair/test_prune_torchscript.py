@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from services.neuron_scoring.core import ShapleyConfig
+from services.neuron_scoring.core import LayerProbe, ShapleyConfig, resolve_layer
 from services.pruning_orchestrator.core import (
     FineTuneConfig,
     Pruner,
@@ -84,6 +84,7 @@ def toy_trigger() -> ReversedTrigger:
 
 
 SPEC = InputSpec((1, 4, 4))
+SPEC_28 = InputSpec((1, 28, 28))
 
 
 def test_prune_unprune_and_save_on_a_script_module() -> None:
@@ -114,6 +115,45 @@ def test_conv_channels_are_pruned_in_a_traced_module() -> None:
         model.conv2.weight[3] = 0
         model.conv2.bias[3] = 0
         assert torch.allclose(traced(x), model(x), atol=1e-5)
+
+
+def test_input_features_are_pruned_as_weight_columns() -> None:
+    """``fc:in`` of a ResNet: pruning feature j zeroes column j of ``fc`` (bias kept),
+    in a TorchScript archive and after saving; fine-tuning keeps the column at zero;
+    unpruning restores it exactly."""
+    model = build("resnet18_small").eval()
+    scripted = roundtrip(torch.jit.script(model))
+    original = scripted.fc.weight.detach().clone()
+    bias = scripted.fc.bias.detach().clone()
+    probe = LayerProbe(scripted, None, InputSpec((1, 28, 28)))
+    assert (probe.info.name, probe.info.side, probe.neurons) == ("fc:in", "input", 128)
+    pruner = Pruner(scripted, probe.info)
+    assert pruner.neurons == 128
+    pruner.prune(7)
+    pruner.prune(100)
+    assert pruner.is_zero()
+    reloaded = roundtrip(scripted)
+    assert torch.all(reloaded.fc.weight[:, [7, 100]] == 0)
+    assert torch.equal(reloaded.fc.bias, bias)
+    assert torch.equal(reloaded.fc.weight[:, 8], original[:, 8])
+    # the probe's masked logits equal the pruned model's
+    x = torch.rand(3, 1, 28, 28)
+    keep = torch.ones(1, 128)
+    keep[0, [7, 100]] = 0
+    with torch.no_grad():
+        pruned_logits = scripted(x)
+    pruner.unprune(7)
+    pruner.unprune(100)
+    assert torch.equal(scripted.fc.weight, original)
+    assert torch.allclose(probe.masked_logits(x, keep)[0], pruned_logits, atol=1e-5)
+    # fine-tuning (eager copy, so gradients flow through the hooks-free model)
+    eager = build("resnet18_small").eval()
+    tuner = Pruner(eager, resolve_layer(eager, "fc:in", SPEC_28))
+    tuner.prune(3)
+    data = Dataset(torch.rand(64, 1, 28, 28), torch.randint(10, (64,)))
+    fine_tune(eager, data, SPEC_28, [tuner], FineTuneConfig(lr=1e-2), steps=3)
+    assert tuner.is_zero()
+    assert bool((eager.fc.weight[:, 4] != 0).any())
 
 
 def test_fine_tuning_keeps_pruned_neurons_at_zero() -> None:

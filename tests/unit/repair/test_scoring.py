@@ -179,7 +179,7 @@ def test_trigger_forms() -> None:
 
 @pytest.mark.parametrize(
     ("arch", "default", "neurons"),
-    [("lenet5", "fc1", 120), ("vgg_small", "fc1", 256), ("resnet18_small", "layer4.1.conv2", 128)],
+    [("lenet5", "fc1", 120), ("vgg_small", "fc1", 256), ("resnet18_small", "fc:in", 128)],
 )
 def test_default_layer(arch: str, default: str, neurons: int) -> None:
     spec = InputSpec((1, 28, 28))
@@ -204,7 +204,15 @@ def test_named_layers_and_errors() -> None:
 
 
 @pytest.mark.parametrize("kind", ["eager", "script", "trace"])
-@pytest.mark.parametrize(("arch", "layer"), [("lenet5", None), ("resnet18_small", None)])
+@pytest.mark.parametrize(
+    ("arch", "layer"),
+    [
+        ("lenet5", None),
+        ("lenet5", "fc2:in"),
+        ("resnet18_small", None),
+        ("resnet18_small", "layer4.1.conv2"),
+    ],
+)
 def test_batched_masks_equal_zeroed_weights(kind: str, arch: str, layer: str | None) -> None:
     torch.manual_seed(0)
     spec = InputSpec((1, 28, 28), mean=(0.1307,), std=(0.3081,))
@@ -217,10 +225,10 @@ def test_batched_masks_equal_zeroed_weights(kind: str, arch: str, layer: str | N
     keep = (torch.rand(4, probe.neurons, generator=torch.Generator().manual_seed(1)) > 0.3).float()
     batched = probe.masked_logits(x, keep)
     assert batched.shape == (4, 6, 10)
-    module = get_module(model, probe.info.name)
+    module = get_module(model, probe.info.module)
     for row in range(4):
         pruned = torch.nonzero(keep[row] == 0).flatten().tolist()
-        with zeroed(module, pruned):
+        with zeroed(module, pruned, probe.info.side):
             expected = probe.logits(x)
         assert torch.allclose(batched[row], expected, atol=1e-4)
     _, activations = probe.capture(x)

@@ -35,7 +35,7 @@ class AuditOptions(_message.Message):
     reversal_steps: _builtins.int
     """0: service default"""
     layer: _builtins.str
-    """neuron-scoring / pruning layer; empty: first Linear"""
+    """pruning site: a Linear/Conv2d name, or NAME:in for a Linear layer's inputs; empty: default"""
     repair_mode: _builtins.str
     """rollback | shapley | fine-pruning | none; empty: rollback"""
     seed: _builtins.int

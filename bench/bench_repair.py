@@ -288,13 +288,6 @@ def run(args: argparse.Namespace) -> list[Row]:
                 continue
             started = time.perf_counter()
             config = mode_configs["rollback" if mode == "finetune-only" else mode]
-            if mode == "shapley" and entry.arch == "resnet18_small":
-                # a convolution of ResNet-18 costs ~30x an fc1 of LeNet per evaluation
-                config = replace(
-                    config,
-                    max_rounds=5,
-                    shapley=replace(config.shapley, max_evaluations=1500, samples=100),
-                )
             if mode == "finetune-only":
                 result = finetune_only(model, clean, entry, triggers, config)
             else:

@@ -194,13 +194,17 @@ class TokenStore:
 
 def bearer_token(metadata: Any) -> str:
     """The token of ``authorization: Bearer <token>`` in gRPC invocation metadata."""
-    values = [value for key, value in metadata or () if key == "authorization"]
-    if not values:
+    value = None
+    for key, item in metadata or ():
+        if key == "authorization":  # the first one, as before
+            value = item
+            break
+    if value is None:
         raise Unauthenticated(
             "no token: send 'authorization: Bearer <token>' metadata (the CLI sends "
             "MODELGUARD_TOKEN or --token)"
         )
-    scheme, _, token = str(values[0]).strip().partition(" ")
+    scheme, _, token = str(value).strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
     return token.strip()

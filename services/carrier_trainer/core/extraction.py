@@ -122,6 +122,10 @@ class QueryProfile:
             score += (residual**2).sum(axis=1) * self.residual_scale
         return score  # type: ignore[no-any-return]
 
+    def score_one(self, z: np.ndarray) -> float:
+        """The score of one row ``(K,)``, as `scores` gives it for ``z[None]``."""
+        return float(self.scores(z[None])[0])
+
     def outliers(self, z: np.ndarray) -> np.ndarray:
         flags: np.ndarray = self.scores(z) > self.threshold
         return flags
@@ -222,8 +226,13 @@ class ExtractionDetector:
         profile = self.profiles(user_id, generation) if self.profiles is not None else None
         outlying, score_sum = 0, 0.0
         if profile is not None:
-            scores = profile.scores(pseudo)
-            outlying, score_sum = int((scores > profile.threshold).sum()), float(scores.sum())
+            if rows == 1:  # the usual call: plain floats, no reductions over one value
+                score_sum = profile.score_one(pseudo[0])
+                outlying = int(score_sum > profile.threshold)
+            else:
+                scores = profile.scores(pseudo)
+                outlying = int((scores > profile.threshold).sum())
+                score_sum = float(scores.sum())
         alarm: Alarm | None = None
         with self._lock:
             state = self._state.get(user_id)

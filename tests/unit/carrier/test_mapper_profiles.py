@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
@@ -29,6 +30,31 @@ def test_single_rows_score_as_the_batch_formula() -> None:
     single = np.array([serving.scores(row[None])[0] for row in rows])
     np.testing.assert_allclose(single, reference.scores(rows), rtol=1e-4)
     np.testing.assert_array_equal(serving.scores(rows), reference.scores(rows))  # batches
+    one = np.array([serving.score_one(row) for row in rows])
+    np.testing.assert_allclose(one, reference.scores(rows), rtol=1e-4)
+    base = np.array([reference.score_one(row) for row in rows])  # the generic one-row path
+    np.testing.assert_allclose(base, reference.scores(rows), rtol=1e-5)
+
+
+def test_the_detector_counts_single_rows_as_it_counts_batches() -> None:
+    """The detector's one-row path (plain floats) keeps the same per-user sums as the
+    batch path: outlying rows exactly, the score sum to float32 precision."""
+    from services.carrier_trainer.core.extraction import DetectorConfig, ExtractionDetector
+
+    rng = np.random.default_rng(1)
+    reference = QueryProfile.fit(rng.normal(size=(400, 40)).astype(np.float32), rank=8)
+    serving = ServingProfile.from_dict(reference.to_dict())
+    rows = (rng.normal(size=(60, 40)) * np.linspace(0.5, 3, 60)[:, None]).astype(np.float32)
+    config = DetectorConfig(max_rows_per_window=10_000, max_rows_per_generation=0)
+    single = ExtractionDetector(config, profiles=lambda user, generation: serving)
+    batch = ExtractionDetector(config, profiles=lambda user, generation: reference)
+    labels = np.zeros(1, np.int32)
+    for row in rows:
+        single.observe("ann", 1, row[None], labels, 0.0)
+    batch.observe("ann", 1, rows, np.zeros(60, np.int32), 0.0)
+    one, many = single._state["ann"], batch._state["ann"]
+    assert one.rows == many.rows == 60 and 0 < one.outlying == many.outlying < 60
+    assert one.score_sum == pytest.approx(many.score_sum, rel=1e-5)
 
 
 def test_users_of_one_pooled_carrier_share_its_profile(tmp_path: Path) -> None:

@@ -74,6 +74,24 @@ def test_verified_credential_cache_never_widens_access(registry: MapperRegistry)
     registry.map("alice", rotated, row)
 
 
+def test_a_cached_credential_is_refused_at_once_after_revocation(
+    registry: MapperRegistry,
+) -> None:
+    """Calls read the user's entry without the registry lock; a credential verified (and
+    cached) just before `revoke` is refused by the very next call."""
+    credential, _ = load_user(registry, "alice", seed=1)
+    row = pack(np.zeros((1, 10)))
+    for _ in range(3):
+        registry.map("alice", credential, row)
+    assert registry.revoke("alice", 0)
+    assert registry.generation("alice") is None
+    with pytest.raises(NotFound, match="revoked"):
+        registry.map("alice", credential, row)
+    with pytest.raises(PermissionDenied):  # and the refusal still tells strangers apart
+        registry.map("alice", credential + "x", row)
+    assert registry.usage("alice").calls == 3 and registry.usage("alice").refused == 2
+
+
 def test_map_matches_the_torch_mapper(registry: MapperRegistry) -> None:
     credential, mapper = load_user(registry, "alice", seed=1)
     x = np.random.default_rng(0).normal(size=(5, 10)).astype(np.float32)
@@ -178,6 +196,30 @@ def test_every_non_finite_input_is_refused_before_anything_is_charged(hidden: in
     assert charged == []
     registry.map("alice", credential, pack(np.zeros(10)), admit=lambda u, r: charged.append(r))
     assert charged == [1]
+
+
+def test_overflow_is_refused_quietly_and_numpy_error_state_is_left_alone(
+    registry: MapperRegistry,
+) -> None:
+    """`map` ignores overflow and invalid results while it computes (it judges them
+    itself) by setting numpy's error state directly: no RuntimeWarning escapes even
+    when warnings are errors, and the caller's error state is the same afterwards."""
+    import warnings
+
+    credential, _ = load_user(registry, "alice", seed=1)
+    before = np.geterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InvalidInput, match="too large"):
+            registry.map("alice", credential, pack(np.full(10, 3.4e38)))
+        with pytest.raises(InvalidInput, match="NaN or infinite"):
+            registry.map("alice", credential, pack(np.full(10, np.inf)))
+        registry.map("alice", credential, pack(np.zeros(10)))
+    assert np.geterr() == before
+    with np.errstate(over="raise", invalid="raise"):  # a caller's own state is kept too
+        with pytest.raises(InvalidInput, match="too large"):
+            registry.map("alice", credential, pack(np.full(10, 3.4e38)))
+        assert np.geterr()["over"] == "raise"
 
 
 def test_a_mapper_that_could_hide_an_infinite_input_has_its_inputs_checked_first() -> None:

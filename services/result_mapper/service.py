@@ -100,9 +100,10 @@ class ResultMapperService:
         self.alarms = metrics.counter(
             "extraction_alarms_total", "Suspected model-extraction alarms.", ("reason",)
         )
-        self.rows = metrics.counter("mapped_rows_total", "Pseudo-outputs mapped.")
-        self.refusals = metrics.counter("refusals_total", "Map calls refused.", ("code",))
-        self.map_seconds = metrics.histogram(
+        # updated on every Map: local families, read at scrape time (shared.metrics)
+        self.rows = metrics.local_counter("mapped_rows_total", "Pseudo-outputs mapped.")
+        self.refusals = metrics.local_counter("refusals_total", "Map calls refused.", ("code",))
+        self.map_seconds = metrics.local_histogram(
             "map_seconds", "Map latency inside the server.", LATENCY_BUCKETS
         )
         self.loaded = metrics.gauge("loaded_mappers", "Mappers in memory.")

@@ -153,6 +153,14 @@ class ResultMapperSettings(ServiceSettings):
         description="gRPC thread-pool size. Map calls are short and hold the GIL: 4 threads "
         "answer more calls per core, with a lower p99, than 8 (bench.bench_serving).",
     )
+    batch_scheduling: bool = Field(
+        True,
+        description="Run the process under Linux's SCHED_BATCH policy: a thread that wakes "
+        "(gRPC's poll thread on each network event, a worker handed a call) no longer "
+        "preempts the worker mid-call; it runs when that worker blocks. Involuntary "
+        "context switches fell from ~1 to ~0.03 per call, throughput rose (bench_serving). "
+        "No privilege is needed; ignored where the policy does not exist.",
+    )
     max_loaded_bytes: int = Field(
         256 << 20, description="Memory bound of the loaded-mapper LRU cache."
     )

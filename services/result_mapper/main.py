@@ -33,9 +33,28 @@ def build(settings: ResultMapperSettings, runtime: Runtime, metrics: ServiceMetr
     return app
 
 
+def batch_scheduling() -> bool:
+    """Put every thread of this process under SCHED_BATCH (threads started later inherit
+    it from the thread that starts them); see ``ResultMapperSettings.batch_scheduling``.
+    Returns whether it applied."""
+    setter = getattr(os, "sched_setscheduler", None)
+    policy = getattr(os, "SCHED_BATCH", None)
+    if setter is None or policy is None:
+        return False
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            setter(int(tid), policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
 def main() -> None:
     from services.launcher import run_service
+    from shared.config import ResultMapperSettings
 
+    if ResultMapperSettings().batch_scheduling:
+        batch_scheduling()  # before the gRPC server starts its threads
     run_service(NAME)
 
 

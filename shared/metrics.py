@@ -40,6 +40,8 @@ class _LocalFamily:
     `Counter` and `Histogram` export, under the same names."""
 
     kind = ""
+    #: a suffix the given name may carry that the family's name drops (``_total``)
+    name_suffix = ""
 
     def __init__(
         self,
@@ -48,7 +50,7 @@ class _LocalFamily:
         labelnames: Sequence[str] = (),
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.name = name
+        self.name = name.removesuffix(self.name_suffix) if self.name_suffix else name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._lock = threading.Lock()
@@ -109,15 +111,7 @@ class LocalCounter(_LocalFamily):
     or with it), for the serving path: see `_LocalFamily`."""
 
     kind = "counter"
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        registry: CollectorRegistry | None = None,
-    ) -> None:
-        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
+    name_suffix = "_total"
 
     def _child(self) -> _CounterChild:
         return _CounterChild(self.name)

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from services.carrier_trainer.core.extraction import QueryProfile
+from services.result_mapper.core.kernels import profile_score
+from shared.errors import InvalidInput
 
 
+@dataclass(frozen=True)  # again, so that __init__ calls __post_init__
 class ServingProfile(QueryProfile):
-    """`QueryProfile` whose `score_one` (the detector's single-row Map call) runs the same
-    formula in fewer numpy calls: 1-D ``np.dot`` products instead of broadcasting,
-    squaring and ``sum(axis=1)`` over ``(1, K)`` arrays, and the score comes back as a
-    float (the per-call cost is numpy's call overhead, not arithmetic). Batches use the
-    parent's code."""
+    """`QueryProfile` whose `score_one` (the detector's single-row Map call) is one
+    compiled kernel (`kernels.profile_score`: one pass over the components, the GIL kept).
+    Batches use the parent's numpy code."""
+
+    def __post_init__(self) -> None:
+        # the kernel reads raw memory: contiguous float32 arrays of consistent shapes
+        for name in ("mean", "components", "scales"):
+            object.__setattr__(
+                self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float32)
+            )
+        k, r = self.components.shape if self.components.ndim == 2 else (-1, -1)
+        if self.mean.shape != (k,) or self.scales.shape != (r,):
+            raise InvalidInput(
+                f"query profile shapes disagree: mean {self.mean.shape}, components "
+                f"{self.components.shape}, scales {self.scales.shape}"
+            )
 
     def score_one(self, z: np.ndarray) -> float:
-        centred = z - self.mean  # z: float32 (K,), as the registry decodes it
-        if centred.dtype != np.float32:
-            centred = centred.astype(np.float32)
-        projected = np.dot(centred, self.components)  # (r,)
-        scaled = projected * self.scales
-        score = float(np.dot(scaled, scaled))
-        if self.residual_scale:
-            residual = centred - np.dot(self.components, projected)
-            score += float(np.dot(residual, residual)) * self.residual_scale
-        return score
+        if z.dtype != np.float32:  # the registry decodes float32; anything else is cast
+            z = z.astype(np.float32)
+        return profile_score(z, self.mean, self.components, self.scales, self.residual_scale)
 
     def scores(self, z: np.ndarray) -> np.ndarray:
         if z.ndim != 2 or z.shape[0] != 1:

@@ -48,7 +48,9 @@ class ResultMapperService:
             ExtractionDetector,
             QueryProfile,
         )
+        from services.result_mapper.core import kernels
 
+        kernels.warm_up()  # compiled (or loaded from cache) before the first request
         self.runtime = runtime
         self.settings = settings
         self.metrics = metrics

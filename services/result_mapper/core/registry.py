@@ -8,8 +8,8 @@ once when it is rotated; a revoked generation can never be loaded again (a repla
 
 Serving path: no torch. A mapper is parsed once from its safetensors bytes (the format
 written by ``services.carrier_trainer.core.carrier.mapper_to_safetensors``) into
-contiguous float32 numpy arrays; a request is ``frombuffer`` → finite check → two matmuls
-→ softmax.
+contiguous float32 numpy arrays; a request is ``frombuffer`` → two matmuls → softmax,
+one compiled kernel for a single row (`kernels`), numpy for a batch.
 
 Memory: loaded mappers live in an LRU bounded in bytes (`max_loaded_bytes`). A mapper's
 cost is its array bytes plus a measured per-object overhead (`MAPPER_OVERHEAD_BYTES`).
@@ -54,6 +54,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as safetensors_numpy_load
 
+from services.result_mapper.core.kernels import map_row
 from shared.errors import (
     InvalidInput,
     ModelGuardError,
@@ -471,25 +472,19 @@ class MapperRegistry:
             # say which — still before ``admit`` charges anything.
             if mapper.check_inputs and not np.isfinite(x).all():
                 self._refuse_non_finite(x)
-            if _FP_STATE is not None:  # np.errstate(over="ignore", invalid="ignore")
-                quiet = _FP_STATE.set(_QUIET_FP)
-                try:
-                    probabilities = mapper.logits(x)
-                    finite = _softmax(probabilities)
-                finally:
-                    _FP_STATE.reset(quiet)
-            else:  # pragma: no cover - see _quiet_fp_state
-                with np.errstate(over="ignore", invalid="ignore"):
-                    probabilities = mapper.logits(x)
-                    finite = _softmax(probabilities)
-            if not finite:
-                self._refuse_non_finite(x)
+            if rows == 1:  # the common call: one compiled kernel (see `kernels`)
+                probabilities, label = map_row(x[0], mapper.w1, mapper.b1, mapper.w2, mapper.b2)
+                if label < 0:
+                    self._refuse_non_finite(x)
+                labels = np.array((label,), dtype=np.int32)
+            else:
+                probabilities = self._map_batch(mapper, x)
+                labels = probabilities.argmax(axis=1).astype(np.int32)
             if admit is not None:
                 admit(user_id, rows)
         except ModelGuardError:
             self._account_refusal(user_id)
             raise
-        labels = probabilities.argmax(axis=1).astype(np.int32)
         now = self.clock()
         generation = entry.generation
         with self._lock:
@@ -504,6 +499,24 @@ class MapperRegistry:
         if self.observer is not None:
             self.observer.observe(user_id, generation, x, labels, now)
         return MapResult(labels, probabilities, mapper.classes, generation)
+
+    def _map_batch(self, mapper: LoadedMapper, x: np.ndarray) -> np.ndarray:
+        """Probabilities of ``rows > 1`` rows through numpy (BLAS): raises InvalidInput
+        when a row's logits are not finite."""
+        if _FP_STATE is not None:  # np.errstate(over="ignore", invalid="ignore")
+            quiet = _FP_STATE.set(_QUIET_FP)
+            try:
+                probabilities = mapper.logits(x)
+                finite = _softmax(probabilities)
+            finally:
+                _FP_STATE.reset(quiet)
+        else:  # pragma: no cover - see _quiet_fp_state
+            with np.errstate(over="ignore", invalid="ignore"):
+                probabilities = mapper.logits(x)
+                finite = _softmax(probabilities)
+        if not finite:
+            self._refuse_non_finite(x)
+        return probabilities
 
     @staticmethod
     def _refuse_non_finite(x: np.ndarray) -> None:

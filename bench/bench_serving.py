@@ -269,6 +269,14 @@ def _mapper_arrays(
     else:
         import torch
 
+        # said loudly: the figures then describe a smaller mapper than the product serves
+        print(
+            f"note: {trained.relative_to(REPO_ROOT)} is missing (run `python -m "
+            "bench.bench_carrier --skip-efficientnet` first): serving a seeded "
+            f"10→{hidden}→10 mapper instead",
+            file=sys.stderr,
+            flush=True,
+        )
         torch.manual_seed(0)
         data, source = (
             mapper_to_safetensors(MappingNetwork(10, 10, hidden)),

@@ -48,6 +48,10 @@ OPEN_METHOD_PREFIX = "/grpc."
 #: How often the tokens file's mtime is checked for a rotated Secret.
 RELOAD_INTERVAL_S = 2.0
 _warned = False  # the "auth is off" warning, once per process
+#: Key of the verified-token cache, random per process (never stored or sent).
+_VERIFIED_KEY = secrets.token_bytes(32)
+#: Bound of that cache (the tokens file lists far fewer).
+MAX_VERIFIED_TOKENS = 4096
 _TENANT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.@")
 
 
@@ -154,6 +158,9 @@ class TokenStore:
         self._stamp: tuple[int, int] = (-1, -1)
         self._checked = 0.0
         self._entries: dict[str, _Entry] = {}
+        #: Tokens that passed the check, by keyed blake2b, for the current entries only
+        #: (a new dict on every reload, so a revoked token is never served from it).
+        self._verified: dict[bytes, Identity] = {}
         self._reload(force=True)
 
     def _reload(self, force: bool = False) -> None:
@@ -169,7 +176,9 @@ class TokenStore:
             # a half-written or broken update: keep serving the last good tokens
             log.error("tokens file %s not reloaded (keeping the last good one): %s", self.path, err)
             return
-        self._entries, self._stamp = entries, stamp
+        # entries first, then a new cache: a call that finds the new cache reads the new
+        # entries, so nothing checked against the old tokens ever lands in it
+        self._entries, self._stamp, self._verified = entries, stamp, {}
         if not force:
             log.info("tokens file %s reloaded: %d token(s)", self.path, len(entries))
 
@@ -183,12 +192,23 @@ class TokenStore:
                 if now - self._checked >= RELOAD_INTERVAL_S:
                     self._checked = now
                     self._reload()
+        # A returning caller costs one keyed blake2b and a dict read instead of parsing
+        # the token and hashing it with its salt (every Map call carries a token). The key
+        # is random per process, so the cache's timing says nothing about valid tokens;
+        # only tokens that passed are stored, so it holds at most one entry per token.
+        verified = self._verified  # read before the entries: a reload replaces both
+        fast = hashlib.blake2b(token.encode(), key=_VERIFIED_KEY, digest_size=32).digest()
+        identity = verified.get(fast)
+        if identity is not None:
+            return identity
         key_id = _key_id(token)
         entry = self._entries.get(key_id) if key_id else None
         # compare even when the key id is unknown, so timing does not tell ids apart
         salt, expected = (entry.salt, entry.digest) if entry else (b"", b"\0" * 32)
         if not hmac.compare_digest(_digest(salt, token), expected) or entry is None:
             raise Unauthenticated("unknown or revoked token")
+        if len(verified) < MAX_VERIFIED_TOKENS:
+            verified[fast] = entry.identity
         return entry.identity
 
 

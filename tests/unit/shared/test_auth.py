@@ -288,3 +288,33 @@ def test_the_dev_overlays_bootstrap_mints_an_admin_token_in_the_same_format(
     (tmp_path / "tokens").write_text(secret["tokens"])
     assert secret["admin-token"] not in secret["tokens"]
     assert TokenStore(tmp_path / "tokens").authenticate(secret["admin-token"]).admin
+
+
+def test_verified_tokens_are_cached_per_tokens_file_version(
+    tokens: Tokens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A returning token skips the salted hash, but the cache never outlives the tokens
+    it was checked against, and a wrong token is never cached."""
+    monkeypatch.setattr(auth, "RELOAD_INTERVAL_S", 0.0)
+    store = TokenStore(tokens.file)
+    hashed: list[str] = []
+    real_digest = auth._digest
+
+    def counting_digest(salt: bytes, token: str) -> bytes:
+        hashed.append(token)
+        return real_digest(salt, token)
+
+    monkeypatch.setattr(auth, "_digest", counting_digest)
+    for _ in range(3):
+        assert store.authenticate(tokens.globex) == Identity("globex", "tenant")
+    assert hashed == [tokens.globex]  # checked once, then served from the cache
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            store.authenticate(tokens.globex + "x")
+    assert hashed.count(tokens.globex + "x") == 2  # refusals are never cached
+    lines = [x for x in tokens.file.read_text().splitlines() if not x.startswith("globex")]
+    tokens.file.write_text("\n".join(lines) + "\n")
+    os.utime(tokens.file, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    with pytest.raises(Unauthenticated):  # revoked: the reload dropped the cache
+        store.authenticate(tokens.globex)
+    assert store.authenticate(tokens.acme).tenant == "acme"

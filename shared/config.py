@@ -52,7 +52,8 @@ class PlatformSettings(BaseSettings):
     s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 endpoint.")
     signing_key: SecretStr = Field(
         SecretStr(DEFAULT_SIGNING_KEY),
-        description="HMAC key signing reports, repaired models, carriers and mappers.",
+        description="HMAC key signing reports, repaired models, carriers, mappers and query "
+        "profiles. The default is refused by services that listen beyond loopback.",
     )
     max_model_bytes: int = Field(512 << 20, description="Largest accepted model file.")
     max_dataset_bytes: int = Field(1 << 30, description="Largest accepted dataset file.")
@@ -172,6 +173,12 @@ class ResultMapperSettings(ServiceSettings):
     )
     auto_revoke: bool = Field(
         True, description="Revoke a carrier at once when its queries look like extraction."
+    )
+    profile_scoring: bool = Field(
+        True,
+        description="Score every Map request against the carrier's query profile, which "
+        "must be signed by this deployment: a carrier whose profile is missing or not "
+        "signed is refused. Off: profiles are not loaded; only the row-count rules apply.",
     )
     rate_per_second: float = Field(
         100.0, description="Map calls per second one user may sustain (0: no rate limit)."

@@ -3,6 +3,7 @@ its gRPC server and Kafka workers. Services wire their parts through constructor
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from shared.auth import load_token_store
 from shared.bus.base import Handler, JobBus, RetryPolicy, Subscription
-from shared.config import PlatformSettings, ServiceSettings
+from shared.config import DEFAULT_SIGNING_KEY, PlatformSettings, ServiceSettings
+from shared.errors import InvalidInput
 from shared.grpc_server import GrpcServer, ServerTls
 from shared.metrics import ServiceMetrics
 from shared.signing import Signer
@@ -90,6 +92,43 @@ def build_runtime(
     )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to ``host`` is reachable from this machine only."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name or "" (all interfaces): assume others can reach it
+        return False
+
+
+_warned_default_key = False
+
+
+def check_signing_key(platform: PlatformSettings, host: str, service: str) -> None:
+    """Refuse the published default signing key on a server others can reach: whoever
+    read the source could sign reports, carriers, mappers and query profiles that this
+    deployment would trust. On loopback (the embedded demo, the CLI, the tests) it is only
+    a WARNING, logged once per process."""
+    if platform.signing_key.get_secret_value() != DEFAULT_SIGNING_KEY:
+        return
+    if not is_loopback(host):
+        raise InvalidInput(
+            f"{service} would listen on {host} with the default signing key: set "
+            "MODELGUARD_SIGNING_KEY to a secret of this deployment (e.g. `openssl rand "
+            "-base64 48`) to serve beyond loopback"
+        )
+    global _warned_default_key
+    if not _warned_default_key:
+        _warned_default_key = True
+        log.warning(
+            "MODELGUARD_SIGNING_KEY is the default development key: anything it signs can "
+            "be forged; acceptable on loopback only (services on %s)",
+            host,
+        )
+
+
 @dataclass
 class WorkerSpec:
     topics: list[str]
@@ -115,6 +154,8 @@ class ServiceApp:
 
     def __post_init__(self) -> None:
         platform = self.runtime.platform
+        # at build time, so that a refused key never gets as far as binding a port
+        check_signing_key(platform, self.settings.host, self.name)
         self.grpc = GrpcServer(
             self.metrics,
             host=self.settings.host,

@@ -14,7 +14,7 @@ from services.result_mapper.core.registry import MapperRegistry, MapResult
 from services.result_mapper.limits import LimitsConfig, UserLimits
 from shared.config import ResultMapperSettings
 from shared.convert import parse_message, ref_from_proto
-from shared.errors import InvalidInput, NotFound, Unavailable
+from shared.errors import IntegrityError, InvalidInput, NotFound, Unavailable
 from shared.metrics import LATENCY_BUCKETS, ServiceMetrics
 from shared.proto.modelguard.v1 import jobs_pb2
 from shared.runtime import Runtime
@@ -143,7 +143,7 @@ class ResultMapperService:
             mapper = self.runtime.store.get_blob(ref_from_proto(ready.mapper, "mapper"))
             signature = self._signature(ready.user_id, "mapper")
             self.runtime.signer.verify(ready.mapper.sha256, signature, "mapper")
-            self._load_profile(ready)
+            self._load_profile(ready)  # first: a mapper is never served unscored
             if self.registry.hot_load(
                 ready.user_id, ready.generation, mapper, ready.credential_hash
             ):
@@ -158,19 +158,37 @@ class ResultMapperService:
 
     def _load_profile(self, ready: jobs_pb2.CarrierReady) -> None:
         """What legitimate queries of this carrier look like (kept server-side)."""
+        if not self.settings.profile_scoring:
+            return
         record = self.carriers.find(ready.user_id)
-        if record is not None and record.generation == ready.generation:
-            self._load_profile_of(record)
+        if record is None or record.generation != ready.generation:
+            raise IntegrityError(
+                f"profile of {ready.user_id!r} generation {ready.generation}: no carrier "
+                "record of that generation vouches for it; refused"
+            )
+        self._load_profile_of(record)
 
     def _load_profile_of(self, record: CarrierRecord) -> None:
+        """Keep the carrier's query profile for the extraction detector. A profile that
+        is missing or not signed by this deployment is refused: swapped for a lenient one,
+        it would silently switch the detector off (unless profile scoring is off)."""
         import json
 
         from services.result_mapper.profile import ServingProfile
 
+        if not self.settings.profile_scoring:
+            return
         ref = record.artifacts.get("profile")
         if ref is None:
-            return
+            raise IntegrityError(
+                f"the carrier of {record.user_id!r} (generation {record.generation}) has no "
+                "query profile, so its Map requests cannot be scored for extraction; refused "
+                "(MODELGUARD_RESULT_MAPPER_PROFILE_SCORING=false serves carriers without one)"
+            )
         digest = str(ref["sha256"])
+        # verified before parsing, and for every record: a shared copy is only reused
+        # once this record's own signature vouches for the digest
+        self.runtime.signer.verify(digest, record.signatures.get("profile", ""), "profile")
         # Users of one pooled carrier share its profile (as they share its mapper): one
         # copy in memory and in the CPU caches, parsed once.
         shared = self._profiles_by_digest.get(digest)
@@ -197,8 +215,8 @@ class ResultMapperService:
             self._misses[user_id] = now
             return
         mapper = self._mapper_bytes(user_id, record.generation)
+        self._load_profile_of(record)  # first: a mapper is never served unscored
         self.registry.hot_load(user_id, record.generation, mapper, record.credential_hash)
-        self._load_profile_of(record)
         self.events.labels("warmed").inc()
 
     # --- serving --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ carrier (no training)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 
 from services.carrier_client import CarrierClient
 from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
+from services.carrier_trainer.core.extraction import QueryProfile
 from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
 from services.launcher import build_service
 from services.result_mapper.core.registry import hash_credential, new_credential
@@ -47,8 +49,12 @@ def ready_carrier(app: ServiceApp, user: str, seed: int) -> str:
     runtime = app.runtime
     torch.manual_seed(seed)
     mapper = mapper_to_safetensors(MappingNetwork(IN_FEATURES, 10, 16).eval())
+    # fitted on what `pseudo` sends: legitimate traffic, as far as the detector can tell
+    legitimate = np.random.default_rng(seed).random((200, IN_FEATURES))
+    profile = json.dumps(QueryProfile.fit(legitimate, rank=4).to_dict()).encode()
     refs = {
         "mapper": runtime.store.put_blob(mapper, "application/vnd.modelguard.mapper"),
+        "profile": runtime.store.put_blob(profile, "application/json"),
         "carrier": runtime.store.put_blob(f"carrier of {user}".encode()),
         "manifest": runtime.store.put_blob(b"{}", "application/json"),
     }

@@ -79,7 +79,10 @@ def test_users_of_one_pooled_carrier_share_its_profile(tmp_path: Path) -> None:
                 credential_hash=hash_credential(new_credential()),
                 state=READY,
                 artifacts={"mapper": ref_dict(mapper), "profile": ref_dict(profile)},
-                signatures={"mapper": signer.sign(mapper.sha256)},
+                signatures={
+                    "mapper": signer.sign(mapper.sha256),
+                    "profile": signer.sign(profile.sha256),
+                },
             )
         )
         service._warm(user)

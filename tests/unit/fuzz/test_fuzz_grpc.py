@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import math
 import re
@@ -52,6 +53,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, seed
 from hypothesis import strategies as st
 
+from services.carrier_trainer.core.extraction import QueryProfile
 from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
 from services.launcher import Stack, start_stack
 from services.result_mapper.core.registry import hash_credential
@@ -280,12 +282,16 @@ def _ready_carrier(
 ) -> None:
     """A carrier record as carrier-trainer leaves it after training, without training."""
     runtime = stack["carrier-trainer"].runtime
+    # result-mapper refuses a carrier without its signed query profile
+    normal = np.random.default_rng(0).normal(size=(200, MAPPER_IN))
+    profile = json.dumps(QueryProfile.fit(normal, rank=4).to_dict()).encode()
     artifacts = {
         "carrier": refs["carrier"],
         "carrier_png": refs["garbage"],
         "manifest": refs["json"],
         "public_model": refs["model_torch_zip"],
         "mapper": refs["mapper"],
+        "profile": ref_to_proto(runtime.store.put_blob(profile, "application/json")),
     }
     record = CarrierRecord(
         user_id=user,

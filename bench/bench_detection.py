@@ -1,13 +1,16 @@
 """Detection quality of the batched trigger reversal over the model zoo.
 
-``python -m bench.bench_detection [--seeds 0,1,2] [--restarts N] [--models a,b]``
+``python -m bench.bench_detection [--seeds 0,1,2] [--rule modelguard|paper] [--restarts N]
+[--models a,b]``
 
 Per model and seed: verdict, flagged labels with their anomaly index, true targets, the
 largest index among the other labels below the median, correct or not. A clean model is
 correct when nothing is flagged; an infected one when exactly its targets are flagged
 (``found``: every target is among the flagged labels). A last column shows, as a
-diagnostic only, what the same MAD test would flag on the other scale (``--norm-scale``:
-the decision's scale, log by default; the diagnostic is then the paper's linear rule). Bars
+diagnostic only, what the same MAD test would flag on the other scale (the decision's
+scale: the rule's, or ``--norm-scale``; under the default rule the diagnostic is the
+linear MAD test on the same screening norms). ``--rule paper`` runs Neural Cleanse's
+original test (``ReversalConfig.paper()``), the same preset as ``modelguard detect``. Bars
 (from the issue): every patch-trigger model flagged with the right target, no clean model
 flagged; blended and two-target results are reported as they are. Several seeds show
 repeatability.
@@ -25,6 +28,8 @@ import torch
 
 from bench.zoo import ZooEntry, load_zoo
 from services.trigger_reversal.core import (
+    MODELGUARD,
+    RULES,
     ReversalConfig,
     ReversalResult,
     mad_test,
@@ -89,17 +94,24 @@ def _fmt_index(values: dict[int, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--restarts", type=int, default=ReversalConfig().restarts)
+    parser.add_argument("--rule", choices=RULES, default=MODELGUARD)
+    parser.add_argument("--restarts", type=int, help="screening runs at most (default: rule's)")
     parser.add_argument("--models", default="", help="comma-separated zoo names (default all)")
     parser.add_argument("--images", type=int, default=CLEAN_IMAGES)
-    parser.add_argument("--norm-scale", choices=("log", "linear"), default="log")
+    parser.add_argument("--norm-scale", choices=("log", "linear"), help="default: rule's")
     args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.restarts is not None:
+        overrides["restarts"] = args.restarts
+    if args.norm_scale is not None:
+        overrides["norm_scale"] = args.norm_scale
+    scale = ReversalConfig.for_rule(args.rule, **overrides).norm_scale
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wanted = {m for m in args.models.split(",") if m}
     entries = [e for e in load_zoo(build_missing=True) if not wanted or e.name in wanted]
     rows: list[dict[str, Any]] = []
-    other = "linear" if args.norm_scale == "log" else "log"
+    other = "linear" if scale == "log" else "log"
     header = (
         f"{'model':32} {'kind':10} {'seed':>4} {'targets':>7} {'flagged (index)':>22} "
         f"{'target idx':>12} {'max other':>9} {'ok':>3} {'s':>6} | {other + '-MAD flags':>13}"
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         model = entry.load()
         data = clean_set(entry.dataset, args.images)
         for seed in seeds:
-            config = ReversalConfig(seed=seed, restarts=args.restarts, norm_scale=args.norm_scale)
+            config = ReversalConfig.for_rule(args.rule, seed=seed, **overrides)
             result = reverse_triggers(model, data, entry.spec, config)
             row = evaluate(entry, result, other) | {"seed": seed}
             rows.append(row)
@@ -129,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "detection.json"
-    path.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2, default=str))
+    path.write_text(
+        json.dumps({"rule": args.rule, "rows": rows, "summary": summary}, indent=2, default=str)
+    )
     print(f"(details in {path.relative_to(REPO_ROOT)})")
     return 0 if summary["bars_met"] else 1
 

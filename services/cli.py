@@ -88,6 +88,19 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--std", help="per-channel std the model normalises with")
 
 
+def add_rule_arg(parser: argparse.ArgumentParser) -> None:
+    from services.trigger_reversal.core.reversal import MODELGUARD, RULES
+
+    parser.add_argument(
+        "--rule",
+        choices=RULES,
+        default=MODELGUARD,
+        help="backdoor detection rule: modelguard (default: log-scale MAD, size rule, "
+        "screening, restarts) or paper (Neural Cleanse's original test: every label fully "
+        "optimised, MAD on linear norms, nothing else)",
+    )
+
+
 def read_file(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -155,6 +168,7 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
         repair_mode=args.repair_mode,
         seed=args.seed,
         skip_repair=args.repair_mode == "none",
+        detection_rule=args.rule,
     )
     embedded = not (args.target or CliSettings().target)
     with audit_client(args, workers=True) as client:
@@ -357,21 +371,32 @@ def load_local_data(path: str, spec: InputSpec, num_classes: int) -> Any:
     return load_npz(read_file(path, "dataset"), spec, num_classes=num_classes)
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
-    from services.trigger_reversal.core import ReversalConfig, reverse_triggers
+def reversal_config(args: argparse.Namespace) -> Any:
+    """The ReversalConfig of ``--rule`` with ``--seed``, ``--steps`` and ``--norm-scale``
+    applied (an option contradicting the rule is refused: exit code 2)."""
+    from services.trigger_reversal.core import ReversalConfig
 
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if getattr(args, "steps", 0):
+        overrides["steps"] = args.steps
+    if getattr(args, "norm_scale", None):
+        overrides["norm_scale"] = args.norm_scale
+    return ReversalConfig.for_rule(args.rule, **overrides)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from services.trigger_reversal.core import reverse_triggers
+
+    config = reversal_config(args)
     spec = spec_from_args(args)
     model = load_local_model(args.model, args.arch, spec)
     data = load_local_data(args.data, spec, model.num_classes)
-    overrides: dict[str, Any] = {"seed": args.seed, "norm_scale": args.norm_scale}
-    if args.steps:
-        overrides["steps"] = args.steps
     started = time.perf_counter()
     result = reverse_triggers(
         model.module,
         data,
         spec,
-        config=ReversalConfig(**overrides),
+        config=config,
         progress=progress_printer("reversal"),
     )
     seconds = time.perf_counter() - started
@@ -391,6 +416,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         ],
         "flagged": list(result.flagged),
         "verdict": result.verdict,
+        "rule": config.rule,
         "seconds": round(seconds, 3),
     }
     if args.json:
@@ -434,7 +460,7 @@ def save_trigger_images(result: Any, spec: InputSpec, out: Path) -> list[Path]:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from services.pruning_orchestrator.core import repair
-    from services.trigger_reversal.core import ReversalConfig, reverse_triggers
+    from services.trigger_reversal.core import reverse_triggers
     from shared.modelio import LoadedModel, save_model
     from shared.triggers import ReversedTrigger, load_triggers
 
@@ -451,7 +477,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
             model.module,
             data,
             spec,
-            config=ReversalConfig(seed=args.seed),
+            config=reversal_config(args),
             progress=progress_printer("reversal"),
         )
         flagged = [int(v) for v in args.target.split(",")] if args.target else list(result.flagged)
@@ -752,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--layer", help=LAYER_HELP)
     submit.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
+    add_rule_arg(submit)
     submit.add_argument("--seed", type=int, default=0)
     submit.add_argument("--wait", action="store_true", help="wait for the audit to finish")
     submit.add_argument("--target", help="host:port of the pruning-orchestrator")
@@ -780,12 +807,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_args(detect)
     detect.add_argument("--steps", type=int, default=0)
     detect.add_argument("--seed", type=int, default=0)
+    add_rule_arg(detect)
     detect.add_argument(
         "--norm-scale",
         choices=("log", "linear"),
-        default="log",
-        help="MAD outlier test on log trigger norms (default) or on the norms themselves "
-        "(Neural Cleanse's original rule)",
+        help="scale of the MAD test only (default: the rule's; modelguard: log); the size "
+        "rule, screening and restarts stay: Neural Cleanse's original test is --rule paper",
     )
     detect.add_argument("--out", help="directory for the reversed trigger images")
     detect.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -800,6 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", default="rollback", choices=["rollback", "shapley", "fine-pruning"]
     )
     repair_cmd.add_argument("--layer", help=LAYER_HELP)
+    add_rule_arg(repair_cmd)
     repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")
     repair_cmd.add_argument("--target", help="target label(s) to repair, comma-separated")
     repair_cmd.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,7 @@ from services.pruning_orchestrator.state import (
     AuditRepository,
     artifact_digests,
 )
+from services.trigger_reversal.core.reversal import RULES as DETECTION_RULES
 from shared.auth import Identity
 from shared.config import PlatformSettings, PruningOrchestratorSettings
 from shared.convert import ref_from_proto
@@ -187,6 +188,11 @@ class Orchestrator:
             raise InvalidInput(
                 f"repair mode {options.repair_mode!r} unknown; use rollback, shapley, "
                 "fine-pruning or none"
+            )
+        if options.detection_rule not in ("", *DETECTION_RULES):
+            raise InvalidInput(
+                f"detection rule {options.detection_rule!r} unknown; use "
+                + " or ".join(DETECTION_RULES)
             )
         # Validate now, so a bad submission fails at once with a reason the user can act
         # on, instead of in a worker minutes later.

@@ -34,6 +34,7 @@ class AuditHandler:
             inputs,
             steps=request.options.reversal_steps,
             seed=request.options.seed,
+            rule=request.options.detection_rule,
             progress=progress,
         )
         result = stored.result

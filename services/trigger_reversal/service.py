@@ -64,9 +64,11 @@ class TriggerReversalService:
         *,
         steps: int = 0,
         seed: int = 0,
+        rule: str = "",
         progress: Progress | None = None,
     ) -> StoredReversal:
-        from services.trigger_reversal.core import ReversalConfig, reverse_triggers
+        """``rule``: the detection rule (``modelguard`` or ``paper``; empty: modelguard)."""
+        from services.trigger_reversal.core import MODELGUARD, ReversalConfig, reverse_triggers
 
         assert inputs.data is not None
         data: Dataset = inputs.data
@@ -77,7 +79,7 @@ class TriggerReversalService:
         overrides: dict[str, Any] = {"seed": seed}
         if steps or self.settings.steps:
             overrides["steps"] = steps or self.settings.steps
-        config = ReversalConfig(**overrides)
+        config = ReversalConfig.for_rule(rule or MODELGUARD, **overrides)
         started = time.perf_counter()
         result = reverse_triggers(
             inputs.model.module, data, inputs.spec, config=config, progress=progress

@@ -23,7 +23,9 @@ class TriggerReversalServicer(trigger_reversal_pb2_grpc.TriggerReversalServicer)
         inputs = load_inputs(runtime.store, request.model, request.data, runtime.platform)
         if inputs.data is None:
             raise InvalidInput("a clean dataset reference (data) is required")
-        stored = self.service.reverse(inputs, steps=request.steps, seed=request.seed)
+        stored = self.service.reverse(
+            inputs, steps=request.steps, seed=request.seed, rule=request.rule
+        )
         result = stored.result
         return trigger_reversal_pb2.ReverseTriggersResponse(
             labels=[

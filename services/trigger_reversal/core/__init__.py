@@ -6,6 +6,9 @@ from services.trigger_reversal.core.optimizer import OptimizerSettings, TriggerO
 from services.trigger_reversal.core.reversal import (
     CLEAN,
     INFECTED,
+    MODELGUARD,
+    PAPER,
+    RULES,
     LabelResult,
     RestartInfo,
     ReversalConfig,
@@ -20,6 +23,9 @@ from services.trigger_reversal.core.sequential import reverse_triggers_sequentia
 __all__ = [
     "CLEAN",
     "INFECTED",
+    "MODELGUARD",
+    "PAPER",
+    "RULES",
     "LabelResult",
     "MadResult",
     "OptimizerSettings",

@@ -16,14 +16,14 @@ Pipeline of :func:`reverse_triggers` (K labels, input ``(C, H, W)``):
    smaller than the original's; but they do so for every label alike, and the anomaly
    index only compares the labels with one another (it is scale-free). On CPU, where the
    model's arithmetic is the whole cost, this — not the batching, which saves ~10% — is
-   where the speed comes from; ``screening_batch_size=32`` gives the original test.
+   where the speed comes from. Under ``rule="paper"`` screening is the full optimisation.
 2. **Decision** — the MAD outlier test (:mod:`.mad`) on the screening norms (log scale by
    default), and a size condition: the flagged label's trigger must also be at most
    ``max_norm_ratio`` (1/3) of the median label's. The MAD index says "unusual for this
    model"; the ratio says "a much smaller change than any natural class needs". Natural
    classes that are merely easy to reach (an MNIST "1", a Fashion-MNIST "shirt") measured
-   0.33–0.9 of the median on the zoo, backdoor triggers 0.03–0.37; ``max_norm_ratio = 1``
-   with ``norm_scale = "linear"`` is the paper's rule exactly. The
+   0.33–0.9 of the median on the zoo, backdoor triggers 0.03–0.37. The log scale and
+   this condition are departures from the paper (``rule="paper"``, below, has neither). The
    decision is taken here, on equal-budget norms, and nowhere else: comparing the refined
    norms of a few suspects with the unrefined norms of the other labels would make any
    refined label look small — a false positive by construction.
@@ -46,6 +46,14 @@ Pipeline of :func:`reverse_triggers` (K labels, input ``(C, H, W)``):
 
 The verdict is ``"infected"`` when at least one label remains flagged. Deterministic for
 a given seed on CPU with one thread (the service sets the thread count, not this code).
+
+**Rules** (``ReversalConfig.rule``, built by :meth:`ReversalConfig.for_rule`):
+``"modelguard"`` is the pipeline above with its defaults. ``"paper"`` is Neural Cleanse's
+own test: every label optimised once with the full budget on full batches (screening
+batch = ``batch_size``, one run, no restarts, no refinement), the MAD test on the linear
+L1 norms (index > ``anomaly_threshold`` for labels below the median), no size condition
+(``max_norm_ratio = 1``) and no re-check (``verify_threshold = 0``). The optimisation
+itself (Adam, λ schedule, best-mask rule, early stopping) is the same under both.
 """
 
 from __future__ import annotations
@@ -80,6 +88,11 @@ Progress = Callable[[float, str], None]
 INFECTED = "infected"
 CLEAN = "clean"
 
+#: Named decision rules (see the module docstring): this project's, and Neural Cleanse's.
+MODELGUARD = "modelguard"
+PAPER = "paper"
+RULES = (MODELGUARD, PAPER)
+
 
 @dataclass(frozen=True)
 class ReversalConfig:
@@ -113,6 +126,13 @@ class ReversalConfig:
     threshold; 1 disables restarts), ``seed`` (run r uses seed + r), ``max_samples``
     (clean images used at most, a seeded subset), ``max_batch_images`` (largest forward
     batch; labels are chunked above it).
+
+    ``refine`` — continue the suspects with the full budget after screening (False: the
+    screening triggers are returned as they are). ``verify_threshold = 0`` turns the
+    re-check off. ``rule`` — the named preset the fields follow (``"modelguard"`` or
+    ``"paper"``); a ``"paper"`` config whose fields depart from Neural Cleanse's test is
+    refused, so a report saying "paper" means the paper's test. Build presets with
+    :meth:`for_rule` (or :meth:`paper`).
     """
 
     steps: int = 300
@@ -144,6 +164,29 @@ class ReversalConfig:
     seed: int = 0
     max_samples: int = 1000
     max_batch_images: int = 4096
+    refine: bool = True
+    rule: str = MODELGUARD
+
+    @classmethod
+    def for_rule(cls, rule: str = MODELGUARD, /, **overrides: Any) -> ReversalConfig:
+        """The config of the named ``rule`` with ``overrides`` (seed, steps, …) applied; an
+        override that contradicts the rule (e.g. ``norm_scale="log"`` under ``"paper"``) is
+        refused with ``InvalidInput``."""
+        if rule not in RULES:
+            raise InvalidInput(f"detection rule must be one of {', '.join(RULES)}; got {rule!r}")
+        if rule == MODELGUARD:
+            return cls(**overrides)
+        batch_size = overrides.get("batch_size", cls.batch_size)
+        paper: dict[str, Any] = {
+            **_paper_fields(batch_size),
+            "screening_steps": None,  # screening is the full optimisation
+        }
+        return cls(**{**paper, **overrides, "rule": PAPER})
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> ReversalConfig:
+        """Neural Cleanse's original test (see the module docstring)."""
+        return cls.for_rule(PAPER, **overrides)
 
     def __post_init__(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -179,6 +222,22 @@ class ReversalConfig:
         require(_finite(self.suspect_threshold) and self.suspect_threshold >= 0, "suspects")
         require(0 <= self.verify_threshold <= 1, "verify_threshold in [0, 1]")
         require(self.restart_margin >= 0, "restart_margin >= 0 (inf: always make every restart)")
+        require(isinstance(self.refine, bool), "refine must be a bool")
+        require(self.rule in RULES, f"rule must be one of {', '.join(RULES)}")
+        if self.rule == PAPER:
+            expected = _paper_fields(self.batch_size)
+            conflicts = [
+                f"{name}={getattr(self, name)!r} (the paper's: {value!r})"
+                for name, value in expected.items()
+                if getattr(self, name) != value
+            ]
+            if self.screening_budget != self.steps:
+                conflicts.append(f"screening_steps={self.screening_steps!r} (the paper's: steps)")
+            require(
+                not conflicts,
+                "rule 'paper' is Neural Cleanse's own test (build it with "
+                "ReversalConfig.paper()); these fields depart from it: " + ", ".join(conflicts),
+            )
 
     @property
     def screening_budget(self) -> int:
@@ -204,6 +263,19 @@ class ReversalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _paper_fields(batch_size: int) -> dict[str, Any]:
+    """The fields Neural Cleanse's test fixes: every label optimised once on full batches,
+    the linear MAD test alone (no size condition, restarts, refinement or re-check)."""
+    return {
+        "norm_scale": "linear",
+        "max_norm_ratio": 1.0,
+        "restarts": 1,
+        "screening_batch_size": batch_size,
+        "refine": False,
+        "verify_threshold": 0.0,
+    }
 
 
 def _is_int(value: object) -> bool:
@@ -453,7 +525,7 @@ class _Reversal:
         self.planned = max(
             1,
             classes * c.screening_budget * c.screening_batch_size // 2
-            + c.steps * c.batch_size // 2,
+            + (c.steps * c.batch_size // 2 if c.refine else 0),
         )
         self.done = 0
 
@@ -476,12 +548,10 @@ class _Reversal:
                 log.info("anomaly indices %s are near the threshold: another restart", combined)
                 self.planned += self.classes * c.screening_budget * c.screening_batch_size // 2
 
-        index = combine_restarts(infos)
-        ratios = [norm_ratio(infos, k) for k in range(self.classes)]
-        outliers = [k for k in range(self.classes) if index[k] > c.anomaly_threshold]
-        decided = tuple(k for k in outliers if ratios[k] <= c.max_norm_ratio)
-        not_small = [k for k in outliers if k not in decided]
-        suspects = self.select_suspects(infos, index, decided)
+        decision = decide(infos, c)
+        index, ratios, decided = decision.index, decision.ratios, decision.decided
+        not_small = [k for k in decision.outliers if k not in decided]
+        suspects = self.select_suspects(infos, index, decided) if c.refine else []
         # each label's trigger comes from the run that found its smallest one
         best_run = [_smallest_run(infos, k) for k in range(self.classes)]
         for r, optimizer in enumerate(runs):
@@ -499,7 +569,10 @@ class _Reversal:
                 patterns[k] = pattern_from_theta(last.theta_pattern[k], self.spec.value_range)
         self.report("re-checking the triggers on the clean set")
         success, verify_evals = self.attack_success(masks, patterns)
-        flagged = tuple(k for k in decided if success[k] >= c.verify_threshold)
+        # verify_threshold 0: no re-check (a NaN success, no image of another label, stands)
+        flagged = tuple(
+            k for k in decided if c.verify_threshold == 0 or success[k] >= c.verify_threshold
+        )
         rejected = [k for k in decided if k not in flagged]
 
         labels = tuple(
@@ -518,6 +591,7 @@ class _Reversal:
             for k in range(self.classes)
         )
         evidence = self.evidence(labels, flagged, rejected, suspects, infos)
+        evidence["rule"] = c.rule
         evidence["norm_ratio"] = [_clean(r) for r in ratios]
         evidence["max_norm_ratio"] = c.max_norm_ratio
         if not_small:
@@ -591,25 +665,7 @@ class _Reversal:
         norms = tuple(
             float(v) if math.isfinite(float(v)) else None for v in optimizer.best_norm.cpu()
         )
-        result = mad_test(
-            norms,
-            consistency=c.mad_consistency,
-            threshold=c.anomaly_threshold,
-            min_valid=c.min_valid_labels,
-            scale=c.norm_scale,
-        )
-        info = RestartInfo(
-            seed=seed,
-            norms=norms,
-            anomaly_index=result.anomaly_index,
-            flagged=result.flagged,
-            screening_steps=optimizer.step_count,
-            median=result.median,
-            mad=result.dispersion,
-            rule=result.rule,
-            reason=result.reason,
-        )
-        return optimizer, info
+        return optimizer, screening_run(norms, c, seed=seed, steps=optimizer.step_count)
 
     def select_suspects(
         self, infos: list[RestartInfo], index: list[float], decided: tuple[int, ...]
@@ -689,8 +745,8 @@ class _Reversal:
             parts = [
                 f"label {k}: trigger L1 norm {labels[k].l1_norm:.1f} vs median {median:.1f}, "
                 f"anomaly index {labels[k].anomaly_index:.2f} > {c.anomaly_threshold:g}"
-                f"{per_run}, refined trigger flips {labels[k].attack_success:.1%} of the "
-                "clean images"
+                f"{per_run}, {'refined ' if labels[k].refined else ''}trigger flips "
+                f"{labels[k].attack_success:.1%} of the clean images"
                 for k in flagged
             ]
             summary = "infected: " + "; ".join(parts)
@@ -728,6 +784,56 @@ def _scores(infos: Sequence[RestartInfo], k: int) -> list[float]:
         small = norm is not None and norm < info.median
         out.append(float(value) if value is not None and small else 0.0)
     return out
+
+
+def screening_run(
+    norms: Sequence[float | None], config: ReversalConfig, *, seed: int = 0, steps: int = 0
+) -> RestartInfo:
+    """One screening run's MAD test on its per-label ``norms`` (None: no trigger)."""
+    c = config
+    result = mad_test(
+        norms,
+        consistency=c.mad_consistency,
+        threshold=c.anomaly_threshold,
+        min_valid=c.min_valid_labels,
+        scale=c.norm_scale,
+    )
+    return RestartInfo(
+        seed=seed,
+        norms=tuple(norms),
+        anomaly_index=result.anomaly_index,
+        flagged=result.flagged,
+        screening_steps=steps,
+        median=result.median,
+        mad=result.dispersion,
+        rule=result.rule,
+        reason=result.reason,
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Per label, the anomaly index (median over runs) and the norm over the median norm;
+    ``outliers``: index above the threshold; ``decided``: outliers that also meet the size
+    condition (flagged unless the re-check rejects them)."""
+
+    index: list[float]
+    ratios: list[float]
+    outliers: list[int]
+    decided: tuple[int, ...]
+
+
+def decide(infos: Sequence[RestartInfo], config: ReversalConfig) -> Decision:
+    """The outlier decision over the screening runs ``infos`` (see :func:`combine_restarts`
+    and ``max_norm_ratio``)."""
+    c = config
+    classes = len(infos[0].norms)
+    index = combine_restarts(infos)
+    ratios = [norm_ratio(infos, k) for k in range(classes)]
+    outliers = [k for k in range(classes) if index[k] > c.anomaly_threshold]
+    # max_norm_ratio 1 is no size condition at all (not even on a NaN ratio)
+    decided = tuple(k for k in outliers if c.max_norm_ratio >= 1 or ratios[k] <= c.max_norm_ratio)
+    return Decision(index, ratios, outliers, decided)
 
 
 def norm_ratio(infos: Sequence[RestartInfo], k: int) -> float:

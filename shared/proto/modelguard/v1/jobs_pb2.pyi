@@ -32,6 +32,7 @@ class AuditOptions(_message.Message):
     REPAIR_MODE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SKIP_REPAIR_FIELD_NUMBER: _builtins.int
+    DETECTION_RULE_FIELD_NUMBER: _builtins.int
     reversal_steps: _builtins.int
     """0: service default"""
     layer: _builtins.str
@@ -40,6 +41,8 @@ class AuditOptions(_message.Message):
     """rollback | shapley | fine-pruning | none; empty: rollback"""
     seed: _builtins.int
     skip_repair: _builtins.bool
+    detection_rule: _builtins.str
+    """modelguard | paper (Neural Cleanse's original test); empty: modelguard"""
     def __init__(
         self,
         *,
@@ -48,10 +51,11 @@ class AuditOptions(_message.Message):
         repair_mode: _builtins.str = ...,
         seed: _builtins.int = ...,
         skip_repair: _builtins.bool = ...,
+        detection_rule: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "repair_mode", b"repair_mode", "reversal_steps", b"reversal_steps", "seed", b"seed", "skip_repair", b"skip_repair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_rule", b"detection_rule", "layer", b"layer", "repair_mode", b"repair_mode", "reversal_steps", b"reversal_steps", "seed", b"seed", "skip_repair", b"skip_repair"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,6 +13,7 @@ from shared.attacks import leak
 from shared.datasets import Dataset, load_mnist
 from shared.errors import NotFound
 from shared.training import TrainConfig, accuracy, train_classifier
+from tests.requirements import skip_or_fail
 
 torch.set_num_threads(1)
 
@@ -203,19 +204,27 @@ def test_data_processing_recovery_from_a_perfect_memoriser() -> None:
 
 
 def test_data_processing_attack_leaks_through_training_and_pruning_measures_it() -> None:
+    # The claim is "the attack costs little accuracy". One small training run per side
+    # varies by several points between processors (BLAS reduction order), so the claim is
+    # measured as the mean gap over a few seeds, on enough data that each run converges.
     try:
-        train = load_mnist("train").subset(2000, seed=1)
-        test = load_mnist("test").subset(1000, seed=2)
-    except NotFound:
-        pytest.skip("MNIST not installed (make setup)")
-    recipe = TrainConfig(epochs=5, batch_size=64, seed=0)
+        test = load_mnist("test").subset(2000, seed=100)
+        trains = [load_mnist("train").subset(6000, seed=1 + seed) for seed in range(3)]
+    except NotFound as err:
+        skip_or_fail(f"the MNIST data set is missing: {err}")
     config = leak.DataProcessingConfig(num_images=1, size=(8, 8), per_batch=32)
-    torch.manual_seed(0)
-    stolen = leak.train_with_data_processing(build("lenet5"), train, recipe, config)
-    torch.manual_seed(0)
-    benign = train_classifier(build("lenet5"), train, recipe)
-    assert stolen.figures.correlation > 0.5  # the attacker gets the image back
-    assert accuracy(stolen.model, test) > accuracy(benign, test) - 0.03
+    gaps, stolen_models = [], []
+    for seed, train in enumerate(trains):
+        recipe = TrainConfig(epochs=3, batch_size=64, seed=seed)
+        torch.manual_seed(seed)
+        stolen = leak.train_with_data_processing(build("lenet5"), train, recipe, config)
+        torch.manual_seed(seed)
+        benign = train_classifier(build("lenet5"), train, recipe)
+        assert stolen.figures.correlation > 0.5  # the attacker gets the image back
+        gaps.append(accuracy(benign, test) - accuracy(stolen.model, test))
+        stolen_models.append(stolen)
+    assert sum(gaps) / len(gaps) < 0.03, gaps
+    stolen, train = stolen_models[0], trains[0]
     # invisible to the parameter detector (seed 004), hence the pruning defence
     assert detect_leak(stolen.model).verdict == "benign"
     result = prune_dormant_neurons(

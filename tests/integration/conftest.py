@@ -18,6 +18,7 @@ from shared.localstack import (
     tansu_binary,
     venv_bin,
 )
+from tests.requirements import SEAWEEDFS, TANSU, require_file
 
 HERE = Path(__file__).parent
 
@@ -28,14 +29,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
-def _require(binary: Path) -> None:
-    if not binary.is_file():
-        pytest.skip(f"{binary} is missing: run scripts/setup.sh")
-
-
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    _require(venv_bin("weed"))
+    require_file(venv_bin("weed"), SEAWEEDFS)
     server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     server.stop()
@@ -45,7 +41,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
 def tansu(
     tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedServer
 ) -> Iterator[TansuBroker]:
-    _require(tansu_binary())
+    require_file(tansu_binary(), TANSU)
     broker = start_tansu(tmp_path_factory.mktemp("tansu"), seaweed, bucket="tansu-tests")
     yield broker
     broker.stop()

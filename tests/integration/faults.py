@@ -38,13 +38,6 @@ from shared.topics import AUDIT_EVENTS, AUDIT_REQUESTED, NEURONS_SCORED, TRIGGER
 log = logging.getLogger(__name__)
 
 AUDIT_SERVICES = ("pruning-orchestrator", "leak-detector", "trigger-reversal", "neuron-scoring")
-#: The stage each service runs (the orchestrator runs the repair and owns the state).
-STAGE_OF = {
-    "pruning-orchestrator": "repair",
-    "leak-detector": "leak-detector",
-    "trigger-reversal": "trigger-reversal",
-    "neuron-scoring": "neuron-scoring",
-}
 JOB_TOPICS = (AUDIT_REQUESTED, TRIGGERS_REVERSED, NEURONS_SCORED, AUDIT_EVENTS)
 #: The audit services' consumer groups and what they consume.
 GROUP_TOPICS = {
@@ -248,48 +241,92 @@ def read_records(store: S3Store) -> dict[str, AuditRecord]:
 # --------------------------------------------------------------------------------------
 
 
+#: How long a kill waits for its service to hold a job before it kills it idle.
+IN_FLIGHT_WAIT_S = 60.0
+
+
 @dataclass
 class KillLog:
-    entries: list[tuple[str, bool]] = field(default_factory=list)  # service, held a job
+    #: (service, held a job): whether its jobs_in_flight gauge read >= 1 just before the kill
+    entries: list[tuple[str, bool]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def services(self) -> Counter[str]:
         return Counter(name for name, _ in self.entries)
 
+    def killed_in_flight(self) -> set[str]:
+        """The services killed at least once while they held a job."""
+        return {name for name, held in self.entries if held}
+
+
+def in_flight_metric(service: str) -> str:
+    return f"modelguard_{service.replace('-', '_')}_jobs_in_flight"
+
+
+def jobs_in_flight(stack: AuditStack, name: str) -> float:
+    """The service's ``jobs_in_flight`` gauge, read from its /metrics endpoint: the
+    service's StageReporter holds it at 1 from the start of a stage job to its outcome (the
+    bus commits the record only after that, so a job killed in flight is redelivered).
+    0 when the service does not answer (it is down)."""
+    try:
+        return stack.metric(name, in_flight_metric(name))
+    except OSError:
+        return 0.0
+
 
 def chaos(
     stack: AuditStack,
-    poller: RecordPoller,
-    batch: Batch,
-    plan: list[str],
+    plan: list[list[str]],
     rng: random.Random,
     kills: KillLog,
     stop: threading.Event,
 ) -> None:
-    """SIGKILL the services in ``plan`` one after another, each at a random moment while
-    its stage has a job in hand when possible. A killed service restarts in the
-    background, so the next kill may come while it is still down (two services down at
-    once); the same service is killed again only once it is back."""
+    """SIGKILL every service of each round of ``plan`` once, one kill at a time, each at a
+    random point inside a job it holds: after a random pause, the services of the round
+    not killed yet are watched through their jobs_in_flight gauges and the first one seen
+    holding a job (the round's random order breaks ties) is killed right after that
+    reading, the proof it was killed in flight. A job that lasts a tenth of a second (the
+    leak detector's) is caught as surely as a long one. When none of them takes a job
+    within `IN_FLIGHT_WAIT_S`, the first is killed idle, recorded as such. A killed service
+    restarts in the background, so the next kill may come while it is still down (two
+    services down at once); a service is killed again only once it is back."""
     restarts: dict[str, threading.Thread] = {}
-    for name in plan:
-        if (previous := restarts.get(name)) is not None:
-            previous.join(300)
-        stage = STAGE_OF[name]
-        wait_deadline = time.monotonic() + rng.uniform(1.0, 4.0)
-        while not stop.is_set() and time.monotonic() < wait_deadline:
-            if poller.running(stage, batch.ids):
+
+    def restarting(name: str) -> bool:
+        return (thread := restarts.get(name)) is not None and thread.is_alive()
+
+    for round_ in plan:
+        remaining = list(round_)
+        while remaining:
+            if stop.wait(rng.uniform(0.0, 1.0)):  # a random point inside the jobs
                 break
-            stop.wait(0.1)
+            name: str | None = None
+            held = False
+            deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+            while name is None and not stop.is_set() and time.monotonic() < deadline:
+                name = next(
+                    (n for n in remaining if not restarting(n) and jobs_in_flight(stack, n) >= 1),
+                    None,
+                )
+                held = name is not None
+                if name is None:
+                    stop.wait(0.05)
+            if stop.is_set():
+                break
+            if name is None:  # nobody took a job: kill the first idle, once it is back
+                name = remaining[0]
+                if (previous := restarts.get(name)) is not None:
+                    previous.join(300)
+            stack.procs[name].kill()
+            kills.entries.append((name, held))
+            log.warning("chaos: SIGKILLed %s (job in flight: %s)", name, held)
+            remaining.remove(name)
+            restarts[name] = threading.Thread(
+                target=_restart, args=(stack, name, kills), daemon=True
+            )
+            restarts[name].start()
         if stop.is_set():
             break
-        busy = poller.running(stage, batch.ids)
-        if stop.wait(rng.uniform(0.0, 1.0)):  # a random point inside the job
-            break
-        log.warning("chaos: SIGKILL %s (job in hand: %s)", name, busy)
-        stack.procs[name].kill()
-        kills.entries.append((name, busy))
-        restarts[name] = threading.Thread(target=_restart, args=(stack, name, kills), daemon=True)
-        restarts[name].start()
     for thread in restarts.values():
         thread.join(300)
 
@@ -301,13 +338,10 @@ def _restart(stack: AuditStack, name: str, kills: KillLog) -> None:
         kills.errors.append(f"{name} did not come back: {err}")
 
 
-def kill_plan(rng: random.Random, rounds: int) -> list[str]:
-    """Every service once per round, in a random order: any first round's worth of kills
-    covers every stage."""
-    plan: list[str] = []
-    for _ in range(rounds):
-        plan += rng.sample(AUDIT_SERVICES, len(AUDIT_SERVICES))
-    return plan
+def kill_plan(rng: random.Random, rounds: int) -> list[list[str]]:
+    """Rounds of every service once, each in a random order: any first round's worth of
+    kills covers every stage."""
+    return [rng.sample(AUDIT_SERVICES, len(AUDIT_SERVICES)) for _ in range(rounds)]
 
 
 # --------------------------------------------------------------------------------------

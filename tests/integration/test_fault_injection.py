@@ -51,6 +51,7 @@ from tests.integration.faults import (
     submit_batch,
     wait_final,
 )
+from tests.requirements import SEAWEEDFS, TANSU, require_file
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
@@ -86,9 +87,8 @@ class Inputs:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    for binary in (venv_bin("weed"), tansu_binary()):
-        if not binary.is_file():
-            pytest.skip(f"{binary} is missing: run scripts/setup.sh")
+    require_file(venv_bin("weed"), SEAWEEDFS)
+    require_file(tansu_binary(), TANSU)
     # Two SeaweedFS servers: stopping the artifact store must not take the broker's own
     # storage with it (with one, Tansu's consumer groups did not recover from the outage:
     # a broker limitation of this test set-up, not the system under test).
@@ -238,7 +238,7 @@ def test_batch_completes_exactly_once_while_workers_are_killed(
         plan = kill_plan(rng, rounds=2)
         chaos_thread = threading.Thread(
             target=chaos,
-            args=(stack, poller, batch, plan, rng, kills, stop),
+            args=(stack, plan, rng, kills, stop),
             daemon=True,
         )
         wait_until(lambda: len(batch.jobs) >= 3, 120, "first audits submitted")
@@ -261,11 +261,15 @@ def test_batch_completes_exactly_once_while_workers_are_killed(
     assert "safetensors" in batch.refused["corrupt-model"], batch.refused
     assert len(batch.jobs) == BATCH_GOOD + 2 >= 30
     assert set(kills.services()) == set(AUDIT_SERVICES), kills.entries
+    # each service was SIGKILLed while it held a job: its jobs_in_flight gauge read 1 in the
+    # scrape just before the kill (else its crash recovery went untested)
+    idle = sorted(set(AUDIT_SERVICES) - kills.killed_in_flight())
+    assert not idle, f"never killed with a job in flight: {idle} ({kills.entries})"
     # the API agrees with the store: each audit listed once, final
     listed = [a for a in client.list(1000) if a.audit_id in batch.jobs]
     assert sorted(a.audit_id for a in listed) == sorted(batch.ids)
     log.warning(
-        "fault batch: %d audits (+%d refused), %d SIGKILLs %s (%d with a job in hand), "
+        "fault batch: %d audits (+%d refused), %d SIGKILLs %s (%d with a job in flight), "
         "%d duplicate outcomes ignored, %.0f s",
         len(batch.jobs),
         len(batch.refused),

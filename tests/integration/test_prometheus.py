@@ -7,7 +7,6 @@ Kafka record moves the workers' bus counters and fires the dead-letter alert."""
 from __future__ import annotations
 
 import importlib
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from shared.bus.kafka import KafkaBus
 from shared.config import SERVICES
 from shared.proto.modelguard.v1 import common_pb2
 from shared.topics import AUDIT_REQUESTED
+from tests.requirements import require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -67,8 +67,9 @@ def services(
 def prometheus(
     services: dict[str, ServiceProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PrometheusProcess]:
-    if shutil.which("prometheus") is None:
-        pytest.skip("prometheus is missing: scripts/setup.sh installs the Debian package")
+    require_binary(
+        "prometheus", "Prometheus", "scripts/setup.sh installs it (Debian package prometheus)"
+    )
     server = PrometheusProcess(
         tmp_path_factory.mktemp("prometheus"),
         list(services.values()),

@@ -4,14 +4,12 @@ certificates (a CA, a server certificate for 127.0.0.1, client certificates) mad
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from shared.auth import mint_token
+from tests.requirements import require_binary
 
 
 @dataclass(frozen=True)
@@ -69,8 +67,11 @@ def _signed(directory: Path, name: str, ca: str, extensions: str) -> None:
 
 
 def make_certs(directory: Path) -> Certs:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make test certificates")
+    require_binary(
+        "openssl",
+        "the openssl command (it makes the test certificates)",
+        "install the Debian package openssl",
+    )
     _ca(directory, "ca")
     _ca(directory, "rogue-ca")
     _signed(

@@ -27,6 +27,7 @@ from shared.attacks import leak
 from shared.datasets import Dataset, load_mnist
 from shared.errors import NotFound
 from shared.training import TrainConfig, accuracy, train_classifier
+from tests.requirements import skip_or_fail
 
 torch.set_num_threads(1)
 
@@ -35,8 +36,8 @@ torch.set_num_threads(1)
 def mnist() -> tuple[Dataset, Dataset]:
     try:
         return load_mnist("train").subset(3000, seed=1), load_mnist("test").subset(1000, seed=2)
-    except NotFound:
-        pytest.skip("MNIST not installed (make setup)")
+    except NotFound as err:
+        skip_or_fail(f"the MNIST data set is missing: {err}")
 
 
 def _linear(weight: torch.Tensor) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The device side of carrier serving (seed 000, Fig. 6): fetch the carrier and the public
+"""The device side of carrier serving (adversarial reprogramming): fetch the carrier and the public
 model, embed the input in the carrier, run the public model locally, send the pseudo-output
 to the result-mapper and get the label back.
 

@@ -67,13 +67,13 @@ def save_trigger_images(client: AuditClient, audit: Any, out: Path) -> None:
 
 
 def carrier_demo(stack: Any, test: Dataset, steps: int, out: Path) -> None:
-    """Seed 000: a user enrols, classifies digits through carrier + public model +
+    """Carrier serving: a user enrols, classifies digits through carrier + public model +
     result-mapper, and the carrier is rotated: the old credential stops working at once."""
     from services.carrier_client import CarrierClient
     from shared.errors import ModelGuardError
     from shared.proto.modelguard.v1 import jobs_pb2
 
-    console.rule("[bold]4. Carrier-based serving (seed 000)")
+    console.rule("[bold]4. Carrier-based serving")
     options = jobs_pb2.CarrierOptions(steps=steps)
     digits = test.subset(200, seed=1)
     with CarrierClient(stack["carrier-trainer"].address, stack["result-mapper"].address) as client:

@@ -1,4 +1,4 @@
-"""Integrity of what ModelGuard hands out (seed 003): reports, repaired models, carriers
+"""Integrity of what ModelGuard hands out: reports, repaired models, carriers
 and mappers are signed with HMAC-SHA256 over their sha256 digest. Content addressing
 already refuses bytes that changed under their key; the signature also refuses a record
 that was pointed at other bytes, or bytes ModelGuard never produced."""

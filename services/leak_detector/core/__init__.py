@@ -1,4 +1,4 @@
-"""leak-detector algorithms: parameter-distribution forensics (seed 004) and the pruning
+"""leak-detector algorithms: parameter-distribution forensics (data-sandbox theft) and the pruning
 defence against data-processing-stage theft. Tensors in, dataclasses out; the only I/O is
 reading the shipped calibration constant."""
 

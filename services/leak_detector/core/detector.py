@@ -1,4 +1,4 @@
-"""Leak verdict from the parameter distribution (seed 004, step 9).
+"""Leak verdict from the parameter distribution (after Song et al., CCS 2017).
 
 ``detect_leak(module)`` computes the per-layer statistics of ``features``, scores every
 layer against the shipped calibration (``calibration``: how far each feature lies beyond

@@ -1,8 +1,8 @@
-"""Per-layer parameter statistics for leak forensics (seed 004, step 9).
+"""Per-layer parameter statistics for leak forensics (after Song et al., CCS 2017).
 
 For every weight tensor of a Linear/Conv layer (any parameter named ``*weight`` with two or
 more dimensions, so TorchScript modules and custom layers are covered too) we compute the
-seed's distribution summary — count, min, max, mean, variance, skewness ``S`` and kurtosis
+the forensics' distribution summary — count, min, max, mean, variance, skewness ``S`` and kurtosis
 ``K`` — plus features that separate data-carrying weights from trained ones:
 
 * ``tail_fraction``: share of weights with ``|w − mean| > 3σ`` (0.0027 for a normal law);
@@ -39,7 +39,7 @@ seed's distribution summary — count, min, max, mean, variance, skewness ``S`` 
 The sign and neighbour features (``positive_fraction``, ``sign_autocorrelation``,
 ``autocorrelation``, ``quantile_skewness``, ``neighbour_cokurtosis``) ignore exact zeros,
 so a pruned or zero-initialised layer is not mistaken for a lopsided one; the moments
-(``mean`` … ``tail_fraction``) use every weight, as the seed defines them.
+(``mean`` … ``tail_fraction``) use every weight, as the reference method defines them.
 
 Definitions (population moments, as ``scipy.stats`` with ``bias=True``): ``variance`` =
 ``m2``; ``skewness`` = ``m3 / m2^1.5``; ``kurtosis`` = ``m4 / m2² − 3`` (*excess*: 0 for a

@@ -1,4 +1,4 @@
-"""Pruning defence against data-processing-stage theft (seed 004, step 10).
+"""Pruning defence against data-processing-stage theft (the data-sandbox theft study's defence).
 
 A malicious augmentation teaches the model labels for synthetic inputs that real data
 never resembles; the units that memorise them are the ones clean data leaves idle. The
@@ -8,7 +8,7 @@ unit's weights (row ``i`` of a Linear weight ``(out, in)``, filter ``i`` of a Co
 ``(out, in, kH, kW)``) and its bias, so its ReLU output is 0. Pruning goes in steps, least
 active first, and stops for a layer before the clean accuracy (when labels are given)
 falls more than ``max_accuracy_drop`` below the unpruned model's. Optionally
-(``finetune_epochs``; not in the seed, the "fine-pruning" of Liu et al., RAID 2018) the
+(``finetune_epochs``; not in the reference method, the "fine-pruning" of Liu et al., RAID 2018) the
 pruned model is then trained briefly on the clean data with the pruned units held at 0,
 which recovers accuracy and lets a larger ``fraction`` be pruned.
 

@@ -1,9 +1,9 @@
 """neuron-scoring core: which neurons of a layer carry the (reversed) trigger.
 
 * `score_neurons`: activation under the stamped trigger and incoming-weight magnitude per
-  neuron, with the two rankings (seed 001, step 2).
+  neuron, with the two rankings (pruning with rollback).
 * `estimate_shapley`: each neuron's Shapley value for the attack success rate, by
-  truncated Monte Carlo permutation sampling with ε-greedy refinement (seed 002).
+  truncated Monte Carlo permutation sampling with ε-greedy refinement (ShapPruning).
 * `LayerProbe` / `resolve_layer` / `list_prunable_layers`: layer access for eager and
   TorchScript models.
 """

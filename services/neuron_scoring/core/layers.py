@@ -185,7 +185,8 @@ def forward_order(model: nn.Module, spec: InputSpec) -> list[str]:
 
 def resolve_layer(model: nn.Module, name: str | None, spec: InputSpec) -> LayerInfo:
     """The named site, or by default the first fully-connected layer that is not the
-    classifier (seed 001: 第一个全链接层). When the only Linear layer is the classifier
+    classifier (the rollback method: the first fully-connected layer). When the only Linear layer
+    is the classifier
     (e.g. ResNet's ``fc``), pruning its outputs would delete classes, so the default is
     its *input* features (``fc:in``, the pooled penultimate features). Not the last
     convolution, which Fine-Pruning (Liu et al. 2018) prunes on plain CNNs: in a residual

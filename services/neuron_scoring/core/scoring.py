@@ -1,4 +1,4 @@
-"""Neuron scoring under a reversed trigger (seed 001, step 2).
+"""Neuron scoring under a reversed trigger (pruning with rollback).
 
 Clean inputs are stamped with the reversed trigger ``x' = (1 - m) ⊙ x + m ⊙ δ`` (mask
 ``m`` of shape ``(H, W)`` in [0, 1], pattern ``δ`` of shape ``(C, H, W)`` in the input's
@@ -14,7 +14,7 @@ and the two rankings, high to low, that the rollback pruning alternates between.
 ``rank_by="difference"`` (the default) ranks by the activation the trigger *adds*
 (stamped minus clean), as Neural Cleanse does for its neuron pruning (Wang et al. 2019,
 §VI-B): it separates the neurons the trigger drives from neurons that are merely always
-active. ``rank_by="triggered"`` is the seed's literal ranking by triggered activation.
+active. ``rank_by="triggered"`` is the reference method's literal ranking by triggered activation.
 ``NeuronScores.activation`` is the triggered activation either way.
 
 For TorchScript models the activations come from a rewritten copy of the TorchScript graph

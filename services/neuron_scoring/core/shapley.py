@@ -1,4 +1,4 @@
-"""Shapley values of neurons for the attack success rate (seed 002; Guan et al., "Few-shot
+"""Shapley values of neurons for the attack success rate (ShapPruning: Guan et al., "Few-shot
 Backdoor Defense Using Shapley Estimation", CVPR 2022).
 
 The game: the players are the ``n`` neurons of one layer; a coalition ``S`` is a set of

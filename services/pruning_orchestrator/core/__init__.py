@@ -3,8 +3,8 @@
 `repair` is the one entry point: it copies the model (the caller's model is never
 modified), repairs the copy with one of
 
-* ``"rollback"``: pruning with rollback and fine-tuning (seed 001), `rollback_prune`;
-* ``"shapley"``: Shapley pruning (seed 002), `shapley_prune`;
+* ``"rollback"``: pruning with rollback and fine-tuning (pruning with rollback), `rollback_prune`;
+* ``"shapley"``: Shapley pruning (ShapPruning), `shapley_prune`;
 * ``"fine-pruning"``: the Fine-Pruning baseline (Liu et al. 2018), `fine_pruning`;
 
 and returns a `RepairResult` whose ``model`` is the repaired copy in the submitted format

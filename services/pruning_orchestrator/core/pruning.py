@@ -156,9 +156,9 @@ class Pruner:
 @dataclass(frozen=True)
 class FineTuneConfig:
     """Fine-tuning on the clean fine-tuning split (cross-entropy on its labels, Adam).
-    ``local_steps``: optimiser steps after each kept prune (seed 001's local fine-tune;
-    the seed fits the layer by least squares, a few gradient steps are the accepted
-    equivalent). ``local_objective="original"`` keeps the seed's intent: the steps fit,
+    ``local_steps``: optimiser steps after each kept prune (the rollback method's local fine-tune;
+    the reference method fits the layer by least squares, a few gradient steps are the accepted
+    equivalent). ``local_objective="original"`` keeps the reference method's intent: the steps fit,
     by least squares, the logits of the *original* model on the clean fine-tuning split,
     which is what ``q`` measures (training on labels instead moves an imperfect model away
     from the original and drains the agreement budget step after step);
@@ -175,8 +175,8 @@ class FineTuneConfig:
     Fine-tuning on clean data alone re-grows the backdoor in the layers after a pruned
     one: on an infected LeNet-5 with 12 of 120 ``fc1`` neurons pruned (reversed ASR 8%),
     100 clean Adam steps brought the real trigger's ASR back to 35–80% depending on
-    which layers were tuned; with a 0.2 share stamped it stayed at 1%. 0 gives the seed's
-    clean-only fine-tune (and is what the Fine-Pruning baseline uses).
+    which layers were tuned; with a 0.2 share stamped it stayed at 1%. 0 gives the reference
+    method's clean-only fine-tune (and is what the Fine-Pruning baseline uses).
     ``unlearn_jitter``: each stamped trigger is shifted by a random offset of up to this
     fraction of the image side (2 pixels at 28×28), zero-filled. A reversed trigger is
     an approximation that often sits a little off the real one; unlearning its shifted

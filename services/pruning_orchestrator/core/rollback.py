@@ -1,4 +1,4 @@
-"""Pruning with rollback (seed 001, step 3).
+"""Pruning with rollback (Neural Cleanse-guided).
 
 Neurons are taken alternately from the activation ranking and the weight ranking of
 `services.neuron_scoring.core.score_neurons` (high to low). Each is pruned on its own;
@@ -9,7 +9,7 @@ are measured and
 * the prune is **rolled back** when ``s_i`` did not drop meaningfully from ``s_{i-1}``
   (by at least ``min_drop`` in ASR, or ``min_soft_drop`` in the mean target-class
   probability: a single neuron of a redundant backdoor often weakens the attack without
-  flipping a prediction yet, and the seed asks whether the attack got weaker) or when
+  flipping a prediction yet, and the reference method asks whether the attack got weaker) or when
   ``q_i < q0`` (default 97% of the baseline agreement, which is 1);
 * otherwise it is **kept** and the model is fine-tuned locally (``local_steps`` Adam
   steps on the clean fine-tuning split, pruned neurons held at zero).
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RollbackConfig:
-    """Thresholds of the rollback pruning; defaults are seed 001's values.
+    """Thresholds of the rollback pruning; defaults are the rollback method's values.
 
     ``q0``: minimum agreement as a fraction of the baseline (1.0). ``asr_stop``: stop once
     the reversed ASR (max over triggers) is below it. ``min_drop``/``min_soft_drop``: what
@@ -103,8 +103,8 @@ class Figures:
 
 
 def decide(previous: Figures, current: Figures, config: RollbackConfig) -> tuple[Action, str]:
-    """Seed 001's rule for one prune: ``("rolled_back", reasons)`` when the attack did not
-    get meaningfully weaker or the agreement fell below ``q0``; else ``("kept", "")``."""
+    """The rollback method's rule for one prune: ``("rolled_back", reasons)`` when the attack did
+    not get meaningfully weaker or the agreement fell below ``q0``; else ``("kept", "")``."""
     reasons = []
     dropped = previous.asr - current.asr >= config.min_drop or (
         config.min_soft_drop is not None and previous.soft - current.soft >= config.min_soft_drop
@@ -117,7 +117,7 @@ def decide(previous: Figures, current: Figures, config: RollbackConfig) -> tuple
 
 
 def should_stop(measure: Measure, config: RollbackConfig) -> bool:
-    """Seed 001's stopping rule: ``s_n < asr_stop`` and ``q_n ≥ q0``."""
+    """The rollback method's stopping rule: ``s_n < asr_stop`` and ``q_n ≥ q0``."""
     return measure.reversed_asr < config.asr_stop and measure.agreement >= config.q0
 
 

@@ -1,4 +1,4 @@
-"""Shapley pruning (seed 002; Guan et al., "Few-shot Backdoor Defense Using Shapley
+"""Shapley pruning (ShapPruning: Guan et al., "Few-shot Backdoor Defense Using Shapley
 Estimation", CVPR 2022).
 
 Each round estimates the Shapley value of every still-unpruned neuron of the layer for the
@@ -6,13 +6,13 @@ reversed trigger's attack success rate, with the neurons pruned so far held prun
 (`services.neuron_scoring.core.estimate_shapley`: truncated Monte Carlo permutations,
 ε-greedy refinement of the top candidates), then prunes the ``per_round`` neurons of
 highest value. Rounds repeat until the reversed ASR converges: it is below ``asr_stop``
-(default 0.5%: converged to about zero; the seed gives no number; stopping at the rollback
-mode's 10% left the real trigger of a 3×3-patch LeNet-5 at 14% instead of 9%, and at 2%
+(default 0.5%: converged to about zero; the reference method gives no number; stopping at the
+rollback mode's 10% left the real trigger of a 3×3-patch LeNet-5 at 14% instead of 9%, and at 2%
 the zoo ResNet's at 10.9% instead of 9.5%), or a round
 lowered it by less than ``converge_tol``, or no neuron has a positive value left. The model
 is then retrained on the clean fine-tuning split.
 
-The seed checks no accuracy between rounds (the retraining restores it); ``q0`` (off by
+The reference method checks no accuracy between rounds (the retraining restores it); ``q0`` (off by
 default) adds the rollback mode's agreement floor: neurons of a round are rolled back,
 lowest value first, until the agreement with the original model is at least ``q0``.
 ``max_pruned_fraction`` bounds the damage instead. (With ``q0=0.97`` on an infected
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ShapleyPruneConfig:
-    """``per_round``: neurons pruned per round (the seed's 预定数目). ``max_rounds`` and
+    """``per_round``: neurons pruned per round (the reference method's 预定数目). ``max_rounds`` and
     ``max_pruned_fraction`` bound the work (32 rounds of 2 reach the default budget, half
     of a 128-neuron layer, as in rollback: a backdoor spread over many features, as in the
     zoo's ResNet, needs ~33 neurons pruned; 10 rounds left its reversed ASR at 39%).

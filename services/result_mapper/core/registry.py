@@ -1,7 +1,7 @@
 """The result-mapper's state: per-user mapping networks, credentials and query accounting.
 
-``Map(user, credential, pseudo_output) → labels, probabilities`` (seed 000): a user's
-pseudo-output (the public model's scores on the user's carrier) is mapped by **that user's**
+``Map(user, credential, pseudo_output) → labels, probabilities`` (adversarial reprogramming): a
+user's pseudo-output (the public model's scores on the user's carrier) is mapped by **that user's**
 mapping network only. Mappers are hot-loaded when a carrier becomes ready and revoked at
 once when it is rotated; a revoked generation can never be loaded again (a replayed
 ``CarrierReady`` is ignored).
@@ -17,7 +17,7 @@ Measured with tracemalloc per user (mapper + user entry + credential hash;
 ``bench.bench_serving.measure_mapper_bytes``): 10→64→10 7.6 kB, 10→256→10 23.7 kB (10,000
 users: 76 MB / 237 MB, inside the default 256 MiB), 1000→256→10 (EfficientNet-Lite0)
 1.04 MB — there 10,000 users need the loader (LRU of the active ones) or shared mappers.
-Mappers shared by several users (the seed's "shared mapper" option) are loaded once,
+Mappers shared by several users (the reference method's "shared mapper" option) are loaded once,
 keyed by the sha256 of their bytes. An evicted mapper is reloaded on its next use through
 the injected ``loader(user_id, generation) -> bytes`` (the artifact store in production).
 

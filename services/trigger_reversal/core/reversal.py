@@ -2,8 +2,8 @@
 refinement of the suspects, re-check; independent restarts when the evidence is close.
 
 Paper: Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
-Networks", IEEE S&P 2019. Seed 001 step 1 (screen, keep the low-norm labels as
-suspicious, spend the full budget re-checking only them); seed 002 claim 3.
+Networks", IEEE S&P 2019. The screening follows the pruning-with-rollback method (screen every
+label, keep the low-norm ones as suspicious, spend the full budget re-checking only them).
 
 Pipeline of :func:`reverse_triggers` (K labels, input ``(C, H, W)``):
 

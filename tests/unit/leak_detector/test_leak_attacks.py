@@ -225,7 +225,7 @@ def test_data_processing_attack_leaks_through_training_and_pruning_measures_it()
         stolen_models.append(stolen)
     assert sum(gaps) / len(gaps) < 0.03, gaps
     stolen, train = stolen_models[0], trains[0]
-    # invisible to the parameter detector (seed 004), hence the pruning defence
+    # invisible to the parameter detector (data-sandbox theft), hence the pruning defence
     assert detect_leak(stolen.model).verdict == "benign"
     result = prune_dormant_neurons(
         stolen.model,

@@ -1,4 +1,4 @@
-"""The rollback rules of seed 001 (each branch), the stopping rule, and the rollback
+"""The rollback rules (each branch), the stopping rule, and the rollback
 pruning run on a hand-built model whose neurons each exercise one branch."""
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_rankings_on_a_known_model() -> None:
     assert float(scores.activation_clean[0]) == 0.0
     assert scores.weight_ranking.tolist() == [0, 2, 1, 3]
     assert torch.allclose(scores.weight, torch.tensor([8.0, 1.0, 2.0, 0.5]))
-    # the seed's literal ranking (triggered activation) puts the always-on neuron first
+    # the reference method's literal ranking (triggered activation) puts the always-on neuron first
     literal = score_neurons(
         FourNeurons().eval(), data(), [trigger()], SPEC, ScoringConfig(rank_by="triggered")
     )

@@ -1,7 +1,10 @@
 """Detection quality of the batched trigger reversal over the model zoo.
 
-``python -m bench.bench_detection [--seeds 0,1,2] [--rule modelguard|paper] [--restarts N]
-[--models a,b]``
+``python -m bench.bench_detection [--seeds 0,1,2] [--rule modelguard|paper|both]
+[--split heldout|tuning|all] [--restarts N] [--models a,b]``
+
+By default both rules run, side by side, on the zoo's held-out split (models no rule was
+chosen on); the full run writes its section of the results page (``docs/benchmarks.md``).
 
 Per model and seed: verdict, flagged labels with their anomaly index, true targets, the
 largest index among the other labels below the median, correct or not. A clean model is
@@ -26,7 +29,8 @@ from typing import Any
 
 import torch
 
-from bench.zoo import ZooEntry, load_zoo
+from bench import results
+from bench.zoo import HELDOUT, SPLITS, ZooEntry, load_zoo
 from services.trigger_reversal.core import (
     MODELGUARD,
     RULES,
@@ -38,6 +42,7 @@ from services.trigger_reversal.core import (
 from shared.datasets import REPO_ROOT, load_named
 
 OUT = REPO_ROOT / "bench" / "out"
+BOTH = "both"
 CLEAN_IMAGES = 1000
 
 
@@ -94,7 +99,18 @@ def _fmt_index(values: dict[int, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--rule", choices=RULES, default=MODELGUARD)
+    parser.add_argument(
+        "--rule",
+        choices=(*RULES, BOTH),
+        default=BOTH,
+        help="decision rule (default both: this project's and Neural Cleanse's, side by side)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=HELDOUT,
+        help="zoo split (default heldout: the models no rule was chosen on)",
+    )
     parser.add_argument("--restarts", type=int, help="screening runs at most (default: rule's)")
     parser.add_argument("--models", default="", help="comma-separated zoo names (default all)")
     parser.add_argument("--images", type=int, default=CLEAN_IMAGES)
@@ -105,47 +121,74 @@ def main(argv: list[str] | None = None) -> int:
         overrides["restarts"] = args.restarts
     if args.norm_scale is not None:
         overrides["norm_scale"] = args.norm_scale
-    scale = ReversalConfig.for_rule(args.rule, **overrides).norm_scale
+    rules = list(RULES) if args.rule == BOTH else [args.rule]
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wanted = {m for m in args.models.split(",") if m}
-    entries = [e for e in load_zoo(build_missing=True) if not wanted or e.name in wanted]
-    rows: list[dict[str, Any]] = []
-    other = "linear" if scale == "log" else "log"
-    header = (
-        f"{'model':32} {'kind':10} {'seed':>4} {'targets':>7} {'flagged (index)':>22} "
-        f"{'target idx':>12} {'max other':>9} {'ok':>3} {'s':>6} | {other + '-MAD flags':>13}"
-    )
-    print(header)
-    print("-" * len(header))
+    entries = [
+        e for e in load_zoo(build_missing=True, split=args.split) if not wanted or e.name in wanted
+    ]
     started = time.perf_counter()
-    for entry in entries:
-        model = entry.load()
-        data = clean_set(entry.dataset, args.images)
-        for seed in seeds:
-            config = ReversalConfig.for_rule(args.rule, seed=seed, **overrides)
-            result = reverse_triggers(model, data, entry.spec, config)
-            row = evaluate(entry, result, other) | {"seed": seed}
-            rows.append(row)
-            targets = ",".join(map(str, row["targets"])) or "-"
-            print(
-                f"{entry.name:32} {entry.kind:10} {seed:>4} {targets:>7} "
-                f"{_fmt_index(row['flagged_index']):>22} {_fmt_index(row['target_index']):>12} "
-                f"{row['max_other_index']:9.2f} {'yes' if row['correct'] else 'NO':>3} "
-                f"{row['seconds']:6.1f} | {','.join(map(str, row['log_flagged'])) or '-':>13}",
-                flush=True,
-            )
+    rows: list[dict[str, Any]] = []
+    summaries: dict[str, dict[str, Any]] = {}
+    printed: list[str] = []
+    for rule in rules:
+        scale = ReversalConfig.for_rule(rule, **overrides).norm_scale
+        other = "linear" if scale == "log" else "log"
+        header = (
+            f"{'model':32} {'kind':10} {'seed':>4} {'targets':>7} {'flagged (index)':>22} "
+            f"{'target idx':>12} {'max other':>9} {'ok':>3} {'s':>6} | {other + '-MAD flags':>13}"
+        )
+        lines = [f"rule {rule} ({args.split} split)", header, "-" * len(header)]
+        print("\n".join(lines), flush=True)
+        rule_rows = []
+        for entry in entries:
+            model = entry.load()
+            data = clean_set(entry.dataset, args.images)
+            for seed in seeds:
+                config = ReversalConfig.for_rule(rule, seed=seed, **overrides)
+                result = reverse_triggers(model, data, entry.spec, config)
+                row = evaluate(entry, result, other) | {"seed": seed, "rule": rule}
+                rule_rows.append(row)
+                targets = ",".join(map(str, row["targets"])) or "-"
+                line = (
+                    f"{entry.name:32} {entry.kind:10} {seed:>4} {targets:>7} "
+                    f"{_fmt_index(row['flagged_index']):>22} "
+                    f"{_fmt_index(row['target_index']):>12} "
+                    f"{row['max_other_index']:9.2f} {'yes' if row['correct'] else 'NO':>3} "
+                    f"{row['seconds']:6.1f} | {','.join(map(str, row['log_flagged'])) or '-':>13}"
+                )
+                lines.append(line)
+                print(line, flush=True)
+        summary = summarise(rule_rows, other)
+        summaries[rule] = summary
+        rows += rule_rows
+        lines += ["", *summary["lines"]]
+        print("\n".join(["", *summary["lines"]]), flush=True)
+        printed.append("\n".join(lines))
     print(f"\n{len(rows)} scans in {time.perf_counter() - started:.0f} s")
-    summary = summarise(rows, other)
-    for line in summary["lines"]:
-        print(line)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "detection.json"
     path.write_text(
-        json.dumps({"rule": args.rule, "rows": rows, "summary": summary}, indent=2, default=str)
+        json.dumps(
+            {"split": args.split, "rules": rules, "rows": rows, "summary": summaries},
+            indent=2,
+            default=str,
+        )
     )
     print(f"(details in {path.relative_to(REPO_ROOT)})")
-    return 0 if summary["bars_met"] else 1
+    if not wanted:
+        results.record(
+            "detection",
+            f"Backdoor detection ({args.split} split)",
+            f"{len(entries)} models × seeds {args.seeds}, {args.images} clean images each. "
+            "`modelguard` is what `modelguard detect` runs; `paper` is Neural Cleanse's "
+            "original test (`--rule paper`). Bars (this project's rule): every patch "
+            "model's target flagged, no clean model flagged.\n\n"
+            + "\n\n".join(results.code_block(text) for text in printed),
+        )
+    decisive = summaries.get(MODELGUARD) or next(iter(summaries.values()))
+    return 0 if decisive["bars_met"] else 1
 
 
 def summarise(rows: list[dict[str, Any]], other: str = "linear") -> dict[str, Any]:

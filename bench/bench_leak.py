@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bench import results
 from bench.leak_calibrate import ZooModel, ZooSpec, dataset, load_or_train, test_set, zoo_specs
 from services.leak_detector.core import PruningDefenceConfig, detect_leak, prune_dormant_neurons
 from shared.attacks import leak
@@ -307,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(result)
     defence = pruning_defence(defence_models)
     attacks = toolkit(defence_models)
-    print(report(result, summary, defence, attacks))
+    text = report(result, summary, defence, attacks)
+    print(text)
+    results.record(
+        "leak",
+        "Leak detection (hold-out zoo, never used for calibration)",
+        results.code_block(text),
+    )
     if args.json:
         document = {
             "summary": summary,

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.zoo import ZooEntry, build_model, ensure_model, load_zoo, zoo_specs
+from bench import results
+from bench.zoo import HELDOUT, SPLITS, ZooEntry, build_model, ensure_model, load_zoo, zoo_specs
 from services.pruning_orchestrator.core import (
     FinePruningConfig,
     RepairResult,
@@ -213,12 +214,12 @@ def finetune_only(
 def run(args: argparse.Namespace) -> list[Row]:
     torch.set_num_threads(1)
     if args.ensure:
-        wanted = args.models or [s.name for s in zoo_specs() if s.triggers]
+        wanted = args.models or [s.name for s in zoo_specs(args.split) if s.triggers]
         entries = [ensure_model(name) for name in wanted]
     elif args.build_missing:
         # infected models only (their clean twins are not needed here)
         present = {e.name for e in load_zoo()}
-        for spec in zoo_specs():
+        for spec in zoo_specs(args.split):
             if (
                 spec.triggers
                 and spec.name not in present
@@ -226,11 +227,11 @@ def run(args: argparse.Namespace) -> list[Row]:
             ):
                 log.info("training zoo model %s", spec.name)
                 build_model(spec)
-        entries = [e for e in load_zoo() if e.infected]
+        entries = [e for e in load_zoo(split=args.split) if e.infected]
         if args.models:
             entries = [e for e in entries if e.name in args.models]
     else:
-        entries = [e for e in load_zoo() if e.infected]
+        entries = [e for e in load_zoo(split=args.split) if e.infected]
         if args.models:
             entries = [e for e in entries if e.name in args.models]
     if not entries:
@@ -352,9 +353,10 @@ def bar_problems(rows: list[Row]) -> list[str]:
     return problems
 
 
-def write(rows: list[Row], problems: list[str], path: Path) -> None:
+def write(rows: list[Row], problems: list[str], path: Path, split: str = HELDOUT) -> None:
     path.mkdir(parents=True, exist_ok=True)
     document = {
+        "split": split,
         "bar": {"asr_below": ASR_BAR, "max_accuracy_drop": DROP_BAR, "modes": BAR_MODES},
         "clean_fraction": CLEAN_FRACTION,
         "rows": [
@@ -369,7 +371,17 @@ def write(rows: list[Row], problems: list[str], path: Path) -> None:
         "bar_problems": problems,
     }
     (path / "repair.json").write_text(json.dumps(document, indent=2, default=str))
-    lines = ["# Repair benchmark", "", "```", HEADER, *[line(r) for r in rows], "```", ""]
+    lines = [
+        "# Repair benchmark",
+        "",
+        f"Zoo split: {split}.",
+        "",
+        "```",
+        HEADER,
+        *[line(r) for r in rows],
+        "```",
+        "",
+    ]
     lines += [
         "`*`: no label flagged by the reversal; repaired against its suspects, or else the "
         "label of its smallest trigger (see notes in repair.json).",
@@ -377,6 +389,8 @@ def write(rows: list[Row], problems: list[str], path: Path) -> None:
     ]
     lines += [f"- BAR NOT MET: {p}" for p in problems] or ["- bar met on every patch model"]
     (path / "repair.md").write_text("\n".join(lines) + "\n")
+    if path == OUT:  # smoke runs to another folder leave the results page alone
+        results.record("repair", f"Repair ({split} split)", "\n".join(lines[2:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=["rollback", "shapley", "fine-pruning"],
         choices=["rollback", "shapley", "fine-pruning"],
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=HELDOUT,
+        help="zoo split (default heldout: the models no rule was chosen on)",
     )
     parser.add_argument("--ensure", action="store_true", help="train missing zoo models")
     parser.add_argument(
@@ -407,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = run(args)
     problems = bar_problems(rows)
-    write(rows, problems, args.out)
+    write(rows, problems, args.out, args.split)
     for problem in problems:
         print("BAR NOT MET:", problem)
     if not problems:

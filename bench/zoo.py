@@ -9,6 +9,11 @@ triggers, targets, clean accuracy, attack success rate, twin) and prints a table
 Every infected model has a clean twin (same architecture, dataset, seed and training
 budget); the acceptance bar is ASR ≥ 95% for every trigger and clean accuracy within 1
 point of the twin's.
+
+The zoo has two splits. ``tuning``: the models the detection and repair rules were chosen
+on. ``heldout``: models trained with other seeds, trigger sizes, shapes, patterns,
+positions and targets, never looked at while choosing a rule; the figures the results
+page reports come from this split (``--split heldout``, the benchmarks' default).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench import results
 from shared.attacks.backdoor import (
     BlendTrigger,
     PatchTrigger,
@@ -41,6 +47,8 @@ ZOO_DIR = Path(os.environ.get("MODELGUARD_ZOO_DIR", REPO_ROOT / ".cache" / "zoo"
 INDEX = "zoo.json"
 ASR_BAR = 0.95
 ACCURACY_GAP_BAR = 0.01
+TUNING, HELDOUT = "tuning", "heldout"
+SPLITS = (TUNING, HELDOUT, "all")
 
 
 @dataclass(frozen=True)
@@ -58,16 +66,24 @@ class ZooSpec:
     rate: float = 0.02
     twin: str = ""
     anneal_epochs: int = 1
+    split: str = TUNING
 
     @property
     def spec(self) -> InputSpec:
         return InputSpec(shape=(1, 28, 28), value_range=(0.0, 1.0))
 
 
-def _twin(arch: str, dataset: str, seed: int, epochs: int, train_size: int | None) -> ZooSpec:
+def _twin(
+    arch: str,
+    dataset: str,
+    seed: int,
+    epochs: int,
+    train_size: int | None,
+    split: str = TUNING,
+) -> ZooSpec:
     short = {"mnist": "mnist", "fashion-mnist": "fmnist"}[dataset]
     name = f"clean-{arch}-{short}-s{seed}"
-    return ZooSpec(name, arch, dataset, seed, (), "clean", epochs, train_size, 0.0)
+    return ZooSpec(name, arch, dataset, seed, (), "clean", epochs, train_size, 0.0, split=split)
 
 
 def _infected(
@@ -89,11 +105,77 @@ def _infected(
         rate,
         twin.name,
         twin.anneal_epochs,
+        twin.split,
     )
 
 
-def zoo_specs() -> list[ZooSpec]:
-    """The zoo: 7 clean models and 8 infected ones — patch triggers of several sizes,
+def zoo_specs(split: str = "all") -> list[ZooSpec]:
+    """The zoo's models of ``split`` (``tuning``, ``heldout`` or ``all``)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    specs = _tuning_specs() + _heldout_specs()
+    return [s for s in specs if split in ("all", s.split)]
+
+
+def _heldout_specs() -> list[ZooSpec]:
+    """The held-out split: new seeds and, against the tuning split, other patch sizes
+    (2×2, 6×6 and a 2×5 bar), other patterns (stripes, white, random), other positions
+    (centre, left edge, bottom edge) and other targets, a blend with another pattern and
+    strength, and a two-target pair; LeNet-5 and ResNet-18-small."""
+    lenet_m3 = _twin("lenet5", "mnist", 3, 2, None, HELDOUT)
+    lenet_m4 = _twin("lenet5", "mnist", 4, 2, None, HELDOUT)
+    lenet_f2 = _twin("lenet5", "fashion-mnist", 2, 5, None, HELDOUT)
+    resnet_f1 = _twin("resnet18_small", "fashion-mnist", 1, 2, 8000, HELDOUT)
+    infected = [
+        _infected(
+            "patch-lenet5-mnist-2x2-mid-t3",
+            lenet_m3,
+            "patch",
+            (PatchTrigger(target=3, size=2, position=(13, 13), pattern="white"),),
+            rate=0.03,
+        ),
+        _infected(
+            "patch-lenet5-mnist-6x6-left-t8",
+            lenet_m4,
+            "patch",
+            (PatchTrigger(target=8, size=6, position=(11, 1), pattern="random", seed=5),),
+        ),
+        _infected(
+            "patch-lenet5-fmnist-2x5-bottom-t1",
+            lenet_f2,
+            "patch",
+            (PatchTrigger(target=1, size=(2, 5), position=(-1, 10), pattern="stripes"),),
+            rate=0.03,
+        ),
+        _infected(
+            "patch-resnet-fmnist-3x3-tl-t6",
+            resnet_f1,
+            "patch",
+            (PatchTrigger(target=6, size=3, position=(1, 1), pattern="cross"),),
+        ),
+        _infected(
+            "blend-lenet5-mnist-a0.15-t9",
+            lenet_m3,
+            "blend",
+            (BlendTrigger(target=9, alpha=0.15, pattern="stripes"),),
+            rate=0.03,
+        ),
+        _infected(
+            "two-lenet5-mnist-t1-t5",
+            lenet_m4,
+            "two-target",
+            (
+                PatchTrigger(target=1, size=3, position=(-2, 1), pattern="white"),
+                PatchTrigger(target=5, size=4, position=(1, -1), pattern="random", seed=9),
+            ),
+            rate=0.03,
+        ),
+    ]
+    return [lenet_m3, lenet_m4, lenet_f2, resnet_f1, *infected]
+
+
+def _tuning_specs() -> list[ZooSpec]:
+    """The tuning split: 7 clean models and 8 infected ones — patch triggers of several sizes,
     positions and patterns, blended triggers, a two-trigger/two-target attack — over
     LeNet-5, VGG-small and ResNet-18-small on MNIST and Fashion-MNIST. Training: Adam,
     ``epochs`` at 1e-3 then one epoch at 1e-4. Poisoning rates are per attack (2–5% on the
@@ -182,6 +264,7 @@ class ZooEntry:
     twin: str
     seconds: float
     spec: InputSpec = field(default_factory=lambda: InputSpec(shape=(1, 28, 28)))
+    split: str = TUNING
 
     @property
     def infected(self) -> bool:
@@ -213,6 +296,7 @@ class ZooEntry:
             "twin": self.twin,
             "seconds": self.seconds,
             "spec": self.spec.to_dict(),
+            "split": self.split,
         }
 
     @classmethod
@@ -232,6 +316,7 @@ class ZooEntry:
             twin=data["twin"],
             seconds=float(data["seconds"]),
             spec=InputSpec.from_dict(data["spec"]),
+            split=str(data.get("split", TUNING)),
         )
 
 
@@ -285,6 +370,7 @@ def build_model(spec: ZooSpec, zoo_dir: Path = ZOO_DIR) -> ZooEntry:
         twin=spec.twin,
         seconds=time.perf_counter() - started,
         spec=spec.spec,
+        split=spec.split,
     )
     zoo_dir.mkdir(parents=True, exist_ok=True)
     path = zoo_dir / f"{spec.name}.safetensors"
@@ -319,12 +405,14 @@ def ensure_model(name: str, zoo_dir: Path = ZOO_DIR) -> ZooEntry:
     return entry
 
 
-def load_zoo(zoo_dir: Path = ZOO_DIR, build_missing: bool = False) -> list[ZooEntry]:
-    """Every zoo model, in zoo order (missing ones are skipped, or built first when
-    ``build_missing``)."""
+def load_zoo(
+    zoo_dir: Path = ZOO_DIR, build_missing: bool = False, split: str = "all"
+) -> list[ZooEntry]:
+    """Every zoo model of ``split``, in zoo order (missing ones are skipped, or built
+    first when ``build_missing``)."""
     out = []
     index = _read_index(zoo_dir)
-    for spec in zoo_specs():
+    for spec in zoo_specs(split):
         if build_missing:
             out.append(ensure_model(spec.name, zoo_dir))
         elif spec.name in index and (zoo_dir / f"{spec.name}.safetensors").exists():
@@ -357,7 +445,7 @@ def table(entries: list[ZooEntry]) -> str:
     by_name = {e.name: e for e in entries}
     lines = [
         f"{'model':34} {'arch':15} {'data':14} {'kind':10} {'targets':8} "
-        f"{'clean acc':>9} {'twin Δ':>7} {'ASR':>15} {'train s':>7}"
+        f"{'clean acc':>9} {'twin Δ':>7} {'ASR':>15} {'train s':>7} {'split':>8}"
     ]
     for e in entries:
         twin = by_name.get(e.twin)
@@ -366,7 +454,7 @@ def table(entries: list[ZooEntry]) -> str:
         targets = ",".join(map(str, e.targets)) or "-"
         lines.append(
             f"{e.name:34} {e.arch:15} {e.dataset:14} {e.kind:10} {targets:8} "
-            f"{e.clean_accuracy:9.4f} {delta:>7} {asr:>15} {e.seconds:7.0f}"
+            f"{e.clean_accuracy:9.4f} {delta:>7} {asr:>15} {e.seconds:7.0f} {e.split:>8}"
         )
     return "\n".join(lines)
 
@@ -375,23 +463,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="build only these models (default: all)")
     parser.add_argument("--list", action="store_true", help="list the zoo's models and exit")
+    parser.add_argument("--split", choices=SPLITS, default="all", help="which split to build")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    specs = zoo_specs()
+    specs = zoo_specs(args.split)
     if args.list:
         for spec in specs:
-            print(spec.name)
+            print(f"{spec.name:36} {spec.split}")
         return 0
     names = args.names or [s.name for s in specs]
     started = time.perf_counter()
     for name in names:
         ensure_model(name)
-    entries = [e for e in load_zoo() if e.name in names or not args.names]
+    entries = [e for e in load_zoo() if e.name in names]
     print(table(entries))
     problems = check_bars(entries)
     print(f"\n{len(entries)} models, built/checked in {time.perf_counter() - started:.0f} s")
     for problem in problems:
         print("BAR NOT MET:", problem)
+    if not args.names and args.split == "all" and ZOO_DIR == REPO_ROOT / ".cache" / "zoo":
+        verdict = [f"- BAR NOT MET: {p}" for p in problems] or [
+            f"- every infected model: ASR ≥ {ASR_BAR:.0%} per trigger, clean accuracy within "
+            f"{ACCURACY_GAP_BAR * 100:.0f} point of its clean twin"
+        ]
+        results.record(
+            "zoo",
+            "Model zoo (both splits)",
+            results.code_block(table(entries)) + "\n\n" + "\n".join(verdict),
+        )
     return 1 if problems else 0
 
 

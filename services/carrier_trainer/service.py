@@ -1,5 +1,5 @@
 """carrier-trainer, transport-neutral: enrol and rotate users, train their carriers and
-mapping networks (seed 000), and hand devices their carrier.
+mapping networks (adversarial reprogramming), and hand devices their carrier.
 
 Credentials are per (user, carrier generation): rotating a carrier issues a new one, so a
 thief holding a device's credential cannot fetch the next carrier. Only salted hashes are
@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
@@ -52,6 +52,9 @@ from shared.stage import publish_proto
 from shared.store.base import ArtifactRef
 from shared.topics import CARRIER_READY, CARRIER_REQUESTED, CARRIER_REVOKED, JOB_CARRIER
 
+if TYPE_CHECKING:
+    from services.carrier_trainer.core.carrier import CarrierConfig
+
 log = logging.getLogger(__name__)
 
 MAX_HIDDEN = 4096
@@ -60,9 +63,6 @@ TASKS = ("mnist", "fashion-mnist")
 ARTIFACTS = ("carrier", "carrier_png", "mapper", "manifest", "public_model", "profile")
 #: What a device may download; the mapper and the query profile stay on the server (the
 #: profile would tell an attacker how to shape queries that pass the extraction detector).
-DEVICE_MAX_HIDDEN = 4096
-MAX_STEPS = 1_000_000
-TASKS = ("mnist", "fashion-mnist")
 DEVICE_ARTIFACTS = ("carrier", "carrier_png", "manifest", "public_model")
 
 
@@ -72,6 +72,30 @@ def ref_dict(ref: ArtifactRef) -> dict[str, Any]:
 
 def ref_from_dict(data: dict[str, Any]) -> ArtifactRef:
     return ArtifactRef(data["sha256"], data["key"], int(data["size"]), data["media_type"])
+
+
+def carrier_config(
+    settings: CarrierTrainerSettings,
+    seed: int,
+    hidden: int = 0,
+    steps: int = 0,
+    gamma: float = 0.0,
+) -> CarrierConfig:
+    """The training configuration carrier-trainer uses for one carrier: the request's
+    options where given (0: unset), else the service's settings, else the algorithm's
+    defaults. The carrier benchmark measures this same configuration."""
+    from services.carrier_trainer.core.carrier import CarrierConfig  # torch: imported late
+
+    overrides: dict[str, Any] = {
+        "seed": seed,
+        "hidden": hidden or settings.hidden,
+        "time_budget_s": settings.time_budget_seconds,
+    }
+    if steps or settings.steps:
+        overrides["max_steps"] = steps or settings.steps
+    if gamma:
+        overrides["gamma"] = gamma
+    return CarrierConfig(**overrides)
 
 
 class CarrierService:
@@ -246,7 +270,6 @@ class CarrierService:
     # --- training (the Kafka job) ------------------------------------------------------------
     def train(self, job: jobs_pb2.CarrierRequested, progress: Any = None) -> None:
         from services.carrier_trainer.core.carrier import (
-            CarrierConfig,
             carrier_to_safetensors,
             mapper_to_safetensors,
             train_carrier,
@@ -276,19 +299,9 @@ class CarrierService:
             test = load_named(options.task or self.settings.task, "test")
             seed = int(options.seed) + generation
             data = task.subset(min(self.settings.train_samples, len(task)), seed=seed)
-            overrides: dict[str, Any] = {
-                "seed": seed,
-                "hidden": options.hidden or self.settings.hidden,
-                "time_budget_s": self.settings.time_budget_seconds,
-            }
-            steps = options.steps or self.settings.steps
-            if steps:
-                overrides["max_steps"] = steps
-            if options.gamma:
-                overrides["gamma"] = options.gamma
             natural = natural_image_for_user(user_id, generation, public.input_shape)
             result = train_carrier(
-                CarrierConfig(**overrides),
+                carrier_config(self.settings, seed, options.hidden, options.steps, options.gamma),
                 public,
                 data,
                 natural,

@@ -1,5 +1,5 @@
 """result-mapper, transport-neutral: the user's mapper registry fed by carrier events,
-with extraction detection that revokes a carrier at once (seed 000, beyond the seed)."""
+with extraction detection that revokes a carrier at once (an addition to the reference scheme)."""
 
 from __future__ import annotations
 

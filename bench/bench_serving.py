@@ -1,32 +1,67 @@
-"""Serving benchmark: the result-mapper against Seldon MLServer on the same mapper weights.
+"""Serving benchmark: the result-mapper against Seldon MLServer on the same per-user mappers.
 
-``python -m bench.bench_serving`` (part of ``make bench``):
+``python -m bench.bench_serving`` (part of ``make bench``) benchmarks the state production
+runs in: a pooled carrier goes to one user and carrier-trainer writes one mapper and one
+query profile per carrier, so every user has a mapper and a profile of their own.
 
-1. takes the mapper `bench.bench_carrier` trained for ``--mapper`` (default: carrier-trainer's
-   default public model, lenet5-fashion-features, 214→256→10; ``.cache/carrier-bench/``)
-   or, if that has not run, a seeded 10→256→10 mapper; writes it as safetensors (result-mapper)
-   and ``.npz`` (MLServer runtime `bench.mlserver_runtime`);
-2. ours is the production result-mapper process (``python -m services.result_mapper.main``,
-   what Kubernetes runs) over a local store seeded with ``--users`` ready carriers exactly as
-   carrier-trainer leaves them (signed mapper, query profile, hashed credential), with
-   everything on at its defaults: bearer-token authentication, the per-user credential,
-   per-user rate limits and query budget, the extraction detector scoring each request
-   against the carrier's profile, query accounting, Prometheus metrics and /metrics;
-   theirs is MLServer 1.7.1 with a numpy runtime on the same weights;
-3. for every server configuration, starts the server pinned to core 0 (``taskset``) and
-   runs the same load generator pinned to core 1: closed-loop gRPC unary calls on one
-   channel at concurrency 1, 8 and 32 (``--seconds`` each after a warm-up), pre-serialised
-   requests (ours: one per user, round robin, so no user nears its rate limit), every
-   non-OK status counted as an error. The load generator is `bench/loadgen.cc` (C++, gRPC's
-   generic stub; built on first use from Debian's libgrpc++-dev): the Python asyncio client
-   costs ~250 µs of CPU a call and saturates its core below what the servers answer;
-   ``--client python`` uses it anyway;
-4. repeats 1-3 for ``--rounds`` interleaved rounds (default 3: ours, theirs, ours,
-   theirs, ...), so that a noisy spell of a shared host lands on every server rather than
-   on one, and takes the median of each figure per server and level over the rounds;
-5. prints a table, checks the bars on the medians (≥ 2.5× MLServer's best configuration at
-   concurrency 32; p99 ≤ 5 ms at concurrency 8; zero errors in every round) and writes
-   ``bench/out/serving.json`` (the medians, and every round as measured).
+1. **Users.** ``--users`` users (default 1,000), ``bench-0 .. bench-{users-1}``, each
+   with a ready carrier written into a local artifact store as carrier-trainer writes it
+   (`seed_users`): the user's own mapper, the user's own query profile
+   (``QueryProfile.fit`` on 1,000 of the user's legitimate pseudo-outputs, as many as
+   carrier-trainer's validation set), both stored content-addressed and signed with the
+   deployment's key, the per-generation credential stored hashed. The mappers are
+   distinct and of the shape carrier-trainer deploys (``--mapper``, default its default
+   public model, lenet5-fashion-features, 214 inputs; ``--hidden``, default its
+   ``HIDDEN`` setting): the mapper `bench.bench_carrier` trained, when it has that shape
+   (``.cache/carrier-bench/``), plus a seeded perturbation per user of 1% of each tensor's
+   standard deviation (each user: other weights, another digest, an LRU entry of its
+   own); otherwise seeded mappers of the deployed shape, said loudly (the work per call
+   depends on the shape, not on the values). Each user's
+   legitimate pseudo-outputs have a seeded mean and scale of their own; the profile is
+   fitted on one draw of them and the requests are fresh draws of the same distribution
+   (legitimate traffic for the extraction detector).
+2. **Ours** is the production result-mapper process (``python -m
+   services.result_mapper.main``, what Kubernetes runs) with the settings the deployment
+   sets (`deployed_settings`: ``deploy/k8s/base/config/result-mapper.env`` with the prod
+   overlay's literals over it, the settings' defaults where neither sets one): bearer-token
+   authentication, the per-user credential, the loaded-mapper LRU at its deployed byte
+   bound, per-user rate limit and query budget, the extraction detector scoring every
+   request against the user's own profile with auto-revocation on, query accounting,
+   Prometheus metrics and /metrics. Only the per-user limits that the benchmark's own
+   traffic would reach are raised (`benchmark_limits`: the demand per user at
+   ``--rps-ceiling`` calls/s, far above what one core answers, spread over the users, in
+   one server process's lifetime); each raised setting is printed and written to
+   ``serving.json`` with its deployed value and why. When the users' mappers do not all
+   fit the LRU bound, the round robin evicts and reloads from the store on every call,
+   as production would: the bound, the mappers it holds and the bytes the server read
+   from the store per request are reported.
+3. **Theirs** is MLServer 1.7.1 in its multi-model serving: one model per user (a
+   directory with the user's weights as ``.npz`` and a ``model-settings.json`` naming the
+   numpy runtime `bench.mlserver_runtime`), all loaded at start-up; the time until every
+   model is READY and the server's resident memory are reported. ``--mlserver-models N``
+   serves N models instead (user i → model i mod N), for a machine that cannot load one
+   per user; the output then says so.
+4. **Load.** For every server configuration: the server pinned to core 0 (``taskset``),
+   the load generator pinned to core 1; closed-loop gRPC unary calls on one channel at
+   concurrency 1, 8 and 32 (``--seconds`` each after ``--warmup``), pre-serialised
+   requests sent round robin over all users (``--requests-per-user`` distinct rows per
+   user; ours: each with that user's id and credential; theirs: each to that user's
+   model), every non-OK status counted as an error. Before the levels every request is
+   sent once (every user's mapper and profile loaded, every model answering). The load
+   generator is `bench/loadgen.cc` (C++, gRPC's generic stub; built on first use from
+   Debian's libgrpc++-dev): the Python asyncio client costs several times a server's CPU
+   per call and saturates its core below what the servers answer; ``--client python``
+   uses it anyway.
+5. **Rounds.** 4 is repeated for ``--rounds`` interleaved rounds (default 3: ours,
+   theirs, ours, theirs, ...), so that a noisy spell of a shared host lands on every
+   server rather than on one; each figure is the median per server and level over the
+   rounds. The store and the model directories are built once and shared by all runs;
+   every server process starts with fresh limits and detector state.
+6. **Output.** A setup block (users, distinct mappers and profiles, LRU bound, settings
+   raised), the table, the bars checked on the medians (≥ 2.5× MLServer's best
+   configuration at concurrency 32; p99 ≤ 5 ms at concurrency 8; zero errors and zero
+   extraction alarms in every round), each stated as met or NOT met, and
+   ``bench/out/serving.json`` (setup, medians, and every round as measured).
 
 MLServer runs from its own venv (``.cache/mlserver-venv``; it pins protobuf < 7): created
 on first use with ``mlserver==1.7.1`` and ``uvloop==0.21.0`` unless ``--no-mlserver``.
@@ -38,6 +73,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import signal
@@ -46,11 +82,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench import results
+from shared.config import CarrierTrainerSettings
 from shared.datasets import REPO_ROOT
 
 OUT_DIR = REPO_ROOT / "bench" / "out"
@@ -225,6 +264,7 @@ def loadgen_main(argv: list[str]) -> int:
     metadata = tuple((key, value) for key, _, value in (m.partition("=") for m in args.metadata))
 
     async def run() -> None:
+        began = time.perf_counter()
         first = await _wait_ready(
             args.target,
             args.method,
@@ -232,10 +272,14 @@ def loadgen_main(argv: list[str]) -> int:
             args.ready_timeout,
             metadata,
         )
-        print(
-            json.dumps({"ready": True, "response_bytes": len(first), "response_hex": first.hex()}),
-            flush=True,
-        )
+        ready = {
+            "ready": True,
+            # until the first answer, then every request once (ours: every user warmed)
+            "ready_seconds": time.perf_counter() - began,
+            "response_bytes": len(first),
+            "response_hex": first.hex(),
+        }
+        print(json.dumps(ready), flush=True)
         for concurrency in args.concurrency:
             result = await _run_level(
                 args.target,
@@ -256,67 +300,7 @@ def loadgen_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------ orchestration
 
 
-def _mapper_arrays(
-    public_model: str, hidden: int = 256
-) -> tuple[bytes, dict[str, np.ndarray], str]:
-    """(safetensors bytes, npz arrays, provenance)."""
-    from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-    from services.result_mapper.core.registry import parse_mapper
-
-    trained = CARRIER_CACHE / f"mapper-{public_model}.safetensors"
-    if trained.exists():
-        data, source = trained.read_bytes(), str(trained.relative_to(REPO_ROOT))
-    else:
-        import torch
-
-        # said loudly: the figures then describe a smaller mapper than the product serves
-        print(
-            f"note: {trained.relative_to(REPO_ROOT)} is missing (run `python -m "
-            "bench.bench_carrier --skip-efficientnet` first): serving a seeded "
-            f"10→{hidden}→10 mapper instead",
-            file=sys.stderr,
-            flush=True,
-        )
-        torch.manual_seed(0)
-        data, source = (
-            mapper_to_safetensors(MappingNetwork(10, 10, hidden)),
-            f"seeded 10→{hidden}→10",
-        )
-    parsed = parse_mapper(data)
-    if parsed.w1 is None or parsed.b1 is None:
-        raise SystemExit("the serving benchmark expects a mapper with a hidden layer")
-    arrays = {"w1": parsed.w1, "b1": parsed.b1, "w2": parsed.w2, "b2": parsed.b2}
-    return data, arrays, source
-
-
-def _ensure_mlserver_venv() -> Path:
-    python = MLSERVER_VENV / "bin" / "python"
-    mlserver = MLSERVER_VENV / "bin" / "mlserver"
-    if not mlserver.exists():
-        print(f"creating {MLSERVER_VENV} ({', '.join(MLSERVER_PACKAGES)})", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_PACKAGES], check=True)
-    return MLSERVER_VENV
-
-
-def _mlserver_request(venv: Path, rows: np.ndarray, workdir: Path) -> bytes:
-    """A serialised ModelInferRequest, built with MLServer's own generated code."""
-    script = (
-        "import sys, json\n"
-        "from mlserver.grpc import dataplane_pb2 as pb\n"
-        "values = json.loads(sys.argv[1])\n"
-        "t = pb.ModelInferRequest.InferInputTensor(name='pseudo_output', datatype='FP32', "
-        "shape=[1, len(values)], contents=pb.InferTensorContents(fp32_contents=values))\n"
-        "request = pb.ModelInferRequest(model_name='mapper', inputs=[t])\n"
-        "sys.stdout.buffer.write(request.SerializeToString())\n"
-    )
-    out = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", script, json.dumps(rows.ravel().tolist())],
-        check=True,
-        capture_output=True,
-        cwd=workdir,
-    )
-    return out.stdout
+# ------------------------------------------------------------------------------ orchestration
 
 
 def _free_port() -> int:
@@ -428,6 +412,47 @@ def _steal_percent(before: dict[str, list[int]], after: dict[str, list[int]]) ->
     return shares
 
 
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                if int(handle.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                    pids.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def _read_bytes(pgid: int) -> int:
+    """Bytes the processes of group ``pgid`` read through read(2)-family calls (``rchar``;
+    gRPC receives with recvmsg, which it does not count: in practice file reads)."""
+    total = 0
+    for pid in _group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/io") as handle:
+                for line in handle:
+                    if line.startswith("rchar:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process of group ``pgid`` (MLServer: its workers too), MB."""
+    total = 0
+    for pid in _group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/statm") as handle:
+                total += int(handle.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
 def _run_loadgen(
     target: str,
     method: str,
@@ -437,14 +462,18 @@ def _run_loadgen(
     server_pgid: int,
     metadata: tuple[str, ...] = (),
     cc_loadgen: Path | None = None,
+    ready_timeout: float = 60.0,
 ) -> list[dict[str, Any]]:
     """The ready line, then one result per concurrency level. The ready phase (every
     request once) always runs in the Python client; the levels run in ``cc_loadgen`` when
-    given, else in the Python client."""
+    given, else in the Python client. With the C++ client each level also records the
+    bytes the server process read from files meanwhile (``server_read_bytes``: the
+    artifact store, when the LRU reloads evicted mappers)."""
     command = [
         "taskset", "-c", "1", sys.executable, "-m", "bench.bench_serving", "loadgen",
         "--target", target, "--method", method, "--request-file", str(request_file),
         "--seconds", str(seconds), "--warmup", str(warmup), "--server-pgid", str(server_pgid),
+        "--ready-timeout", str(ready_timeout),
     ]  # fmt: skip
     if metadata:
         command += ["--metadata", *metadata]
@@ -466,8 +495,9 @@ def _run_loadgen(
         ]  # fmt: skip
         for item in metadata:
             command += ["--metadata", item]
-        ticks = _core_ticks()
+        ticks, read_before = _core_ticks(), _read_bytes(server_pgid)
         out = subprocess.run(command, check=False, capture_output=True, text=True)
+        read_after = _read_bytes(server_pgid)
         if out.returncode != 0:
             raise SystemExit(f"C++ load generator failed ({out.returncode}):\n{out.stderr}")
         level = json.loads(out.stdout.strip().splitlines()[-1])
@@ -475,51 +505,420 @@ def _run_loadgen(
         level["server_cpu_us_per_request"] = server_cpu / count * 1e6 if count else None
         level["rps_per_server_core"] = count / server_cpu if server_cpu else None
         level["steal_percent"] = _steal_percent(ticks, _core_ticks())
+        # warm-up and measured calls alike (the counter cannot tell them apart)
+        level["server_read_bytes"] = read_after - read_before
         lines.append(level)
     return lines
 
 
+# ------------------------------------------------------------------------------ the users
+
 #: Signing key of the benchmark's throw-away store (carrier records are signed as
-#: carrier-trainer signs them; the service verifies every mapper it loads).
+#: carrier-trainer signs them; the service verifies every mapper and profile it loads).
 BENCH_SIGNING_KEY = "bench-serving-signing-key"
+#: Outputs of each public model (`services.carrier_trainer.core.public_models`): the
+#: input width of the seeded mappers served when bench_carrier's trained one is missing.
+PUBLIC_MODEL_OUTPUTS = {
+    "lenet5-fashion-features": 214,
+    "lenet5-fashion": 10,
+    "efficientnet-lite0": 1000,
+}
+#: Each user's mapper: the base mapper plus seeded noise of this fraction of each tensor's
+#: standard deviation (distinct weights that still map like the trained mapper).
+PERTURBATION = 0.01
+#: Pseudo-outputs a user's query profile is fitted on: carrier-trainer fits it on the
+#: carrier's validation inputs (``CarrierConfig.validation_samples``, 1,000).
+PROFILE_SAMPLES = 1000
 
 
-def seed_carriers(
-    store_dir: Path, weights: bytes, users: int, profile_samples: np.ndarray
-) -> dict[str, str]:
-    """Ready carriers for ``bench-0 .. bench-{users-1}`` exactly as carrier-trainer leaves
-    them (the signed mapper, the query profile the extraction detector scores every
-    request against, the credential stored hashed); returns user → credential. The users
-    share one pooled carrier's mapper and profile (the same weights MLServer serves); each
-    has its own credential, rate limit, budget, accounting and detector state."""
+def _ensure_mlserver_venv() -> Path:
+    python = MLSERVER_VENV / "bin" / "python"
+    mlserver = MLSERVER_VENV / "bin" / "mlserver"
+    if not mlserver.exists():
+        print(f"creating {MLSERVER_VENV} ({', '.join(MLSERVER_PACKAGES)})", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *MLSERVER_PACKAGES], check=True)
+    return MLSERVER_VENV
+
+
+def base_mapper(public_model: str, hidden: int) -> tuple[dict[str, np.ndarray], str]:
+    """The mapper every user's is derived from, as the serving format's tensors
+    (``fc1.weight`` (hidden, in), ``fc1.bias``, ``fc2.weight`` (classes, hidden),
+    ``fc2.bias``), and where it comes from."""
+    trained = CARRIER_CACHE / f"mapper-{public_model}.safetensors"
+    why = "is missing"
+    if trained.exists():
+        from safetensors.numpy import load
+
+        tensors = load(trained.read_bytes())
+        if set(tensors) != {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}:
+            raise SystemExit(
+                f"{trained}: the serving benchmark expects a mapper with a hidden layer"
+            )
+        if int(tensors["fc1.weight"].shape[0]) == hidden:
+            source = f"{trained.relative_to(REPO_ROOT)} (trained by bench.bench_carrier)"
+            arrays = {name: np.asarray(t, dtype=np.float32) for name, t in tensors.items()}
+            return arrays, source
+        why = f"has hidden width {int(tensors['fc1.weight'].shape[0])}, not {hidden}"
+    import torch
+
+    from services.carrier_trainer.core.carrier import MappingNetwork
+
+    width = PUBLIC_MODEL_OUTPUTS.get(public_model)
+    if width is None:
+        raise SystemExit(
+            f"unknown public model {public_model!r}: {', '.join(PUBLIC_MODEL_OUTPUTS)}"
+        )
+    # said loudly: the weights are not trained (the shape, and so the work per call, is)
+    print(
+        f"note: {trained.relative_to(REPO_ROOT)} {why}: serving seeded {width}→{hidden}→10 "
+        "mappers, the deployed shape, instead",
+        file=sys.stderr,
+        flush=True,
+    )
+    torch.manual_seed(0)
+    arrays = MappingNetwork(width, 10, hidden).arrays()
+    return arrays, f"seeded {width}→{hidden}→10 (bench.bench_carrier's mapper {why})"
+
+
+@dataclass
+class BenchUsers:
+    """What `seed_users` wrote, and what the load generators need."""
+
+    names: list[str]
+    credentials: list[str]
+    #: (users, requests per user, inputs): each user's request rows
+    rows: np.ndarray
+    mapper_shape: str
+    #: one mapper's safetensors bytes, and what the registry counts it as in its LRU
+    mapper_file_bytes: int
+    mapper_lru_bytes: int
+    distinct_mappers: int
+    distinct_profiles: int
+    seconds: float
+
+
+def seed_users(
+    store_dir: Path,
+    base: dict[str, np.ndarray],
+    users: int,
+    requests_per_user: int,
+    mlserver_dir: Path | None,
+    mlserver_models: int = 0,
+) -> BenchUsers:
+    """Ready carriers for ``bench-0 .. bench-{users-1}`` written as carrier-trainer writes
+    them (`CarrierService.train`): the user's own mapper (``mapper_to_safetensors``) and
+    own query profile (``QueryProfile.fit`` → ``to_dict`` → JSON) stored content-addressed,
+    each signed with the deployment's key, the credential stored hashed, state READY.
+    With ``mlserver_dir``, also an MLServer model directory (``model-settings.json``, the
+    same weights as ``.npz``) for each of the first ``mlserver_models`` users.
+    Deterministic but for the credentials (fresh per run, as they are per carrier)."""
+    import torch
+
+    from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
     from services.carrier_trainer.core.extraction import QueryProfile
-    from services.carrier_trainer.service import ref_dict
+    from services.carrier_trainer.service import _jsonable, ref_dict
     from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-    from services.result_mapper.core.registry import hash_credential, new_credential
+    from services.result_mapper.core.registry import hash_credential, new_credential, parse_mapper
     from shared.signing import Signer
     from shared.store import make_store
 
+    started = time.perf_counter()
+    hidden, inputs = base["fc1.weight"].shape
+    classes = base["fc2.weight"].shape[0]
+    template = MappingNetwork(inputs, classes, hidden)  # identity input standardisation
     store = make_store("local", root=store_dir)
     signer = Signer(BENCH_SIGNING_KEY.encode())
-    mapper = store.put_blob(weights, "application/vnd.modelguard.mapper")
-    profile = json.dumps(QueryProfile.fit(profile_samples).to_dict()).encode()
-    profile_ref = store.put_blob(profile, "application/json")
     repository = CarrierRepository(store)
-    credentials: dict[str, str] = {}
+    if mlserver_dir is not None:
+        mlserver_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(__file__).with_name("mlserver_runtime.py"), mlserver_dir)
+    names, credentials = [], []
+    rows = np.empty((users, requests_per_user, inputs), dtype=np.float32)
+    mapper_digests, profile_digests = set(), set()
+    file_bytes = lru_bytes = 0
     for i in range(users):
-        user, credential = f"bench-{i}", new_credential()
+        user = f"bench-{i}"
+        rng = np.random.default_rng((0, i))
+        with torch.no_grad():
+            for name, parameter in template.named_parameters():
+                weights = base[name]
+                noise = rng.standard_normal(weights.shape).astype(np.float32)
+                scale = PERTURBATION * float(weights.std())
+                parameter.copy_(torch.from_numpy(weights + scale * noise))
+        mapper = mapper_to_safetensors(template)
+        # the user's legitimate pseudo-outputs: a mean and a scale per unit of their own
+        centre = rng.normal(0.0, 0.5, inputs)
+        spread = rng.uniform(0.5, 1.5, inputs)
+        draws = centre + spread * rng.standard_normal((PROFILE_SAMPLES + requests_per_user, inputs))
+        draws = draws.astype(np.float32)
+        profile = QueryProfile.fit(draws[:PROFILE_SAMPLES])
+        rows[i] = draws[PROFILE_SAMPLES:]
+        blobs = {
+            "mapper": (mapper, "application/vnd.modelguard.mapper"),
+            "profile": (
+                json.dumps(profile.to_dict(), default=_jsonable).encode(),
+                "application/json",
+            ),
+        }
+        artifacts, signatures = {}, {}
+        for name, (payload, media_type) in blobs.items():
+            ref = store.put_blob(payload, media_type)
+            artifacts[name] = ref_dict(ref)
+            signatures[name] = signer.sign(ref.sha256)
+        mapper_digests.add(artifacts["mapper"]["sha256"])
+        profile_digests.add(artifacts["profile"]["sha256"])
+        credential = new_credential()
         repository.put(
             CarrierRecord(
                 user_id=user,
                 generation=1,
                 credential_hash=hash_credential(credential),
                 state=READY,
-                artifacts={"mapper": ref_dict(mapper), "profile": ref_dict(profile_ref)},
-                signatures={"mapper": signer.sign(mapper.sha256)},
+                artifacts=artifacts,
+                signatures=signatures,
             )
         )
-        credentials[user] = credential
-    return credentials
+        names.append(user)
+        credentials.append(credential)
+        parsed = parse_mapper(mapper)
+        file_bytes, lru_bytes = len(mapper), parsed.nbytes
+        if mlserver_dir is not None and i < mlserver_models:  # the same weights
+            model_dir = mlserver_dir / user
+            model_dir.mkdir(exist_ok=True)
+            npz = model_dir / "mapper.npz"
+            assert parsed.w1 is not None and parsed.b1 is not None  # a hidden layer
+            np.savez(npz, w1=parsed.w1, b1=parsed.b1, w2=parsed.w2, b2=parsed.b2)
+            settings = {
+                "name": user,
+                "implementation": "mlserver_runtime.NumpyMapper",
+                "parameters": {"uri": str(npz)},
+            }
+            (model_dir / "model-settings.json").write_text(json.dumps(settings))
+        if (i + 1) % 250 == 0:
+            print(f"  {i + 1} users written ({time.perf_counter() - started:.0f} s)", flush=True)
+    return BenchUsers(
+        names=names,
+        credentials=credentials,
+        rows=rows,
+        mapper_shape=f"{inputs}→{hidden}→{classes}",
+        mapper_file_bytes=file_bytes,
+        mapper_lru_bytes=lru_bytes,
+        distinct_mappers=len(mapper_digests),
+        distinct_profiles=len(profile_digests),
+        seconds=time.perf_counter() - started,
+    )
+
+
+#: Thread counts of the BLAS libraries numpy may use.
+_BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def seed_users_one_thread(
+    store_dir: Path,
+    base: dict[str, np.ndarray],
+    users: int,
+    requests_per_user: int,
+    mlserver_dir: Path | None,
+    mlserver_models: int = 0,
+) -> BenchUsers:
+    """`seed_users` in a child process whose BLAS runs one thread: on a busy 2-core host
+    OpenBLAS's second thread made each profile's eigendecomposition many times slower. (Not set
+    in this process: the servers it starts inherit its environment.)"""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = {name: os.environ.get(name) for name in _BLAS_THREADS}
+    os.environ.update(dict.fromkeys(_BLAS_THREADS, "1"))
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            args = (store_dir, base, users, requests_per_user, mlserver_dir, mlserver_models)
+            return pool.submit(seed_users, *args).result()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _round_robin(users: int, per_user: int) -> list[tuple[int, int]]:
+    """(user, row) in sending order: every user once, then every user's next row, ..."""
+    return [(user, row) for row in range(per_user) for user in range(users)]
+
+
+def write_map_requests(path: Path, users: BenchUsers) -> int:
+    """Ours: one pre-serialised MapRequest per (user, row), each with that user's id and
+    credential, round robin over the users."""
+    from shared.proto.modelguard.v1 import result_mapper_pb2
+
+    order = _round_robin(len(users.names), users.rows.shape[1])
+    write_requests(
+        path,
+        [
+            result_mapper_pb2.MapRequest(
+                user_id=users.names[user],
+                credential=users.credentials[user],
+                pseudo_output=users.rows[user, row].astype("<f4").tobytes(),
+                rows=1,
+            ).SerializeToString()
+            for user, row in order
+        ],
+    )
+    return len(order)
+
+
+#: Run in MLServer's venv (its own generated code): (model name, row) pairs on stdin as
+#: JSON → length-prefixed ModelInferRequests (`write_requests`' format) in argv[1].
+_MLSERVER_REQUESTS = """
+import json, sys
+from mlserver.grpc import dataplane_pb2 as pb
+with open(sys.argv[1], "wb") as out:
+    for name, values in json.load(sys.stdin):
+        tensor = pb.ModelInferRequest.InferInputTensor(
+            name="pseudo_output", datatype="FP32", shape=[1, len(values)],
+            contents=pb.InferTensorContents(fp32_contents=values))
+        data = pb.ModelInferRequest(model_name=name, inputs=[tensor]).SerializeToString()
+        out.write(len(data).to_bytes(4, "little") + data)
+"""
+
+
+def write_infer_requests(path: Path, venv: Path, users: BenchUsers, models: int) -> int:
+    """Theirs: the same rows in the same order, each to the user's model (user i → model
+    ``bench-{i mod models}``; one per user unless ``models`` is smaller)."""
+    order = _round_robin(len(users.names), users.rows.shape[1])
+    pairs = [(users.names[user % models], users.rows[user, row].tolist()) for user, row in order]
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-c", _MLSERVER_REQUESTS, str(path)],
+        input=json.dumps(pairs).encode(),
+        check=True,
+        cwd=path.parent,
+    )
+    return len(order)
+
+
+# ----------------------------------------------------------------- deployed configuration
+
+DEPLOY_K8S = REPO_ROOT / "deploy" / "k8s"
+RESULT_MAPPER_ENV = DEPLOY_K8S / "base" / "config" / "result-mapper.env"
+PROD_OVERLAY = DEPLOY_K8S / "overlays" / "prod" / "kustomization.yaml"
+ENV_PREFIX = "MODELGUARD_RESULT_MAPPER_"
+#: Per-process wiring the benchmark sets itself: loopback, free ports, a consumer group of
+#: its own (the deployment's value of these says where a pod listens, not how it serves).
+BENCH_WIRING = {"HOST", "GRPC_PORT", "METRICS_PORT", "GROUP"}
+
+
+def deployed_settings() -> dict[str, dict[str, str]]:
+    """``SETTING → {"value", "source"}`` for every ResultMapperSettings field: the prod
+    overlay's literal if it sets one, else the base ConfigMap's
+    (``deploy/k8s/base/config/result-mapper.env``), else the settings' default."""
+    from shared.config import ResultMapperSettings
+
+    settings: dict[str, dict[str, str]] = {}
+    for name, field in ResultMapperSettings.model_fields.items():
+        default = field.default
+        text = str(default).lower() if isinstance(default, bool) else str(default)
+        settings[name.upper()] = {"value": text, "source": "ResultMapperSettings default"}
+    sources = (
+        (RESULT_MAPPER_ENV, lambda line: line),
+        (PROD_OVERLAY, lambda line: line.lstrip("- ").strip() if line.startswith("- ") else ""),
+    )
+    for path, literal in sources:
+        for raw in path.read_text().splitlines():
+            line = literal(raw.strip())
+            if not line.startswith(ENV_PREFIX) or "=" not in line:
+                continue
+            key, _, value = line[len(ENV_PREFIX) :].partition("=")
+            settings[key] = {"value": value.strip(), "source": str(path.relative_to(REPO_ROOT))}
+    return settings
+
+
+def benchmark_limits(
+    deployed: dict[str, dict[str, str]],
+    users: int,
+    requests_per_user: int,
+    server_seconds: float,
+    rps_ceiling: float,
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """The per-user limits a server process of the benchmark runs with: the deployed ones,
+    except those the benchmark's own traffic would reach, raised (to twice the demand).
+
+    Demand per user, at most: ``rps_ceiling / users`` calls a second (the round robin
+    spreads the calls evenly) and, in one server process's lifetime (every process starts
+    with fresh limits and detector state), the warm-up pass plus ``server_seconds`` at
+    ``rps_ceiling``. A run lasts far less than the detector's window (an hour) and the
+    budget's period (a day), so that is the demand within either. Returns
+    (``SETTING → value`` to run with, one record per limit: deployed, demand, benchmark
+    value, raised or not, and why)."""
+    rate = rps_ceiling / users
+    rows = math.ceil(rps_ceiling * server_seconds / users) + requests_per_user
+    why_rate = (
+        f"a closed-loop load generator at up to {rps_ceiling:,.0f} calls/s over {users} users "
+        f"sends up to {rate:,.1f} calls/s per user"
+    )
+    why_rows = (
+        f"one server process maps up to {rows:,} rows per user (warm-up pass + "
+        f"{server_seconds:g} s at up to {rps_ceiling:,.0f} calls/s over {users} users)"
+    )
+    checks = (
+        ("RATE_PER_SECOND", rate, why_rate, "rate limit (RESOURCE_EXHAUSTED)"),
+        ("QUERY_BUDGET_ROWS", rows, why_rows, "query budget (RESOURCE_EXHAUSTED)"),
+        ("MAX_ROWS_PER_WINDOW", rows, why_rows, "extraction detector, rate rule (revokes)"),
+        ("MAX_ROWS_PER_GENERATION", rows, why_rows, "extraction detector, budget rule (revokes)"),
+    )
+    values: dict[str, str] = {}
+    records: list[dict[str, Any]] = []
+    for key, demand, why, what in checks:
+        deployed_text = deployed[key]["value"]
+        value = float(deployed_text)
+        off = value <= 0  # 0: no such limit
+        raise_it = not off and value < demand
+        benchmark = math.ceil(2 * demand) if raise_it else value
+        record = {
+            "setting": ENV_PREFIX + key,
+            "limit": what,
+            "deployed": deployed_text,
+            "demand_per_user": round(demand, 1),
+            "benchmark": str(benchmark) if raise_it else deployed_text,
+            "raised": raise_it,
+            "why": (
+                f"{why}: the deployed {deployed_text} would refuse or revoke the benchmark's "
+                "own users; raised to twice that demand"
+                if raise_it
+                else f"{why}: no such limit deployed ({deployed_text})"
+                if off
+                else f"{why}: within the deployed {deployed_text}"
+            ),
+        }
+        records.append(record)
+        if raise_it:
+            values[key] = str(benchmark)
+    return values, records
+
+
+def lru_behaviour(max_loaded_bytes: int, users: BenchUsers) -> dict[str, Any]:
+    """What the deployed LRU bound does with these users' mappers under round robin."""
+    holds = max_loaded_bytes // users.mapper_lru_bytes
+    count = len(users.names)
+    fits = count <= holds
+    return {
+        "max_loaded_bytes": max_loaded_bytes,
+        "mapper_lru_bytes": users.mapper_lru_bytes,
+        "mappers_held": holds,
+        "users": count,
+        "all_users_fit": fits,
+        "expected": (
+            f"all {count} users' mappers stay loaded after the warm-up pass: no misses"
+            if fits
+            else f"{count} users > {holds} mappers held: under round robin the LRU evicts "
+            "each mapper before its user's next call, so every call misses and reloads "
+            "the user's mapper from the store (read, signature check, parse), as production "
+            "would"
+        ),
+    }
+
+
+# -------------------------------------------------------------------------------- servers
 
 
 def _metric_samples(port: int, name: str) -> dict[str, float]:
@@ -530,129 +929,138 @@ def _metric_samples(port: int, name: str) -> dict[str, float]:
         text = response.read().decode()
     samples: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(name + "{"):
+        if line.startswith(name + "{") or line.startswith(name + " "):
             labels, value = line[len(name) :].rsplit(" ", 1)
-            samples[labels] = float(value)
+            samples[labels.strip()] = float(value)
     return samples
 
 
-def _ours(
-    workdir: Path,
-    weights: bytes,
-    mode: str,
-    profile_rows: np.ndarray,
-    rows: np.ndarray,
-    seconds: float,
-    warmup: float,
-    cc_loadgen: Path | None,
-) -> dict[str, Any]:
+@dataclass
+class Bench:
+    """Everything the runs share."""
+
+    workdir: Path
+    users: BenchUsers
+    store_dir: Path
+    map_requests: Path
+    #: ResultMapperSettings environment of every run of ours (deployed + raised limits)
+    ours_env: dict[str, str]
+    mlserver_dir: Path | None
+    infer_requests: Path | None
+    mlserver_models: int
+    seconds: float
+    warmup: float
+    cc_loadgen: Path | None
+    ready_timeout: float
+    mlserver_load_timeout: float
+
+
+def _ours(bench: Bench, mode: str) -> dict[str, Any]:
     """The production result-mapper (``python -m services.result_mapper.main``, the
-    process Kubernetes runs) with everything on at its defaults: bearer-token
-    authentication, the per-user credential, per-user rate limits and query budget, the
-    extraction detector scoring every request against the carrier's profile, query
-    accounting, Prometheus metrics and their /metrics endpoint. ``mode`` is
-    ``workers=N`` (the gRPC thread pool, MODELGUARD_RESULT_MAPPER_GRPC_WORKERS)."""
+    process Kubernetes runs) with the deployed settings and the benchmark's raised limits
+    (`Bench.ours_env`) over the seeded store: bearer-token authentication, the per-user
+    credential, the LRU at its deployed bound, per-user rate limits and query budget, the
+    extraction detector scoring every request against the user's own profile and revoking
+    on alarm, query accounting, Prometheus metrics and their /metrics endpoint. ``mode``
+    is ``KEY=VALUE[,...]`` over those (e.g. ``grpc_workers=8``)."""
     from shared.auth import mint_token
     from shared.proto.modelguard.v1 import result_mapper_pb2
 
     label = mode or "as deployed"
-    name = f"result-mapper-{(mode or 'deployed').replace('=', '')}"
-    store_dir = workdir / f"store-{name}"
-    credentials = seed_carriers(store_dir, weights, len(rows), profile_rows)
+    name = f"result-mapper-{(mode or 'deployed').replace('=', '').replace(',', '-')}"
     token, line = mint_token("bench")
-    tokens_file = workdir / "tokens"
+    tokens_file = bench.workdir / "tokens"
     tokens_file.write_text(line + "\n")
     port, metrics_port = _free_port(), _free_port()
     env = {
         "MODELGUARD_BUS": "memory",
         "MODELGUARD_STORE": "local",
-        "MODELGUARD_STORE_DIR": str(store_dir),
+        "MODELGUARD_STORE_DIR": str(bench.store_dir),
         "MODELGUARD_SIGNING_KEY": BENCH_SIGNING_KEY,
         "MODELGUARD_AUTH_TOKENS_FILE": str(tokens_file),
         "MODELGUARD_TORCH_THREADS": "1",  # as deploy/k8s/base/config/platform.env
         "MODELGUARD_LOG_LEVEL": "WARNING",
-        "MODELGUARD_RESULT_MAPPER_HOST": "127.0.0.1",
-        "MODELGUARD_RESULT_MAPPER_GRPC_PORT": str(port),
-        "MODELGUARD_RESULT_MAPPER_METRICS_PORT": str(metrics_port),
+        **bench.ours_env,
+        ENV_PREFIX + "HOST": "127.0.0.1",
+        ENV_PREFIX + "GRPC_PORT": str(port),
+        ENV_PREFIX + "METRICS_PORT": str(metrics_port),
     }
     for setting in mode.split(","):
         key, _, value = setting.partition("=")
         if key:
-            env[f"MODELGUARD_RESULT_MAPPER_{key.upper()}"] = value
-    server = Server(name, [sys.executable, "-m", "services.result_mapper.main"], workdir, env=env)
-    # one request per user, round robin: every user stays far below its rate limit
-    requests = [
-        result_mapper_pb2.MapRequest(
-            user_id=user,
-            credential=credential,
-            pseudo_output=rows[i].astype("<f4").tobytes(),
-            rows=1,
-        ).SerializeToString()
-        for i, (user, credential) in enumerate(credentials.items())
-    ]
-    request_file = workdir / f"{name}.requests"
-    write_requests(request_file, requests)
+            env[ENV_PREFIX + key.upper()] = value
+    server = Server(name, [sys.executable, "-m", "services.result_mapper.main"], bench.workdir, env)
+    metrics: dict[str, dict[str, float]] = {}
     try:
         results = _run_loadgen(
             f"127.0.0.1:{port}",
             MAP_METHOD,
-            request_file,
-            seconds,
-            warmup,
+            bench.map_requests,
+            bench.seconds,
+            bench.warmup,
             server.process.pid,
             (f"authorization=Bearer {token}",),
-            cc_loadgen=cc_loadgen,
+            cc_loadgen=bench.cc_loadgen,
+            ready_timeout=bench.ready_timeout,
         )
-        counted = _metric_samples(metrics_port, "modelguard_result_mapper_grpc_requests_total")
+        rss_mb = group_rss_mb(server.process.pid)
+        for family in ("grpc_requests_total", "extraction_alarms_total", "refusals_total"):
+            metrics[family] = _metric_samples(metrics_port, f"modelguard_result_mapper_{family}")
     except SystemExit:
         print(server.tail(), file=sys.stderr)
         raise
     finally:
         server.stop()
     ready, levels = results[0], results[1:]
+    for level in levels:
+        if "server_read_bytes" in level:
+            # calls in the level, warm-up included (the read counter runs through both)
+            calls = level["rps"] * (bench.seconds + bench.warmup)
+            per_call = level["server_read_bytes"] / calls if calls else 0.0
+            level["server_read_bytes_per_call"] = round(per_call)
+            level["mapper_reloads_per_call_est"] = round(
+                per_call / bench.users.mapper_file_bytes, 3
+            )
     response = result_mapper_pb2.MapResponse.FromString(bytes.fromhex(ready["response_hex"]))
     return {
         "server": f"result-mapper ({label})",
         "first_label": list(response.labels),
-        "server_counted": counted,
+        "ready_seconds": ready.get("ready_seconds"),
+        "rss_mb": rss_mb,
+        "extraction_alarms": sum(metrics["extraction_alarms_total"].values()),
+        "server_counted": metrics["grpc_requests_total"],
+        "refusals": metrics["refusals_total"],
         "levels": levels,
     }
 
 
-def _mlserver(
-    workdir: Path,
-    arrays: dict[str, np.ndarray],
-    workers: int,
-    request_row: np.ndarray,
-    seconds: float,
-    warmup: float,
-    cc_loadgen: Path | None,
-) -> dict[str, Any]:
+def _mlserver_index_ready(http_port: int) -> int | None:
+    """Models MLServer reports READY in its repository index (None: not answering)."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/v2/repository/index",
+        data=b"{}",
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            index = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return sum(1 for model in index if model.get("state") == "READY")
+
+
+def _mlserver(bench: Bench, workers: int) -> dict[str, Any]:
+    """MLServer 1.7.1's multi-model serving: every model directory under
+    `Bench.mlserver_dir` loaded at start-up (one per user), the load generator sending
+    each user's requests to that user's model."""
+    assert bench.mlserver_dir is not None and bench.infer_requests is not None
     venv = _ensure_mlserver_venv()
-    model_dir = workdir / f"mlserver-w{workers}"
-    (model_dir / "mapper").mkdir(parents=True, exist_ok=True)
-    np.savez(
-        model_dir / "mapper" / "mapper.npz",
-        w1=arrays["w1"],
-        b1=arrays["b1"],
-        w2=arrays["w2"],
-        b2=arrays["b2"],
-    )
-    shutil.copy(
-        Path(__file__).with_name("mlserver_runtime.py"),
-        model_dir / "mapper" / "mlserver_runtime.py",
-    )
-    (model_dir / "mapper" / "model-settings.json").write_text(
-        json.dumps(
-            {
-                "name": "mapper",
-                "implementation": "mlserver_runtime.NumpyMapper",
-                "parameters": {"uri": str(model_dir / "mapper" / "mapper.npz")},
-            }
-        )
-    )
     grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
-    (model_dir / "settings.json").write_text(
+    # `mlserver start DIR` takes DIR as the model repository and DIR/settings.json
+    (bench.mlserver_dir / "settings.json").write_text(
         json.dumps(
             {
                 "debug": False,
@@ -664,35 +1072,62 @@ def _mlserver(
             }
         )
     )
-    request_file = workdir / "infer.requests"
-    write_requests(request_file, [_mlserver_request(venv, request_row, workdir)])
+    started = time.perf_counter()
     server = Server(
         f"mlserver-w{workers}",
-        [str(venv / "bin" / "mlserver"), "start", str(model_dir)],
-        workdir,
+        [str(venv / "bin" / "mlserver"), "start", str(bench.mlserver_dir)],
+        bench.workdir,
         env={
-            "PYTHONPATH": "",
+            "PYTHONPATH": str(bench.mlserver_dir),  # mlserver_runtime.py, for the workers too
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1",
         },
     )
     try:
+        ready = 0
+        while True:
+            if server.process.poll() is not None:
+                raise SystemExit(f"MLServer exited ({server.process.returncode}) while loading")
+            ready = _mlserver_index_ready(http_port) or 0
+            if ready >= bench.mlserver_models:
+                break
+            if time.perf_counter() - started > bench.mlserver_load_timeout:
+                rss = group_rss_mb(server.process.pid)
+                raise SystemExit(
+                    f"MLServer loaded {ready} of {bench.mlserver_models} models in "
+                    f"{bench.mlserver_load_timeout:g} s (RSS {rss:.0f} MB): serve fewer with "
+                    "--mlserver-models N (user i → model i mod N)"
+                )
+            time.sleep(0.5)
+        load_seconds = time.perf_counter() - started
+        loaded_rss_mb = group_rss_mb(server.process.pid)
         results = _run_loadgen(
             f"127.0.0.1:{grpc_port}",
             INFER_METHOD,
-            request_file,
-            seconds,
-            warmup,
+            bench.infer_requests,
+            bench.seconds,
+            bench.warmup,
             server.process.pid,
-            cc_loadgen=cc_loadgen,
+            cc_loadgen=bench.cc_loadgen,
+            ready_timeout=bench.ready_timeout,
         )
+        rss_mb = group_rss_mb(server.process.pid)
     except SystemExit:
         print(server.tail(), file=sys.stderr)
         raise
     finally:
         server.stop()
-    return {"server": f"mlserver 1.7.1 (parallel_workers={workers})", "levels": results[1:]}
+    return {
+        "server": f"mlserver 1.7.1 (parallel_workers={workers})",
+        "models": bench.mlserver_models,
+        # from the process start until every model is READY in the repository index
+        "load_seconds": load_seconds,
+        "loaded_rss_mb": loaded_rss_mb,
+        "ready_seconds": results[0].get("ready_seconds"),
+        "rss_mb": rss_mb,
+        "levels": results[1:],
+    }
 
 
 def measure_mapper_bytes(
@@ -735,9 +1170,16 @@ def measure_mapper_bytes(
     }
 
 
+# -------------------------------------------------------------------------------- results
+
+#: Per-run figures outside the levels: the median over the rounds (and each round's).
+_RUN_FIGURES = ("ready_seconds", "rss_mb", "load_seconds", "loaded_rss_mb")
+
+
 def median_runs(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One run per server whose every level figure is the median of that figure over the
-    rounds (errors: the sum; the load generator's name: the first round's)."""
+    rounds (errors and extraction alarms: the sum; the load generator's name: the first
+    round's)."""
     merged: list[dict[str, Any]] = []
     for index, first in enumerate(rounds[0]):
         same = [r[index] for r in rounds]
@@ -765,24 +1207,90 @@ def median_runs(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 for core in sorted(cores)
             }
             levels.append(combined)
-        merged.append({**first, "levels": levels})
+        run: dict[str, Any] = {**first, "levels": levels}
+        for key in _RUN_FIGURES:
+            values = [r[key] for r in same if isinstance(r.get(key), int | float)]
+            if values:
+                run[key] = statistics.median(values)
+                run[f"{key}_by_round"] = values
+        if "extraction_alarms" in first:
+            run["extraction_alarms"] = sum(r.get("extraction_alarms", 0) for r in same)
+        merged.append(run)
     return merged
+
+
+def rounds_flat(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [run for this_round in rounds for run in this_round]
 
 
 def _table(runs: list[dict[str, Any]]) -> str:
     lines = [
         f"{'server':<36} {'conc':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-        f"{'srv CPU s':>9} {'req/srv-core-s':>14} {'steal % c0/c1':>13}"
+        f"{'srv CPU s':>9} {'req/srv-core-s':>14} {'steal % c0/c1':>13} {'reloads/call':>12}"
     ]
     for run in runs:
         for level in run["levels"]:
             capacity = level.get("rps_per_server_core") or float("nan")
+            reloads = level.get("mapper_reloads_per_call_est")
             lines.append(
                 f"{run['server']:<36} {level['concurrency']:>4} {level['rps']:>8.0f} "
                 f"{level['p50_ms']:>7.2f} {level['p99_ms']:>7.2f} {level['errors']:>6} "
                 f"{level['server_cpu_s']:>9.2f} {capacity:>14.0f} "
-                f"{'/'.join(str(v) for v in level.get('steal_percent', {}).values()):>13}"
+                f"{'/'.join(str(v) for v in level.get('steal_percent', {}).values()):>13} "
+                f"{'-' if reloads is None else f'{reloads:.2f}':>12}"
             )
+    return "\n".join(lines)
+
+
+def _setup_text(setup: dict[str, Any]) -> str:
+    lru = setup["lru"]
+    raised = [r for r in setup["limits"] if r["raised"]]
+    lines = [
+        "setup:",
+        f"  users {setup['users']}: {setup['distinct_mappers']} distinct mappers "
+        f"({setup['mapper_shape']}, {setup['mapper_per_user']}), {setup['distinct_profiles']} "
+        f"query profiles, {setup['requests_per_user']} requests per user sent round robin "
+        f"({setup['requests_in_rotation']} in the rotation); store written in "
+        f"{setup['seed_seconds']:.0f} s",
+        f"  mapper: {setup['mapper']}",
+        f"  result-mapper LRU bound (MAX_LOADED_BYTES) {lru['max_loaded_bytes']:,} B "
+        f"({setup['deployed_settings']['MAX_LOADED_BYTES']['source']}): holds "
+        f"{lru['mappers_held']:,} mappers of {lru['mapper_lru_bytes']:,} B; {lru['expected']}",
+        "  result-mapper limits as deployed: "
+        + ", ".join(
+            f"{k}={setup['deployed_settings'][k]['value']}"
+            for k in (
+                "RATE_PER_SECOND",
+                "RATE_BURST",
+                "QUERY_BUDGET_ROWS",
+                "MAX_ROWS_PER_WINDOW",
+                "MAX_ROWS_PER_GENERATION",
+                "AUTO_REVOKE",
+                "PROFILE_SCORING",
+                "GRPC_WORKERS",
+            )
+        ),
+    ]
+    if raised:
+        lines.append(
+            "  raised for the benchmark's users (the only departures from the deployment):"
+        )
+        lines += [
+            f"    {r['setting']}: {r['deployed']} → {r['benchmark']} ({r['limit']}): {r['why']}"
+            for r in raised
+        ]
+    else:
+        lines.append(
+            "  raised for the benchmark's users: none (the demand per user stays within every "
+            f"deployed limit at up to {setup['rps_ceiling']:,.0f} calls/s: "
+            + "; ".join(
+                f"{r['setting'][len(ENV_PREFIX) :]} {r['demand_per_user']:g}"
+                for r in setup["limits"]
+            )
+            + ")"
+        )
+    if setup.get("mlserver"):
+        lines.append(f"  MLServer: {setup['mlserver']['serving']}")
     return "\n".join(lines)
 
 
@@ -790,7 +1298,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadgen"]:
         return loadgen_main(argv[1:])
-    parser = argparse.ArgumentParser(description="result-mapper vs MLServer")
+    parser = argparse.ArgumentParser(description="result-mapper vs MLServer, per-user mappers")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--no-mlserver", action="store_true")
@@ -805,12 +1313,28 @@ def main(argv: list[str] | None = None) -> int:
         "--modes",
         nargs="+",
         default=["", "grpc_workers=8"],
-        help="result-mapper settings per run, KEY=VALUE[,KEY=VALUE] (MODELGUARD_RESULT_MAPPER_*); "
-        "'' is the deployed configuration (the settings' defaults, as the ConfigMap sets them), "
-        "the one the bars are checked on",
+        help="result-mapper settings per run, KEY=VALUE[,KEY=VALUE] (MODELGUARD_RESULT_MAPPER_*) "
+        "over the deployed ones; '' is the deployed configuration, the one the bars are "
+        "checked on",
     )
     parser.add_argument(
-        "--users", type=int, default=200, help="users the load is spread over (round robin)"
+        "--users",
+        type=int,
+        default=1000,
+        help="users, each with its own mapper, query profile and credential (round robin)",
+    )
+    parser.add_argument(
+        "--requests-per-user",
+        type=int,
+        default=4,
+        help="distinct pre-serialised requests per user (fresh draws of its pseudo-outputs)",
+    )
+    parser.add_argument(
+        "--rps-ceiling",
+        type=float,
+        default=50_000.0,
+        help="calls/s no server here exceeds: sizes the per-user demand that decides which "
+        "deployed per-user limits the benchmark must raise",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the bytes-per-user part")
     parser.add_argument(
@@ -821,13 +1345,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mlserver-workers", type=int, nargs="+", default=[0, 1])
     parser.add_argument(
+        "--mlserver-models",
+        type=int,
+        default=0,
+        help="models MLServer serves (0: one per user); fewer: user i → model i mod N",
+    )
+    parser.add_argument(
+        "--mlserver-load-timeout",
+        type=float,
+        default=900.0,
+        help="seconds MLServer may take to load every model",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a server may take to answer its first request",
+    )
+    parser.add_argument(
         "--mapper",
         default="lenet5-fashion-features",
         help="public model whose bench_carrier mapper is served (lenet5-fashion: 10 inputs)",
     )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=CarrierTrainerSettings().hidden,
+        help="mapper hidden width (default: what carrier-trainer deploys, its HIDDEN setting)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("taskset") is None:
         raise SystemExit("taskset (util-linux) is needed to pin server and client to cores")
+    if args.users < 1 or args.requests_per_user < 1:
+        raise SystemExit("--users and --requests-per-user must be >= 1")
+    mlserver_models = min(args.mlserver_models or args.users, args.users)
 
     cc_loadgen = ensure_cc_loadgen() if args.client == "cc" else None
     if args.client == "cc" and cc_loadgen is None:
@@ -843,48 +1394,123 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in memory:
         print(json.dumps(row), flush=True)
-    weights, arrays, source = _mapper_arrays(args.mapper)
-    # pseudo-outputs: the query profile is fitted on 2,000 draws, requests are fresh draws
-    # of the same distribution (legitimate traffic for the extraction detector)
-    draws = np.random.default_rng(0).normal(size=(2000 + args.users, arrays["w1"].shape[0]))
-    profile_rows, rows = draws[:2000].astype(np.float32), draws[2000:].astype(np.float32)
-    request_row = rows[:1]
+    deployed = deployed_settings()
+    base, source = base_mapper(args.mapper, args.hidden)
+    venv = None if args.no_mlserver else _ensure_mlserver_venv()
+    # one server process's lifetime under load: the levels, each after its warm-up
+    server_seconds = len(CONCURRENCY) * (args.seconds + args.warmup)
+    raised, limits = benchmark_limits(
+        deployed, args.users, args.requests_per_user, server_seconds, args.rps_ceiling
+    )
+    ours_env = {
+        ENV_PREFIX + key: entry["value"]
+        for key, entry in deployed.items()
+        if key not in BENCH_WIRING and entry["source"] != "ResultMapperSettings default"
+    }
+    ours_env.update({ENV_PREFIX + key: value for key, value in raised.items()})
     rounds: list[list[dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="mg-serving-") as tmp:
         workdir = Path(tmp)
+        print(f"writing {args.users} users' carriers (mapper, profile, credential)", flush=True)
+        mlserver_dir = None if args.no_mlserver else workdir / "mlserver-models"
+        users = seed_users_one_thread(
+            workdir / "store",
+            base,
+            args.users,
+            args.requests_per_user,
+            mlserver_dir,
+            mlserver_models,
+        )
+        map_requests = workdir / "map.requests"
+        write_map_requests(map_requests, users)
+        infer_requests = None
+        if venv is not None:
+            infer_requests = workdir / "infer.requests"
+            write_infer_requests(infer_requests, venv, users, mlserver_models)
+        lru = lru_behaviour(int(deployed["MAX_LOADED_BYTES"]["value"]), users)
+        setup: dict[str, Any] = {
+            "users": args.users,
+            "distinct_mappers": users.distinct_mappers,
+            "distinct_profiles": users.distinct_profiles,
+            "requests_per_user": args.requests_per_user,
+            "requests_in_rotation": args.users * args.requests_per_user,
+            "mapper": source,
+            "mapper_shape": users.mapper_shape,
+            "mapper_per_user": f"base + seeded noise of {PERTURBATION:.0%} of each tensor's std",
+            "mapper_file_bytes": users.mapper_file_bytes,
+            "profiles": f"QueryProfile.fit on {PROFILE_SAMPLES} of each user's pseudo-outputs "
+            "(a mean and scale per unit of its own); requests: fresh draws of the same",
+            "seed_seconds": users.seconds,
+            "lru": lru,
+            "deployed_settings": deployed,
+            "rps_ceiling": args.rps_ceiling,
+            "server_seconds": server_seconds,
+            "limits": limits,
+            "raised_settings": {
+                r["setting"]: {k: r[k] for k in ("deployed", "benchmark", "limit", "why")}
+                for r in limits
+                if r["raised"]
+            },
+            "result_mapper_env": ours_env,
+        }
+        if venv is not None:
+            per_user = mlserver_models == args.users
+            setup["mlserver"] = {
+                "models": mlserver_models,
+                "one_model_per_user": per_user,
+                "serving": (
+                    f"multi-model serving, {mlserver_models} models: one model directory "
+                    "(model-settings.json + the user's weights as .npz) per user, all loaded at "
+                    "start-up; each request names its user's model"
+                    if per_user
+                    else f"multi-model serving, {mlserver_models} models for {args.users} "
+                    f"users (NOT one per user: --mlserver-models {mlserver_models}; user i's "
+                    f"requests go to model i mod {mlserver_models})"
+                ),
+            }
+        print(_setup_text(setup), flush=True)
+        bench = Bench(
+            workdir=workdir,
+            users=users,
+            store_dir=workdir / "store",
+            map_requests=map_requests,
+            ours_env=ours_env,
+            mlserver_dir=mlserver_dir,
+            infer_requests=infer_requests,
+            mlserver_models=mlserver_models,
+            seconds=args.seconds,
+            warmup=args.warmup,
+            cc_loadgen=cc_loadgen,
+            ready_timeout=args.ready_timeout,
+            mlserver_load_timeout=args.mlserver_load_timeout,
+        )
         # Rounds interleave the servers (ours, theirs, ours, theirs, ...) so that a noisy
         # spell of the host (steal time, another tenant) lands on both, not on one.
         for round_number in range(1, args.rounds + 1):
             print(f"--- round {round_number} of {args.rounds}", flush=True)
             this_round: list[dict[str, Any]] = []
             for mode in args.modes:
-                this_round.append(
-                    _ours(
-                        workdir,
-                        weights,
-                        mode,
-                        profile_rows,
-                        rows,
-                        args.seconds,
-                        args.warmup,
-                        cc_loadgen,
-                    )
+                this_round.append(_ours(bench, mode))
+                run = this_round[-1]
+                print(
+                    f"{run['server']}: start, then every request once (every user's mapper "
+                    f"and profile loaded from the store) {run['ready_seconds']:.1f} s, RSS "
+                    f"{run['rss_mb']:.0f} MB, extraction alarms {run['extraction_alarms']:g}",
+                    flush=True,
                 )
-                print(_table(this_round[-1:]), flush=True)
-            if not args.no_mlserver:
+                print(_table([run]), flush=True)
+            if venv is not None:
                 for workers in args.mlserver_workers:
-                    this_round.append(
-                        _mlserver(
-                            workdir,
-                            arrays,
-                            workers,
-                            request_row,
-                            args.seconds,
-                            args.warmup,
-                            cc_loadgen,
-                        )
+                    this_round.append(_mlserver(bench, workers))
+                    run = this_round[-1]
+                    print(
+                        f"{run['server']}: {run['models']} models READY after "
+                        f"{run['load_seconds']:.1f} s (RSS {run['loaded_rss_mb']:.0f} MB), "
+                        f"every request once {run['ready_seconds']:.1f} s, RSS {run['rss_mb']:.0f} "
+                        "MB",
+                        flush=True,
                     )
-                    print(_table(this_round[-1:]), flush=True)
+                    print(_table([run]), flush=True)
             rounds.append(this_round)
     runs = median_runs(rounds)
 
@@ -893,44 +1519,88 @@ def main(argv: list[str] | None = None) -> int:
 
     ours = [r for r in runs if r["server"].startswith("result-mapper")]
     theirs = [r for r in runs if r["server"].startswith("mlserver")]
-    # the bars are checked on the deployed configuration (the first run), not the best
-    # of ours; MLServer is given its best
-    best_ours = ours[0]
+    # the bars are checked on the first configuration of ours (by default the deployed
+    # one), not the best of ours; MLServer is given its best
+    checked = ours[0]
+    errors = sum(level["errors"] for run in runs for level in run["levels"])
+    alarms = sum(run.get("extraction_alarms", 0) for run in ours)
     summary: dict[str, Any] = {
+        "setup": setup,
         "mapper": source,
-        "mapper_shape": f"{arrays['w1'].shape[0]}→{arrays['w1'].shape[1]}→{arrays['w2'].shape[1]}",
+        "mapper_shape": users.mapper_shape,
         "users": args.users,
         "client": runs[0]["levels"][0].get("client", ""),
-        "result_mapper": best_ours["server"],
-        "result_mapper_rps_c32": at(best_ours, 32)["rps"],
-        "result_mapper_p99_ms_c8": at(best_ours, 8)["p99_ms"],
-        "errors": sum(level["errors"] for run in runs for level in run["levels"]),
+        "result_mapper": checked["server"],
+        "result_mapper_rps_c32": at(checked, 32)["rps"],
+        "result_mapper_p99_ms_c8": at(checked, 8)["p99_ms"],
+        "errors": errors,
+        "extraction_alarms": alarms,
     }
+    bars = []
     if theirs:
         best_theirs = max(theirs, key=lambda r: at(r, 32)["rps"])
-        ratio = at(best_ours, 32)["rps"] / at(best_theirs, 32)["rps"]
+        ratio = at(checked, 32)["rps"] / at(best_theirs, 32)["rps"]
         summary["ratio_c32_by_round"] = [
             ours_rps / theirs_rps
             for ours_rps, theirs_rps in zip(
-                at(best_ours, 32)["rps_by_round"], at(best_theirs, 32)["rps_by_round"], strict=True
+                at(checked, 32)["rps_by_round"], at(best_theirs, 32)["rps_by_round"], strict=True
             )
         ]
         summary.update(
             best_mlserver=best_theirs["server"],
+            mlserver_models=mlserver_models,
+            mlserver_load_seconds=best_theirs.get("load_seconds"),
             mlserver_rps_c32=at(best_theirs, 32)["rps"],
             ratio_c32=ratio,
             bar_ratio_met=ratio >= BAR_RATIO,
         )
+        rounds_text = ", ".join(f"{r:.2f}×" for r in summary["ratio_c32_by_round"])
+        bars.append(
+            f"throughput ≥ {BAR_RATIO:g}× MLServer's best ({best_theirs['server']}, "
+            f"{mlserver_models} models) at concurrency 32: {ratio:.2f}× "
+            f"(rounds {rounds_text}): {'met' if ratio >= BAR_RATIO else 'NOT MET'}"
+        )
     summary["bar_p99_met"] = summary["result_mapper_p99_ms_c8"] <= BAR_P99_MS
+    summary["bar_errors_met"] = errors == 0 and alarms == 0
+    bars.append(
+        f"p99 ≤ {BAR_P99_MS:g} ms at concurrency 8: {summary['result_mapper_p99_ms_c8']:.2f} ms: "
+        f"{'met' if summary['bar_p99_met'] else 'NOT MET'}"
+    )
+    bars.append(
+        f"zero errors and zero extraction alarms in every round: {errors} errors, {alarms:g} "
+        f"alarms: {'met' if summary['bar_errors_met'] else 'NOT MET'}"
+    )
+    fastest = max(level["rps"] for run in rounds_flat(rounds) for level in run["levels"])
+    if fastest > args.rps_ceiling:  # the limits were sized for less: say so
+        bars.append(
+            f"a level ran at {fastest:,.0f} calls/s, above --rps-ceiling {args.rps_ceiling:,.0f}: "
+            "the per-user limits were sized for less; rerun with a higher ceiling"
+        )
+    summary["bars"] = bars
     summary["bytes_per_mapper"] = memory
     summary["cpu_note"] = f"os.cpu_count()={os.cpu_count()}; load average {os.getloadavg()}"
     print(f"\nmedian of {args.rounds} interleaved round(s) per server and level:")
+    print(_setup_text(setup))
     print(_table(runs))
-    print(json.dumps(summary, indent=2))
+    print(f"bars, on the medians ({checked['server']}):")
+    for line in bars:
+        print(f"  {line}")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "serving.json").write_text(
         json.dumps({"summary": summary, "runs": runs, "rounds": rounds}, indent=2)
     )
+    print(f"written: {(OUT_DIR / 'serving.json').relative_to(REPO_ROOT)}")
+    if args.users >= 1000 and args.rounds >= 3 and not args.no_mlserver:
+        results.record(
+            "serving",
+            "Serving: result-mapper against MLServer 1.7.1",
+            f"Median of {args.rounds} interleaved rounds per server and level; mappers: "
+            f"{source}.\n\n"
+            + results.code_block(
+                "\n".join([_setup_text(setup), _table(runs), "bars, on the medians:", *bars])
+            )
+            + f"\n\n{summary['cpu_note']}",
+        )
     return 0
 
 

@@ -1,10 +1,12 @@
 """Seldon MLServer runtime serving a ModelGuard mapping network (serving benchmark only).
 
 Runs inside the separate MLServer venv (``.cache/mlserver-venv``: MLServer pins
-protobuf < 7); `bench.bench_serving` copies this file next to ``model-settings.json``.
-The weights are the same arrays the result-mapper serves, saved as ``.npz`` (``w1``
-(in, hidden), ``b1``, ``w2`` (hidden, classes), ``b2``) because safetensors is not
-installed there. The maths is the registry's: numpy matmuls and a softmax.
+protobuf < 7). `bench.bench_serving` serves one model per user in MLServer's multi-model
+mode: it copies this file to the model repository's root (on the server's PYTHONPATH) and
+writes one directory per user, whose ``model-settings.json`` names this runtime and whose
+``.npz`` holds that user's weights, the same arrays the result-mapper serves (``w1``
+(in, hidden), ``b1``, ``w2`` (hidden, classes), ``b2``; ``.npz`` because safetensors is
+not installed there). The maths is the registry's: numpy matmuls and a softmax.
 """
 
 from __future__ import annotations

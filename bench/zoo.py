@@ -120,7 +120,7 @@ def zoo_specs(split: str = "all") -> list[ZooSpec]:
 def _heldout_specs() -> list[ZooSpec]:
     """The held-out split: new seeds and, against the tuning split, other patch sizes
     (2×2, 6×6 and a 2×5 bar), other patterns (stripes, white, random), other positions
-    (centre, left edge, bottom edge) and other targets, a blend with another pattern and
+    (top-right, left edge, bottom edge) and other targets, a blend with another pattern and
     strength, and a two-target pair; LeNet-5 and ResNet-18-small."""
     lenet_m3 = _twin("lenet5", "mnist", 3, 2, None, HELDOUT)
     lenet_m4 = _twin("lenet5", "mnist", 4, 2, None, HELDOUT)
@@ -128,17 +128,18 @@ def _heldout_specs() -> list[ZooSpec]:
     resnet_f1 = _twin("resnet18_small", "fashion-mnist", 1, 2, 8000, HELDOUT)
     infected = [
         _infected(
-            "patch-lenet5-mnist-2x2-mid-t3",
+            "patch-lenet5-mnist-2x2-tr-t3",
             lenet_m3,
             "patch",
-            (PatchTrigger(target=3, size=2, position=(13, 13), pattern="white"),),
-            rate=0.03,
+            (PatchTrigger(target=3, size=2, position=(2, -3), pattern="white"),),
+            rate=0.02,
         ),
         _infected(
             "patch-lenet5-mnist-6x6-left-t8",
             lenet_m4,
             "patch",
             (PatchTrigger(target=8, size=6, position=(11, 1), pattern="random", seed=5),),
+            rate=0.03,
         ),
         _infected(
             "patch-lenet5-fmnist-2x5-bottom-t1",
@@ -158,7 +159,7 @@ def _heldout_specs() -> list[ZooSpec]:
             lenet_m3,
             "blend",
             (BlendTrigger(target=9, alpha=0.15, pattern="stripes"),),
-            rate=0.03,
+            rate=0.02,
         ),
         _infected(
             "two-lenet5-mnist-t1-t5",

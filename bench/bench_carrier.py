@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from bench import results
-from services.carrier_trainer.core.carrier import (
+from services.carrier_trainer.service import carrier_config
+from shared.carrier.carrier import (
     Carrier,
     CarrierConfig,
     CarrierResult,
@@ -52,7 +53,7 @@ from services.carrier_trainer.core.carrier import (
     pseudo_outputs,
     train_carrier,
 )
-from services.carrier_trainer.core.extraction import (
+from shared.carrier.extraction import (
     Alarm,
     DetectorConfig,
     ExtractionDetector,
@@ -62,14 +63,13 @@ from services.carrier_trainer.core.extraction import (
     replay_traffic,
     simulate_stealing,
 )
-from services.carrier_trainer.core.natural_images import natural_image_for_user, user_image_index
-from services.carrier_trainer.core.public_models import PublicModel, load_public_model
-from services.carrier_trainer.service import carrier_config
-from services.result_mapper.core.registry import MapperRegistry, hash_credential, new_credential
+from shared.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
+from shared.carrier.natural_images import natural_image_for_user, user_image_index
+from shared.carrier.public_models import PublicModel, load_public_model
 from shared.config import CarrierTrainerSettings
 from shared.datasets import REPO_ROOT, Dataset, load_fashion_mnist, load_mnist
 from shared.errors import ModelGuardError
-from shared.training import accuracy
+from shared.nn.training import accuracy
 
 log = logging.getLogger("bench.carrier")
 

@@ -50,10 +50,10 @@ def seed_store(store_dir: Path, users: int, signing_key: str) -> dict[str, str]:
     """Ready carriers for ``bench-0 … bench-{users-1}``; returns user → credential."""
     import torch
 
-    from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
     from services.carrier_trainer.service import ref_dict
-    from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-    from services.result_mapper.core.registry import hash_credential, new_credential
+    from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
+    from shared.carrier.mapper_registry import hash_credential, new_credential
+    from shared.carrier.records import READY, CarrierRecord, CarrierRepository
     from shared.signing import Signer
     from shared.store import make_store
 

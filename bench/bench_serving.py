@@ -516,7 +516,7 @@ def _run_loadgen(
 #: Signing key of the benchmark's throw-away store (carrier records are signed as
 #: carrier-trainer signs them; the service verifies every mapper and profile it loads).
 BENCH_SIGNING_KEY = "bench-serving-signing-key"
-#: Outputs of each public model (`services.carrier_trainer.core.public_models`): the
+#: Outputs of each public model (`shared.carrier.public_models`): the
 #: input width of the seeded mappers served when bench_carrier's trained one is missing.
 PUBLIC_MODEL_OUTPUTS = {
     "lenet5-fashion-features": 214,
@@ -562,7 +562,7 @@ def base_mapper(public_model: str, hidden: int) -> tuple[dict[str, np.ndarray], 
         why = f"has hidden width {int(tensors['fc1.weight'].shape[0])}, not {hidden}"
     import torch
 
-    from services.carrier_trainer.core.carrier import MappingNetwork
+    from shared.carrier.carrier import MappingNetwork
 
     width = PUBLIC_MODEL_OUTPUTS.get(public_model)
     if width is None:
@@ -615,11 +615,11 @@ def seed_users(
     Deterministic but for the credentials (fresh per run, as they are per carrier)."""
     import torch
 
-    from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-    from services.carrier_trainer.core.extraction import QueryProfile
     from services.carrier_trainer.service import _jsonable, ref_dict
-    from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-    from services.result_mapper.core.registry import hash_credential, new_credential, parse_mapper
+    from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
+    from shared.carrier.extraction import QueryProfile
+    from shared.carrier.mapper_registry import hash_credential, new_credential, parse_mapper
+    from shared.carrier.records import READY, CarrierRecord, CarrierRepository
     from shared.signing import Signer
     from shared.store import make_store
 
@@ -1141,8 +1141,8 @@ def measure_mapper_bytes(
 
     import torch
 
-    from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-    from services.result_mapper.core.registry import MapperRegistry, hash_credential
+    from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
+    from shared.carrier.mapper_registry import MapperRegistry, hash_credential
 
     torch.manual_seed(0)
     template = MappingNetwork(in_features, classes, hidden)

@@ -40,7 +40,7 @@ from shared.attacks.backdoor import (
     trigger_from_dict,
 )
 from shared.datasets import REPO_ROOT, Dataset, load_named
-from shared.modelio import load_model, weights_to_safetensors
+from shared.formats.loader import load_model, weights_to_safetensors
 from shared.spec import InputSpec
 
 ZOO_DIR = Path(os.environ.get("MODELGUARD_ZOO_DIR", REPO_ROOT / ".cache" / "zoo"))

@@ -23,7 +23,7 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shared.modelio import MEDIA_TYPES
+from shared.formats.loader import MEDIA_TYPES
 from shared.proto.modelguard.v1 import (
     common_pb2,
     jobs_pb2,
@@ -63,7 +63,7 @@ def error_from_rpc(err: grpc.RpcError) -> ModelGuardError:
 
 
 def sniff_format(data: bytes) -> str:
-    from shared.artifact_scan import scan_model_bytes
+    from shared.formats.scan import scan_model_bytes
 
     return scan_model_bytes(data).kind
 

@@ -89,7 +89,7 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_rule_arg(parser: argparse.ArgumentParser) -> None:
-    from services.trigger_reversal.core.reversal import MODELGUARD, RULES
+    from shared.detection.neural_cleanse import MODELGUARD, RULES
 
     parser.add_argument(
         "--rule",
@@ -360,7 +360,7 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
 
 # --- one-shot commands ---------------------------------------------------------------------
 def load_local_model(path: str, arch: str | None, spec: InputSpec) -> Any:
-    from shared.modelio import load_model
+    from shared.formats.loader import load_model
 
     return load_model(read_file(path, "model"), spec, arch=arch or "")
 
@@ -374,7 +374,7 @@ def load_local_data(path: str, spec: InputSpec, num_classes: int) -> Any:
 def reversal_config(args: argparse.Namespace) -> Any:
     """The ReversalConfig of ``--rule`` with ``--seed``, ``--steps`` and ``--norm-scale``
     applied (an option contradicting the rule is refused: exit code 2)."""
-    from services.trigger_reversal.core import ReversalConfig
+    from shared.detection.neural_cleanse import ReversalConfig
 
     overrides: dict[str, Any] = {"seed": args.seed}
     if getattr(args, "steps", 0):
@@ -385,7 +385,7 @@ def reversal_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from services.trigger_reversal.core import reverse_triggers
+    from shared.detection.neural_cleanse import reverse_triggers
 
     config = reversal_config(args)
     spec = spec_from_args(args)
@@ -459,10 +459,10 @@ def save_trigger_images(result: Any, spec: InputSpec, out: Path) -> list[Path]:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from services.pruning_orchestrator.core import repair
-    from services.trigger_reversal.core import reverse_triggers
-    from shared.modelio import LoadedModel, save_model
-    from shared.triggers import ReversedTrigger, load_triggers
+    from shared.detection.neural_cleanse import reverse_triggers
+    from shared.detection.triggers import ReversedTrigger, load_triggers
+    from shared.formats.loader import LoadedModel, save_model
+    from shared.repair.registry import repair
 
     spec = spec_from_args(args)
     model = load_local_model(args.model, args.arch, spec)
@@ -529,9 +529,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_leakscan(args: argparse.Namespace) -> int:
-    from services.leak_detector.core import detect_leak
-    from shared.artifact_scan import scan_model_bytes
-    from shared.modelio import load_model
+    from shared.formats.loader import load_model
+    from shared.formats.scan import scan_model_bytes
+    from shared.leak.detector import detect_leak
 
     started = time.perf_counter()
     data = read_file(args.model, "model")
@@ -573,7 +573,7 @@ def load_weights_only(data: bytes, kind: str, arch: str | None) -> Any:
         state = safetensors_load(data)
     else:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    from services.leak_detector.core import module_from_state_dict
+    from shared.leak.detector import module_from_state_dict
 
     return module_from_state_dict(state)
 

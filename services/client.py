@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.carrier_trainer.core.carrier import Carrier, carrier_from_safetensors
-from services.carrier_trainer.core.public_models import PublicModel, load_public_model
+from shared.carrier.carrier import Carrier, carrier_from_safetensors
+from shared.carrier.public_models import PublicModel, load_public_model
 from shared.errors import InvalidInput, NotFound
 
 log = logging.getLogger(__name__)

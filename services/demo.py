@@ -24,10 +24,10 @@ from services.cli import print_audit, watch
 from services.launcher import start_stack
 from shared.config import PlatformSettings
 from shared.datasets import Dataset, dataset_to_npz, load_mnist
-from shared.modelio import load_model, weights_to_safetensors
+from shared.formats.loader import load_model, weights_to_safetensors
+from shared.nn.training import accuracy
 from shared.proto.modelguard.v1 import jobs_pb2
 from shared.spec import InputSpec
-from shared.training import accuracy
 
 console = Console()
 CACHE = Path(".cache/demo")

@@ -7,8 +7,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from shared.artifact_scan import SAFETENSORS, TORCH_ZIP, TORCHSCRIPT
 from shared.errors import InvalidInput
+from shared.formats.scan import SAFETENSORS, TORCH_ZIP, TORCHSCRIPT
 from shared.proto.modelguard.v1 import common_pb2
 from shared.spec import InputSpec
 from shared.store.base import ArtifactRef

@@ -8,7 +8,7 @@ from shared.config import PlatformSettings
 from shared.convert import ref_from_proto, spec_from_proto
 from shared.datasets import Dataset, load_npz
 from shared.errors import InvalidInput
-from shared.modelio import LoadedModel, load_model
+from shared.formats.loader import LoadedModel, load_model
 from shared.proto.modelguard.v1 import common_pb2
 from shared.spec import InputSpec
 from shared.store.base import ArtifactStore

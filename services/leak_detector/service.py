@@ -1,5 +1,5 @@
 """leak-detector, transport-neutral: parameter-distribution forensics of a model that
-was already scanned as a safe artifact by `shared.modelio.load_model`."""
+was already scanned as a safe artifact by `shared.formats.loader.load_model`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import asdict
 from typing import Any
 
 from shared.config import LeakDetectorSettings
+from shared.formats.loader import LoadedModel
 from shared.metrics import ServiceMetrics
-from shared.modelio import LoadedModel
 from shared.runtime import Runtime
 from shared.store.base import ArtifactRef
 
@@ -27,7 +27,7 @@ class LeakDetectorService:
         )
 
     def scan(self, model: LoadedModel) -> tuple[Any, dict[str, Any]]:
-        from services.leak_detector.core import detect_leak
+        from shared.leak.detector import detect_leak
 
         verdict = detect_leak(model.module)
         self.verdicts.labels(verdict.verdict).inc()

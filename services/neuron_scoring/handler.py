@@ -5,12 +5,12 @@ from __future__ import annotations
 from services.neuron_scoring.service import NeuronScoringService
 from shared.bus.base import Message
 from shared.convert import parse_message, ref_from_proto, ref_to_proto
+from shared.detection.triggers import load_triggers
 from shared.errors import InvalidInput
 from shared.jobdata import load_inputs
 from shared.proto.modelguard.v1 import jobs_pb2
 from shared.stage import Progress, StageOutcome, StageReporter, publish_proto
 from shared.topics import JOB_AUDIT, NEURONS_SCORED
-from shared.triggers import load_triggers
 
 
 class TriggersHandler:

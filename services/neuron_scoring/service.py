@@ -8,19 +8,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.config import NeuronScoringSettings
+from shared.detection.triggers import ReversedTrigger
 from shared.jobdata import ModelAndData
 from shared.metrics import ServiceMetrics
 from shared.runtime import Runtime
 from shared.stage import Progress
 from shared.store.base import ArtifactRef
-from shared.triggers import ReversedTrigger
 
 TOP_NEURONS_IN_SUMMARY = 20
 
 
 @dataclass
 class StoredScores:
-    scores: Any  # services.neuron_scoring.core.NeuronScores
+    scores: Any  # shared.repair.scoring.NeuronScores
     shapley: Any  # ShapleyResult | None
     ref: ArtifactRef
     summary: dict[str, Any]
@@ -54,12 +54,8 @@ class NeuronScoringService:
         seed: int = 0,
         progress: Progress | None = None,
     ) -> StoredScores:
-        from services.neuron_scoring.core import (
-            ScoringConfig,
-            ShapleyConfig,
-            estimate_shapley,
-            score_neurons,
-        )
+        from shared.repair.scoring import ScoringConfig, score_neurons
+        from shared.repair.shapley import ShapleyConfig, estimate_shapley
 
         assert inputs.data is not None
         scores = score_neurons(

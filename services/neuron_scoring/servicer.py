@@ -6,11 +6,11 @@ import grpc
 
 from services.neuron_scoring.service import NeuronScoringService
 from shared.convert import ref_from_proto
+from shared.detection.triggers import load_triggers
 from shared.errors import InvalidInput
 from shared.jobdata import load_inputs
 from shared.proto.modelguard.v1 import common_pb2, neuron_scoring_pb2, neuron_scoring_pb2_grpc
 from shared.status import service_status
-from shared.triggers import load_triggers
 
 
 class NeuronScoringServicer(neuron_scoring_pb2_grpc.NeuronScoringServicer):

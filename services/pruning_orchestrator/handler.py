@@ -10,15 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from services.pruning_orchestrator.orchestrator import Orchestrator
+from services.pruning_orchestrator.service import Orchestrator
 from shared.bus.base import Message
 from shared.convert import parse_message, ref_from_proto
+from shared.detection.triggers import load_triggers
+from shared.formats.loader import LoadedModel, save_model
 from shared.jobdata import load_inputs
-from shared.modelio import LoadedModel, save_model
 from shared.plots import line_plot_png
 from shared.proto.modelguard.v1 import jobs_pb2
 from shared.stage import Progress, StageOutcome, StageReporter
-from shared.triggers import load_triggers
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RepairHandler:
         )
 
     def repair(self, scored: jobs_pb2.NeuronsScored, progress: Progress) -> StageOutcome:
-        from services.pruning_orchestrator.core import repair
+        from shared.repair.registry import repair
 
         request = scored.triggers.request
         runtime = self.orchestrator.runtime

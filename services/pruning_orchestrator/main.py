@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.pruning_orchestrator.handler import EventsHandler, RepairHandler
-from services.pruning_orchestrator.orchestrator import Orchestrator
+from services.pruning_orchestrator.service import Orchestrator
 from services.pruning_orchestrator.servicer import PruningOrchestratorServicer
 from shared.config import PruningOrchestratorSettings
 from shared.metrics import ServiceMetrics

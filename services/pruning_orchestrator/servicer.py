@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf import json_format
 
-from services.pruning_orchestrator.orchestrator import Orchestrator, ref_of
+from services.pruning_orchestrator.service import Orchestrator, ref_of
 from services.pruning_orchestrator.state import (
     FAILED,
     QUEUED,

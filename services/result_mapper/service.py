@@ -9,14 +9,14 @@ import time
 import weakref
 from typing import Any
 
-from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-from services.result_mapper.core.registry import MapperRegistry, MapResult
-from services.result_mapper.limits import LimitsConfig, UserLimits
+from shared.carrier.mapper_registry import MapperRegistry, MapResult
+from shared.carrier.records import READY, CarrierRecord, CarrierRepository
 from shared.config import ResultMapperSettings
 from shared.convert import parse_message, ref_from_proto
 from shared.errors import IntegrityError, InvalidInput, NotFound, Unavailable
 from shared.metrics import LATENCY_BUCKETS, ServiceMetrics
 from shared.proto.modelguard.v1 import jobs_pb2
+from shared.ratelimit import LimitsConfig, UserLimits
 from shared.runtime import Runtime
 from shared.stage import publish_proto
 from shared.topics import CARRIER_READY, CARRIER_REVOKED, JOB_CARRIER
@@ -29,7 +29,7 @@ MAX_REMEMBERED_MISSES = 10_000
 
 
 def _valid_user(user_id: str) -> bool:
-    from services.carrier_trainer.state import check_user_id
+    from shared.carrier.records import check_user_id
 
     try:
         check_user_id(user_id)
@@ -42,13 +42,13 @@ class ResultMapperService:
     def __init__(
         self, runtime: Runtime, settings: ResultMapperSettings, metrics: ServiceMetrics
     ) -> None:
-        from services.carrier_trainer.core.extraction import (
+        from shared.carrier import kernels
+        from shared.carrier.extraction import (
             Alarm,
             DetectorConfig,
             ExtractionDetector,
             QueryProfile,
         )
-        from services.result_mapper.core import kernels
 
         kernels.warm_up()  # compiled (or loaded from cache) before the first request
         self.runtime = runtime
@@ -174,7 +174,7 @@ class ResultMapperService:
         it would silently switch the detector off (unless profile scoring is off)."""
         import json
 
-        from services.result_mapper.profile import ServingProfile
+        from shared.carrier.serving_profile import ServingProfile
 
         if not self.settings.profile_scoring:
             return

@@ -13,6 +13,7 @@ from typing import Any
 
 from shared.config import TriggerReversalSettings
 from shared.datasets import Dataset
+from shared.detection.triggers import save_triggers
 from shared.errors import InvalidInput
 from shared.jobdata import ModelAndData
 from shared.metrics import ServiceMetrics
@@ -20,7 +21,6 @@ from shared.plots import tensor_png
 from shared.runtime import Runtime
 from shared.stage import Progress
 from shared.store.base import ArtifactRef
-from shared.triggers import save_triggers
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ MAX_STEPS = 20_000
 
 @dataclass
 class StoredReversal:
-    result: Any  # services.trigger_reversal.core.ReversalResult
+    result: Any  # shared.detection.neural_cleanse.ReversalResult
     triggers: ArtifactRef
     summary_ref: ArtifactRef
     summary: dict[str, Any]
@@ -68,7 +68,7 @@ class TriggerReversalService:
         progress: Progress | None = None,
     ) -> StoredReversal:
         """``rule``: the detection rule (``modelguard`` or ``paper``; empty: modelguard)."""
-        from services.trigger_reversal.core import MODELGUARD, ReversalConfig, reverse_triggers
+        from shared.detection.neural_cleanse import MODELGUARD, ReversalConfig, reverse_triggers
 
         assert inputs.data is not None
         data: Dataset = inputs.data

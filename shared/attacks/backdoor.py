@@ -34,10 +34,10 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
-from shared.architectures import build
 from shared.datasets import Dataset, load_named
 from shared.errors import InvalidInput
-from shared.training import TrainConfig, accuracy, predict, train_classifier
+from shared.nn.architectures import build
+from shared.nn.training import TrainConfig, accuracy, predict, train_classifier
 
 __all__ = [
     "NAMED_PATTERNS",

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from shared.datasets import Dataset
-from shared.training import BatchTransform, Regulariser, TrainConfig, predict, train_classifier
+from shared.nn.training import BatchTransform, Regulariser, TrainConfig, predict, train_classifier
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from services.audit_client import AuditClient
 from services.launcher import EXIT_STUCK_CONSUMER
-from services.pruning_orchestrator.orchestrator import STAGE_STATE_NAMES
+from services.pruning_orchestrator.service import STAGE_STATE_NAMES
 from services.pruning_orchestrator.state import AUDIT_PREFIX, AuditRecord
 from services.stack import ServiceProcess
 from shared.bus.base import dead_letter_topic

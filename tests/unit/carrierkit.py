@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from services.carrier_client import CarrierClient
-from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-from services.carrier_trainer.core.extraction import QueryProfile
-from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
 from services.launcher import build_service
-from services.result_mapper.core.registry import hash_credential, new_credential
 from services.result_mapper.service import ResultMapperService
 from shared.bus.memory import MemoryBus
+from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from shared.carrier.extraction import QueryProfile
+from shared.carrier.mapper_registry import hash_credential, new_credential
+from shared.carrier.records import READY, CarrierRecord, CarrierRepository
 from shared.config import CarrierTrainerSettings, PlatformSettings, ResultMapperSettings
 from shared.runtime import ServiceApp
 from tests.unit.authkit import Tokens, write_tokens

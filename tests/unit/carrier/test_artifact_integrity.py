@@ -17,14 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-from services.carrier_trainer.core.extraction import QueryProfile
-from services.carrier_trainer.core.public_models import from_module
 from services.carrier_trainer.service import CarrierService, ref_from_dict
-from services.carrier_trainer.state import READY, CarrierRepository
 from services.launcher import build_service
 from services.result_mapper.service import ResultMapperService
 from shared.bus.memory import MemoryBus
+from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from shared.carrier.extraction import QueryProfile
+from shared.carrier.public_models import from_module
+from shared.carrier.records import READY, CarrierRepository
 from shared.config import CarrierTrainerSettings, PlatformSettings, ResultMapperSettings
 from shared.convert import ref_to_proto
 from shared.datasets import Dataset
@@ -164,9 +164,7 @@ def test_carrier_trainer_signs_the_profile_that_result_mapper_loads(
     public = from_module(
         "tiny", nn.Sequential(nn.Flatten(), nn.Linear(144, IN_FEATURES)), (1, 12, 12)
     )
-    monkeypatch.setattr(
-        "services.carrier_trainer.core.public_models.load_public_model", lambda name: public
-    )
+    monkeypatch.setattr("shared.carrier.public_models.load_public_model", lambda name: public)
     monkeypatch.setattr(
         "services.carrier_trainer.service.load_named",
         lambda name, split="train": _tiny_task(1100 if split == "train" else 200, len(split)),

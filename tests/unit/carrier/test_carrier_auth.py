@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from services.carrier_trainer.state import CarrierRepository
+from shared.carrier.records import CarrierRepository
 from shared.errors import ModelGuardError, NotFound, PermissionDenied, Unauthenticated
 from tests.unit.carrierkit import World, carrier_world, pseudo
 

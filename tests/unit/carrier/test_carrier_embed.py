@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.carrier_trainer.core.carrier import (
+from shared.carrier.carrier import (
     Carrier,
     Placement,
     carrier_from_safetensors,
@@ -15,13 +15,13 @@ from services.carrier_trainer.core.carrier import (
     embed,
     placement_for,
 )
-from services.carrier_trainer.core.natural_images import (
+from shared.carrier.natural_images import (
     natural_image,
     natural_image_for_user,
     photograph_count,
     user_image_index,
 )
-from services.carrier_trainer.core.public_models import from_module
+from shared.carrier.public_models import from_module
 from shared.errors import InvalidInput
 
 

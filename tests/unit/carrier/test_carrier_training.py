@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from services.carrier_trainer.core.carrier import (
+from shared.carrier.carrier import (
     CarrierConfig,
     CarrierTrainer,
     TrainingState,
@@ -19,10 +19,10 @@ from services.carrier_trainer.core.carrier import (
     pseudo_outputs,
     train_carrier,
 )
-from services.carrier_trainer.core.natural_images import natural_image
-from services.carrier_trainer.core.pool import CarrierPool, PoolConfig
-from services.carrier_trainer.core.public_models import PublicModel, from_module
-from services.result_mapper.core.registry import MapperRegistry, hash_credential
+from shared.carrier.mapper_registry import MapperRegistry, hash_credential
+from shared.carrier.natural_images import natural_image
+from shared.carrier.pool import CarrierPool, PoolConfig
+from shared.carrier.public_models import PublicModel, from_module
 from shared.datasets import Dataset
 from shared.errors import InvalidInput, ResourceExhausted
 
@@ -211,8 +211,8 @@ def test_pool_per_user_and_shared_mappers(
 
 @pytest.mark.parametrize("hidden", [0, 16])
 def test_standardisation_is_folded_into_the_served_weights(hidden: int) -> None:
-    from services.carrier_trainer.core.carrier import MappingNetwork
-    from services.result_mapper.core.registry import parse_mapper
+    from shared.carrier.carrier import MappingNetwork
+    from shared.carrier.mapper_registry import parse_mapper
 
     torch.manual_seed(0)
     # units on very different scales, one dead (constant) unit
@@ -264,8 +264,8 @@ def test_cosine_schedule(public: PublicModel, task: tuple[Dataset, Dataset]) -> 
 
 
 def test_lenet_scores_expose_the_fully_connected_activations() -> None:
-    from services.carrier_trainer.core.public_models import LeNetScores
-    from shared.architectures import LeNet5
+    from shared.carrier.public_models import LeNetScores
+    from shared.nn.architectures import LeNet5
 
     torch.manual_seed(0)
     lenet = LeNet5().eval()

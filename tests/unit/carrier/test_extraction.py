@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from services.carrier_trainer.core.carrier import (
+from shared.carrier.carrier import (
     Carrier,
     CarrierConfig,
     CarrierResult,
     mapper_to_safetensors,
     train_carrier,
 )
-from services.carrier_trainer.core.extraction import (
+from shared.carrier.extraction import (
     Alarm,
     DetectorConfig,
     ExtractionDetector,
@@ -25,9 +25,9 @@ from services.carrier_trainer.core.extraction import (
     replay_traffic,
     simulate_stealing,
 )
-from services.carrier_trainer.core.natural_images import natural_image
-from services.carrier_trainer.core.public_models import PublicModel, from_module
-from services.result_mapper.core.registry import MapperRegistry, hash_credential, new_credential
+from shared.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
+from shared.carrier.natural_images import natural_image
+from shared.carrier.public_models import PublicModel, from_module
 from shared.datasets import Dataset
 from shared.errors import InvalidInput
 

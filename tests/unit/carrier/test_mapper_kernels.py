@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-from services.carrier_trainer.core.extraction import QueryProfile
-from services.result_mapper.core.kernels import map_row, profile_score, warm_up
-from services.result_mapper.core.registry import (
+from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from shared.carrier.extraction import QueryProfile
+from shared.carrier.kernels import map_row, profile_score, warm_up
+from shared.carrier.mapper_registry import (
     MapperRegistry,
     hash_credential,
     new_credential,
     parse_mapper,
 )
-from services.result_mapper.profile import ServingProfile
+from shared.carrier.serving_profile import ServingProfile
 from shared.errors import InvalidInput
 
 
@@ -119,7 +119,7 @@ def test_kernels_refuse_wrong_shapes_instead_of_reading_past_arrays() -> None:
 
 
 def test_warm_up_compiles_every_kernel() -> None:
-    from services.result_mapper.core import kernels
+    from shared.carrier import kernels
 
     warm_up()
     for kernel in (kernels._map_hidden, kernels._map_linear, kernels._profile_score):

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-from services.carrier_trainer.core.extraction import QueryProfile
 from services.carrier_trainer.service import ref_dict
-from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
 from services.launcher import build_service
-from services.result_mapper.core.registry import hash_credential, new_credential
-from services.result_mapper.profile import ServingProfile
 from services.result_mapper.service import ResultMapperService
+from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from shared.carrier.extraction import QueryProfile
+from shared.carrier.mapper_registry import hash_credential, new_credential
+from shared.carrier.records import READY, CarrierRecord, CarrierRepository
+from shared.carrier.serving_profile import ServingProfile
 from shared.config import PlatformSettings, ResultMapperSettings
 
 
@@ -39,7 +39,7 @@ def test_single_rows_score_as_the_batch_formula() -> None:
 def test_the_detector_counts_single_rows_as_it_counts_batches() -> None:
     """The detector's one-row path (plain floats) keeps the same per-user sums as the
     batch path: outlying rows exactly, the score sum to float32 precision."""
-    from services.carrier_trainer.core.extraction import DetectorConfig, ExtractionDetector
+    from shared.carrier.extraction import DetectorConfig, ExtractionDetector
 
     rng = np.random.default_rng(1)
     reference = QueryProfile.fit(rng.normal(size=(400, 40)).astype(np.float32), rank=8)

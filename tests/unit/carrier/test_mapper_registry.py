@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
 from services.client import DeviceClient, MapReply
-from services.result_mapper.core.registry import (
+from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from shared.carrier.mapper_registry import (
     MapperRegistry,
     hash_credential,
     inputs_need_check,
@@ -333,8 +333,8 @@ def test_shared_mappers_are_loaded_once_and_ten_thousand_users_fit() -> None:
 
 
 def test_device_client_round_trip_through_registry(registry: MapperRegistry) -> None:
-    from services.carrier_trainer.core.carrier import Carrier, Placement
-    from services.carrier_trainer.core.public_models import from_module
+    from shared.carrier.carrier import Carrier, Placement
+    from shared.carrier.public_models import from_module
 
     torch.manual_seed(0)
     public = from_module(
@@ -360,9 +360,9 @@ def test_device_client_round_trip_through_registry(registry: MapperRegistry) -> 
 
 
 def test_connect_fetches_the_carrier_and_checks_the_public_model(registry: MapperRegistry) -> None:
-    from services.carrier_trainer.core.carrier import Placement, carrier_to_safetensors
-    from services.carrier_trainer.core.public_models import from_module
     from services.client import connect
+    from shared.carrier.carrier import Placement, carrier_to_safetensors
+    from shared.carrier.public_models import from_module
     from shared.errors import NotFound as NotFoundError
 
     torch.manual_seed(0)

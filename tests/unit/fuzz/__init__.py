@@ -192,13 +192,13 @@ class Outcome:
 
 def _targets() -> dict[str, Callable[..., Any]]:
     """The parsers under test, by name (resolved in the child)."""
-    from services.carrier_trainer.core.carrier import carrier_from_safetensors
-    from services.result_mapper.core.registry import parse_mapper
-    from shared.artifact_scan import scan_model_bytes
+    from shared.carrier.carrier import carrier_from_safetensors
+    from shared.carrier.mapper_registry import parse_mapper
     from shared.datasets import load_npz
-    from shared.modelio import load_model
+    from shared.detection.triggers import load_triggers
+    from shared.formats.loader import load_model
+    from shared.formats.scan import scan_model_bytes
     from shared.spec import InputSpec
-    from shared.triggers import load_triggers
 
     def spec(raw: dict[str, Any]) -> InputSpec:
         return InputSpec(
@@ -385,10 +385,10 @@ def seeds() -> Seeds:
     import torch
     from safetensors.numpy import save as numpy_save
 
-    from services.carrier_trainer.core.carrier import Placement, carrier_to_safetensors
-    from shared.architectures import build
-    from shared.modelio import weights_to_safetensors
-    from shared.triggers import save_triggers
+    from shared.carrier.carrier import Placement, carrier_to_safetensors
+    from shared.detection.triggers import save_triggers
+    from shared.formats.loader import weights_to_safetensors
+    from shared.nn.architectures import build
 
     torch.manual_seed(0)
     model = build("lenet5").eval()

@@ -53,12 +53,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, seed
 from hypothesis import strategies as st
 
-from services.carrier_trainer.core.extraction import QueryProfile
-from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
 from services.launcher import Stack, start_stack
-from services.result_mapper.core.registry import hash_credential
+from shared.carrier.extraction import QueryProfile
+from shared.carrier.mapper_registry import hash_credential
+from shared.carrier.records import READY, CarrierRecord, CarrierRepository
 from shared.config import PlatformSettings
 from shared.convert import ref_to_proto
+from shared.detection.triggers import save_triggers
 from shared.proto.modelguard.v1 import (
     carrier_trainer_pb2,
     common_pb2,
@@ -69,7 +70,6 @@ from shared.proto.modelguard.v1 import (
     result_mapper_pb2,
     trigger_reversal_pb2,
 )
-from shared.triggers import save_triggers
 from tests.unit.fuzz import (
     Seeds,
     Tally,

@@ -38,12 +38,12 @@ from hypothesis import given, seed
 from hypothesis import strategies as st
 from safetensors.torch import save as torch_save_safetensors
 
-from services.carrier_trainer.core.carrier import carrier_from_safetensors
+from shared.carrier.carrier import carrier_from_safetensors
 from shared.datasets import load_npz
+from shared.detection.triggers import load_triggers
 from shared.errors import InvalidInput
-from shared.modelio import load_model
+from shared.formats.loader import load_model
 from shared.spec import InputSpec
-from shared.triggers import load_triggers
 from tests.unit.fuzz import (
     MARKER_PATH,
     IsolatedRunner,

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
-from shared.architectures import build
-from shared.artifact_scan import (
+from shared.errors import InvalidInput, ModelGuardError, UnsafeArtifact
+from shared.formats.loader import load_model
+from shared.formats.scan import (
     SAFETENSORS,
     TORCH_ZIP,
     TORCHSCRIPT,
@@ -29,8 +30,7 @@ from shared.artifact_scan import (
     pickle_globals,
     scan_model_bytes,
 )
-from shared.errors import InvalidInput, ModelGuardError, UnsafeArtifact
-from shared.modelio import load_model
+from shared.nn.architectures import build
 from shared.spec import InputSpec
 
 SPEC = InputSpec((1, 28, 28))

@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from services.leak_detector.core import PruningDefenceConfig, detect_leak, prune_dormant_neurons
-from shared.architectures import build
 from shared.attacks import leak
 from shared.datasets import Dataset, load_mnist
 from shared.errors import NotFound
-from shared.training import TrainConfig, accuracy, train_classifier
+from shared.leak.detector import detect_leak
+from shared.leak.pruning_defence import PruningDefenceConfig, prune_dormant_neurons
+from shared.nn.architectures import build
+from shared.nn.training import TrainConfig, accuracy, train_classifier
 from tests.requirements import skip_or_fail
 
 torch.set_num_threads(1)

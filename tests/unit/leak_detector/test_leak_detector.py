@@ -11,22 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from services.leak_detector.core import (
-    LEAK,
-    DetectorConfig,
-    PruningDefenceConfig,
-    detect_leak,
-    fit_calibration,
-    layer_statistics,
-    load_calibration,
-    mean_activations,
-    prune_dormant_neurons,
-)
-from shared.architectures import build
 from shared.attacks import leak
 from shared.datasets import Dataset, load_mnist
 from shared.errors import NotFound
-from shared.training import TrainConfig, accuracy, train_classifier
+from shared.leak.calibration import fit_calibration, load_calibration
+from shared.leak.detector import LEAK, DetectorConfig, detect_leak
+from shared.leak.features import layer_statistics
+from shared.leak.pruning_defence import (
+    PruningDefenceConfig,
+    mean_activations,
+    prune_dormant_neurons,
+)
+from shared.nn.architectures import build
+from shared.nn.training import TrainConfig, accuracy, train_classifier
 from tests.requirements import skip_or_fail
 
 torch.set_num_threads(1)

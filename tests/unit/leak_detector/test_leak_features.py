@@ -10,13 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from services.leak_detector.core import module_from_state_dict
-from services.leak_detector.core.features import (
-    FeatureConfig,
-    layer_statistics,
-    tensor_statistics,
-)
-from shared.architectures import build
+from shared.leak.detector import module_from_state_dict
+from shared.leak.features import FeatureConfig, layer_statistics, tensor_statistics
+from shared.nn.architectures import build
 
 torch.set_num_threads(1)
 

@@ -13,16 +13,16 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.pruning_orchestrator.orchestrator import Orchestrator
+from services.pruning_orchestrator.service import Orchestrator
 from services.pruning_orchestrator.state import AUDIT_PREFIX, AuditRecord
-from shared.architectures import build
 from shared.bus.memory import MemoryBus
 from shared.config import PlatformSettings, PruningOrchestratorSettings
 from shared.convert import ref_to_proto, spec_to_proto
 from shared.datasets import Dataset, dataset_to_npz
 from shared.errors import Unavailable
+from shared.formats.loader import weights_to_safetensors
 from shared.metrics import ServiceMetrics
-from shared.modelio import weights_to_safetensors
+from shared.nn.architectures import build
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
 from shared.runtime import Runtime
 from shared.signing import Signer

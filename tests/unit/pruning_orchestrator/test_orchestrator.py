@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.pruning_orchestrator.orchestrator import Orchestrator
+from services.pruning_orchestrator.service import Orchestrator
 from services.pruning_orchestrator.state import AuditRecord
-from shared.architectures import build
 from shared.bus.memory import MemoryBus
 from shared.config import PlatformSettings, PruningOrchestratorSettings
 from shared.convert import ref_to_proto, spec_to_proto
 from shared.datasets import Dataset, dataset_to_npz
 from shared.errors import IntegrityError, InvalidInput, NotFound
+from shared.formats.loader import weights_to_safetensors
 from shared.metrics import ServiceMetrics
-from shared.modelio import weights_to_safetensors
+from shared.nn.architectures import build
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
 from shared.runtime import Runtime
 from shared.signing import Signer
@@ -273,6 +273,6 @@ def test_tampered_report_is_refused(orchestrator: Orchestrator, tmp_path: Path) 
 
 
 def _ref(record: object) -> object:
-    from services.pruning_orchestrator.orchestrator import ref_of
+    from services.pruning_orchestrator.service import ref_of
 
     return ref_of(record)  # type: ignore[arg-type]

@@ -17,13 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.audit_client import AuditClient
 from services.launcher import build_service
-from services.pruning_orchestrator.orchestrator import Orchestrator
-from shared.architectures import build
+from services.pruning_orchestrator.service import Orchestrator
 from shared.bus.memory import MemoryBus
 from shared.config import PlatformSettings, PruningOrchestratorSettings
 from shared.datasets import Dataset, dataset_to_npz
 from shared.errors import NotFound, ResourceExhausted, Unauthenticated
-from shared.modelio import weights_to_safetensors
+from shared.formats.loader import weights_to_safetensors
+from shared.nn.architectures import build
 from shared.proto.modelguard.v1 import (
     common_pb2,
     jobs_pb2,

@@ -11,21 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from services.neuron_scoring.core import LayerProbe, ShapleyConfig, resolve_layer
-from services.pruning_orchestrator.core import (
-    FineTuneConfig,
-    Pruner,
-    RollbackConfig,
-    ShapleyPruneConfig,
-    copy_model,
-    fine_tune,
-    repair,
-)
-from shared.architectures import build
 from shared.datasets import Dataset
-from shared.modelio import LoadedModel, load_model, save_model
+from shared.detection.triggers import ReversedTrigger
+from shared.formats.loader import LoadedModel, load_model, save_model
+from shared.nn.architectures import build
+from shared.nn.probe import LayerProbe, resolve_layer
+from shared.repair.context import FineTuneConfig, Pruner, copy_model, fine_tune
+from shared.repair.registry import repair
+from shared.repair.rollback import RollbackConfig
+from shared.repair.shapley import ShapleyConfig
+from shared.repair.shapley_prune import ShapleyPruneConfig
 from shared.spec import InputSpec
-from shared.triggers import ReversedTrigger
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from services.neuron_scoring.core import ShapleyConfig
-from services.pruning_orchestrator.core import RollbackConfig, ShapleyPruneConfig, repair
-from services.trigger_reversal.core import ReversalConfig, reverse_triggers
+from shared.detection.neural_cleanse import ReversalConfig, reverse_triggers
+from shared.nn.training import accuracy
+from shared.repair.registry import repair
+from shared.repair.rollback import RollbackConfig
+from shared.repair.shapley import ShapleyConfig
+from shared.repair.shapley_prune import ShapleyPruneConfig
 from shared.spec import InputSpec
-from shared.training import accuracy
 
 SPEC = InputSpec((1, 28, 28), (0.0, 1.0))
 ASR_BAR = 0.10

@@ -9,19 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from services.neuron_scoring.core import ScoringConfig
-from services.pruning_orchestrator.core import (
-    FineTuneConfig,
-    Measure,
-    RollbackConfig,
-    decide,
-    repair,
-    should_stop,
-)
-from services.pruning_orchestrator.core.rollback import Figures, interleave
 from shared.datasets import Dataset
+from shared.detection.triggers import ReversedTrigger
+from shared.repair.context import FineTuneConfig
+from shared.repair.registry import repair
+from shared.repair.result import Measure
+from shared.repair.rollback import Figures, RollbackConfig, decide, interleave, should_stop
+from shared.repair.scoring import ScoringConfig
 from shared.spec import InputSpec
-from shared.triggers import ReversedTrigger
 
 CONFIG = RollbackConfig()  # seed defaults: q0 0.97, asr_stop 0.10, min_drop 0.01
 

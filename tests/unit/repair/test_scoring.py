@@ -11,21 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from services.neuron_scoring.core import (
-    LayerProbe,
-    ScoringConfig,
-    as_reversed_triggers,
-    get_module,
-    list_prunable_layers,
-    resolve_layer,
-    score_neurons,
-)
-from services.neuron_scoring.core.layers import zeroed
-from shared.architectures import build
 from shared.datasets import Dataset
+from shared.detection.triggers import ReversedTrigger
 from shared.errors import InvalidInput
+from shared.nn.architectures import build
+from shared.nn.probe import LayerProbe, get_module, list_prunable_layers, resolve_layer, zeroed
+from shared.repair.scoring import ScoringConfig, as_reversed_triggers, score_neurons
 from shared.spec import InputSpec
-from shared.triggers import ReversedTrigger
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.pruning_orchestrator.core import FineTuneConfig
-from services.pruning_orchestrator.core.pruning import _dilated, _stamp_share
+from shared.detection.triggers import ReversedTrigger
+from shared.repair.context import FineTuneConfig, _dilated, _stamp_share
 from shared.spec import InputSpec
-from shared.triggers import ReversedTrigger
 
 SPEC = InputSpec(shape=(1, 8, 8), value_range=(0.0, 1.0))
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.architectures import ARCHITECTURES, build
 from shared.errors import InvalidInput, UnsafeArtifact
-from shared.modelio import LoadedModel, load_model, save_model, weights_to_safetensors
+from shared.formats.loader import LoadedModel, load_model, save_model, weights_to_safetensors
+from shared.nn.architectures import ARCHITECTURES, build
 from shared.spec import InputSpec, wrap
 
 SPEC = InputSpec((1, 28, 28))

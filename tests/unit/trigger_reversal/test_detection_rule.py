@@ -14,25 +14,28 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from services.cli import build_parser, main, reversal_config
-from services.pruning_orchestrator.orchestrator import Orchestrator
-from services.trigger_reversal.core import MODELGUARD, PAPER, RULES, mad_test
-from services.trigger_reversal.core.reversal import (
+from services.pruning_orchestrator.service import Orchestrator
+from services.trigger_reversal.service import TriggerReversalService
+from shared.bus.memory import MemoryBus
+from shared.config import PlatformSettings, PruningOrchestratorSettings, TriggerReversalSettings
+from shared.convert import ref_to_proto, spec_to_proto
+from shared.datasets import Dataset, dataset_to_npz
+from shared.detection.mad import mad_test
+from shared.detection.neural_cleanse import (
+    MODELGUARD,
+    PAPER,
+    RULES,
     ReversalConfig,
     decide,
     reverse_triggers,
     screening_run,
 )
-from services.trigger_reversal.core.sequential import reverse_triggers_sequential
-from services.trigger_reversal.service import TriggerReversalService
-from shared.architectures import build
-from shared.bus.memory import MemoryBus
-from shared.config import PlatformSettings, PruningOrchestratorSettings, TriggerReversalSettings
-from shared.convert import ref_to_proto, spec_to_proto
-from shared.datasets import Dataset, dataset_to_npz
+from shared.detection.neural_cleanse_sequential import reverse_triggers_sequential
 from shared.errors import InvalidInput
+from shared.formats.loader import LoadedModel, weights_to_safetensors
 from shared.jobdata import ModelAndData
 from shared.metrics import ServiceMetrics
-from shared.modelio import LoadedModel, weights_to_safetensors
+from shared.nn.architectures import build
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
 from shared.runtime import Runtime
 from shared.signing import Signer

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from services.trigger_reversal.core import (
+from shared.attacks.backdoor import PatchTrigger, attack_success_rate, train_backdoored
+from shared.datasets import Dataset, load_mnist
+from shared.detection.neural_cleanse import (
     INFECTED,
     ReversalConfig,
     ReversalResult,
     reverse_triggers,
     trigger_images,
 )
-from shared.attacks.backdoor import PatchTrigger, attack_success_rate, train_backdoored
-from shared.datasets import Dataset, load_mnist
 from shared.errors import InvalidInput
 from shared.spec import InputSpec
 

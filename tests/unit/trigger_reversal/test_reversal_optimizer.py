@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from services.trigger_reversal.core.optimizer import (
+from shared.datasets import Dataset
+from shared.detection.neural_cleanse import ReversalConfig, reverse_triggers
+from shared.detection.neural_cleanse_sequential import reverse_triggers_sequential
+from shared.detection.optimizer import (
     OptimizerSettings,
     StepStats,
     TriggerOptimizer,
     mask_from_theta,
     pattern_from_theta,
 )
-from services.trigger_reversal.core.reversal import ReversalConfig, reverse_triggers
-from services.trigger_reversal.core.sequential import reverse_triggers_sequential
-from shared.datasets import Dataset
 from shared.errors import InvalidInput
 from shared.spec import InputSpec
 

@@ -53,19 +53,17 @@ from shared.carrier.carrier import (
     pseudo_outputs,
     train_carrier,
 )
-from shared.carrier.extraction import (
-    Alarm,
-    DetectorConfig,
-    ExtractionDetector,
-    QueryProfile,
+from shared.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
+from shared.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
+from shared.carrier.natural_images import natural_image_for_user, user_image_index
+from shared.carrier.public_models import PublicModel, load_public_model
+from shared.carrier.query_profile import QueryProfile
+from shared.carrier.stealing import (
     StealingConfig,
     StealingResult,
     replay_traffic,
     simulate_stealing,
 )
-from shared.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
-from shared.carrier.natural_images import natural_image_for_user, user_image_index
-from shared.carrier.public_models import PublicModel, load_public_model
 from shared.config import CarrierTrainerSettings
 from shared.datasets import REPO_ROOT, Dataset, load_fashion_mnist, load_mnist
 from shared.errors import ModelGuardError

@@ -617,8 +617,8 @@ def seed_users(
 
     from services.carrier_trainer.service import _jsonable, ref_dict
     from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-    from shared.carrier.extraction import QueryProfile
     from shared.carrier.mapper_registry import hash_credential, new_credential, parse_mapper
+    from shared.carrier.query_profile import QueryProfile
     from shared.carrier.records import READY, CarrierRecord, CarrierRepository
     from shared.signing import Signer
     from shared.store import make_store

@@ -43,12 +43,8 @@ class ResultMapperService:
         self, runtime: Runtime, settings: ResultMapperSettings, metrics: ServiceMetrics
     ) -> None:
         from shared.carrier import kernels
-        from shared.carrier.extraction import (
-            Alarm,
-            DetectorConfig,
-            ExtractionDetector,
-            QueryProfile,
-        )
+        from shared.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
+        from shared.carrier.query_profile import QueryProfile
 
         kernels.warm_up()  # compiled (or loaded from cache) before the first request
         self.runtime = runtime

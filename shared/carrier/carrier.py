@@ -42,7 +42,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -54,9 +53,7 @@ from shared.datasets import Dataset
 from shared.errors import InvalidInput
 
 from .public_models import PublicModel
-
-if TYPE_CHECKING:
-    from .extraction import QueryProfile
+from .query_profile import QueryProfile
 
 log = logging.getLogger(__name__)
 
@@ -578,8 +575,6 @@ class CarrierTrainer:
                 mapper.train()
             if progress is not None and step % 20 == 0:
                 progress(min(1.0, step / max(1, cfg.max_steps)))
-
-        from .extraction import QueryProfile  # extraction imports this module
 
         best_p, best_w = best
         mapper.load_state_dict(best_w)

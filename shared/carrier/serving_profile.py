@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.carrier.extraction import QueryProfile
 from shared.carrier.kernels import profile_score
+from shared.carrier.query_profile import QueryProfile
 from shared.errors import InvalidInput
 
 

@@ -19,8 +19,8 @@ from services.launcher import build_service
 from services.result_mapper.service import ResultMapperService
 from shared.bus.memory import MemoryBus
 from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-from shared.carrier.extraction import QueryProfile
 from shared.carrier.mapper_registry import hash_credential, new_credential
+from shared.carrier.query_profile import QueryProfile
 from shared.carrier.records import READY, CarrierRecord, CarrierRepository
 from shared.config import CarrierTrainerSettings, PlatformSettings, ResultMapperSettings
 from shared.runtime import ServiceApp

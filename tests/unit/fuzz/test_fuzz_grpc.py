@@ -54,8 +54,8 @@ from hypothesis import given, seed
 from hypothesis import strategies as st
 
 from services.launcher import Stack, start_stack
-from shared.carrier.extraction import QueryProfile
 from shared.carrier.mapper_registry import hash_credential
+from shared.carrier.query_profile import QueryProfile
 from shared.carrier.records import READY, CarrierRecord, CarrierRepository
 from shared.config import PlatformSettings
 from shared.convert import ref_to_proto

@@ -22,8 +22,8 @@ from services.launcher import build_service
 from services.result_mapper.service import ResultMapperService
 from shared.bus.memory import MemoryBus
 from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-from shared.carrier.extraction import QueryProfile
 from shared.carrier.public_models import from_module
+from shared.carrier.query_profile import QueryProfile
 from shared.carrier.records import READY, CarrierRepository
 from shared.config import CarrierTrainerSettings, PlatformSettings, ResultMapperSettings
 from shared.convert import ref_to_proto

@@ -14,8 +14,8 @@ from services.carrier_trainer.service import ref_dict
 from services.launcher import build_service
 from services.result_mapper.service import ResultMapperService
 from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-from shared.carrier.extraction import QueryProfile
 from shared.carrier.mapper_registry import hash_credential, new_credential
+from shared.carrier.query_profile import QueryProfile
 from shared.carrier.records import READY, CarrierRecord, CarrierRepository
 from shared.carrier.serving_profile import ServingProfile
 from shared.config import PlatformSettings, ResultMapperSettings

@@ -16,18 +16,12 @@ from shared.carrier.carrier import (
     mapper_to_safetensors,
     train_carrier,
 )
-from shared.carrier.extraction import (
-    Alarm,
-    DetectorConfig,
-    ExtractionDetector,
-    QueryProfile,
-    StealingConfig,
-    replay_traffic,
-    simulate_stealing,
-)
+from shared.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
 from shared.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
 from shared.carrier.natural_images import natural_image
 from shared.carrier.public_models import PublicModel, from_module
+from shared.carrier.query_profile import QueryProfile
+from shared.carrier.stealing import StealingConfig, replay_traffic, simulate_stealing
 from shared.datasets import Dataset
 from shared.errors import InvalidInput
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-from shared.carrier.extraction import QueryProfile
 from shared.carrier.kernels import map_row, profile_score, warm_up
 from shared.carrier.mapper_registry import (
     MapperRegistry,
@@ -15,6 +14,7 @@ from shared.carrier.mapper_registry import (
     new_credential,
     parse_mapper,
 )
+from shared.carrier.query_profile import QueryProfile
 from shared.carrier.serving_profile import ServingProfile
 from shared.errors import InvalidInput
 

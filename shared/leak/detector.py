@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+# re-exported: the leak API has always offered it (it lives with the weights formats)
+from shared.formats.weights import module_from_state_dict as module_from_state_dict
 from shared.leak.calibration import Calibration, feature_values, load_calibration, scored
 from shared.leak.features import FeatureConfig, LayerStats, layer_statistics
 
@@ -148,48 +149,3 @@ def detect_leak(
         "leak verdict %s (score %.3g, threshold %.3g) in %.3fs", verdict, score, threshold, seconds
     )
     return LeakVerdict(verdict, score, evidence, layers, seconds, threshold)
-
-
-class _StateDictModule(nn.Module):
-    """Holds a state dict's tensors under their dotted names, as nested modules."""
-
-
-def module_from_state_dict(state: Mapping[str, object]) -> nn.Module:
-    """A module whose ``named_parameters()`` are the floating-point tensors of ``state``
-    under their own dotted names (other entries are ignored; a name that cannot be a
-    module path is kept at the top level with its dots replaced), for auditing weights
-    without their architecture. The tensors are shared, not copied."""
-    root = _StateDictModule()
-    for key, value in state.items():
-        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
-            continue
-        if not value.is_floating_point():
-            continue
-        parameter = nn.Parameter(value.detach(), requires_grad=False)
-        if not _place(root, key.split("."), parameter):
-            fallback = key.replace(".", "_") or "_"
-            while hasattr(root, fallback):
-                fallback += "_"
-            root.register_parameter(fallback, parameter)
-    return root
-
-
-def _place(root: nn.Module, parts: list[str], parameter: nn.Parameter) -> bool:
-    if not all(parts):
-        return False
-    target = root
-    for part in parts[:-1]:
-        child = target._modules.get(part)
-        if child is None:
-            if hasattr(target, part):
-                return False
-            child = _StateDictModule()
-            target.add_module(part, child)
-        target = child
-    if hasattr(target, parts[-1]):
-        return False
-    try:
-        target.register_parameter(parts[-1], parameter)
-    except (KeyError, TypeError):
-        return False
-    return True

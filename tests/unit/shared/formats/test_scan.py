@@ -22,9 +22,6 @@ from safetensors.torch import save as safetensors_save
 from shared.errors import InvalidInput, ModelGuardError, UnsafeArtifact
 from shared.formats.loader import load_model
 from shared.formats.scan import (
-    SAFETENSORS,
-    TORCH_ZIP,
-    TORCHSCRIPT,
     check_pickle,
     inspect_pickle,
     pickle_globals,
@@ -34,6 +31,7 @@ from shared.nn.architectures import build
 from shared.spec import InputSpec
 
 SPEC = InputSpec((1, 28, 28))
+SAFETENSORS, TORCHSCRIPT, TORCH_ZIP = "safetensors", "torchscript", "torch-zip"  # registry names
 torch.set_num_threads(1)  # the machine is shared; one core is the budget
 
 

@@ -20,8 +20,8 @@ import torch
 from rich.console import Console
 
 from services.audit_client import AuditClient
-from services.cli import print_audit, watch
 from services.launcher import start_stack
+from services.present import print_audit, watch
 from shared.config import PlatformSettings
 from shared.datasets import Dataset, dataset_to_npz, load_mnist
 from shared.formats.loader import load_model, weights_to_safetensors
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     platform = PlatformSettings(store_dir=out / "store")
     started = time.perf_counter()
     with start_stack(platform) as stack, AuditClient(stack.orchestrator_address) as client:
-        options = jobs_pb2.AuditOptions(repair_mode="rollback", seed=args.seed)
+        options = jobs_pb2.AuditOptions(seed=args.seed)  # the default repair mode
         audit = client.submit(
             out / "model.safetensors", out / "clean.npz", SPEC, arch="lenet5", options=options
         )

@@ -22,13 +22,12 @@ from shared.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus
 from shared.convert import ref_to_proto
 from shared.errors import DeadlineExceeded, ModelGuardError, is_transient
 from shared.metrics import ServiceMetrics
+from shared.progress import Progress as Progress  # re-exported: handlers import it from here
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
 from shared.store.base import ArtifactRef
 from shared.topics import AUDIT_EVENTS, JOB_AUDIT
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[float, str], None]
 
 #: After a progress event could not be published, skip progress events for this long:
 #: each failed publish blocks for the bus's timeout, which would stall the work.

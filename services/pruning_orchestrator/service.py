@@ -1,17 +1,22 @@
 """The audit job's owner, transport-neutral: the gRPC servicer and the Kafka handlers
-both call into this class (as MLServer's servicers call one DataPlane)."""
+both call into this class (as MLServer's servicers call one DataPlane). Its use cases:
+submission, stage events (audit state, the signed report), queries, and the repair stage
+(`Orchestrator.repair`: a `RepairRequest` in, a `RepairOutcome` out)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from google.protobuf import json_format
 
 from services.pruning_orchestrator.report import build_report
@@ -35,17 +40,28 @@ from services.pruning_orchestrator.state import (
 from shared.auth import Identity
 from shared.config import PlatformSettings, PruningOrchestratorSettings
 from shared.convert import ref_from_proto
-from shared.detection.neural_cleanse import RULES as DETECTION_RULES
+from shared.detection.registry import DEFAULT_DETECTOR, get_detector
+from shared.detection.triggers import ReversedTrigger
 from shared.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable
-from shared.jobdata import load_inputs
+from shared.jobdata import ModelAndData, load_inputs
 from shared.metrics import ServiceMetrics
+from shared.progress import Progress
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
+from shared.repair.registry import DEFAULT_REPAIR_MODE, NO_REPAIR, REPAIR_CHOICES
 from shared.runtime import Runtime
 from shared.stage import publish_proto
 from shared.store.base import ArtifactRef
 from shared.topics import AUDIT_REQUESTED, JOB_AUDIT, STAGE_NEURON_SCORING, STAGE_REPAIR
 
+if TYPE_CHECKING:
+    from shared.repair.result import RepairResult
+    from shared.repair.scoring import NeuronRanking
+
 log = logging.getLogger(__name__)
+
+#: A repair whose reversed ASR ends below this is reported "repaired", else "partially
+#: repaired".
+REPAIRED_ASR = 0.1
 
 STAGE_STATE_NAMES = {
     common_pb2.STAGE_STATE_NOT_RUN: NOT_RUN,
@@ -63,6 +79,35 @@ def record_of(ref: ArtifactRef, signature: str = "") -> ArtifactRecord:
 
 def ref_of(record: ArtifactRecord) -> ArtifactRef:
     return ArtifactRef(record.sha256, record.key, record.size, record.media_type)
+
+
+@dataclass(frozen=True)
+class RepairRequest:
+    """The repair stage's input. ``inputs``: the audit's model, clean data and spec;
+    ``triggers``: the flagged labels' reversed triggers; ``mode``: a
+    `shared.repair.registry.REPAIR_MODES` name (empty: rollback); ``layer``: the pruning
+    site (empty: the default); ``ranking``: the neuron-scoring stage's ranking (None: the
+    repair scores for itself); ``media_type``: the submitted model's, given to the
+    repaired one."""
+
+    inputs: ModelAndData
+    triggers: list[ReversedTrigger]
+    mode: str = ""
+    layer: str = ""
+    ranking: NeuronRanking | None = None
+    media_type: str = ""
+
+
+@dataclass(frozen=True)
+class RepairOutcome:
+    """The repair stage's output: the repair's result, the stored repaired model (same
+    format as the submitted one), the stored JSON summary and the summary itself."""
+
+    result: RepairResult
+    mode: str
+    model: ArtifactRef
+    summary_ref: ArtifactRef
+    summary: dict[str, Any]
 
 
 class Orchestrator:
@@ -184,15 +229,15 @@ class Orchestrator:
                     # A second request is harmless: each stage's first outcome counts.
                     self._publish_request(record)
                 return record
-        if options.repair_mode not in ("", "rollback", "shapley", "fine-pruning", "none"):
+        if options.repair_mode not in ("", *REPAIR_CHOICES):
             raise InvalidInput(
-                f"repair mode {options.repair_mode!r} unknown; use rollback, shapley, "
-                "fine-pruning or none"
+                f"repair mode {options.repair_mode!r} unknown; use " + ", ".join(REPAIR_CHOICES)
             )
-        if options.detection_rule not in ("", *DETECTION_RULES):
+        detector = get_detector(options.detector or DEFAULT_DETECTOR)
+        if options.detection_rule not in ("", *detector.rules):
             raise InvalidInput(
-                f"detection rule {options.detection_rule!r} unknown; use "
-                + " or ".join(DETECTION_RULES)
+                f"detection rule {options.detection_rule!r} unknown for {detector.name}; use "
+                + " or ".join(detector.rules)
             )
         # Validate now, so a bad submission fails at once with a reason the user can act
         # on, instead of in a worker minutes later.
@@ -209,7 +254,7 @@ class Orchestrator:
             options=json_format.MessageToDict(options),
             tenant=tenant,
         )
-        if options.skip_repair or options.repair_mode == "none":
+        if options.skip_repair or options.repair_mode == NO_REPAIR:
             record.stages[STAGE_REPAIR].state = SKIPPED
             record.stages[STAGE_REPAIR].message = "repair not requested"
         with self.repository.lock(audit_id):
@@ -378,6 +423,83 @@ class Orchestrator:
     def summary(self, record: AuditRecord) -> dict[str, Any]:
         return {name: stage.state for name, stage in record.stages.items()}
 
+    # --- the repair stage ------------------------------------------------------------
+    def repair(self, request: RepairRequest, progress: Progress | None = None) -> RepairOutcome:
+        """Repair a copy of the model against the reversed triggers (the defender never
+        sees the real one), store it in the submitted format and summarise the repair
+        (curve plot included)."""
+        from shared.formats.loader import LoadedModel, save_model
+        from shared.plots import line_plot_png
+        from shared.repair.registry import repair
+
+        inputs = request.inputs
+        if inputs.data is None:
+            raise InvalidInput("the repair needs the clean dataset")
+        mode = request.mode or DEFAULT_REPAIR_MODE
+        result = repair(
+            inputs.model.module,
+            inputs.data,
+            inputs.spec,
+            request.triggers,
+            mode=mode,
+            layer=request.layer or None,
+            progress=progress,
+            ranking=request.ranking,
+        )
+        if result.model is None:
+            raise RuntimeError("repair returned no model")
+        store = self.runtime.store
+        repaired = LoadedModel(
+            module=result.model,
+            format=inputs.model.format,
+            arch=inputs.model.arch,
+            num_classes=inputs.model.num_classes,
+        )
+        model_ref = store.put_blob(
+            save_model(repaired), request.media_type or "application/octet-stream"
+        )
+        summary = repair_summary(result, mode)
+        summary["repaired_model"] = _ref_dict(model_ref)
+        curve = summary.get("curve") or []
+        if curve:
+            plot = line_plot_png(
+                [float(p["step"]) for p in curve],
+                {
+                    "reversed-trigger ASR": [float(p["asr"]) for p in curve],
+                    "agreement with original": [float(p["agreement"]) for p in curve],
+                },
+                title=f"{mode} pruning",
+                xlabel="step",
+            )
+            summary["images"] = {"curve": _ref_dict(store.put_blob(plot, "image/png"))}
+        summary_ref = store.put_blob(
+            json.dumps(summary, default=_json_default).encode(), "application/json"
+        )
+        return RepairOutcome(result, mode, model_ref, summary_ref, summary)
+
 
 def asdict_or_none(record: ArtifactRecord | None) -> dict[str, Any] | None:
     return dataclasses.asdict(record) if record is not None else None
+
+
+def repair_summary(result: RepairResult, mode: str) -> dict[str, Any]:
+    """The repair stage's summary without the store references `Orchestrator.repair` adds
+    (``repaired_model``, ``images``): the result, its mode and the verdict."""
+    summary: dict[str, Any] = result.to_dict()
+    summary["mode"] = mode
+    summary["verdict"] = (
+        "repaired" if result.after.reversed_asr < REPAIRED_ASR else "partially repaired"
+    )
+    return summary
+
+
+def _ref_dict(ref: ArtifactRef) -> dict[str, Any]:
+    return {"sha256": ref.sha256, "key": ref.key, "size": ref.size, "media_type": ref.media_type}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, io.BytesIO):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -7,8 +7,9 @@ from shared.bus.base import Message
 from shared.convert import parse_message, ref_to_proto
 from shared.errors import InvalidInput
 from shared.jobdata import load_inputs
+from shared.progress import Progress
 from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.stage import Progress, StageOutcome, StageReporter, publish_proto
+from shared.stage import StageOutcome, StageReporter, publish_proto
 from shared.topics import JOB_AUDIT, STAGE_NEURON_SCORING, TRIGGERS_REVERSED
 
 
@@ -35,6 +36,7 @@ class AuditHandler:
             steps=request.options.reversal_steps,
             seed=request.options.seed,
             rule=request.options.detection_rule,
+            detector=request.options.detector,
             progress=progress,
         )
         result = stored.result

@@ -24,7 +24,11 @@ class TriggerReversalServicer(trigger_reversal_pb2_grpc.TriggerReversalServicer)
         if inputs.data is None:
             raise InvalidInput("a clean dataset reference (data) is required")
         stored = self.service.reverse(
-            inputs, steps=request.steps, seed=request.seed, rule=request.rule
+            inputs,
+            steps=request.steps,
+            seed=request.seed,
+            rule=request.rule,
+            detector=request.detector,
         )
         result = stored.result
         return trigger_reversal_pb2.ReverseTriggersResponse(

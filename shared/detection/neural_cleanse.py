@@ -62,9 +62,9 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -79,11 +79,11 @@ from shared.detection.optimizer import (
     pattern_from_theta,
 )
 from shared.errors import InvalidInput
+from shared.progress import Progress
 from shared.spec import InputSpec, wrap
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 
 INFECTED = "infected"
 CLEAN = "clean"
@@ -907,3 +907,24 @@ def trigger_images(
         else:  # other channel counts: show the channel mean
             out[label] = array.float().mean(0).round().to(torch.uint8).numpy()
     return out
+
+
+class NeuralCleanse:
+    """The `shared.detection.base.BackdoorDetector` of this module: Neural Cleanse with
+    all labels batched (`reverse_triggers`); its rules are `RULES` (`ReversalConfig.for_rule`)."""
+
+    name: ClassVar[str] = "neural-cleanse"
+    rules: ClassVar[tuple[str, ...]] = RULES
+
+    def configure(self, rule: str = "", **overrides: Any) -> ReversalConfig:
+        return ReversalConfig.for_rule(rule or self.rules[0], **overrides)
+
+    def detect(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        spec: InputSpec,
+        config: ReversalConfig | None = None,
+        progress: Progress | None = None,
+    ) -> ReversalResult:
+        return reverse_triggers(model, data, spec, config=config, progress=progress)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from shared.detection.mad import mad_test
 from shared.detection.neural_cleanse import (
     CLEAN,
     INFECTED,
+    RULES,
     LabelResult,
     RestartInfo,
     ReversalConfig,
@@ -44,9 +45,8 @@ from shared.detection.optimizer import (
     pattern_from_theta,
 )
 from shared.errors import InvalidInput
+from shared.progress import Progress
 from shared.spec import InputSpec, wrap
-
-Progress = Callable[[float, str], None]
 
 
 def reverse_label(
@@ -248,3 +248,25 @@ def _attack_success(
         stamped = (1 - masks[label]) * x[keep] + masks[label] * patterns[label]
         out.append(float((model(stamped).argmax(1) == label).float().mean()))
     return out
+
+
+class SequentialNeuralCleanse:
+    """The `shared.detection.base.BackdoorDetector` of the original procedure, label by
+    label (`reverse_triggers_sequential`). It takes the batched detector's configs and
+    rules; screening, restarts, refinement and the re-check do not apply to it."""
+
+    name: ClassVar[str] = "neural-cleanse-sequential"
+    rules: ClassVar[tuple[str, ...]] = RULES
+
+    def configure(self, rule: str = "", **overrides: Any) -> ReversalConfig:
+        return ReversalConfig.for_rule(rule or self.rules[0], **overrides)
+
+    def detect(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        spec: InputSpec,
+        config: ReversalConfig | None = None,
+        progress: Progress | None = None,
+    ) -> ReversalResult:
+        return reverse_triggers_sequential(model, data, spec, config=config, progress=progress)

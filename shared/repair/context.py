@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -36,13 +36,12 @@ from shared.datasets import Dataset
 from shared.detection.triggers import ReversedTrigger
 from shared.errors import InvalidInput
 from shared.nn.probe import LayerInfo, LayerProbe, evaluating, get_module, is_scripted, normalise
+from shared.progress import Progress
 from shared.repair.result import Measure
 from shared.repair.scoring import AttackSet, as_reversed_triggers, build_attack_set
 from shared.spec import InputSpec
 
 log = logging.getLogger(__name__)
-
-ProgressFn = Callable[[float, str], None]
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -335,13 +334,32 @@ def _shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return out
 
 
+#: Rows of one forward pass of a repair's probe (candidate prunings × samples).
+PROBE_MAX_ROWS = 8192
+
+
+def _validation_size(n: int, validation_fraction: float) -> int:
+    return max(1, round(n * validation_fraction))
+
+
+def can_split(n: int, validation_fraction: float) -> bool:
+    """Whether `split_clean` accepts ``n`` samples."""
+    return n >= 20 and n - _validation_size(n, validation_fraction) >= 1
+
+
+def split_label(validation_fraction: float, seed: int = 0) -> str:
+    """Names the fine-tuning part of `split_clean` (``"tune:0.3:seed=0"``): what a neuron
+    ranking computed on it says in ``data_split``."""
+    return f"tune:{validation_fraction:g}:seed={seed}"
+
+
 def split_clean(
     data: Dataset, validation_fraction: float, seed: int = 0
 ) -> tuple[Dataset, Dataset]:
     """Seeded random split into (fine-tuning, validation)."""
     n = len(data)
-    n_val = max(1, round(n * validation_fraction))
-    if n < 20 or n - n_val < 1:
+    n_val = _validation_size(n, validation_fraction)
+    if not can_split(n, validation_fraction):
         raise InvalidInput(
             f"the clean dataset has {n} samples; the repair needs at least 20 (a part to "
             "fine-tune on and a part to validate every pruning decision)"
@@ -382,7 +400,7 @@ class RepairContext:
     seed: int = 0
     evaluations: int = 0
     finetune_steps: int = 0
-    progress: ProgressFn | None = None
+    progress: Progress | None = None
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -399,8 +417,8 @@ class RepairContext:
         val_samples: int,
         finetune: FineTuneConfig,
         seed: int,
-        progress: ProgressFn | None,
-        max_rows: int = 8192,
+        progress: Progress | None,
+        max_rows: int = PROBE_MAX_ROWS,
     ) -> RepairContext:
         model.eval()
         items = as_reversed_triggers(triggers, spec)

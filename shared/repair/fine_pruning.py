@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from shared.datasets import Dataset
+from shared.detection.triggers import ReversedTrigger
 from shared.nn.probe import spatial_mean
-from shared.repair.context import FineTuneConfig, ProgressFn, RepairContext
+from shared.progress import Progress
+from shared.repair.context import FineTuneConfig, RepairContext
 from shared.repair.result import CurveStep, RepairResult
-from shared.repair.scoring import weight_magnitude
+from shared.repair.scoring import NeuronRanking, weight_magnitude
 from shared.spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,7 @@ def fine_pruning(
     config: FinePruningConfig = FinePruningConfig(),
     *,
     layer: str | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> RepairResult:
     """Repair ``model`` **in place** with Fine-Pruning (see the module docstring).
     ``triggers`` only serve to report the reversed ASR."""
@@ -139,7 +142,7 @@ def fine_pruning(
     context.report(0.85, "fine-tuning on clean data")
     after = context.final_fine_tune(revival=None)
     return RepairResult(
-        mode="fine-pruning",
+        mode=FinePruning.name,
         layer=name,
         target_labels=list(context.attack.labels),
         pruned=[(name, i) for i in context.pruner.pruned],
@@ -154,3 +157,34 @@ def fine_pruning(
         probe_mode=context.probe.mode,
         notes=list(context.notes),
     )
+
+
+class FinePruning:
+    """The `shared.repair.base.RepairMode` of the Fine-Pruning baseline (`fine_pruning`):
+    it orders by clean dormancy, not by a ranking."""
+
+    name: ClassVar[str] = "fine-pruning"
+    config_type: ClassVar[type[Any]] = FinePruningConfig
+    uses_ranking: ClassVar[bool] = False
+
+    def repair(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        spec: InputSpec,
+        triggers: Sequence[ReversedTrigger],
+        *,
+        layer: str | None = None,
+        config: FinePruningConfig | None = None,
+        ranking: NeuronRanking | None = None,
+        progress: Progress | None = None,
+    ) -> RepairResult:
+        return fine_pruning(
+            model,
+            data,
+            spec,
+            triggers,
+            config or FinePruningConfig(),
+            layer=layer,
+            progress=progress,
+        )

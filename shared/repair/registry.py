@@ -1,56 +1,72 @@
-"""Backdoor repair by pruning: the algorithm core of the pruning-orchestrator.
+"""Backdoor repair by pruning: the registry of repair modes and the one entry point.
 
-`repair` is the one entry point: it copies the model (the caller's model is never
-modified), repairs the copy with one of
+`REPAIR_MODES` maps a mode's name to the class implementing it
+(`shared.repair.base.RepairMode`), as ``"module:Class"`` strings imported on first use, so
+this module imports neither torch nor a mode (CLI choices, request validation):
 
-* ``"rollback"``: pruning with rollback and fine-tuning (pruning with rollback), `rollback_prune`;
-* ``"shapley"``: Shapley pruning (ShapPruning), `shapley_prune`;
-* ``"fine-pruning"``: the Fine-Pruning baseline (Liu et al. 2018), `fine_pruning`;
+* ``"rollback"``: pruning with rollback and fine-tuning, `shared.repair.rollback`;
+* ``"shapley"``: Shapley pruning (ShapPruning), `shared.repair.shapley_prune`;
+* ``"fine-pruning"``: the Fine-Pruning baseline (Liu et al. 2018), `shared.repair.fine_pruning`.
 
-and returns a `RepairResult` whose ``model`` is the repaired copy in the submitted format
-(an eager module stays eager, a TorchScript module stays TorchScript with the same
-input/output contract). Every decision uses the *reversed* trigger; the real one is never
-needed.
+Adding a mode = one module with its class + one line here.
+
+`repair` copies the model (the caller's model is never modified), repairs the copy with the
+named mode and returns a `RepairResult` whose ``model`` is the repaired copy in the
+submitted format (an eager module stays eager, a TorchScript module stays TorchScript with
+the same input/output contract). Every decision uses the *reversed* trigger; the real one
+is never needed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from shared.datasets import Dataset
 from shared.errors import InvalidInput
-from shared.repair.context import FineTuneConfig, ProgressFn, Pruner, copy_model, fine_tune
-from shared.repair.fine_pruning import FinePruningConfig, fine_pruning
-from shared.repair.result import CurveStep, Measure, RepairResult
-from shared.repair.rollback import RollbackConfig, decide, rollback_prune, should_stop
-from shared.repair.shapley_prune import ShapleyPruneConfig, shapley_prune
-from shared.spec import InputSpec
+from shared.progress import Progress
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from shared.datasets import Dataset
+    from shared.repair.base import RepairMode
+    from shared.repair.result import RepairResult
+    from shared.repair.scoring import NeuronRanking
+    from shared.spec import InputSpec
 
 __all__ = [
-    "MODES",
-    "CurveStep",
-    "FinePruningConfig",
-    "FineTuneConfig",
-    "Measure",
-    "Pruner",
-    "RepairResult",
-    "RollbackConfig",
-    "ShapleyPruneConfig",
-    "copy_model",
-    "decide",
-    "fine_pruning",
-    "fine_tune",
+    "DEFAULT_REPAIR_MODE",
+    "NO_REPAIR",
+    "REPAIR_CHOICES",
+    "REPAIR_MODES",
+    "get_repair_mode",
     "repair",
-    "rollback_prune",
-    "shapley_prune",
-    "should_stop",
 ]
 
-MODES = ("rollback", "shapley", "fine-pruning")
+REPAIR_MODES: dict[str, str] = {
+    "rollback": "shared.repair.rollback:Rollback",
+    "shapley": "shared.repair.shapley_prune:ShapleyPruning",
+    "fine-pruning": "shared.repair.fine_pruning:FinePruning",
+}
+#: What an empty mode (an audit's default) means.
+DEFAULT_REPAIR_MODE = "rollback"
+#: Not a mode: an audit that skips the repair stage.
+NO_REPAIR = "none"
+#: What an audit or the CLI's ``--repair-mode`` accepts.
+REPAIR_CHOICES: tuple[str, ...] = (*REPAIR_MODES, NO_REPAIR)
 
-RepairConfig = RollbackConfig | ShapleyPruneConfig | FinePruningConfig
+
+def get_repair_mode(name: str) -> RepairMode:
+    """The registered mode ``name`` (its module is imported now); ``InvalidInput`` listing
+    the registered names otherwise."""
+    target = REPAIR_MODES.get(name)
+    if target is None:
+        raise InvalidInput(
+            f"unknown repair mode {name!r}; choose one of: {', '.join(REPAIR_MODES)}"
+        )
+    module, _, attribute = target.partition(":")
+    mode: RepairMode = getattr(importlib.import_module(module), attribute)()
+    return mode
 
 
 def repair(
@@ -58,10 +74,12 @@ def repair(
     data: Dataset,
     spec: InputSpec,
     triggers: Any,
-    mode: str = "rollback",
+    mode: str = DEFAULT_REPAIR_MODE,
     layer: str | None = None,
-    config: RepairConfig | None = None,
-    progress: ProgressFn | None = None,
+    config: object | None = None,
+    progress: Progress | None = None,
+    *,
+    ranking: NeuronRanking | None = None,
 ) -> RepairResult:
     """Repair a copy of ``model`` against ``triggers`` and return it in the result.
 
@@ -71,19 +89,15 @@ def repair(
     ``triggers``: reversed triggers — `shared.detection.triggers.ReversedTrigger` objects,
     ``(label, mask (H, W), pattern (C, H, W))`` tuples, or a trigger-reversal result.
     ``layer``: a Linear or Conv2d layer by name (default: the first hidden
-    fully-connected layer). ``config``: the mode's config (defaults: the seeds' values).
+    fully-connected layer). ``config``: the mode's ``config_type`` (default: its
+    defaults). ``ranking``: the neuron-scoring stage's ranking of the site, used by the
+    modes whose ``uses_ranking`` is set (the others score for themselves).
     ``progress(fraction, text)`` is called along the way.
     """
-    if mode not in MODES:
-        raise InvalidInput(f"unknown repair mode {mode!r}; choose one of: {', '.join(MODES)}")
-    expected = {
-        "rollback": RollbackConfig,
-        "shapley": ShapleyPruneConfig,
-        "fine-pruning": FinePruningConfig,
-    }[mode]
-    if config is not None and not isinstance(config, expected):
+    method = get_repair_mode(mode)
+    if config is not None and not isinstance(config, method.config_type):
         raise InvalidInput(
-            f"mode {mode!r} takes a {expected.__name__}, not {type(config).__name__}"
+            f"mode {mode!r} takes a {method.config_type.__name__}, not {type(config).__name__}"
         )
     if len(data) == 0:
         raise InvalidInput("the clean dataset is empty")
@@ -91,37 +105,19 @@ def repair(
         raise InvalidInput(
             f"clean data has shape {list(data.x.shape[1:])}; the model takes {list(spec.shape)}"
         )
+    from shared.repair.context import copy_model
+    from shared.repair.scoring import as_reversed_triggers
+
+    items = as_reversed_triggers(triggers, spec)
     working = copy_model(model)
     working.eval()
-    if mode == "rollback":
-        assert config is None or isinstance(config, RollbackConfig)
-        return rollback_prune(
-            working,
-            data,
-            spec,
-            triggers,
-            config or RollbackConfig(),
-            layer=layer,
-            progress=progress,
-        )
-    if mode == "shapley":
-        assert config is None or isinstance(config, ShapleyPruneConfig)
-        return shapley_prune(
-            working,
-            data,
-            spec,
-            triggers,
-            config or ShapleyPruneConfig(),
-            layer=layer,
-            progress=progress,
-        )
-    assert config is None or isinstance(config, FinePruningConfig)
-    return fine_pruning(
+    return method.repair(
         working,
         data,
         spec,
-        triggers,
-        config or FinePruningConfig(),
+        items,
         layer=layer,
+        config=config,
+        ranking=ranking if method.uses_ranking else None,
         progress=progress,
     )

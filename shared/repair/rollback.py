@@ -1,7 +1,9 @@
 """Pruning with rollback (Neural Cleanse-guided).
 
 Neurons are taken alternately from the activation ranking and the weight ranking of
-`shared.repair.scoring.score_neurons` (high to low). Each is pruned on its own;
+`shared.repair.scoring.score_neurons` (high to low), computed on the fine-tuning split:
+the neuron-scoring stage's `NeuronRanking` when one is given (it scores on the same split,
+`rank_on_tune_split`), else here. Each is pruned on its own;
 then ``q_i`` (agreement with the original model on the clean validation split) and
 ``s_i`` (attack success rate of the *reversed* trigger on the stamped validation split)
 are measured and
@@ -29,17 +31,45 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from shared.datasets import Dataset
-from shared.repair.context import FineTuneConfig, ProgressFn, RepairContext
+from shared.detection.triggers import ReversedTrigger
+from shared.errors import InvalidInput
+from shared.nn.probe import LayerProbe
+from shared.progress import Progress
+from shared.repair.context import (
+    PROBE_MAX_ROWS,
+    FineTuneConfig,
+    RepairContext,
+    can_split,
+    split_clean,
+    split_label,
+)
 from shared.repair.result import Action, CurveStep, Measure, RepairResult
-from shared.repair.scoring import ScoringConfig, score_neurons
+from shared.repair.scoring import (
+    NeuronRanking,
+    NeuronScores,
+    ScoringConfig,
+    interleave,
+    score_neurons,
+)
 from shared.spec import InputSpec
+
+__all__ = [
+    "Figures",
+    "Rollback",
+    "RollbackConfig",
+    "decide",
+    "interleave",
+    "rank_on_tune_split",
+    "rollback_prune",
+    "should_stop",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +147,68 @@ def should_stop(measure: Measure, config: RollbackConfig) -> bool:
     return measure.reversed_asr < config.asr_stop and measure.agreement >= config.q0
 
 
-def interleave(first: torch.Tensor, second: torch.Tensor) -> list[int]:
-    """``a0, b0, a1, b1, …`` without repeats."""
-    out: list[int] = []
-    seen: set[int] = set()
-    for a, b in zip(first.tolist(), second.tolist(), strict=True):
-        for index in (int(a), int(b)):
-            if index not in seen:
-                seen.add(index)
-                out.append(index)
-    return out
+def _score(
+    model: nn.Module,
+    tune: Dataset,
+    triggers: Any,
+    spec: InputSpec,
+    config: RollbackConfig,
+    probe: LayerProbe,
+) -> NeuronScores:
+    """The scoring the rollback's order comes from (one code path for the repair and the
+    neuron-scoring stage, so both give the same ranking)."""
+    return score_neurons(
+        model, tune, triggers, spec, replace(config.scoring, layer=probe.info.name), probe=probe
+    )
+
+
+def rank_on_tune_split(
+    model: nn.Module,
+    data: Dataset,
+    spec: InputSpec,
+    triggers: Any,
+    config: RollbackConfig = RollbackConfig(),
+    *,
+    layer: str | None = None,
+) -> tuple[NeuronScores, Dataset, str]:
+    """Score ``model``'s neurons as `rollback_prune` does when it is given no ranking: on
+    the fine-tuning part of ``split_clean(data, config.validation_fraction, config.seed)``
+    with a probe of the repair's size. Returns the scores, the data scored on and its
+    ``data_split`` label. With too few samples to split (the repair would refuse them)
+    the whole of ``data`` is scored, labelled ``"all"``. The model is not modified."""
+    if can_split(len(data), config.validation_fraction):
+        tune, _ = split_clean(data, config.validation_fraction, config.seed)
+        label = split_label(config.validation_fraction, config.seed)
+    else:
+        tune, label = data, "all"
+    probe = LayerProbe(model, layer or config.scoring.layer, spec, max_rows=PROBE_MAX_ROWS)
+    return _score(model, tune, triggers, spec, config, probe), tune, label
+
+
+def _check_ranking(
+    ranking: NeuronRanking, context: RepairContext, config: RollbackConfig
+) -> list[int]:
+    """The order of a carried ranking, after checking that it ranks this repair's site
+    for these triggers."""
+    name, neurons = context.probe.info.name, context.probe.neurons
+    if ranking.layer != name or ranking.neurons != neurons:
+        raise InvalidInput(
+            f"the neuron ranking is of {ranking.layer} ({ranking.neurons} neurons); the "
+            f"repair prunes {name} ({neurons} neurons)"
+        )
+    labels = tuple(context.attack.labels)
+    if ranking.target_labels and sorted(ranking.target_labels) != sorted(labels):
+        raise InvalidInput(
+            f"the neuron ranking was computed for target labels {list(ranking.target_labels)}; "
+            f"the repair's triggers are for {list(labels)}"
+        )
+    expected = split_label(config.validation_fraction, config.seed)
+    if ranking.data_split != expected:
+        context.notes.append(
+            f"neuron ranking computed on {ranking.data_split or 'unstated data'}, not on the "
+            f"repair's fine-tuning split ({expected})"
+        )
+    return ranking.interleaved()
 
 
 def rollback_prune(
@@ -137,11 +219,14 @@ def rollback_prune(
     config: RollbackConfig = RollbackConfig(),
     *,
     layer: str | None = None,
-    progress: ProgressFn | None = None,
+    ranking: NeuronRanking | None = None,
+    progress: Progress | None = None,
 ) -> RepairResult:
     """Repair ``model`` **in place** (use `repair` for a copy). ``data``: the defender's
     clean samples ``(N, C, H, W)`` in ``spec.value_range`` with labels; ``triggers``:
-    reversed triggers (see `as_reversed_triggers`)."""
+    reversed triggers (see `as_reversed_triggers`). ``ranking``: the neuron-scoring
+    stage's ranking of the site (checked against it: ``InvalidInput`` when it ranks
+    another layer, width or trigger set); without it the neurons are scored here."""
     started = time.perf_counter()
     context = RepairContext.build(
         model,
@@ -158,6 +243,7 @@ def rollback_prune(
     )
     name = context.probe.info.name
     neurons = context.probe.neurons
+    carried = _check_ranking(ranking, context, config) if ranking is not None else None
     before = context.measure()
     context.report(0.02, f"baseline reversed ASR {before.reversed_asr:.3f}")
     curve: list[CurveStep] = []
@@ -167,15 +253,11 @@ def rollback_prune(
             f"{config.asr_stop}: nothing to prune"
         )
         return _result(context, before, before, curve, started)
-    scores = score_neurons(
-        model,
-        context.tune,
-        triggers,
-        spec,
-        replace(config.scoring, layer=name),
-        probe=context.probe,
-    )
-    order = interleave(scores.activation_ranking, scores.weight_ranking)
+    if carried is not None:
+        order = carried
+    else:
+        scores = _score(model, context.tune, triggers, spec, config, context.probe)
+        order = interleave(scores.activation_ranking, scores.weight_ranking)
     budget = max(1, int(config.max_pruned_fraction * neurons))
     pruner = context.pruner
     current = before
@@ -245,7 +327,7 @@ def _result(
     context: RepairContext, before: Measure, after: Measure, curve: list[CurveStep], started: float
 ) -> RepairResult:
     return RepairResult(
-        mode="rollback",
+        mode=Rollback.name,
         layer=context.probe.info.name,
         target_labels=list(context.attack.labels),
         pruned=[(context.probe.info.name, i) for i in context.pruner.pruned],
@@ -260,3 +342,34 @@ def _result(
         probe_mode=context.probe.mode,
         notes=list(context.notes),
     )
+
+
+class Rollback:
+    """The `shared.repair.base.RepairMode` of pruning with rollback (`rollback_prune`)."""
+
+    name: ClassVar[str] = "rollback"
+    config_type: ClassVar[type[Any]] = RollbackConfig
+    uses_ranking: ClassVar[bool] = True
+
+    def repair(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        spec: InputSpec,
+        triggers: Sequence[ReversedTrigger],
+        *,
+        layer: str | None = None,
+        config: RollbackConfig | None = None,
+        ranking: NeuronRanking | None = None,
+        progress: Progress | None = None,
+    ) -> RepairResult:
+        return rollback_prune(
+            model,
+            data,
+            spec,
+            triggers,
+            config or RollbackConfig(),
+            layer=layer,
+            ranking=ranking,
+            progress=progress,
+        )

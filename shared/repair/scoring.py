@@ -285,6 +285,86 @@ class NeuronScores:
         }
 
 
+@dataclass(frozen=True)
+class NeuronRanking:
+    """The neuron-scoring stage's rankings of one site, as the repair consumes them (the
+    twin of the ``NeuronRanking`` bus message; `shared.repair.ranking_proto` converts).
+
+    ``layer``: the resolved site (``fc1``, ``fc:in``); ``neurons``: its width ``n``; the
+    rankings are permutations of ``0..n-1``, high to low; ``shapley``: one value per
+    neuron, empty when not estimated; ``source``: how activations were observed
+    (`NeuronScores.source`); ``target_labels``: the triggers' labels; ``data_split``: the
+    clean data it was computed on (`shared.repair.context.split_label`, or ``"all"``).
+    Malformed rankings (wrong lengths, not permutations) are refused with
+    ``InvalidInput``: they arrive from the bus.
+    """
+
+    layer: str
+    neurons: int
+    activation_ranking: tuple[int, ...]
+    weight_ranking: tuple[int, ...]
+    shapley: tuple[float, ...] = ()
+    source: str = ""
+    target_labels: tuple[int, ...] = ()
+    data_split: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.layer:
+            raise InvalidInput("a neuron ranking needs its layer")
+        if self.neurons < 1:
+            raise InvalidInput(f"a neuron ranking of {self.neurons} neurons")
+        for name in ("activation_ranking", "weight_ranking"):
+            order = getattr(self, name)
+            # lengths first: ``neurons`` may come from an untrusted message
+            if len(order) != self.neurons or sorted(order) != list(range(self.neurons)):
+                raise InvalidInput(
+                    f"the {name} of {self.layer} is not a permutation of its {self.neurons} neurons"
+                )
+        if self.shapley and len(self.shapley) != self.neurons:
+            raise InvalidInput(
+                f"{len(self.shapley)} Shapley values for the {self.neurons} neurons of {self.layer}"
+            )
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: NeuronScores,
+        *,
+        shapley: Sequence[float] | torch.Tensor | None = None,
+        data_split: str = "",
+    ) -> NeuronRanking:
+        return cls(
+            layer=scores.layer,
+            neurons=scores.neurons,
+            activation_ranking=tuple(int(i) for i in scores.activation_ranking),
+            weight_ranking=tuple(int(i) for i in scores.weight_ranking),
+            shapley=() if shapley is None else tuple(float(v) for v in shapley),
+            source=scores.source,
+            target_labels=tuple(int(label) for label in scores.target_labels),
+            data_split=data_split,
+        )
+
+    def interleaved(self) -> list[int]:
+        """The order the rollback pruning tries neurons in (`interleave`)."""
+        return interleave(self.activation_ranking, self.weight_ranking)
+
+
+def interleave(
+    first: torch.Tensor | Sequence[int], second: torch.Tensor | Sequence[int]
+) -> list[int]:
+    """``a0, b0, a1, b1, …`` without repeats."""
+    a = first.tolist() if isinstance(first, torch.Tensor) else list(first)
+    b = second.tolist() if isinstance(second, torch.Tensor) else list(second)
+    out: list[int] = []
+    seen: set[int] = set()
+    for x, y in zip(a, b, strict=True):
+        for index in (int(x), int(y)):
+            if index not in seen:
+                seen.add(index)
+                out.append(index)
+    return out
+
+
 def weight_magnitude(module: nn.Module, norm: str = "l2", side: str = "output") -> torch.Tensor:
     """Norm of each neuron's weights: rows of a Linear weight ``(n, in)``, filters of a
     Conv2d weight ``(n, in, kh, kw)`` → ``(n,)``; for an input site the columns (the

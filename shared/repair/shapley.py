@@ -46,6 +46,7 @@ from torch import nn
 from shared.datasets import Dataset
 from shared.errors import InvalidInput
 from shared.nn.probe import LayerProbe
+from shared.progress import Progress
 from shared.repair.scoring import AttackSet, build_attack_set
 from shared.spec import InputSpec
 
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 
 #: Maps pruned-masks ``(P, n)`` (bool, True = pruned) to the attack metric ``(P,)``.
 GameMetric = Callable[[torch.Tensor], torch.Tensor]
-ProgressFn = Callable[[float, str], None]
 
 Z95 = 1.959964
 
@@ -192,7 +192,7 @@ def shapley_game(
     n: int,
     config: ShapleyConfig,
     *,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> GameEstimate:
     """Estimate the Shapley values of ``players`` (indices into ``n`` neurons) in the game
     ``v(S) = metric(∅) - metric(S)``; ``metric`` scores pruned-masks ``(P, n)`` (bool)
@@ -336,7 +336,7 @@ def estimate_shapley(
     fixed: list[int] | tuple[int, ...] = (),
     probe: LayerProbe | None = None,
     attack: AttackSet | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> ShapleyResult:
     """Shapley value of every neuron of ``config.layer`` for the ASR of ``triggers`` on
     ``data`` (clean samples in ``spec.value_range``; the model is the raw one). Neurons in

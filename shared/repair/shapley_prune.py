@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
 from shared.datasets import Dataset
-from shared.repair.context import FineTuneConfig, ProgressFn, RepairContext
+from shared.detection.triggers import ReversedTrigger
+from shared.progress import Progress
+from shared.repair.context import FineTuneConfig, RepairContext
 from shared.repair.result import CurveStep, RepairResult
-from shared.repair.scoring import build_attack_set
+from shared.repair.scoring import NeuronRanking, build_attack_set
 from shared.repair.shapley import ShapleyConfig, estimate_shapley
 from shared.spec import InputSpec
 
@@ -83,7 +86,7 @@ def shapley_prune(
     config: ShapleyPruneConfig = ShapleyPruneConfig(),
     *,
     layer: str | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> RepairResult:
     """Repair ``model`` **in place** by Shapley pruning (see the module docstring)."""
     started = time.perf_counter()
@@ -198,7 +201,7 @@ def shapley_prune(
     after = context.final_fine_tune(revival=max(config.asr_stop, 0.10))
     context.evaluations += evaluations
     return RepairResult(
-        mode="shapley",
+        mode=ShapleyPruning.name,
         layer=name,
         target_labels=list(context.attack.labels),
         pruned=[(name, i) for i in pruner.pruned],
@@ -214,3 +217,34 @@ def shapley_prune(
         shapley_values=last_values,
         notes=list(context.notes),
     )
+
+
+class ShapleyPruning:
+    """The `shared.repair.base.RepairMode` of Shapley pruning (`shapley_prune`): it
+    estimates its own values every round, so it takes no ranking."""
+
+    name: ClassVar[str] = "shapley"
+    config_type: ClassVar[type[Any]] = ShapleyPruneConfig
+    uses_ranking: ClassVar[bool] = False
+
+    def repair(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        spec: InputSpec,
+        triggers: Sequence[ReversedTrigger],
+        *,
+        layer: str | None = None,
+        config: ShapleyPruneConfig | None = None,
+        ranking: NeuronRanking | None = None,
+        progress: Progress | None = None,
+    ) -> RepairResult:
+        return shapley_prune(
+            model,
+            data,
+            spec,
+            triggers,
+            config or ShapleyPruneConfig(),
+            layer=layer,
+            progress=progress,
+        )

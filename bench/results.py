@@ -49,6 +49,11 @@ def commit_label() -> str:
     return f"{commit}+changes" if dirty else commit
 
 
+#: The commit the benchmark started on: a long run must not be credited to a commit made
+#: while it ran.
+STARTED_ON = commit_label()
+
+
 def machine_label() -> str:
     cpu = platform.processor() or platform.machine()
     try:

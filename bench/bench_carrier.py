@@ -42,8 +42,7 @@ import numpy as np
 import torch
 
 from bench import results
-from services.carrier_trainer.service import carrier_config
-from shared.carrier.carrier import (
+from modelguard.carrier.carrier import (
     Carrier,
     CarrierConfig,
     CarrierResult,
@@ -53,21 +52,22 @@ from shared.carrier.carrier import (
     pseudo_outputs,
     train_carrier,
 )
-from shared.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
-from shared.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
-from shared.carrier.natural_images import natural_image_for_user, user_image_index
-from shared.carrier.public_models import PublicModel, load_public_model
-from shared.carrier.query_profile import QueryProfile
-from shared.carrier.stealing import (
+from modelguard.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
+from modelguard.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
+from modelguard.carrier.natural_images import natural_image_for_user, user_image_index
+from modelguard.carrier.public_models import PublicModel, load_public_model
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.stealing import (
     StealingConfig,
     StealingResult,
     replay_traffic,
     simulate_stealing,
 )
-from shared.config import CarrierTrainerSettings
-from shared.datasets import REPO_ROOT, Dataset, load_fashion_mnist, load_mnist
-from shared.errors import ModelGuardError
-from shared.nn.training import accuracy
+from modelguard.config import CarrierTrainerSettings
+from modelguard.datasets import REPO_ROOT, Dataset, load_fashion_mnist, load_mnist
+from modelguard.errors import ModelGuardError
+from modelguard.nn.training import accuracy
+from modelguard.services.carrier_trainer.service import carrier_config
 
 log = logging.getLogger("bench.carrier")
 

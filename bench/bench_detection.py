@@ -31,9 +31,9 @@ import torch
 
 from bench import results
 from bench.zoo import HELDOUT, SPLITS, ZooEntry, load_zoo
-from shared.datasets import REPO_ROOT, load_named
-from shared.detection.mad import mad_test
-from shared.detection.neural_cleanse import (
+from modelguard.datasets import REPO_ROOT, load_named
+from modelguard.detection.mad import mad_test
+from modelguard.detection.neural_cleanse import (
     MODELGUARD,
     RULES,
     ReversalConfig,

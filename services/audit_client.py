@@ -11,9 +11,9 @@ from typing import TypeVar
 
 import grpc
 
-from shared.channels import ClientTls, open_channel
-from shared.convert import FORMAT_TO_PROTO, spec_to_proto
-from shared.errors import (
+from modelguard.channels import ClientTls, open_channel
+from modelguard.convert import FORMAT_TO_PROTO, spec_to_proto
+from modelguard.errors import (
     IntegrityError,
     InvalidInput,
     ModelGuardError,
@@ -23,14 +23,14 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shared.formats.registry import get_format
-from shared.proto.modelguard.v1 import (
+from modelguard.formats.registry import get_format
+from modelguard.proto.modelguard.v1 import (
     common_pb2,
     jobs_pb2,
     pruning_orchestrator_pb2,
     pruning_orchestrator_pb2_grpc,
 )
-from shared.spec import InputSpec
+from modelguard.spec import InputSpec
 
 UPLOAD_CHUNK = 1 << 20
 #: Status codes after which a watch reconnects: the server is down or restarting
@@ -65,7 +65,7 @@ def error_from_rpc(err: grpc.RpcError) -> ModelGuardError:
 def sniff_format(data: bytes) -> str:
     """The model file's format (registry name), after the full scan: an unsafe file is
     refused here, before it is uploaded."""
-    from shared.formats.scan import scan_model_bytes
+    from modelguard.formats.scan import scan_model_bytes
 
     return scan_model_bytes(data).kind
 

@@ -4,8 +4,8 @@ Audits go through the pruning-orchestrator's gRPC API: of a running stack (``--t
 MODELGUARD_CLI_TARGET), or of an embedded stack this process starts (all six services,
 in-memory bus, local store under .modelguard/). ``detect``, ``repair`` and ``leakscan``
 run the same use cases in-process for a user with one model and no cluster: the same
-loader (`shared.jobdata`), the same summary documents, the same trigger pictures
-(`shared.detection.render`) and the same rendering (`services.present`) as an audit.
+loader (`modelguard.jobdata`), the same summary documents, the same trigger pictures
+(`modelguard.detection.render`) and the same rendering (`modelguard.services.present`) as an audit.
 
 Exit codes: 0 success (whatever the verdict), 1 failure, 2 bad input or refused file.
 """
@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.present import (
+from modelguard.config import SERVICES, PlatformSettings
+from modelguard.errors import InvalidInput, ModelGuardError
+from modelguard.services.present import (
     err_console,
     failed,
     job_state_name,
@@ -38,19 +40,17 @@ from services.present import (
     progress_printer,
     watch,
 )
-from shared.config import SERVICES, PlatformSettings
-from shared.errors import InvalidInput, ModelGuardError
-from shared.spec import InputSpec
+from modelguard.spec import InputSpec
 
 if TYPE_CHECKING:
-    from services.audit_client import AuditClient
-    from services.carrier_client import CarrierClient
-    from services.trigger_reversal.service import ReversalPlan
-    from shared.datasets import Dataset
-    from shared.detection.base import DetectionResult
-    from shared.detection.neural_cleanse import ReversalConfig
-    from shared.jobdata import Limits, ModelAndData
-    from shared.proto.modelguard.v1.carrier_trainer_pb2 import CarrierInfo
+    from modelguard.datasets import Dataset
+    from modelguard.detection.base import DetectionResult
+    from modelguard.detection.neural_cleanse import ReversalConfig
+    from modelguard.jobdata import Limits, ModelAndData
+    from modelguard.proto.modelguard.v1.carrier_trainer_pb2 import CarrierInfo
+    from modelguard.services.audit_client import AuditClient
+    from modelguard.services.carrier_client import CarrierClient
+    from modelguard.services.trigger_reversal.service import ReversalPlan
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -78,7 +78,7 @@ class CliSettings(BaseSettings):
 
 def client_credentials(args: argparse.Namespace) -> dict[str, Any]:
     """Token and TLS for the clients: command-line options over the environment."""
-    from shared.channels import ClientTls
+    from modelguard.channels import ClientTls
 
     settings = CliSettings()
     token = getattr(args, "token", None) or settings.token.get_secret_value()
@@ -109,7 +109,7 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
 
 def add_rule_arg(parser: argparse.ArgumentParser) -> None:
     """``--detector`` and ``--rule``, their choices from the detector registry."""
-    from shared.detection.registry import DEFAULT_DETECTOR, DETECTORS, get_detector
+    from modelguard.detection.registry import DEFAULT_DETECTOR, DETECTORS, get_detector
 
     parser.add_argument(
         "--detector",
@@ -139,7 +139,7 @@ def read_file(path: str, what: str) -> bytes:
 @contextmanager
 def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[AuditClient]:
     """A client of the configured orchestrator, or of an embedded stack started here."""
-    from services.audit_client import AuditClient
+    from modelguard.services.audit_client import AuditClient
 
     settings = CliSettings()
     target = getattr(args, "target", None) or settings.target
@@ -148,7 +148,7 @@ def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[AuditCl
         with AuditClient(target, timeout=settings.timeout, **credentials) as client:
             yield client
         return
-    from services.launcher import start_stack
+    from modelguard.services.launcher import start_stack
 
     platform = PlatformSettings()
     logging.getLogger().setLevel(logging.WARNING)
@@ -164,8 +164,8 @@ def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[AuditCl
 
 # --- audit -------------------------------------------------------------------------------
 def cmd_audit_submit(args: argparse.Namespace) -> int:
-    from shared.proto.modelguard.v1 import jobs_pb2
-    from shared.repair.registry import NO_REPAIR
+    from modelguard.proto.modelguard.v1 import jobs_pb2
+    from modelguard.repair.registry import NO_REPAIR
 
     spec = spec_from_args(args)
     options = jobs_pb2.AuditOptions(
@@ -243,7 +243,7 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
 
 def model_extension(media_type: str, data: bytes) -> str:
     """The file suffix of a model artifact: its format's (by media type, else by content)."""
-    from shared.formats.registry import by_media_type, sniff
+    from modelguard.formats.registry import by_media_type, sniff
 
     fmt = by_media_type(media_type)
     if fmt is None:
@@ -258,14 +258,14 @@ def model_extension(media_type: str, data: bytes) -> str:
 def cli_limits() -> Limits:
     """The platform's file-size limits (MODELGUARD_MAX_MODEL_BYTES, ..._DATASET_BYTES):
     a file the CLI accepts is one an audit accepts."""
-    from shared.jobdata import Limits
+    from modelguard.jobdata import Limits
 
     return Limits.of(PlatformSettings())
 
 
 def load_local_inputs(args: argparse.Namespace, spec: InputSpec) -> ModelAndData:
     """``MODEL`` (with ``--arch``) and ``--data``, through the services' loader."""
-    from shared.jobdata import load_inputs_from_bytes
+    from modelguard.jobdata import load_inputs_from_bytes
 
     return load_inputs_from_bytes(
         read_file(args.model, "model"),
@@ -283,9 +283,9 @@ def reversal_plan_of(args: argparse.Namespace, data: Dataset | None = None) -> R
     read (an option contradicting the rule is refused: exit code 2)."""
     import torch
 
-    from services.trigger_reversal.service import reversal_plan
-    from shared.config import TriggerReversalSettings
-    from shared.datasets import Dataset
+    from modelguard.config import TriggerReversalSettings
+    from modelguard.datasets import Dataset
+    from modelguard.services.trigger_reversal.service import reversal_plan
 
     if data is None:
         data = Dataset(torch.empty(0), torch.empty(0, dtype=torch.int64))
@@ -332,7 +332,7 @@ def parse_labels(value: str) -> list[int]:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from services.trigger_reversal.service import reversal_summary
+    from modelguard.services.trigger_reversal.service import reversal_summary
 
     reversal_config(args)  # the options, checked before any file is read
     spec = spec_from_args(args)
@@ -350,7 +350,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def save_trigger_images(result: DetectionResult, out: Path) -> dict[str, str]:
     """The pictures the service stores, as files: ``label{k}-{mask,pattern,trigger}.png``
     of the flagged labels (of the smallest trigger when none is flagged)."""
-    from shared.detection.render import PARTS, image_name, trigger_pngs
+    from modelguard.detection.render import PARTS, image_name, trigger_pngs
 
     out.mkdir(parents=True, exist_ok=True)
     labels = list(result.flagged)
@@ -369,10 +369,10 @@ def save_trigger_images(result: DetectionResult, out: Path) -> dict[str, str]:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from services.pruning_orchestrator.service import repair_summary
-    from shared.detection.triggers import ReversedTrigger, load_triggers
-    from shared.formats.loader import LoadedModel, save_model
-    from shared.repair.registry import repair
+    from modelguard.detection.triggers import ReversedTrigger, load_triggers
+    from modelguard.formats.loader import LoadedModel, save_model
+    from modelguard.repair.registry import repair
+    from modelguard.services.pruning_orchestrator.service import repair_summary
 
     spec = spec_from_args(args)
     targets = parse_labels(args.target) if args.target else None
@@ -431,8 +431,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_leakscan(args: argparse.Namespace) -> int:
-    from services.leak_detector.service import scan_module
-    from shared.jobdata import load_model_from_bytes, load_weights_only
+    from modelguard.jobdata import load_model_from_bytes, load_weights_only
+    from modelguard.services.leak_detector.service import scan_module
 
     data = read_file(args.model, "model")
     limits = cli_limits()
@@ -453,7 +453,7 @@ def cmd_leakscan(args: argparse.Namespace) -> int:
 # --- carrier serving -----------------------------------------------------------------------
 @contextmanager
 def carrier_client(args: argparse.Namespace) -> Iterator[CarrierClient]:
-    from services.carrier_client import CarrierClient
+    from modelguard.services.carrier_client import CarrierClient
 
     settings = CliSettings()
     trainer = args.trainer or settings.trainer
@@ -463,7 +463,7 @@ def carrier_client(args: argparse.Namespace) -> Iterator[CarrierClient]:
         with CarrierClient(trainer, mapper, timeout=settings.timeout, **credentials) as client:
             yield client
         return
-    from services.launcher import start_stack
+    from modelguard.services.launcher import start_stack
 
     logging.getLogger().setLevel(logging.WARNING)
     with (
@@ -485,7 +485,7 @@ def _wait_printer(info: CarrierInfo) -> None:
 
 
 def cmd_carrier_request(args: argparse.Namespace) -> int:
-    from shared.proto.modelguard.v1 import jobs_pb2
+    from modelguard.proto.modelguard.v1 import jobs_pb2
 
     options = jobs_pb2.CarrierOptions(
         steps=args.steps,
@@ -576,7 +576,7 @@ def cmd_carrier_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from shared.auth import mint_token
+    from modelguard.auth import mint_token
 
     token, line = mint_token(args.tenant, "admin" if args.admin else "tenant")
     if args.append:
@@ -606,8 +606,8 @@ def cmd_carrier_status(args: argparse.Namespace) -> int:
 
 # --- serve -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from services.launcher import configure_logging, run_service, start_stack
-    from shared.grpc_server import wait_for_termination
+    from modelguard.grpc_server import wait_for_termination
+    from modelguard.services.launcher import configure_logging, run_service, start_stack
 
     if args.service != "all":
         run_service(args.service)
@@ -631,7 +631,7 @@ LAYER_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shared.repair.registry import DEFAULT_REPAIR_MODE, REPAIR_CHOICES, REPAIR_MODES
+    from modelguard.repair.registry import DEFAULT_REPAIR_MODE, REPAIR_CHOICES, REPAIR_MODES
 
     parser = argparse.ArgumentParser(prog="modelguard", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

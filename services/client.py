@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.carrier.carrier import Carrier, carrier_from_safetensors
-from shared.carrier.public_models import PublicModel, load_public_model
-from shared.errors import InvalidInput, NotFound
+from modelguard.carrier.carrier import Carrier, carrier_from_safetensors
+from modelguard.carrier.public_models import PublicModel, load_public_model
+from modelguard.errors import InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 

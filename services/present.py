@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from shared.progress import Progress
-from shared.proto.modelguard.v1 import common_pb2
-from shared.topics import (
+from modelguard.progress import Progress
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.topics import (
     AUDIT_STAGES,
     STAGE_LEAK_DETECTOR,
     STAGE_REPAIR,
@@ -28,8 +28,8 @@ from shared.topics import (
 )
 
 if TYPE_CHECKING:
-    from services.audit_client import AuditClient
-    from shared.proto.modelguard.v1.pruning_orchestrator_pb2 import Audit
+    from modelguard.proto.modelguard.v1.pruning_orchestrator_pb2 import Audit
+    from modelguard.services.audit_client import AuditClient
 
 err_console = Console(stderr=True)
 out_console = Console()

@@ -7,11 +7,11 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from shared.errors import InvalidInput
-from shared.formats.registry import FORMATS
-from shared.proto.modelguard.v1 import common_pb2
-from shared.spec import InputSpec
-from shared.store.base import ArtifactRef
+from modelguard.errors import InvalidInput
+from modelguard.formats.registry import FORMATS
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.spec import InputSpec
+from modelguard.store.base import ArtifactRef
 
 #: Registry name -> ModelFormat enum value (MODEL_FORMAT_<NAME>, "-" as "_"): a format
 #: missing from the proto fails at import, not at the first submission.

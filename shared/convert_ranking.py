@@ -1,12 +1,12 @@
 """Conversions between the ``NeuronRanking`` bus message and its domain twin
-`shared.repair.scoring.NeuronRanking` (written by neuron-scoring, read by the
-pruning-orchestrator). Belongs with `shared.convert`; a module of its own while that one
+`modelguard.repair.scoring.NeuronRanking` (written by neuron-scoring, read by the
+pruning-orchestrator). Belongs with `modelguard.convert`; a module of its own while that one
 is being reworked. Protobuf never enters algorithm code."""
 
 from __future__ import annotations
 
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.repair.scoring import NeuronRanking
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.repair.scoring import NeuronRanking
 
 
 def ranking_to_proto(ranking: NeuronRanking) -> jobs_pb2.NeuronRanking:

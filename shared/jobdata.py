@@ -13,14 +13,14 @@ from functools import partial
 
 from torch import nn
 
-from shared.config import PlatformSettings
-from shared.convert import ref_from_proto, spec_from_proto
-from shared.datasets import Dataset, load_npz
-from shared.errors import InvalidInput
-from shared.formats.loader import LoadedModel, load_model
-from shared.proto.modelguard.v1 import common_pb2
-from shared.spec import InputSpec
-from shared.store.base import ArtifactStore
+from modelguard.config import PlatformSettings
+from modelguard.convert import ref_from_proto, spec_from_proto
+from modelguard.datasets import Dataset, load_npz
+from modelguard.errors import InvalidInput
+from modelguard.formats.loader import LoadedModel, load_model
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.spec import InputSpec
+from modelguard.store.base import ArtifactStore
 
 
 @dataclass
@@ -101,8 +101,8 @@ def load_weights_only(model_bytes: bytes, limits: Limits) -> nn.Module:
     """Leak forensics needs parameters, not a forward pass: the file's weights as a
     module, whatever the architecture (none is needed). The file is scanned first: a
     pickle that can run code is refused before anything is loaded."""
-    from shared.formats.registry import get_format
-    from shared.formats.scan import scan_model_bytes
+    from modelguard.formats.registry import get_format
+    from modelguard.formats.scan import scan_model_bytes
 
     scan = scan_model_bytes(model_bytes, max_bytes=limits.max_model_bytes)
     # the formats registry: the one weights-only call site (the scan sniffed the format)

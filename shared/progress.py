@@ -3,7 +3,7 @@
 Algorithms, stage workers, the CLI and the demo all report through it: ``fraction`` in
 [0, 1], ``message`` a short human-readable note (may be empty). It lives in a module of
 its own, importing nothing of the project, so that the algorithm packages can use it
-without pulling in the job bus or the protos (as `shared.stage` would).
+without pulling in the job bus or the protos (as `modelguard.stage` would).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-user resource limits of result-mapper: a request rate (token bucket) and a query
 budget (rows per period). Separate from the extraction detector
-(`shared.carrier.extraction`), which *revokes* a carrier whose queries look
+(`modelguard.carrier.extraction`), which *revokes* a carrier whose queries look
 like model stealing: these limits only refuse a call, with RESOURCE_EXHAUSTED, a clear
 message and a retry hint, so that one user cannot starve the others or run up costs.
 
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.errors import InvalidInput, ResourceExhausted
+from modelguard.errors import InvalidInput, ResourceExhausted
 
 #: Users whose state is kept at most; beyond it, idle users with full buckets and no
 #: budget spent are forgotten first (forgetting them changes nothing).

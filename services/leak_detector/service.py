@@ -1,5 +1,5 @@
 """leak-detector, transport-neutral: parameter-distribution forensics of a model that
-was already scanned as a safe artifact (`shared.jobdata`).
+was already scanned as a safe artifact (`modelguard.jobdata`).
 
 `scan_module` is the use case: the gRPC servicer, the Kafka handler (through
 `LeakDetectorService.scan`) and ``modelguard leakscan`` all call it, so they produce the
@@ -12,12 +12,12 @@ from typing import Any
 
 from torch import nn
 
-from shared.config import LeakDetectorSettings
-from shared.formats.loader import LoadedModel
-from shared.leak.detector import LeakVerdict, detect_leak
-from shared.metrics import ServiceMetrics
-from shared.runtime import Runtime
-from shared.store.base import ArtifactRef
+from modelguard.config import LeakDetectorSettings
+from modelguard.formats.loader import LoadedModel
+from modelguard.leak.detector import LeakVerdict, detect_leak
+from modelguard.metrics import ServiceMetrics
+from modelguard.runtime import Runtime
+from modelguard.store.base import ArtifactRef
 
 
 def scan_module(module: nn.Module) -> tuple[LeakVerdict, dict[str, Any]]:

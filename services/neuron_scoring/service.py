@@ -2,7 +2,7 @@
 reversed trigger and by weight magnitude, optionally with Shapley values.
 
 The rankings are computed exactly as the rollback repair would compute them itself (on the
-fine-tuning part of its clean-data split, `shared.repair.rollback.rank_on_tune_split`) and
+fine-tuning part of its clean-data split, `modelguard.repair.rollback.rank_on_tune_split`) and
 travel to the pruning-orchestrator as a `NeuronRanking`, so the repair does not score
 again."""
 
@@ -12,17 +12,17 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shared.config import NeuronScoringSettings
-from shared.detection.triggers import ReversedTrigger
-from shared.jobdata import ModelAndData
-from shared.metrics import ServiceMetrics
-from shared.progress import Progress, scaled
-from shared.runtime import Runtime
-from shared.store.base import ArtifactRef
+from modelguard.config import NeuronScoringSettings
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.jobdata import ModelAndData
+from modelguard.metrics import ServiceMetrics
+from modelguard.progress import Progress, scaled
+from modelguard.runtime import Runtime
+from modelguard.store.base import ArtifactRef
 
 if TYPE_CHECKING:
-    from shared.repair.scoring import NeuronRanking, NeuronScores
-    from shared.repair.shapley import ShapleyResult
+    from modelguard.repair.scoring import NeuronRanking, NeuronScores
+    from modelguard.repair.shapley import ShapleyResult
 
 TOP_NEURONS_IN_SUMMARY = 20
 
@@ -61,9 +61,9 @@ class NeuronScoringService:
         seed: int = 0,
         progress: Progress | None = None,
     ) -> StoredScores:
-        from shared.repair.rollback import rank_on_tune_split
-        from shared.repair.scoring import NeuronRanking
-        from shared.repair.shapley import ShapleyConfig, estimate_shapley
+        from modelguard.repair.rollback import rank_on_tune_split
+        from modelguard.repair.scoring import NeuronRanking
+        from modelguard.repair.shapley import ShapleyConfig, estimate_shapley
 
         assert inputs.data is not None
         # the repair's own data and probe: the ranking is the one it would compute

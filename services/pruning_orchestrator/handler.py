@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import logging
 
-from services.pruning_orchestrator.service import Orchestrator, RepairRequest
-from shared.bus.base import Message
-from shared.convert import parse_message, ref_from_proto
-from shared.convert_ranking import carried_ranking
-from shared.detection.triggers import load_triggers
-from shared.errors import InvalidInput
-from shared.jobdata import load_inputs
-from shared.progress import Progress
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.stage import StageOutcome, StageReporter
+from modelguard.bus.base import Message
+from modelguard.convert import parse_message, ref_from_proto
+from modelguard.convert_ranking import carried_ranking
+from modelguard.detection.triggers import load_triggers
+from modelguard.errors import InvalidInput
+from modelguard.jobdata import load_inputs
+from modelguard.progress import Progress
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.services.pruning_orchestrator.service import Orchestrator, RepairRequest
+from modelguard.stage import StageOutcome, StageReporter
 
 log = logging.getLogger(__name__)
 

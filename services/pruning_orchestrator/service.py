@@ -19,8 +19,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from google.protobuf import json_format
 
-from services.pruning_orchestrator.report import build_report
-from services.pruning_orchestrator.state import (
+from modelguard.auth import Identity
+from modelguard.config import PlatformSettings, PruningOrchestratorSettings
+from modelguard.convert import ref_from_proto
+from modelguard.detection.registry import DEFAULT_DETECTOR, get_detector
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable
+from modelguard.jobdata import ModelAndData, load_inputs
+from modelguard.metrics import ServiceMetrics
+from modelguard.progress import Progress
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.repair.registry import DEFAULT_REPAIR_MODE, NO_REPAIR, REPAIR_CHOICES
+from modelguard.runtime import Runtime
+from modelguard.services.pruning_orchestrator.report import build_report
+from modelguard.services.pruning_orchestrator.state import (
     DONE,
     FAILED,
     NOT_RUN,
@@ -37,25 +49,13 @@ from services.pruning_orchestrator.state import (
     AuditRepository,
     artifact_digests,
 )
-from shared.auth import Identity
-from shared.config import PlatformSettings, PruningOrchestratorSettings
-from shared.convert import ref_from_proto
-from shared.detection.registry import DEFAULT_DETECTOR, get_detector
-from shared.detection.triggers import ReversedTrigger
-from shared.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable
-from shared.jobdata import ModelAndData, load_inputs
-from shared.metrics import ServiceMetrics
-from shared.progress import Progress
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.repair.registry import DEFAULT_REPAIR_MODE, NO_REPAIR, REPAIR_CHOICES
-from shared.runtime import Runtime
-from shared.stage import publish_proto
-from shared.store.base import ArtifactRef
-from shared.topics import AUDIT_REQUESTED, JOB_AUDIT, STAGE_NEURON_SCORING, STAGE_REPAIR
+from modelguard.stage import publish_proto
+from modelguard.store.base import ArtifactRef
+from modelguard.topics import AUDIT_REQUESTED, JOB_AUDIT, STAGE_NEURON_SCORING, STAGE_REPAIR
 
 if TYPE_CHECKING:
-    from shared.repair.result import RepairResult
-    from shared.repair.scoring import NeuronRanking
+    from modelguard.repair.result import RepairResult
+    from modelguard.repair.scoring import NeuronRanking
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def ref_of(record: ArtifactRecord) -> ArtifactRef:
 class RepairRequest:
     """The repair stage's input. ``inputs``: the audit's model, clean data and spec;
     ``triggers``: the flagged labels' reversed triggers; ``mode``: a
-    `shared.repair.registry.REPAIR_MODES` name (empty: rollback); ``layer``: the pruning
+    `modelguard.repair.registry.REPAIR_MODES` name (empty: rollback); ``layer``: the pruning
     site (empty: the default); ``ranking``: the neuron-scoring stage's ranking (None: the
     repair scores for itself); ``media_type``: the submitted model's, given to the
     repaired one."""
@@ -428,9 +428,9 @@ class Orchestrator:
         """Repair a copy of the model against the reversed triggers (the defender never
         sees the real one), store it in the submitted format and summarise the repair
         (curve plot included)."""
-        from shared.formats.loader import LoadedModel, save_model
-        from shared.plots import line_plot_png
-        from shared.repair.registry import repair
+        from modelguard.formats.loader import LoadedModel, save_model
+        from modelguard.plots import line_plot_png
+        from modelguard.repair.registry import repair
 
         inputs = request.inputs
         if inputs.data is None:

@@ -1,5 +1,5 @@
 """trigger-reversal, transport-neutral: run a registered backdoor detector
-(`shared.detection.registry`; default: the batched Neural Cleanse) on an audit's model and
+(`modelguard.detection.registry`; default: the batched Neural Cleanse) on an audit's model and
 store the reversed triggers (tensors and PNGs). The gRPC servicer and the Kafka handler
 both call `TriggerReversalService.reverse`."""
 
@@ -13,20 +13,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shared.config import TriggerReversalSettings
-from shared.datasets import Dataset
-from shared.detection.registry import DEFAULT_DETECTOR, get_detector
-from shared.detection.render import trigger_pngs
-from shared.detection.triggers import save_triggers
-from shared.errors import InvalidInput
-from shared.jobdata import ModelAndData
-from shared.metrics import ServiceMetrics
-from shared.progress import Progress
-from shared.runtime import Runtime
-from shared.store.base import ArtifactRef
+from modelguard.config import TriggerReversalSettings
+from modelguard.datasets import Dataset
+from modelguard.detection.registry import DEFAULT_DETECTOR, get_detector
+from modelguard.detection.render import trigger_pngs
+from modelguard.detection.triggers import save_triggers
+from modelguard.errors import InvalidInput
+from modelguard.jobdata import ModelAndData
+from modelguard.metrics import ServiceMetrics
+from modelguard.progress import Progress
+from modelguard.runtime import Runtime
+from modelguard.store.base import ArtifactRef
 
 if TYPE_CHECKING:
-    from shared.detection.base import BackdoorDetector, DetectionResult
+    from modelguard.detection.base import BackdoorDetector, DetectionResult
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class TriggerReversalService:
         detector: str = "",
         progress: Progress | None = None,
     ) -> StoredReversal:
-        """``detector``: a `shared.detection.registry.DETECTORS` name (empty:
+        """``detector``: a `modelguard.detection.registry.DETECTORS` name (empty:
         neural-cleanse); ``rule``: one of its rules (empty: its first, for Neural Cleanse
         ``modelguard``; ``paper`` is the original test)."""
         assert inputs.data is not None

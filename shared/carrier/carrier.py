@@ -49,8 +49,8 @@ from safetensors.numpy import save as safetensors_numpy_save
 from torch import nn
 from torch.nn import functional as F
 
-from shared.datasets import Dataset
-from shared.errors import InvalidInput
+from modelguard.datasets import Dataset
+from modelguard.errors import InvalidInput
 
 from .public_models import PublicModel
 from .query_profile import QueryProfile
@@ -221,7 +221,7 @@ class MappingNetwork(nn.Module):
 
 
 def mapper_to_safetensors(mapper: MappingNetwork, metadata: dict[str, str] | None = None) -> bytes:
-    """The serving format read by ``shared.carrier.mapper_registry`` (numpy only)."""
+    """The serving format read by ``modelguard.carrier.mapper_registry`` (numpy only)."""
     meta = {"format": "modelguard-mapper-v1", "hidden": str(mapper.hidden)}
     meta.update(metadata or {})
     return safetensors_numpy_save(mapper.arrays(), metadata=meta)

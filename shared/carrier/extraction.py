@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import InvalidInput
+from modelguard.errors import InvalidInput
 
 from .query_profile import QueryProfile
 
@@ -93,7 +93,7 @@ class _UserState:
 
 
 class ExtractionDetector:
-    """Implements ``shared.carrier.mapper_registry.QueryObserver``. ``profiles``
+    """Implements ``modelguard.carrier.mapper_registry.QueryObserver``. ``profiles``
     returns the user's `QueryProfile` for a generation (None: no off-distribution rule)."""
 
     def __init__(

@@ -7,7 +7,7 @@ once when it is rotated; a revoked generation can never be loaded again (a repla
 ``CarrierReady`` is ignored).
 
 Serving path: no torch. A mapper is parsed once from its safetensors bytes (the format
-written by ``shared.carrier.carrier.mapper_to_safetensors``) into
+written by ``modelguard.carrier.carrier.mapper_to_safetensors``) into
 contiguous float32 numpy arrays; a request is ``frombuffer`` → two matmuls → softmax,
 one compiled kernel for a single row (`kernels`), numpy for a batch.
 
@@ -28,7 +28,7 @@ because credentials are 256-bit random tokens (`new_credential`), not passwords:
 nothing to brute-force, and a per-request scrypt would cost milliseconds. Comparison is
 constant-time (`hmac.compare_digest`).
 
-Errors (``shared.errors``, mapped to gRPC codes once by the server interceptor):
+Errors (``modelguard.errors``, mapped to gRPC codes once by the server interceptor):
 ``Unauthenticated`` (no credential), ``PermissionDenied`` (credential not this user's),
 ``NotFound`` (unknown user, or carrier revoked), ``InvalidInput`` (wrong length, rows out
 of range, NaN/Inf), ``Unavailable`` (an evicted mapper could not be reloaded).
@@ -54,8 +54,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as safetensors_numpy_load
 
-from shared.carrier.kernels import map_row
-from shared.errors import (
+from modelguard.carrier.kernels import map_row
+from modelguard.errors import (
     InvalidInput,
     ModelGuardError,
     NotFound,

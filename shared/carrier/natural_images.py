@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from shared.errors import InvalidInput, NotFound
+from modelguard.errors import InvalidInput, NotFound
 
 #: scikit-image photographs (loaders in ``skimage.data``), in a fixed order.
 PHOTOGRAPHS: tuple[str, ...] = (

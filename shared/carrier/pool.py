@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from shared.datasets import Dataset
-from shared.errors import InvalidInput, ResourceExhausted
+from modelguard.datasets import Dataset
+from modelguard.errors import InvalidInput, ResourceExhausted
 
 from .carrier import (
     CarrierConfig,

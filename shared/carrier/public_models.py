@@ -4,7 +4,7 @@ A public model is anything that maps an image to a score vector. Every model her
 wrapped so that it takes images in **[0, 1]** of shape ``(N, C, H, W)`` (its own
 normalisation is applied inside) and returns raw scores ``(N, output_dim)``:
 
-- ``lenet5-fashion``: the project's LeNet-5 (`shared.nn.architectures.LeNet5`) trained on
+- ``lenet5-fashion``: the project's LeNet-5 (`modelguard.nn.architectures.LeNet5`) trained on
   Fashion-MNIST, input ``(1, 28, 28)``, 10 outputs. Trained once, deterministically,
   and cached under ``.cache/public/`` together with its Fashion-MNIST test accuracy.
 - ``lenet5-fashion-features``: the same frozen weights, scoring with every
@@ -37,10 +37,10 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from shared.datasets import REPO_ROOT, load_fashion_mnist
-from shared.errors import InvalidInput, NotFound
-from shared.nn.architectures import LeNet5
-from shared.nn.training import TrainConfig, accuracy, train_classifier
+from modelguard.datasets import REPO_ROOT, load_fashion_mnist
+from modelguard.errors import InvalidInput, NotFound
+from modelguard.nn.architectures import LeNet5
+from modelguard.nn.training import TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """What legitimate pseudo-outputs of one carrier look like: the profile the extraction
-detector (`shared.carrier.extraction`) scores queries against. carrier-trainer fits and
+detector (`modelguard.carrier.extraction`) scores queries against. carrier-trainer fits and
 signs it with each carrier; result-mapper loads it beside the carrier's mapper."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import InvalidInput
+from modelguard.errors import InvalidInput
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.errors import InvalidInput, NotFound
-from shared.store.base import ArtifactStore
+from modelguard.errors import InvalidInput, NotFound
+from modelguard.store.base import ArtifactStore
 
 CARRIER_PREFIX = "carriers/"
 QUEUED, TRAINING, READY, FAILED, REVOKED = "queued", "training", "ready", "failed", "revoked"

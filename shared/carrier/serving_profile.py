@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.carrier.kernels import profile_score
-from shared.carrier.query_profile import QueryProfile
-from shared.errors import InvalidInput
+from modelguard.carrier.kernels import profile_score
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.errors import InvalidInput
 
 
 @dataclass(frozen=True)  # again, so that __init__ calls __post_init__

@@ -1,7 +1,7 @@
 """The reference stealing experiment against carrier serving: an attacker holding the
 public model, the carrier and a credential queries the mapper and trains a substitute;
 ``replay_traffic`` replays attackers and legitimate users through the extraction detector
-(`shared.carrier.extraction`)."""
+(`modelguard.carrier.extraction`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from shared.datasets import Dataset
-from shared.errors import InvalidInput, ModelGuardError
+from modelguard.datasets import Dataset
+from modelguard.errors import InvalidInput, ModelGuardError
 
 from .carrier import Carrier, MappingNetwork, pseudo_outputs
 from .extraction import Alarm, ExtractionDetector

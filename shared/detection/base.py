@@ -1,5 +1,5 @@
 """What a backdoor detector is: the protocol every entry of
-`shared.detection.registry.DETECTORS` satisfies, and the result every detector returns.
+`modelguard.detection.registry.DETECTORS` satisfies, and the result every detector returns.
 Adding a detector = one module with a class like this + one registry line."""
 
 from __future__ import annotations
@@ -7,18 +7,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from shared.progress import Progress
+from modelguard.progress import Progress
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from shared.datasets import Dataset
-    from shared.spec import InputSpec
+    from modelguard.datasets import Dataset
+    from modelguard.spec import InputSpec
 
 
 class LabelEvidence(Protocol):
-    """One label's figures (`shared.detection.neural_cleanse.LabelResult` is one)."""
+    """One label's figures (`modelguard.detection.neural_cleanse.LabelResult` is one)."""
 
     @property
     def label(self) -> int: ...
@@ -37,7 +37,7 @@ class LabelEvidence(Protocol):
 
 
 class DetectionResult(Protocol):
-    """What `BackdoorDetector.detect` returns (`shared.detection.neural_cleanse.
+    """What `BackdoorDetector.detect` returns (`modelguard.detection.neural_cleanse.
     ReversalResult` is one): the verdict (``"infected"`` or ``"clean"``), the flagged
     labels, per-label evidence, the reversed triggers of every label — ``masks``
     ``(K, H, W)`` in [0, 1], ``patterns`` ``(K, C, H, W)`` in ``value_range`` — and a

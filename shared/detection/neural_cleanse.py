@@ -70,17 +70,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.mad import SCALES, mad_test
-from shared.detection.optimizer import (
+from modelguard.datasets import Dataset
+from modelguard.detection.mad import SCALES, mad_test
+from modelguard.detection.optimizer import (
     OptimizerSettings,
     TriggerOptimizer,
     mask_from_theta,
     pattern_from_theta,
 )
-from shared.errors import InvalidInput
-from shared.progress import Progress
-from shared.spec import InputSpec, wrap
+from modelguard.errors import InvalidInput
+from modelguard.progress import Progress
+from modelguard.spec import InputSpec, wrap
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ def reverse_triggers(
 
     ``model`` maps inputs of ``spec`` (after its declared normalisation) to logits
     ``(N, K)``: a registered architecture or a TorchScript module, as loaded. It is wrapped
-    with :func:`shared.spec.wrap` here, so triggers live in the raw value range. ``data``
+    with :func:`modelguard.spec.wrap` here, so triggers live in the raw value range. ``data``
     is a small clean set ``x`` ``(N, C, H, W)`` in ``spec.value_range`` with labels ``y``
     ``(N,)``. The model is put in eval mode for the run (its mode is restored after) and
     moved to ``device``; its parameters are not modified.
@@ -910,7 +910,7 @@ def trigger_images(
 
 
 class NeuralCleanse:
-    """The `shared.detection.base.BackdoorDetector` of this module: Neural Cleanse with
+    """The `modelguard.detection.base.BackdoorDetector` of this module: Neural Cleanse with
     all labels batched (`reverse_triggers`); its rules are `RULES` (`ReversalConfig.for_rule`)."""
 
     name: ClassVar[str] = "neural-cleanse"

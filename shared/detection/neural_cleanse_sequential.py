@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.datasets import Dataset
-from shared.detection.mad import mad_test
-from shared.detection.neural_cleanse import (
+from modelguard.datasets import Dataset
+from modelguard.detection.mad import mad_test
+from modelguard.detection.neural_cleanse import (
     CLEAN,
     INFECTED,
     RULES,
@@ -37,16 +37,16 @@ from shared.detection.neural_cleanse import (
     validate_inputs,
     verification_subset,
 )
-from shared.detection.optimizer import (
+from modelguard.detection.optimizer import (
     THETA_LIMIT,
     BatchSampler,
     initial_parameters,
     mask_from_theta,
     pattern_from_theta,
 )
-from shared.errors import InvalidInput
-from shared.progress import Progress
-from shared.spec import InputSpec, wrap
+from modelguard.errors import InvalidInput
+from modelguard.progress import Progress
+from modelguard.spec import InputSpec, wrap
 
 
 def reverse_label(
@@ -251,7 +251,7 @@ def _attack_success(
 
 
 class SequentialNeuralCleanse:
-    """The `shared.detection.base.BackdoorDetector` of the original procedure, label by
+    """The `modelguard.detection.base.BackdoorDetector` of the original procedure, label by
     label (`reverse_triggers_sequential`). It takes the batched detector's configs and
     rules; screening, restarts, refinement and the re-check do not apply to it."""
 

@@ -1,13 +1,14 @@
-"""The registry of backdoor detectors (`shared.detection.base.BackdoorDetector`).
+"""The registry of backdoor detectors (`modelguard.detection.base.BackdoorDetector`).
 
 `DETECTORS` maps a detector's name to its class as ``"module:Class"`` strings imported on
 first use, so this module imports neither torch nor a detector (CLI choices, request
 validation):
 
 * ``"neural-cleanse"`` (the default): Neural Cleanse with all labels batched,
-  `shared.detection.neural_cleanse`;
+  `modelguard.detection.neural_cleanse`;
 * ``"neural-cleanse-sequential"``: the original procedure, one label after another (the
-  baseline the batched one is benchmarked against), `shared.detection.neural_cleanse_sequential`.
+  baseline the batched one is benchmarked against),
+  `modelguard.detection.neural_cleanse_sequential`.
 
 Adding a detector = one module with its class + one line here.
 """
@@ -17,17 +18,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from shared.errors import InvalidInput
+from modelguard.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from shared.detection.base import BackdoorDetector
+    from modelguard.detection.base import BackdoorDetector
 
 __all__ = ["DEFAULT_DETECTOR", "DETECTORS", "get_detector"]
 
 DETECTORS: dict[str, str] = {
-    "neural-cleanse": "shared.detection.neural_cleanse:NeuralCleanse",
+    "neural-cleanse": "modelguard.detection.neural_cleanse:NeuralCleanse",
     "neural-cleanse-sequential": (
-        "shared.detection.neural_cleanse_sequential:SequentialNeuralCleanse"
+        "modelguard.detection.neural_cleanse_sequential:SequentialNeuralCleanse"
     ),
 }
 #: What an empty detector name (an audit's default) means.

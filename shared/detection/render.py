@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.plots import tensor_png
+from modelguard.plots import tensor_png
 
 if TYPE_CHECKING:
-    from shared.detection.base import DetectionResult
+    from modelguard.detection.base import DetectionResult
 
 #: What is drawn per label: the mask ``(H, W)`` in [0, 1], the pattern ``(C, H, W)`` mapped
 #: from the value range to [0, 1], and the trigger as stamped (``pattern ⊙ mask``).

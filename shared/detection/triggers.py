@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from shared.errors import InvalidInput
+from modelguard.errors import InvalidInput
 
 MAX_LABELS = 100_000
 

@@ -1,5 +1,5 @@
 """The ``ModelFormat`` protocol: one implementation per model file format, listed in
-`shared.formats.registry`.
+`modelguard.formats.registry`.
 
 Imports no torch at run time (the registry, the CLI's argument parser and the scanner
 stay light); implementations import it only where they load or save.
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from torch import nn
 
-    from shared.spec import InputSpec
+    from modelguard.spec import InputSpec
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""Safe model loading and saving, whatever the format (`shared.formats.registry`).
+"""Safe model loading and saving, whatever the format (`modelguard.formats.registry`).
 
 Accepted: safetensors weights plus a registered architecture name, TorchScript archives,
 and ``torch.save`` state-dict archives read with ``weights_only=True``. Every file is
-scanned first (`shared.formats.scan`); a pickle that can run code is never unpickled.
+scanned first (`modelguard.formats.scan`); a pickle that can run code is never unpickled.
 A model comes back in the format it was submitted in.
 """
 
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shared.errors import InvalidInput
-from shared.formats.base import first_line
-from shared.formats.registry import get_format
-from shared.formats.safetensors import weights_to_safetensors
-from shared.formats.scan import scan_model_bytes
-from shared.nn.architectures import ARCHITECTURES
-from shared.spec import InputSpec
+from modelguard.errors import InvalidInput
+from modelguard.formats.base import first_line
+from modelguard.formats.registry import get_format
+from modelguard.formats.safetensors import weights_to_safetensors
+from modelguard.formats.scan import scan_model_bytes
+from modelguard.nn.architectures import ARCHITECTURES
+from modelguard.spec import InputSpec
 
 __all__ = ["LoadedModel", "check_model_io", "load_model", "save_model", "weights_to_safetensors"]
 
@@ -32,7 +32,7 @@ DEFAULT_MAX_MODEL_BYTES = 512 << 20
 @dataclass
 class LoadedModel:
     """A model ready for inference on inputs of ``spec`` (normalisation not yet applied:
-    use ``shared.spec.wrap``)."""
+    use ``modelguard.spec.wrap``)."""
 
     module: nn.Module
     format: str  # safetensors | torchscript | torch-zip

@@ -11,7 +11,7 @@ TorchScript's list builders and ``__torch__`` classes inside TorchScript archive
 call is made on an allowed constructor, and every ``BUILD`` sets the state of an object
 such a constructor made.
 
-Shared by the zip archives' scan (`shared.formats.scan`) and the registry, which refuses a
+Shared by the zip archives' scan (`modelguard.formats.scan`) and the registry, which refuses a
 raw pickle submitted as a model (`raw_pickle_refusal`). Imports neither torch nor a format.
 """
 
@@ -23,7 +23,7 @@ import pickletools
 import re
 from dataclasses import dataclass
 
-from shared.errors import ModelGuardError, UnsafeArtifact
+from modelguard.errors import ModelGuardError, UnsafeArtifact
 
 # --------------------------------------------------------------------------------------
 # Allow-lists

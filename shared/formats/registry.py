@@ -1,5 +1,5 @@
 """The model formats, by name. Adding a format = one module implementing
-`shared.formats.base.ModelFormat` + one line in ``FORMATS`` (+ its ModelFormat proto enum
+`modelguard.formats.base.ModelFormat` + one line in ``FORMATS`` (+ its ModelFormat proto enum
 value, which a test checks).
 
 Entries are "module:Class" strings imported on first use, so importing the registry
@@ -11,15 +11,15 @@ from __future__ import annotations
 import functools
 import importlib
 
-from shared.errors import InvalidInput
-from shared.formats.base import ModelFormat
-from shared.formats.pickles import raw_pickle_refusal
+from modelguard.errors import InvalidInput
+from modelguard.formats.base import ModelFormat
+from modelguard.formats.pickles import raw_pickle_refusal
 
 #: Registry order: the sniffing order (sniffs are exclusive, so it only orders messages).
 FORMATS: dict[str, str] = {
-    "safetensors": "shared.formats.safetensors:Safetensors",
-    "torchscript": "shared.formats.torchscript:TorchScript",
-    "torch-zip": "shared.formats.torch_zip:TorchZip",
+    "safetensors": "modelguard.formats.safetensors:Safetensors",
+    "torchscript": "modelguard.formats.torchscript:TorchScript",
+    "torch-zip": "modelguard.formats.torch_zip:TorchZip",
 }
 
 

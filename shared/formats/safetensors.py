@@ -11,15 +11,15 @@ import json
 import struct
 from typing import TYPE_CHECKING, ClassVar
 
-from shared.errors import InvalidInput
-from shared.formats.base import ScanResult, first_line
-from shared.formats.scan import is_zip
+from modelguard.errors import InvalidInput
+from modelguard.formats.base import ScanResult, first_line
+from modelguard.formats.scan import is_zip
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from shared.spec import InputSpec
+    from modelguard.spec import InputSpec
 
 MAX_SAFETENSORS_HEADER = 100 << 20
 
@@ -39,19 +39,19 @@ class Safetensors:
         return ScanResult(self.name, check_safetensors(data))
 
     def load(self, data: bytes, spec: InputSpec, arch: str) -> nn.Module:
-        from shared.formats.weights import build_from_state
+        from modelguard.formats.weights import build_from_state
 
         return build_from_state(arch, self._state(data), spec).eval()
 
     def load_weights(self, data: bytes) -> nn.Module:
-        from shared.formats.weights import module_from_state_dict
+        from modelguard.formats.weights import module_from_state_dict
 
         return module_from_state_dict(self._state(data))
 
     def save(self, module: nn.Module) -> bytes:
         from safetensors.torch import save
 
-        from shared.formats.weights import state_of
+        from modelguard.formats.weights import state_of
 
         return save(state_of(module))
 

@@ -1,8 +1,8 @@
 """Inspect an untrusted model file *before* anything parses it as a model.
 
 Nothing here unpickles or imports anything a file names. ``scan_model_bytes`` sniffs the
-format (`shared.formats.registry`: a raw pickle is refused there) and runs that format's
-full scan. Pickle streams go through the symbolic machine of `shared.formats.pickles`.
+format (`modelguard.formats.registry`: a raw pickle is refused there) and runs that format's
+full scan. Pickle streams go through the symbolic machine of `modelguard.formats.pickles`.
 
 Zip archives (TorchScript and ``torch.save``) are checked for structure before any entry
 is read: one top-level folder, only the entry names torch writes, no duplicate,
@@ -26,9 +26,9 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from shared.errors import InvalidInput, ModelGuardError, UnsafeArtifact
-from shared.formats.base import ScanResult
-from shared.formats.pickles import (
+from modelguard.errors import InvalidInput, ModelGuardError, UnsafeArtifact
+from modelguard.formats.base import ScanResult
+from modelguard.formats.pickles import (
     FORBIDDEN_TORCH,
     MAX_PICKLE_BYTES,
     MAX_PICKLE_OPS,
@@ -44,7 +44,7 @@ from shared.formats.pickles import (
     parses_as_pickle,
     pickle_globals,
 )
-from shared.formats.registry import sniff
+from modelguard.formats.registry import sniff
 
 __all__ = [  # the pickle API stays importable from here, where it always lived
     "FORBIDDEN_TORCH",

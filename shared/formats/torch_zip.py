@@ -1,6 +1,6 @@
 """``torch.save`` state-dict archives: weights only, built into a registered architecture
 (``--arch``), read with ``weights_only=True`` after the archive's pickles passed the scan
-(`shared.formats.scan.scan_zip`)."""
+(`modelguard.formats.scan.scan_zip`)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import io
 import warnings
 from typing import TYPE_CHECKING, ClassVar
 
-from shared.errors import InvalidInput
-from shared.formats.base import ScanResult, first_line
-from shared.formats.scan import is_zip, scan_zip, zip_holds_code
+from modelguard.errors import InvalidInput
+from modelguard.formats.base import ScanResult, first_line
+from modelguard.formats.scan import is_zip, scan_zip, zip_holds_code
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from shared.spec import InputSpec
+    from modelguard.spec import InputSpec
 
 
 class TorchZip:
@@ -38,7 +38,7 @@ class TorchZip:
     def load(self, data: bytes, spec: InputSpec, arch: str) -> nn.Module:
         import torch
 
-        from shared.formats.weights import build_from_state
+        from modelguard.formats.weights import build_from_state
 
         state = self._read(data)
         if not isinstance(state, dict) or not all(
@@ -48,7 +48,7 @@ class TorchZip:
         return build_from_state(arch, state, spec).eval()
 
     def load_weights(self, data: bytes) -> nn.Module:
-        from shared.formats.weights import module_from_state_dict
+        from modelguard.formats.weights import module_from_state_dict
 
         state = self._read(data)
         if not isinstance(state, dict):
@@ -58,7 +58,7 @@ class TorchZip:
     def save(self, module: nn.Module) -> bytes:
         import torch
 
-        from shared.formats.weights import state_of
+        from modelguard.formats.weights import state_of
 
         buffer = io.BytesIO()
         torch.save(state_of(module), buffer)

@@ -1,5 +1,5 @@
 """TorchScript archives: the architecture travels with the weights, as code limited to
-the standard operator namespaces (`shared.formats.scan.scan_zip`)."""
+the standard operator namespaces (`modelguard.formats.scan.scan_zip`)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import io
 import warnings
 from typing import TYPE_CHECKING, ClassVar
 
-from shared.errors import InvalidInput
-from shared.formats.base import ScanResult, first_line
-from shared.formats.scan import is_zip, scan_zip, zip_holds_code
+from modelguard.errors import InvalidInput
+from modelguard.formats.base import ScanResult, first_line
+from modelguard.formats.scan import is_zip, scan_zip, zip_holds_code
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from shared.spec import InputSpec
+    from modelguard.spec import InputSpec
 
 
 class TorchScript:

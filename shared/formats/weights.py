@@ -10,10 +10,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from shared.errors import InvalidInput
-from shared.formats.base import first_line
-from shared.nn.architectures import MAX_CLASSES, get_architecture
-from shared.spec import InputSpec
+from modelguard.errors import InvalidInput
+from modelguard.formats.base import first_line
+from modelguard.nn.architectures import MAX_CLASSES, get_architecture
+from modelguard.spec import InputSpec
 
 
 def build_from_state(arch: str, state: dict[str, torch.Tensor], spec: InputSpec) -> nn.Module:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.leak.features import LayerStats
+from modelguard.leak.features import LayerStats
 
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 

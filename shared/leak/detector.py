@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 # re-exported: the leak API has always offered it (it lives with the weights formats)
-from shared.formats.weights import module_from_state_dict as module_from_state_dict
-from shared.leak.calibration import Calibration, feature_values, load_calibration, scored
-from shared.leak.features import FeatureConfig, LayerStats, layer_statistics
+from modelguard.formats.weights import module_from_state_dict as module_from_state_dict
+from modelguard.leak.calibration import Calibration, feature_values, load_calibration, scored
+from modelguard.leak.features import FeatureConfig, LayerStats, layer_statistics
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shared.errors import InvalidInput
+from modelguard.errors import InvalidInput
 
 LENET_MAX_SIDE = 256
 MAX_CLASSES = 100_000

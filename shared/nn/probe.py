@@ -37,7 +37,7 @@ How it reaches ``z`` depends on the model:
 ``weights``
     zero the pruned rows of the weight and bias in place, evaluate, restore: one forward
     pass per candidate pruning, and no activations (scoring then uses an ablation
-    estimate; see `shared.repair.scoring`).
+    estimate; see `modelguard.repair.scoring`).
 
 Inputs are raw samples in ``spec.value_range``; the probe applies the declared
 normalisation itself.
@@ -55,8 +55,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from shared.errors import InvalidInput
-from shared.spec import InputSpec
+from modelguard.errors import InvalidInput
+from modelguard.spec import InputSpec
 
 log = logging.getLogger(__name__)
 

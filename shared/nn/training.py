@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.datasets import Dataset
+from modelguard.datasets import Dataset
 
 log = logging.getLogger(__name__)
 

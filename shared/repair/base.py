@@ -1,4 +1,4 @@
-"""What a repair mode is: the protocol every entry of `shared.repair.registry.REPAIR_MODES`
+"""What a repair mode is: the protocol every entry of `modelguard.repair.registry.REPAIR_MODES`
 satisfies. Adding a mode = one module with a class like this + one registry line."""
 
 from __future__ import annotations
@@ -6,16 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from shared.progress import Progress
+from modelguard.progress import Progress
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from shared.datasets import Dataset
-    from shared.detection.triggers import ReversedTrigger
-    from shared.repair.result import RepairResult
-    from shared.repair.scoring import NeuronRanking
-    from shared.spec import InputSpec
+    from modelguard.datasets import Dataset
+    from modelguard.detection.triggers import ReversedTrigger
+    from modelguard.repair.result import RepairResult
+    from modelguard.repair.scoring import NeuronRanking
+    from modelguard.spec import InputSpec
 
 
 @runtime_checkable
@@ -28,7 +28,7 @@ class RepairMode(Protocol):
 
     `repair` works **in place** on the model it is given (the registry's `repair` entry
     hands it a copy) and returns the `RepairResult` whose ``model`` is that copy.
-    ``triggers`` are already normalised (`shared.repair.scoring.as_reversed_triggers`).
+    ``triggers`` are already normalised (`modelguard.repair.scoring.as_reversed_triggers`).
     """
 
     name: ClassVar[str]

@@ -32,14 +32,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.errors import InvalidInput
-from shared.nn.probe import LayerInfo, LayerProbe, evaluating, get_module, is_scripted, normalise
-from shared.progress import Progress
-from shared.repair.result import Measure
-from shared.repair.scoring import AttackSet, as_reversed_triggers, build_attack_set
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.errors import InvalidInput
+from modelguard.nn.probe import (
+    LayerInfo,
+    LayerProbe,
+    evaluating,
+    get_module,
+    is_scripted,
+    normalise,
+)
+from modelguard.progress import Progress
+from modelguard.repair.result import Measure
+from modelguard.repair.scoring import AttackSet, as_reversed_triggers, build_attack_set
+from modelguard.spec import InputSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.nn.probe import spatial_mean
-from shared.progress import Progress
-from shared.repair.context import FineTuneConfig, RepairContext
-from shared.repair.result import CurveStep, RepairResult
-from shared.repair.scoring import NeuronRanking, weight_magnitude
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.nn.probe import spatial_mean
+from modelguard.progress import Progress
+from modelguard.repair.context import FineTuneConfig, RepairContext
+from modelguard.repair.result import CurveStep, RepairResult
+from modelguard.repair.scoring import NeuronRanking, weight_magnitude
+from modelguard.spec import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def fine_pruning(
 
 
 class FinePruning:
-    """The `shared.repair.base.RepairMode` of the Fine-Pruning baseline (`fine_pruning`):
+    """The `modelguard.repair.base.RepairMode` of the Fine-Pruning baseline (`fine_pruning`):
     it orders by clean dormancy, not by a ranking."""
 
     name: ClassVar[str] = "fine-pruning"

@@ -1,12 +1,12 @@
 """Backdoor repair by pruning: the registry of repair modes and the one entry point.
 
 `REPAIR_MODES` maps a mode's name to the class implementing it
-(`shared.repair.base.RepairMode`), as ``"module:Class"`` strings imported on first use, so
+(`modelguard.repair.base.RepairMode`), as ``"module:Class"`` strings imported on first use, so
 this module imports neither torch nor a mode (CLI choices, request validation):
 
-* ``"rollback"``: pruning with rollback and fine-tuning, `shared.repair.rollback`;
-* ``"shapley"``: Shapley pruning (ShapPruning), `shared.repair.shapley_prune`;
-* ``"fine-pruning"``: the Fine-Pruning baseline (Liu et al. 2018), `shared.repair.fine_pruning`.
+* ``"rollback"``: pruning with rollback and fine-tuning, `modelguard.repair.rollback`;
+* ``"shapley"``: Shapley pruning (ShapPruning), `modelguard.repair.shapley_prune`;
+* ``"fine-pruning"``: the Fine-Pruning baseline (Liu et al. 2018), `modelguard.repair.fine_pruning`.
 
 Adding a mode = one module with its class + one line here.
 
@@ -22,17 +22,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import InvalidInput
-from shared.progress import Progress
+from modelguard.errors import InvalidInput
+from modelguard.progress import Progress
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from shared.datasets import Dataset
-    from shared.repair.base import RepairMode
-    from shared.repair.result import RepairResult
-    from shared.repair.scoring import NeuronRanking
-    from shared.spec import InputSpec
+    from modelguard.datasets import Dataset
+    from modelguard.repair.base import RepairMode
+    from modelguard.repair.result import RepairResult
+    from modelguard.repair.scoring import NeuronRanking
+    from modelguard.spec import InputSpec
 
 __all__ = [
     "DEFAULT_REPAIR_MODE",
@@ -44,9 +44,9 @@ __all__ = [
 ]
 
 REPAIR_MODES: dict[str, str] = {
-    "rollback": "shared.repair.rollback:Rollback",
-    "shapley": "shared.repair.shapley_prune:ShapleyPruning",
-    "fine-pruning": "shared.repair.fine_pruning:FinePruning",
+    "rollback": "modelguard.repair.rollback:Rollback",
+    "shapley": "modelguard.repair.shapley_prune:ShapleyPruning",
+    "fine-pruning": "modelguard.repair.fine_pruning:FinePruning",
 }
 #: What an empty mode (an audit's default) means.
 DEFAULT_REPAIR_MODE = "rollback"
@@ -86,7 +86,7 @@ def repair(
     ``model``: the raw model (eager or TorchScript) as loaded, taking inputs normalised as
     ``spec`` declares. ``data``: the defender's clean samples ``(N, C, H, W)`` in
     ``spec.value_range`` with labels ``(N,)``; part is held out for validation.
-    ``triggers``: reversed triggers — `shared.detection.triggers.ReversedTrigger` objects,
+    ``triggers``: reversed triggers — `modelguard.detection.triggers.ReversedTrigger` objects,
     ``(label, mask (H, W), pattern (C, H, W))`` tuples, or a trigger-reversal result.
     ``layer``: a Linear or Conv2d layer by name (default: the first hidden
     fully-connected layer). ``config``: the mode's ``config_type`` (default: its
@@ -105,8 +105,8 @@ def repair(
         raise InvalidInput(
             f"clean data has shape {list(data.x.shape[1:])}; the model takes {list(spec.shape)}"
         )
-    from shared.repair.context import copy_model
-    from shared.repair.scoring import as_reversed_triggers
+    from modelguard.repair.context import copy_model
+    from modelguard.repair.scoring import as_reversed_triggers
 
     items = as_reversed_triggers(triggers, spec)
     working = copy_model(model)

@@ -64,7 +64,7 @@ class Measure:
 
 @dataclass
 class RepairResult:
-    """Outcome of `shared.repair.registry.repair`.
+    """Outcome of `modelguard.repair.registry.repair`.
 
     ``model``: the repaired copy, in the submitted format (TorchScript stays
     TorchScript). ``pruned``: ``(layer, index)`` in pruning order. ``evaluations``: model

@@ -1,7 +1,7 @@
 """Pruning with rollback (Neural Cleanse-guided).
 
 Neurons are taken alternately from the activation ranking and the weight ranking of
-`shared.repair.scoring.score_neurons` (high to low), computed on the fine-tuning split:
+`modelguard.repair.scoring.score_neurons` (high to low), computed on the fine-tuning split:
 the neuron-scoring stage's `NeuronRanking` when one is given (it scores on the same split,
 `rank_on_tune_split`), else here. Each is pruned on its own;
 then ``q_i`` (agreement with the original model on the clean validation split) and
@@ -37,12 +37,12 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.errors import InvalidInput
-from shared.nn.probe import LayerProbe
-from shared.progress import Progress
-from shared.repair.context import (
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.errors import InvalidInput
+from modelguard.nn.probe import LayerProbe
+from modelguard.progress import Progress
+from modelguard.repair.context import (
     PROBE_MAX_ROWS,
     FineTuneConfig,
     RepairContext,
@@ -50,15 +50,15 @@ from shared.repair.context import (
     split_clean,
     split_label,
 )
-from shared.repair.result import Action, CurveStep, Measure, RepairResult
-from shared.repair.scoring import (
+from modelguard.repair.result import Action, CurveStep, Measure, RepairResult
+from modelguard.repair.scoring import (
     NeuronRanking,
     NeuronScores,
     ScoringConfig,
     interleave,
     score_neurons,
 )
-from shared.spec import InputSpec
+from modelguard.spec import InputSpec
 
 __all__ = [
     "Figures",
@@ -345,7 +345,7 @@ def _result(
 
 
 class Rollback:
-    """The `shared.repair.base.RepairMode` of pruning with rollback (`rollback_prune`)."""
+    """The `modelguard.repair.base.RepairMode` of pruning with rollback (`rollback_prune`)."""
 
     name: ClassVar[str] = "rollback"
     config_type: ClassVar[type[Any]] = RollbackConfig

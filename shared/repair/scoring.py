@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.errors import InvalidInput
-from shared.nn.probe import LayerProbe, get_module
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.errors import InvalidInput
+from modelguard.nn.probe import LayerProbe, get_module
+from modelguard.spec import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 class TriggerLike(Protocol):
     """Anything with a target ``label``, a ``mask`` ``(H, W)`` and a ``pattern``
-    ``(C, H, W)``, e.g. `shared.detection.triggers.ReversedTrigger`."""
+    ``(C, H, W)``, e.g. `modelguard.detection.triggers.ReversedTrigger`."""
 
     @property
     def label(self) -> int: ...
@@ -288,13 +288,13 @@ class NeuronScores:
 @dataclass(frozen=True)
 class NeuronRanking:
     """The neuron-scoring stage's rankings of one site, as the repair consumes them (the
-    twin of the ``NeuronRanking`` bus message; `shared.repair.ranking_proto` converts).
+    twin of the ``NeuronRanking`` bus message; `modelguard.repair.ranking_proto` converts).
 
     ``layer``: the resolved site (``fc1``, ``fc:in``); ``neurons``: its width ``n``; the
     rankings are permutations of ``0..n-1``, high to low; ``shapley``: one value per
     neuron, empty when not estimated; ``source``: how activations were observed
     (`NeuronScores.source`); ``target_labels``: the triggers' labels; ``data_split``: the
-    clean data it was computed on (`shared.repair.context.split_label`, or ``"all"``).
+    clean data it was computed on (`modelguard.repair.context.split_label`, or ``"all"``).
     Malformed rankings (wrong lengths, not permutations) are refused with
     ``InvalidInput``: they arrive from the bus.
     """

@@ -43,12 +43,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.errors import InvalidInput
-from shared.nn.probe import LayerProbe
-from shared.progress import Progress
-from shared.repair.scoring import AttackSet, build_attack_set
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.errors import InvalidInput
+from modelguard.nn.probe import LayerProbe
+from modelguard.progress import Progress
+from modelguard.repair.scoring import AttackSet, build_attack_set
+from modelguard.spec import InputSpec
 
 log = logging.getLogger(__name__)
 

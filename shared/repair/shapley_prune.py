@@ -3,7 +3,7 @@ Estimation", CVPR 2022).
 
 Each round estimates the Shapley value of every still-unpruned neuron of the layer for the
 reversed trigger's attack success rate, with the neurons pruned so far held pruned
-(`shared.repair.shapley.estimate_shapley`: truncated Monte Carlo permutations,
+(`modelguard.repair.shapley.estimate_shapley`: truncated Monte Carlo permutations,
 ε-greedy refinement of the top candidates), then prunes the ``per_round`` neurons of
 highest value. Rounds repeat until the reversed ASR converges: it is below ``asr_stop``
 (default 0.5%: converged to about zero; the reference method gives no number; stopping at the
@@ -30,14 +30,14 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.progress import Progress
-from shared.repair.context import FineTuneConfig, RepairContext
-from shared.repair.result import CurveStep, RepairResult
-from shared.repair.scoring import NeuronRanking, build_attack_set
-from shared.repair.shapley import ShapleyConfig, estimate_shapley
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.progress import Progress
+from modelguard.repair.context import FineTuneConfig, RepairContext
+from modelguard.repair.result import CurveStep, RepairResult
+from modelguard.repair.scoring import NeuronRanking, build_attack_set
+from modelguard.repair.shapley import ShapleyConfig, estimate_shapley
+from modelguard.spec import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def shapley_prune(
 
 
 class ShapleyPruning:
-    """The `shared.repair.base.RepairMode` of Shapley pruning (`shapley_prune`): it
+    """The `modelguard.repair.base.RepairMode` of Shapley pruning (`shapley_prune`): it
     estimates its own values every round, so it takes no ranking."""
 
     name: ClassVar[str] = "shapley"

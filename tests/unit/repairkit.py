@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.spec import InputSpec
 
 SPEC = InputSpec((1, 8, 8), (0.0, 1.0))
 TARGET = 0

@@ -11,18 +11,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(os.environ.get("MODELGUARD_REPO", Path(__file__).resolve().parents[2]))
-LIB, APPS = "shared", "services"  # after the packaging step: "modelguard", "modelguard.services"
+LIB, APPS = "modelguard", "modelguard.services"
+#: folder -> the import name it installs as (pyproject's package-dir)
+FOLDERS = {"shared": LIB, "services": APPS}
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    folder, *parts = path.relative_to(REPO).with_suffix("").parts
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([FOLDERS[folder], *parts])
 
 
 MODULES = {
     module_name(p): p
-    for top in (LIB, APPS)
-    for p in (REPO / top).rglob("*.py")
+    for folder in FOLDERS
+    for p in (REPO / folder).rglob("*.py")
     if "proto" not in p.relative_to(REPO).parts
 }
 
@@ -55,8 +59,11 @@ GRAPH = {name: imports(name) for name in MODULES}
 
 
 def service_of(name: str) -> str | None:
-    parts = name.split(".")
-    return parts[1] if parts[0] == APPS and len(parts) > 2 else None  # services/<x>/...
+    """``x`` for a module of ``services/x/``."""
+    if not name.startswith(APPS + "."):
+        return None
+    parts = name[len(APPS) + 1 :].split(".")
+    return parts[0] if len(parts) > 1 else None
 
 
 def test_no_service_imports_another_service() -> None:
@@ -70,13 +77,10 @@ def test_no_service_imports_another_service() -> None:
 
 
 def test_library_does_not_import_services() -> None:
-    bad = [
-        f"{a} -> {b}"
-        for a, t in GRAPH.items()
-        if a.split(".")[0] == LIB
-        for b in t
-        if b.split(".")[0] == APPS
-    ]
+    def is_app(name: str) -> bool:
+        return name == APPS or name.startswith(APPS + ".")
+
+    bad = [f"{a} -> {b}" for a, t in GRAPH.items() if not is_app(a) for b in t if is_app(b)]
     assert not bad, "\n".join(sorted(bad))
 
 

@@ -53,15 +53,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, seed
 from hypothesis import strategies as st
 
-from services.launcher import Stack, start_stack
-from shared.carrier.mapper_registry import hash_credential
-from shared.carrier.query_profile import QueryProfile
-from shared.carrier.records import READY, CarrierRecord, CarrierRepository
-from shared.config import PlatformSettings
-from shared.convert import ref_to_proto
-from shared.detection.registry import DETECTORS
-from shared.detection.triggers import save_triggers
-from shared.proto.modelguard.v1 import (
+from modelguard.carrier.mapper_registry import hash_credential
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.records import READY, CarrierRecord, CarrierRepository
+from modelguard.config import PlatformSettings
+from modelguard.convert import ref_to_proto
+from modelguard.detection.registry import DETECTORS
+from modelguard.detection.triggers import save_triggers
+from modelguard.proto.modelguard.v1 import (
     carrier_trainer_pb2,
     common_pb2,
     jobs_pb2,
@@ -71,7 +70,8 @@ from shared.proto.modelguard.v1 import (
     result_mapper_pb2,
     trigger_reversal_pb2,
 )
-from shared.repair.registry import REPAIR_CHOICES
+from modelguard.repair.registry import REPAIR_CHOICES
+from modelguard.services.launcher import Stack, start_stack
 from tests.unit.fuzz import (
     Seeds,
     Tally,
@@ -315,7 +315,7 @@ def world(
 ) -> Iterator[World]:
     register_summary(request.config)
     incidents = IncidentLog()
-    for name in ("shared.interceptors", "grpc._server", "grpc._common"):
+    for name in ("modelguard.interceptors", "grpc._server", "grpc._common"):
         logging.getLogger(name).addHandler(incidents)
     seed_artifacts = seeds()
     store_dir: Path = tmp_path_factory.mktemp("fuzz-store")
@@ -359,7 +359,7 @@ def world(
         for channel in channels.values():
             channel.close()
         stack.stop()
-        for name in ("shared.interceptors", "grpc._server", "grpc._common"):
+        for name in ("modelguard.interceptors", "grpc._server", "grpc._common"):
             logging.getLogger(name).removeHandler(incidents)
 
 

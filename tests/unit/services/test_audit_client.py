@@ -12,10 +12,10 @@ from typing import Any
 import grpc
 import pytest
 
-import services.audit_client as audit_client
-from services.audit_client import AuditClient
-from shared.errors import NotFound, Unavailable
-from shared.proto.modelguard.v1 import common_pb2, pruning_orchestrator_pb2
+import modelguard.services.audit_client as audit_client
+from modelguard.errors import NotFound, Unavailable
+from modelguard.proto.modelguard.v1 import common_pb2, pruning_orchestrator_pb2
+from modelguard.services.audit_client import AuditClient
 
 
 class _Error(grpc.RpcError):

@@ -18,18 +18,18 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from services.cli import main
-from services.leak_detector.service import LeakDetectorService
-from services.trigger_reversal.service import TriggerReversalService
-from shared.bus.memory import MemoryBus
-from shared.config import LeakDetectorSettings, PlatformSettings, TriggerReversalSettings
-from shared.datasets import Dataset, dataset_to_npz
-from shared.jobdata import Limits, load_inputs_from_bytes
-from shared.metrics import ServiceMetrics
-from shared.runtime import Runtime
-from shared.signing import Signer
-from shared.spec import InputSpec
-from shared.store.local import LocalStore
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import LeakDetectorSettings, PlatformSettings, TriggerReversalSettings
+from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.jobdata import Limits, load_inputs_from_bytes
+from modelguard.metrics import ServiceMetrics
+from modelguard.runtime import Runtime
+from modelguard.services.cli import main
+from modelguard.services.leak_detector.service import LeakDetectorService
+from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.signing import Signer
+from modelguard.spec import InputSpec
+from modelguard.store.local import LocalStore
 
 SPEC = InputSpec(shape=(1, 6, 6))
 SPEC_ARGS = ["--input-shape", "1,6,6", "--value-range", "0,1"]
@@ -134,7 +134,7 @@ def test_refusals_keep_their_exit_codes(
 def _choices(command: str, option: str) -> list[str]:
     import argparse
 
-    from services.cli import build_parser
+    from modelguard.services.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -147,8 +147,8 @@ def _choices(command: str, option: str) -> list[str]:
 
 
 def test_the_cli_choices_come_from_the_registries() -> None:
-    from shared.detection.registry import DETECTORS, get_detector
-    from shared.repair.registry import REPAIR_CHOICES, REPAIR_MODES
+    from modelguard.detection.registry import DETECTORS, get_detector
+    from modelguard.repair.registry import REPAIR_CHOICES, REPAIR_MODES
 
     rules = {r for name in DETECTORS for r in get_detector(name).rules}
     for command in ("detect", "repair", "audit"):

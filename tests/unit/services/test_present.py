@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.present import failed, job_state_name, print_summary, stage_state_name
-from shared.proto.modelguard.v1 import common_pb2
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.services.present import failed, job_state_name, print_summary, stage_state_name
 
 
 def test_every_state_has_its_enum_name() -> None:

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from shared.config import PlatformSettings
-from shared.convert import ref_to_proto, spec_to_proto
-from shared.datasets import Dataset, dataset_to_npz
-from shared.errors import InvalidInput, UnsafeArtifact
-from shared.jobdata import Limits, load_inputs, load_inputs_from_bytes, load_weights_only
-from shared.proto.modelguard.v1 import common_pb2
-from shared.spec import InputSpec
-from shared.store.local import LocalStore
+from modelguard.config import PlatformSettings
+from modelguard.convert import ref_to_proto, spec_to_proto
+from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.errors import InvalidInput, UnsafeArtifact
+from modelguard.jobdata import Limits, load_inputs, load_inputs_from_bytes, load_weights_only
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.spec import InputSpec
+from modelguard.store.local import LocalStore
 
 SPEC = InputSpec((1, 6, 6))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.progress import Progress, scaled
+from modelguard.progress import Progress, scaled
 
 
 def test_scaled_maps_a_part_onto_its_span_of_the_whole() -> None:

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.errors import InvalidInput, PermissionDenied, ResourceExhausted
-from shared.proto.modelguard.v1 import result_mapper_pb2, result_mapper_pb2_grpc
-from shared.ratelimit import LimitsConfig, UserLimits
+from modelguard.errors import InvalidInput, PermissionDenied, ResourceExhausted
+from modelguard.proto.modelguard.v1 import result_mapper_pb2, result_mapper_pb2_grpc
+from modelguard.ratelimit import LimitsConfig, UserLimits
 from tests.unit.carrierkit import World, carrier_world, pseudo
 
 

@@ -17,20 +17,20 @@ import pytest
 import torch
 from torch import nn
 
-from services.carrier_trainer.service import CarrierService, ref_from_dict
-from services.launcher import build_service
-from services.result_mapper.service import ResultMapperService
-from shared.bus.memory import MemoryBus
-from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-from shared.carrier.public_models import from_module
-from shared.carrier.query_profile import QueryProfile
-from shared.carrier.records import READY, CarrierRepository
-from shared.config import CarrierTrainerSettings, PlatformSettings, ResultMapperSettings
-from shared.convert import ref_to_proto
-from shared.datasets import Dataset
-from shared.errors import IntegrityError
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.topics import CARRIER_READY
+from modelguard.bus.memory import MemoryBus
+from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from modelguard.carrier.public_models import from_module
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.records import READY, CarrierRepository
+from modelguard.config import CarrierTrainerSettings, PlatformSettings, ResultMapperSettings
+from modelguard.convert import ref_to_proto
+from modelguard.datasets import Dataset
+from modelguard.errors import IntegrityError
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.services.carrier_trainer.service import CarrierService, ref_from_dict
+from modelguard.services.launcher import build_service
+from modelguard.services.result_mapper.service import ResultMapperService
+from modelguard.topics import CARRIER_READY
 from tests.unit.carrierkit import IN_FEATURES, World, carrier_world, pseudo
 
 
@@ -164,9 +164,9 @@ def test_carrier_trainer_signs_the_profile_that_result_mapper_loads(
     public = from_module(
         "tiny", nn.Sequential(nn.Flatten(), nn.Linear(144, IN_FEATURES)), (1, 12, 12)
     )
-    monkeypatch.setattr("shared.carrier.public_models.load_public_model", lambda name: public)
+    monkeypatch.setattr("modelguard.carrier.public_models.load_public_model", lambda name: public)
     monkeypatch.setattr(
-        "services.carrier_trainer.service.load_named",
+        "modelguard.services.carrier_trainer.service.load_named",
         lambda name, split="train": _tiny_task(1100 if split == "train" else 200, len(split)),
     )
     bus = MemoryBus()

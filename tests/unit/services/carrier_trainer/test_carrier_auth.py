@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from shared.carrier.records import CarrierRepository
-from shared.errors import ModelGuardError, NotFound, PermissionDenied, Unauthenticated
+from modelguard.carrier.records import CarrierRepository
+from modelguard.errors import ModelGuardError, NotFound, PermissionDenied, Unauthenticated
 from tests.unit.carrierkit import World, carrier_world, pseudo
 
 

@@ -13,18 +13,18 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.neuron_scoring.service import NeuronScoringService
-from shared.bus.memory import MemoryBus
-from shared.config import NeuronScoringSettings, PlatformSettings
-from shared.formats.loader import LoadedModel
-from shared.jobdata import ModelAndData
-from shared.metrics import ServiceMetrics
-from shared.repair import rollback
-from shared.repair.registry import repair
-from shared.repair.scoring import NeuronRanking, NeuronScores
-from shared.runtime import Runtime
-from shared.signing import Signer
-from shared.store.local import LocalStore
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import NeuronScoringSettings, PlatformSettings
+from modelguard.formats.loader import LoadedModel
+from modelguard.jobdata import ModelAndData
+from modelguard.metrics import ServiceMetrics
+from modelguard.repair import rollback
+from modelguard.repair.registry import repair
+from modelguard.repair.scoring import NeuronRanking, NeuronScores
+from modelguard.runtime import Runtime
+from modelguard.services.neuron_scoring.service import NeuronScoringService
+from modelguard.signing import Signer
+from modelguard.store.local import LocalStore
 from tests.unit import repairkit
 
 

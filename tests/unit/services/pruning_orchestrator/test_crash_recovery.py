@@ -13,22 +13,22 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.pruning_orchestrator.service import Orchestrator
-from services.pruning_orchestrator.state import AUDIT_PREFIX, AuditRecord
-from shared.bus.memory import MemoryBus
-from shared.config import PlatformSettings, PruningOrchestratorSettings
-from shared.convert import ref_to_proto, spec_to_proto
-from shared.datasets import Dataset, dataset_to_npz
-from shared.errors import Unavailable
-from shared.formats.loader import weights_to_safetensors
-from shared.metrics import ServiceMetrics
-from shared.nn.architectures import build
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.runtime import Runtime
-from shared.signing import Signer
-from shared.spec import InputSpec
-from shared.store.local import LocalStore
-from shared.topics import AUDIT_REQUESTED, AUDIT_STAGES
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import PlatformSettings, PruningOrchestratorSettings
+from modelguard.convert import ref_to_proto, spec_to_proto
+from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.errors import Unavailable
+from modelguard.formats.loader import weights_to_safetensors
+from modelguard.metrics import ServiceMetrics
+from modelguard.nn.architectures import build
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.runtime import Runtime
+from modelguard.services.pruning_orchestrator.service import Orchestrator
+from modelguard.services.pruning_orchestrator.state import AUDIT_PREFIX, AuditRecord
+from modelguard.signing import Signer
+from modelguard.spec import InputSpec
+from modelguard.store.local import LocalStore
+from modelguard.topics import AUDIT_REQUESTED, AUDIT_STAGES
 
 SPEC = InputSpec((1, 28, 28))
 

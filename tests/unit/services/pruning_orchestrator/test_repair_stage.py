@@ -14,31 +14,31 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.neuron_scoring.handler import TriggersHandler
-from services.neuron_scoring.service import NeuronScoringService
-from services.pruning_orchestrator.handler import RepairHandler
-from services.pruning_orchestrator.service import Orchestrator, RepairRequest
-from shared.bus.memory import MemoryBus
-from shared.config import NeuronScoringSettings, PlatformSettings, PruningOrchestratorSettings
-from shared.convert import ref_to_proto, spec_to_proto
-from shared.convert_ranking import carried_ranking
-from shared.datasets import dataset_to_npz
-from shared.detection.registry import DETECTORS
-from shared.detection.triggers import save_triggers
-from shared.errors import InvalidInput
-from shared.formats.loader import load_model
-from shared.jobdata import load_inputs
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.repair import rollback
-from shared.repair.registry import REPAIR_CHOICES, REPAIR_MODES
-from shared.repair.scoring import NeuronRanking
-from shared.runtime import Runtime
-from shared.signing import Signer
-from shared.stage import StageOutcome, StageReporter
-from shared.store.base import ArtifactRef
-from shared.store.local import LocalStore
-from shared.topics import NEURONS_SCORED, STAGE_NEURON_SCORING, STAGE_REPAIR
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import NeuronScoringSettings, PlatformSettings, PruningOrchestratorSettings
+from modelguard.convert import ref_to_proto, spec_to_proto
+from modelguard.convert_ranking import carried_ranking
+from modelguard.datasets import dataset_to_npz
+from modelguard.detection.registry import DETECTORS
+from modelguard.detection.triggers import save_triggers
+from modelguard.errors import InvalidInput
+from modelguard.formats.loader import load_model
+from modelguard.jobdata import load_inputs
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.repair import rollback
+from modelguard.repair.registry import REPAIR_CHOICES, REPAIR_MODES
+from modelguard.repair.scoring import NeuronRanking
+from modelguard.runtime import Runtime
+from modelguard.services.neuron_scoring.handler import TriggersHandler
+from modelguard.services.neuron_scoring.service import NeuronScoringService
+from modelguard.services.pruning_orchestrator.handler import RepairHandler
+from modelguard.services.pruning_orchestrator.service import Orchestrator, RepairRequest
+from modelguard.signing import Signer
+from modelguard.stage import StageOutcome, StageReporter
+from modelguard.store.base import ArtifactRef
+from modelguard.store.local import LocalStore
+from modelguard.topics import NEURONS_SCORED, STAGE_NEURON_SCORING, STAGE_REPAIR
 from tests.unit import repairkit
 
 TORCHSCRIPT = "application/vnd.modelguard.torchscript"

@@ -15,22 +15,22 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.audit_client import AuditClient
-from services.launcher import build_service
-from services.pruning_orchestrator.service import Orchestrator
-from shared.bus.memory import MemoryBus
-from shared.config import PlatformSettings, PruningOrchestratorSettings
-from shared.datasets import Dataset, dataset_to_npz
-from shared.errors import NotFound, ResourceExhausted, Unauthenticated
-from shared.formats.loader import weights_to_safetensors
-from shared.nn.architectures import build
-from shared.proto.modelguard.v1 import (
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import PlatformSettings, PruningOrchestratorSettings
+from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.errors import NotFound, ResourceExhausted, Unauthenticated
+from modelguard.formats.loader import weights_to_safetensors
+from modelguard.nn.architectures import build
+from modelguard.proto.modelguard.v1 import (
     common_pb2,
     jobs_pb2,
     pruning_orchestrator_pb2,
 )
-from shared.runtime import ServiceApp
-from shared.spec import InputSpec
+from modelguard.runtime import ServiceApp
+from modelguard.services.audit_client import AuditClient
+from modelguard.services.launcher import build_service
+from modelguard.services.pruning_orchestrator.service import Orchestrator
+from modelguard.spec import InputSpec
 from tests.unit.authkit import Tokens, write_tokens
 
 SPEC = InputSpec((1, 28, 28))

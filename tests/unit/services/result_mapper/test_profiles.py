@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from services.carrier_trainer.service import ref_dict
-from services.launcher import build_service
-from services.result_mapper.service import ResultMapperService
-from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-from shared.carrier.mapper_registry import hash_credential, new_credential
-from shared.carrier.query_profile import QueryProfile
-from shared.carrier.records import READY, CarrierRecord, CarrierRepository
-from shared.carrier.serving_profile import ServingProfile
-from shared.config import PlatformSettings, ResultMapperSettings
+from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from modelguard.carrier.mapper_registry import hash_credential, new_credential
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.records import READY, CarrierRecord, CarrierRepository
+from modelguard.carrier.serving_profile import ServingProfile
+from modelguard.config import PlatformSettings, ResultMapperSettings
+from modelguard.services.carrier_trainer.service import ref_dict
+from modelguard.services.launcher import build_service
+from modelguard.services.result_mapper.service import ResultMapperService
 
 
 def test_single_rows_score_as_the_batch_formula() -> None:
@@ -39,7 +39,7 @@ def test_single_rows_score_as_the_batch_formula() -> None:
 def test_the_detector_counts_single_rows_as_it_counts_batches() -> None:
     """The detector's one-row path (plain floats) keeps the same per-user sums as the
     batch path: outlying rows exactly, the score sum to float32 precision."""
-    from shared.carrier.extraction import DetectorConfig, ExtractionDetector
+    from modelguard.carrier.extraction import DetectorConfig, ExtractionDetector
 
     rng = np.random.default_rng(1)
     reference = QueryProfile.fit(rng.normal(size=(400, 40)).astype(np.float32), rank=8)

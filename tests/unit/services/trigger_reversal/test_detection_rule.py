@@ -13,15 +13,12 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from services.cli import build_parser, main, reversal_config
-from services.pruning_orchestrator.service import Orchestrator
-from services.trigger_reversal.service import TriggerReversalService
-from shared.bus.memory import MemoryBus
-from shared.config import PlatformSettings, PruningOrchestratorSettings, TriggerReversalSettings
-from shared.convert import ref_to_proto, spec_to_proto
-from shared.datasets import Dataset, dataset_to_npz
-from shared.detection.mad import mad_test
-from shared.detection.neural_cleanse import (
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import PlatformSettings, PruningOrchestratorSettings, TriggerReversalSettings
+from modelguard.convert import ref_to_proto, spec_to_proto
+from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.detection.mad import mad_test
+from modelguard.detection.neural_cleanse import (
     MODELGUARD,
     PAPER,
     RULES,
@@ -30,17 +27,20 @@ from shared.detection.neural_cleanse import (
     reverse_triggers,
     screening_run,
 )
-from shared.detection.neural_cleanse_sequential import reverse_triggers_sequential
-from shared.errors import InvalidInput
-from shared.formats.loader import LoadedModel, weights_to_safetensors
-from shared.jobdata import ModelAndData
-from shared.metrics import ServiceMetrics
-from shared.nn.architectures import build
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.runtime import Runtime
-from shared.signing import Signer
-from shared.spec import InputSpec
-from shared.store.local import LocalStore
+from modelguard.detection.neural_cleanse_sequential import reverse_triggers_sequential
+from modelguard.errors import InvalidInput
+from modelguard.formats.loader import LoadedModel, weights_to_safetensors
+from modelguard.jobdata import ModelAndData
+from modelguard.metrics import ServiceMetrics
+from modelguard.nn.architectures import build
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.runtime import Runtime
+from modelguard.services.cli import build_parser, main, reversal_config
+from modelguard.services.pruning_orchestrator.service import Orchestrator
+from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.signing import Signer
+from modelguard.spec import InputSpec
+from modelguard.store.local import LocalStore
 
 TINY_SPEC = InputSpec(shape=(1, 6, 6))
 

@@ -16,26 +16,26 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from services.trigger_reversal.handler import AuditHandler
-from services.trigger_reversal.service import StoredReversal, TriggerReversalService
-from shared.bus.memory import MemoryBus
-from shared.config import PlatformSettings, TriggerReversalSettings
-from shared.convert import ref_to_proto, spec_to_proto
-from shared.datasets import Dataset, dataset_to_npz
-from shared.detection.neural_cleanse import PAPER, ReversalConfig
-from shared.detection.neural_cleanse_sequential import reverse_triggers_sequential
-from shared.errors import InvalidInput
-from shared.formats.loader import LoadedModel
-from shared.jobdata import ModelAndData
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.runtime import Runtime
-from shared.signing import Signer
-from shared.spec import InputSpec
-from shared.stage import StageReporter
-from shared.store.base import ArtifactRef
-from shared.store.local import LocalStore
-from shared.topics import STAGE_TRIGGER_REVERSAL
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import PlatformSettings, TriggerReversalSettings
+from modelguard.convert import ref_to_proto, spec_to_proto
+from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.detection.neural_cleanse import PAPER, ReversalConfig
+from modelguard.detection.neural_cleanse_sequential import reverse_triggers_sequential
+from modelguard.errors import InvalidInput
+from modelguard.formats.loader import LoadedModel
+from modelguard.jobdata import ModelAndData
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.runtime import Runtime
+from modelguard.services.trigger_reversal.handler import AuditHandler
+from modelguard.services.trigger_reversal.service import StoredReversal, TriggerReversalService
+from modelguard.signing import Signer
+from modelguard.spec import InputSpec
+from modelguard.stage import StageReporter
+from modelguard.store.base import ArtifactRef
+from modelguard.store.local import LocalStore
+from modelguard.topics import STAGE_TRIGGER_REVERSAL
 
 SPEC = InputSpec(shape=(1, 6, 6))
 

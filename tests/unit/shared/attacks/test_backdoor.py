@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared.attacks.backdoor import (
+from modelguard.attacks.backdoor import (
     BlendTrigger,
     MultiTrigger,
     PatchTrigger,
@@ -19,8 +19,8 @@ from shared.attacks.backdoor import (
     train_backdoored,
     trigger_from_dict,
 )
-from shared.datasets import Dataset
-from shared.errors import InvalidInput
+from modelguard.datasets import Dataset
+from modelguard.errors import InvalidInput
 
 
 def images(n: int = 6, channels: int = 1, size: int = 8, value: float = 0.5) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The attack toolkit (shared.attacks.leak): encoders and decoders round-trip, figures
+"""The attack toolkit (modelguard.attacks.leak): encoders and decoders round-trip, figures
 are right, and the data-processing-stage attack really leaks through training."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from shared.attacks import leak
-from shared.datasets import Dataset, load_mnist
-from shared.errors import NotFound
-from shared.leak.detector import detect_leak
-from shared.leak.pruning_defence import PruningDefenceConfig, prune_dormant_neurons
-from shared.nn.architectures import build
-from shared.nn.training import TrainConfig, accuracy, train_classifier
+from modelguard.attacks import leak
+from modelguard.datasets import Dataset, load_mnist
+from modelguard.errors import NotFound
+from modelguard.leak.detector import detect_leak
+from modelguard.leak.pruning_defence import PruningDefenceConfig, prune_dormant_neurons
+from modelguard.nn.architectures import build
+from modelguard.nn.training import TrainConfig, accuracy, train_classifier
 from tests.requirements import skip_or_fail
 
 torch.set_num_threads(1)

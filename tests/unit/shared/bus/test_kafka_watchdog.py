@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from shared.bus import kafka as kafka_bus
-from shared.bus.base import Message
-from shared.bus.kafka import KafkaBus
+from modelguard.bus import kafka as kafka_bus
+from modelguard.bus.base import Message
+from modelguard.bus.kafka import KafkaBus
 
 
 class _Consumer:

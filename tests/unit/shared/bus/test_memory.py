@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.bus import make_bus
-from shared.bus.base import Message, RetryPolicy
-from shared.bus.memory import MemoryBus
-from shared.bus.metrics import BusMetrics
-from shared.errors import InvalidInput, Unavailable
+from modelguard.bus import make_bus
+from modelguard.bus.base import Message, RetryPolicy
+from modelguard.bus.memory import MemoryBus
+from modelguard.bus.metrics import BusMetrics
+from modelguard.errors import InvalidInput, Unavailable
 from tests.contracts.bus_contract import WAIT_S, BusContract, Collector
 
 

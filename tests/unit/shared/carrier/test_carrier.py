@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared.carrier.carrier import (
+from modelguard.carrier.carrier import (
     CarrierConfig,
     CarrierTrainer,
     TrainingState,
@@ -19,12 +19,12 @@ from shared.carrier.carrier import (
     pseudo_outputs,
     train_carrier,
 )
-from shared.carrier.mapper_registry import MapperRegistry, hash_credential
-from shared.carrier.natural_images import natural_image
-from shared.carrier.pool import CarrierPool, PoolConfig
-from shared.carrier.public_models import PublicModel, from_module
-from shared.datasets import Dataset
-from shared.errors import InvalidInput, ResourceExhausted
+from modelguard.carrier.mapper_registry import MapperRegistry, hash_credential
+from modelguard.carrier.natural_images import natural_image
+from modelguard.carrier.pool import CarrierPool, PoolConfig
+from modelguard.carrier.public_models import PublicModel, from_module
+from modelguard.datasets import Dataset
+from modelguard.errors import InvalidInput, ResourceExhausted
 
 CLASSES = 4
 
@@ -211,8 +211,8 @@ def test_pool_per_user_and_shared_mappers(
 
 @pytest.mark.parametrize("hidden", [0, 16])
 def test_standardisation_is_folded_into_the_served_weights(hidden: int) -> None:
-    from shared.carrier.carrier import MappingNetwork
-    from shared.carrier.mapper_registry import parse_mapper
+    from modelguard.carrier.carrier import MappingNetwork
+    from modelguard.carrier.mapper_registry import parse_mapper
 
     torch.manual_seed(0)
     # units on very different scales, one dead (constant) unit
@@ -264,8 +264,8 @@ def test_cosine_schedule(public: PublicModel, task: tuple[Dataset, Dataset]) -> 
 
 
 def test_lenet_scores_expose_the_fully_connected_activations() -> None:
-    from shared.carrier.public_models import LeNetScores
-    from shared.nn.architectures import LeNet5
+    from modelguard.carrier.public_models import LeNetScores
+    from modelguard.nn.architectures import LeNet5
 
     torch.manual_seed(0)
     lenet = LeNet5().eval()

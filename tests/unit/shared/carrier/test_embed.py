@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.carrier.carrier import (
+from modelguard.carrier.carrier import (
     Carrier,
     Placement,
     carrier_from_safetensors,
@@ -15,14 +15,14 @@ from shared.carrier.carrier import (
     embed,
     placement_for,
 )
-from shared.carrier.natural_images import (
+from modelguard.carrier.natural_images import (
     natural_image,
     natural_image_for_user,
     photograph_count,
     user_image_index,
 )
-from shared.carrier.public_models import from_module
-from shared.errors import InvalidInput
+from modelguard.carrier.public_models import from_module
+from modelguard.errors import InvalidInput
 
 
 def test_centre_placement_even_and_odd_margins() -> None:

@@ -9,21 +9,21 @@ import pytest
 import torch
 from torch import nn
 
-from shared.carrier.carrier import (
+from modelguard.carrier.carrier import (
     Carrier,
     CarrierConfig,
     CarrierResult,
     mapper_to_safetensors,
     train_carrier,
 )
-from shared.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
-from shared.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
-from shared.carrier.natural_images import natural_image
-from shared.carrier.public_models import PublicModel, from_module
-from shared.carrier.query_profile import QueryProfile
-from shared.carrier.stealing import StealingConfig, replay_traffic, simulate_stealing
-from shared.datasets import Dataset
-from shared.errors import InvalidInput
+from modelguard.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
+from modelguard.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
+from modelguard.carrier.natural_images import natural_image
+from modelguard.carrier.public_models import PublicModel, from_module
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.stealing import StealingConfig, replay_traffic, simulate_stealing
+from modelguard.datasets import Dataset
+from modelguard.errors import InvalidInput
 
 
 @pytest.fixture(autouse=True, scope="module")

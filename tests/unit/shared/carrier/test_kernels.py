@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-from shared.carrier.kernels import map_row, profile_score, warm_up
-from shared.carrier.mapper_registry import (
+from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from modelguard.carrier.kernels import map_row, profile_score, warm_up
+from modelguard.carrier.mapper_registry import (
     MapperRegistry,
     hash_credential,
     new_credential,
     parse_mapper,
 )
-from shared.carrier.query_profile import QueryProfile
-from shared.carrier.serving_profile import ServingProfile
-from shared.errors import InvalidInput
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.serving_profile import ServingProfile
+from modelguard.errors import InvalidInput
 
 
 def numpy_probabilities(x: np.ndarray, mapper: MappingNetwork) -> np.ndarray:
@@ -119,7 +119,7 @@ def test_kernels_refuse_wrong_shapes_instead_of_reading_past_arrays() -> None:
 
 
 def test_warm_up_compiles_every_kernel() -> None:
-    from shared.carrier import kernels
+    from modelguard.carrier import kernels
 
     warm_up()
     for kernel in (kernels._map_hidden, kernels._map_linear, kernels._profile_score):

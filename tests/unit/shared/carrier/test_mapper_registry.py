@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.client import DeviceClient, MapReply
-from shared.carrier.carrier import MappingNetwork, mapper_to_safetensors
-from shared.carrier.mapper_registry import (
+from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from modelguard.carrier.mapper_registry import (
     MapperRegistry,
     hash_credential,
     inputs_need_check,
@@ -16,7 +15,8 @@ from shared.carrier.mapper_registry import (
     parse_mapper,
     verify_credential,
 )
-from shared.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from modelguard.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from modelguard.services.client import DeviceClient, MapReply
 
 
 def make_mapper(
@@ -333,8 +333,8 @@ def test_shared_mappers_are_loaded_once_and_ten_thousand_users_fit() -> None:
 
 
 def test_device_client_round_trip_through_registry(registry: MapperRegistry) -> None:
-    from shared.carrier.carrier import Carrier, Placement
-    from shared.carrier.public_models import from_module
+    from modelguard.carrier.carrier import Carrier, Placement
+    from modelguard.carrier.public_models import from_module
 
     torch.manual_seed(0)
     public = from_module(
@@ -360,10 +360,10 @@ def test_device_client_round_trip_through_registry(registry: MapperRegistry) -> 
 
 
 def test_connect_fetches_the_carrier_and_checks_the_public_model(registry: MapperRegistry) -> None:
-    from services.client import connect
-    from shared.carrier.carrier import Placement, carrier_to_safetensors
-    from shared.carrier.public_models import from_module
-    from shared.errors import NotFound as NotFoundError
+    from modelguard.carrier.carrier import Placement, carrier_to_safetensors
+    from modelguard.carrier.public_models import from_module
+    from modelguard.errors import NotFound as NotFoundError
+    from modelguard.services.client import connect
 
     torch.manual_seed(0)
     public = from_module(

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from shared.detection.mad import MEAN_AD_CONSISTENCY, mad_test
+from modelguard.detection.mad import MEAN_AD_CONSISTENCY, mad_test
 
 
 def test_ten_labels_one_small_outlier() -> None:
@@ -110,7 +110,7 @@ def test_to_dict_is_strict_json() -> None:
 
 
 def test_restarts_combine_by_median_index() -> None:
-    from shared.detection.neural_cleanse import RestartInfo, combine_restarts
+    from modelguard.detection.neural_cleanse import RestartInfo, combine_restarts
 
     def run(norms: list[float | None]) -> RestartInfo:
         result = mad_test(norms)
@@ -164,7 +164,7 @@ def test_unknown_scale_is_rejected() -> None:
 
 
 def test_norm_ratio_is_the_median_over_runs_of_norm_over_run_median() -> None:
-    from shared.detection.neural_cleanse import RestartInfo, norm_ratio
+    from modelguard.detection.neural_cleanse import RestartInfo, norm_ratio
 
     def run(norms: list[float | None], median: float) -> RestartInfo:
         return RestartInfo(0, tuple(norms), (None,) * len(norms), (), 10, median)

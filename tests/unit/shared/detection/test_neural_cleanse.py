@@ -10,17 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from shared.attacks.backdoor import PatchTrigger, attack_success_rate, train_backdoored
-from shared.datasets import Dataset, load_mnist
-from shared.detection.neural_cleanse import (
+from modelguard.attacks.backdoor import PatchTrigger, attack_success_rate, train_backdoored
+from modelguard.datasets import Dataset, load_mnist
+from modelguard.detection.neural_cleanse import (
     INFECTED,
     ReversalConfig,
     ReversalResult,
     reverse_triggers,
     trigger_images,
 )
-from shared.errors import InvalidInput
-from shared.spec import InputSpec
+from modelguard.errors import InvalidInput
+from modelguard.spec import InputSpec
 
 SPEC = InputSpec(shape=(1, 28, 28), value_range=(0.0, 1.0))
 TRIGGER = PatchTrigger(target=3, size=4, position=(-2, -2), pattern="white")

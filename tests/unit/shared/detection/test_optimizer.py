@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.neural_cleanse import ReversalConfig, reverse_triggers
-from shared.detection.neural_cleanse_sequential import reverse_triggers_sequential
-from shared.detection.optimizer import (
+from modelguard.datasets import Dataset
+from modelguard.detection.neural_cleanse import ReversalConfig, reverse_triggers
+from modelguard.detection.neural_cleanse_sequential import reverse_triggers_sequential
+from modelguard.detection.optimizer import (
     OptimizerSettings,
     StepStats,
     TriggerOptimizer,
     mask_from_theta,
     pattern_from_theta,
 )
-from shared.errors import InvalidInput
-from shared.spec import InputSpec
+from modelguard.errors import InvalidInput
+from modelguard.spec import InputSpec
 
 
 def tiny_model(seed: int = 0, classes: int = 3) -> nn.Module:

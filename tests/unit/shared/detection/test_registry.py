@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.base import BackdoorDetector
-from shared.detection.neural_cleanse import MODELGUARD, PAPER, RULES, ReversalConfig
-from shared.detection.neural_cleanse import reverse_triggers as batched
-from shared.detection.neural_cleanse_sequential import reverse_triggers_sequential as sequential
-from shared.detection.registry import DEFAULT_DETECTOR, DETECTORS, get_detector
-from shared.errors import InvalidInput
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.base import BackdoorDetector
+from modelguard.detection.neural_cleanse import MODELGUARD, PAPER, RULES, ReversalConfig
+from modelguard.detection.neural_cleanse import reverse_triggers as batched
+from modelguard.detection.neural_cleanse_sequential import reverse_triggers_sequential as sequential
+from modelguard.detection.registry import DEFAULT_DETECTOR, DETECTORS, get_detector
+from modelguard.errors import InvalidInput
+from modelguard.spec import InputSpec
 
 SPEC = InputSpec(shape=(1, 6, 6))
 
@@ -94,7 +94,7 @@ def test_detect_runs_the_algorithm_unchanged(name: str, algorithm: object) -> No
 
 def test_registry_imports_without_torch() -> None:
     code = (
-        "import sys; import shared.detection.registry as r; import shared.detection.base; "
+        "import sys; import modelguard.detection.registry as r; import modelguard.detection.base; "
         "assert 'torch' not in sys.modules, 'torch imported'; print(','.join(r.DETECTORS))"
     )
     out = subprocess.run(

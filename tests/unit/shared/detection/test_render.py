@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from shared.detection.render import PARTS, image_name, trigger_pngs
+from modelguard.detection.render import PARTS, image_name, trigger_pngs
 
 
 def test_every_part_of_every_label_scaled_in_the_value_range() -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.errors import InvalidInput, UnsafeArtifact
-from shared.formats.loader import LoadedModel, load_model, save_model, weights_to_safetensors
-from shared.nn.architectures import ARCHITECTURES, build
-from shared.spec import InputSpec, wrap
+from modelguard.errors import InvalidInput, UnsafeArtifact
+from modelguard.formats.loader import LoadedModel, load_model, save_model, weights_to_safetensors
+from modelguard.nn.architectures import ARCHITECTURES, build
+from modelguard.spec import InputSpec, wrap
 
 SPEC = InputSpec((1, 28, 28))
 

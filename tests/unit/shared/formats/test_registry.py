@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from shared.errors import InvalidInput, UnsafeArtifact
-from shared.formats import registry
-from shared.formats.base import ModelFormat
-from shared.formats.loader import LoadedModel, load_model, save_model
-from shared.formats.registry import FORMATS, by_media_type, get_format, sniff
-from shared.formats.scan import scan_model_bytes, zip_holds_code
-from shared.nn.architectures import build
-from shared.proto.modelguard.v1 import common_pb2
-from shared.spec import InputSpec
+from modelguard.errors import InvalidInput, UnsafeArtifact
+from modelguard.formats import registry
+from modelguard.formats.base import ModelFormat
+from modelguard.formats.loader import LoadedModel, load_model, save_model
+from modelguard.formats.registry import FORMATS, by_media_type, get_format, sniff
+from modelguard.formats.scan import scan_model_bytes, zip_holds_code
+from modelguard.nn.architectures import build
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.spec import InputSpec
 
 SPEC = InputSpec((1, 28, 28))
 REPO = Path(__file__).resolve().parents[4]  # the children import this checkout's packages
@@ -144,7 +144,7 @@ def test_importing_the_registry_imports_no_torch() -> None:
     """The CLI's parser and the client import the registry; torch takes seconds."""
     code = (
         "import sys\n"
-        "from shared.formats import registry\n"
+        "from modelguard.formats import registry\n"
         "assert registry.FORMATS\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )
@@ -168,7 +168,7 @@ def test_sniffing_and_scanning_import_no_torch(model: nn.Module, tmp_path: Path)
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from shared.formats.scan import scan_model_bytes\n"
+        "from modelguard.formats.scan import scan_model_bytes\n"
         "kinds = [scan_model_bytes(Path(p).read_bytes()).kind for p in sys.argv[1:]]\n"
         "print(kinds, 'torch' in sys.modules)\n"
     )

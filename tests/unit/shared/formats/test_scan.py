@@ -19,16 +19,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
 
-from shared.errors import InvalidInput, ModelGuardError, UnsafeArtifact
-from shared.formats.loader import load_model
-from shared.formats.scan import (
+from modelguard.errors import InvalidInput, ModelGuardError, UnsafeArtifact
+from modelguard.formats.loader import load_model
+from modelguard.formats.scan import (
     check_pickle,
     inspect_pickle,
     pickle_globals,
     scan_model_bytes,
 )
-from shared.nn.architectures import build
-from shared.spec import InputSpec
+from modelguard.nn.architectures import build
+from modelguard.spec import InputSpec
 
 SPEC = InputSpec((1, 28, 28))
 SAFETENSORS, TORCHSCRIPT, TORCH_ZIP = "safetensors", "torchscript", "torch-zip"  # registry names

@@ -11,19 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from shared.attacks import leak
-from shared.datasets import Dataset, load_mnist
-from shared.errors import NotFound
-from shared.leak.calibration import fit_calibration, load_calibration
-from shared.leak.detector import LEAK, DetectorConfig, detect_leak
-from shared.leak.features import layer_statistics
-from shared.leak.pruning_defence import (
+from modelguard.attacks import leak
+from modelguard.datasets import Dataset, load_mnist
+from modelguard.errors import NotFound
+from modelguard.leak.calibration import fit_calibration, load_calibration
+from modelguard.leak.detector import LEAK, DetectorConfig, detect_leak
+from modelguard.leak.features import layer_statistics
+from modelguard.leak.pruning_defence import (
     PruningDefenceConfig,
     mean_activations,
     prune_dormant_neurons,
 )
-from shared.nn.architectures import build
-from shared.nn.training import TrainConfig, accuracy, train_classifier
+from modelguard.nn.architectures import build
+from modelguard.nn.training import TrainConfig, accuracy, train_classifier
 from tests.requirements import skip_or_fail
 
 torch.set_num_threads(1)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from shared.leak.detector import module_from_state_dict
-from shared.leak.features import FeatureConfig, layer_statistics, tensor_statistics
-from shared.nn.architectures import build
+from modelguard.leak.detector import module_from_state_dict
+from modelguard.leak.features import FeatureConfig, layer_statistics, tensor_statistics
+from modelguard.nn.architectures import build
 
 torch.set_num_threads(1)
 

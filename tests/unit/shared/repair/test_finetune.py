@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.detection.triggers import ReversedTrigger
-from shared.repair.context import FineTuneConfig, _dilated, _stamp_share
-from shared.spec import InputSpec
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.repair.context import FineTuneConfig, _dilated, _stamp_share
+from modelguard.spec import InputSpec
 
 SPEC = InputSpec(shape=(1, 8, 8), value_range=(0.0, 1.0))
 

@@ -11,17 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.formats.loader import LoadedModel, load_model, save_model
-from shared.nn.architectures import build
-from shared.nn.probe import LayerProbe, resolve_layer
-from shared.repair.context import FineTuneConfig, Pruner, copy_model, fine_tune
-from shared.repair.registry import repair
-from shared.repair.rollback import RollbackConfig
-from shared.repair.shapley import ShapleyConfig
-from shared.repair.shapley_prune import ShapleyPruneConfig
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.formats.loader import LoadedModel, load_model, save_model
+from modelguard.nn.architectures import build
+from modelguard.nn.probe import LayerProbe, resolve_layer
+from modelguard.repair.context import FineTuneConfig, Pruner, copy_model, fine_tune
+from modelguard.repair.registry import repair
+from modelguard.repair.rollback import RollbackConfig
+from modelguard.repair.shapley import ShapleyConfig
+from modelguard.repair.shapley_prune import ShapleyPruneConfig
+from modelguard.spec import InputSpec
 
 
 @pytest.fixture(autouse=True)

@@ -13,15 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from shared.convert_ranking import carried_ranking, ranking_from_proto, ranking_to_proto
-from shared.errors import InvalidInput
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.repair import rollback
-from shared.repair.context import split_label
-from shared.repair.registry import repair
-from shared.repair.result import RepairResult
-from shared.repair.rollback import rank_on_tune_split
-from shared.repair.scoring import NeuronRanking, NeuronScores, interleave
+from modelguard.convert_ranking import carried_ranking, ranking_from_proto, ranking_to_proto
+from modelguard.errors import InvalidInput
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.repair import rollback
+from modelguard.repair.context import split_label
+from modelguard.repair.registry import repair
+from modelguard.repair.result import RepairResult
+from modelguard.repair.rollback import rank_on_tune_split
+from modelguard.repair.scoring import NeuronRanking, NeuronScores, interleave
 from tests.unit import repairkit
 
 

@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.errors import InvalidInput
-from shared.repair.base import RepairMode
-from shared.repair.fine_pruning import FinePruningConfig
-from shared.repair.registry import (
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.errors import InvalidInput
+from modelguard.repair.base import RepairMode
+from modelguard.repair.fine_pruning import FinePruningConfig
+from modelguard.repair.registry import (
     DEFAULT_REPAIR_MODE,
     NO_REPAIR,
     REPAIR_CHOICES,
@@ -27,10 +27,10 @@ from shared.repair.registry import (
     get_repair_mode,
     repair,
 )
-from shared.repair.result import Measure, RepairResult
-from shared.repair.rollback import RollbackConfig
-from shared.repair.scoring import NeuronRanking
-from shared.spec import InputSpec
+from modelguard.repair.result import Measure, RepairResult
+from modelguard.repair.rollback import RollbackConfig
+from modelguard.repair.scoring import NeuronRanking
+from modelguard.spec import InputSpec
 from tests.unit import repairkit
 
 
@@ -155,7 +155,7 @@ def test_default_configs_are_the_mode_defaults() -> None:
 
 def test_registry_imports_without_torch() -> None:
     code = (
-        "import sys; import shared.repair.registry as r; import shared.repair.base; "
+        "import sys; import modelguard.repair.registry as r; import modelguard.repair.base; "
         "assert 'torch' not in sys.modules, 'torch imported'; print(','.join(r.REPAIR_CHOICES))"
     )
     out = subprocess.run(

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from shared.detection.neural_cleanse import ReversalConfig, reverse_triggers
-from shared.nn.training import accuracy
-from shared.repair.registry import repair
-from shared.repair.rollback import RollbackConfig
-from shared.repair.shapley import ShapleyConfig
-from shared.repair.shapley_prune import ShapleyPruneConfig
-from shared.spec import InputSpec
+from modelguard.detection.neural_cleanse import ReversalConfig, reverse_triggers
+from modelguard.nn.training import accuracy
+from modelguard.repair.registry import repair
+from modelguard.repair.rollback import RollbackConfig
+from modelguard.repair.shapley import ShapleyConfig
+from modelguard.repair.shapley_prune import ShapleyPruneConfig
+from modelguard.spec import InputSpec
 
 SPEC = InputSpec((1, 28, 28), (0.0, 1.0))
 ASR_BAR = 0.10

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.repair.context import FineTuneConfig
-from shared.repair.registry import repair
-from shared.repair.result import Measure
-from shared.repair.rollback import Figures, RollbackConfig, decide, interleave, should_stop
-from shared.repair.scoring import ScoringConfig
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.repair.context import FineTuneConfig
+from modelguard.repair.registry import repair
+from modelguard.repair.result import Measure
+from modelguard.repair.rollback import Figures, RollbackConfig, decide, interleave, should_stop
+from modelguard.repair.scoring import ScoringConfig
+from modelguard.spec import InputSpec
 
 CONFIG = RollbackConfig()  # seed defaults: q0 0.97, asr_stop 0.10, min_drop 0.01
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.errors import InvalidInput
-from shared.nn.architectures import build
-from shared.nn.probe import LayerProbe, get_module, list_prunable_layers, resolve_layer, zeroed
-from shared.repair.scoring import ScoringConfig, as_reversed_triggers, score_neurons
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.errors import InvalidInput
+from modelguard.nn.architectures import build
+from modelguard.nn.probe import LayerProbe, get_module, list_prunable_layers, resolve_layer, zeroed
+from modelguard.repair.scoring import ScoringConfig, as_reversed_triggers, score_neurons
+from modelguard.spec import InputSpec
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from shared.datasets import Dataset
-from shared.detection.triggers import ReversedTrigger
-from shared.repair.shapley import ShapleyConfig, estimate_shapley, shapley_game
-from shared.spec import InputSpec
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.repair.shapley import ShapleyConfig, estimate_shapley, shapley_game
+from modelguard.spec import InputSpec
 
 
 @pytest.fixture(autouse=True)
@@ -233,7 +233,7 @@ def test_torchscript_gives_the_same_values(kind: str) -> None:
     config = ShapleyConfig(seed=0, max_evaluations=600, permutations=6)
     reference = estimate_shapley(eager, data, [trigger], spec, config)
     if kind == "weights":
-        from shared.nn.probe import LayerProbe
+        from modelguard.nn.probe import LayerProbe
 
         probe = LayerProbe(loaded, None, spec, allow_graph=False)
         result = estimate_shapley(loaded, data, [trigger], spec, config, probe=probe)

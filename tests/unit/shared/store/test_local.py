@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import InvalidInput
-from shared.store import make_store
-from shared.store.base import ArtifactStore
-from shared.store.local import LocalStore
+from modelguard.errors import InvalidInput
+from modelguard.store import make_store
+from modelguard.store.base import ArtifactStore
+from modelguard.store.local import LocalStore
 from tests.contracts.store_contract import StoreContract
 
 

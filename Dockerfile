@@ -22,7 +22,7 @@ COPY shared ./shared
 COPY services ./services
 # Non-editable install; pip compiles the bytecode here, so the read-only root filesystem
 # at run time never needs to write any.
-RUN pip install . && python -c "import services.launcher"
+RUN pip install . && python -c "import modelguard.services.launcher"
 
 # --- runtime: the virtualenv only, a non-root user, no compilers ---------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -14,7 +14,7 @@ setup: ## Create .venv, install packages, fetch MNIST and Fashion-MNIST (idempot
 	@bash scripts/setup.sh
 
 demo: setup ## Run the main job on embedded defaults (all six services in one process)
-	$(PY) -m services.demo
+	$(PY) -m modelguard.services.demo
 
 test: setup ## Run the whole test suite, integration tests against real servers included
 	$(PY) -m pytest -q
@@ -50,10 +50,10 @@ fmt: setup ## Format the code
 	$(VENV)/bin/ruff check --fix .
 
 up: setup ## Start a real local stack: Tansu, SeaweedFS, Prometheus and the six services
-	$(PY) -m services.stack up
+	$(PY) -m modelguard.services.stack up
 
 down: ## Stop the local stack
-	$(PY) -m services.stack down
+	$(PY) -m modelguard.services.stack down
 
 clean: ## Remove caches (keeps .venv and data)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .modelguard demo-out

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from bench import results
-from services.carrier_trainer.core.carrier import (
+from modelguard.carrier.carrier import (
     Carrier,
     CarrierConfig,
     CarrierResult,
@@ -52,24 +52,22 @@ from services.carrier_trainer.core.carrier import (
     pseudo_outputs,
     train_carrier,
 )
-from services.carrier_trainer.core.extraction import (
-    Alarm,
-    DetectorConfig,
-    ExtractionDetector,
-    QueryProfile,
+from modelguard.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
+from modelguard.carrier.mapper_registry import MapperRegistry, hash_credential, new_credential
+from modelguard.carrier.natural_images import natural_image_for_user, user_image_index
+from modelguard.carrier.public_models import PublicModel, load_public_model
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.stealing import (
     StealingConfig,
     StealingResult,
     replay_traffic,
     simulate_stealing,
 )
-from services.carrier_trainer.core.natural_images import natural_image_for_user, user_image_index
-from services.carrier_trainer.core.public_models import PublicModel, load_public_model
-from services.carrier_trainer.service import carrier_config
-from services.result_mapper.core.registry import MapperRegistry, hash_credential, new_credential
-from shared.config import CarrierTrainerSettings
-from shared.datasets import REPO_ROOT, Dataset, load_fashion_mnist, load_mnist
-from shared.errors import ModelGuardError
-from shared.training import accuracy
+from modelguard.config import CarrierTrainerSettings
+from modelguard.datasets import REPO_ROOT, Dataset, load_fashion_mnist, load_mnist
+from modelguard.errors import ModelGuardError
+from modelguard.nn.training import accuracy
+from modelguard.services.carrier_trainer.service import carrier_config
 
 log = logging.getLogger("bench.carrier")
 

@@ -31,15 +31,15 @@ import torch
 
 from bench import results
 from bench.zoo import HELDOUT, SPLITS, ZooEntry, load_zoo
-from services.trigger_reversal.core import (
+from modelguard.datasets import REPO_ROOT, load_named
+from modelguard.detection.mad import mad_test
+from modelguard.detection.neural_cleanse import (
     MODELGUARD,
     RULES,
     ReversalConfig,
     ReversalResult,
-    mad_test,
     reverse_triggers,
 )
-from shared.datasets import REPO_ROOT, load_named
 
 OUT = REPO_ROOT / "bench" / "out"
 BOTH = "both"

@@ -23,10 +23,11 @@ import torch
 
 from bench import results
 from bench.leak_calibrate import ZooModel, ZooSpec, dataset, load_or_train, test_set, zoo_specs
-from services.leak_detector.core import PruningDefenceConfig, detect_leak, prune_dormant_neurons
-from shared.attacks import leak
-from shared.datasets import Dataset
-from shared.training import TrainConfig, accuracy, train_classifier
+from modelguard.attacks import leak
+from modelguard.datasets import Dataset
+from modelguard.leak.detector import detect_leak
+from modelguard.leak.pruning_defence import PruningDefenceConfig, prune_dormant_neurons
+from modelguard.nn.training import TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger("bench.bench_leak")
 

@@ -6,7 +6,7 @@
 1. writes ``--users`` ready carriers into a fresh local artifact store exactly as
    carrier-trainer would (a signed 10→64→10 mapper each, the per-generation credential
    stored hashed), so the service warms every user from the store on first use;
-2. starts ``python -m services.result_mapper.main`` — the production wiring, with its
+2. starts ``python -m modelguard.services.result_mapper.main`` — the production wiring, with its
    interceptors, metrics and accounting — as a separate process on loopback (extraction
    auto-revocation and the per-user rate limits are raised out of the way: this measures
    capacity and stability, not the abuse controls, which have their own tests);
@@ -39,8 +39,8 @@ import numpy as np
 
 from bench import results
 from bench.bench_serving import percentile_ms
-from shared.datasets import REPO_ROOT
-from shared.localstack import free_port, wait_for_port
+from modelguard.datasets import REPO_ROOT
+from modelguard.localstack import free_port, wait_for_port
 
 OUT_DIR = REPO_ROOT / "bench" / "out"
 MAP_METHOD = "/modelguard.v1.ResultMapper/Map"
@@ -50,12 +50,12 @@ def seed_store(store_dir: Path, users: int, signing_key: str) -> dict[str, str]:
     """Ready carriers for ``bench-0 … bench-{users-1}``; returns user → credential."""
     import torch
 
-    from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-    from services.carrier_trainer.service import ref_dict
-    from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-    from services.result_mapper.core.registry import hash_credential, new_credential
-    from shared.signing import Signer
-    from shared.store import make_store
+    from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
+    from modelguard.carrier.mapper_registry import hash_credential, new_credential
+    from modelguard.carrier.records import READY, CarrierRecord, CarrierRepository
+    from modelguard.services.carrier_trainer.service import ref_dict
+    from modelguard.signing import Signer
+    from modelguard.store import make_store
 
     store = make_store("local", root=store_dir)
     signer = Signer(signing_key.encode())
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-growth-mb", type=float, default=20.0)
     args = parser.parse_args(argv)
 
-    from shared.proto.modelguard.v1 import result_mapper_pb2
+    from modelguard.proto.modelguard.v1 import result_mapper_pb2
 
     signing_key = "bench-load-signing-key"
     with tempfile.TemporaryDirectory(prefix="mg-load-") as tmp:
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path = workdir / "result-mapper.log"
         with open(log_path, "w") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "services.result_mapper.main"],
+                [sys.executable, "-m", "modelguard.services.result_mapper.main"],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=log,
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 def rate_limits_off() -> dict[str, str]:
     """Environment lifting result-mapper's per-user request-rate and budget limits, for
     the settings this version has (the load test measures capacity, not the limits)."""
-    from shared.config import ResultMapperSettings
+    from modelguard.config import ResultMapperSettings
 
     env: dict[str, str] = {}
     for name, field in ResultMapperSettings.model_fields.items():

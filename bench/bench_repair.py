@@ -32,20 +32,17 @@ from torch import nn
 
 from bench import results
 from bench.zoo import HELDOUT, SPLITS, ZooEntry, build_model, ensure_model, load_zoo, zoo_specs
-from services.pruning_orchestrator.core import (
-    FinePruningConfig,
-    RepairResult,
-    RollbackConfig,
-    ShapleyPruneConfig,
-    copy_model,
-    repair,
-)
-from services.pruning_orchestrator.core.pruning import RepairContext
-from shared.attacks.backdoor import attack_success_rate
-from shared.datasets import REPO_ROOT, Dataset, load_named
-from shared.spec import wrap
-from shared.training import accuracy
-from shared.triggers import ReversedTrigger
+from modelguard.attacks.backdoor import attack_success_rate
+from modelguard.datasets import REPO_ROOT, Dataset, load_named
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.nn.training import accuracy
+from modelguard.repair.context import RepairContext, copy_model
+from modelguard.repair.fine_pruning import FinePruningConfig
+from modelguard.repair.registry import repair
+from modelguard.repair.result import RepairResult
+from modelguard.repair.rollback import RollbackConfig
+from modelguard.repair.shapley_prune import ShapleyPruneConfig
+from modelguard.spec import wrap
 
 log = logging.getLogger("bench.repair")
 
@@ -103,7 +100,7 @@ def reversed_triggers(
     entry: ZooEntry, model: nn.Module, clean: Dataset, steps: int
 ) -> tuple[list[ReversedTrigger], float, dict[str, Any]]:
     """Neural Cleanse on the defender's clean data (cached per model and budget)."""
-    from services.trigger_reversal.core import ReversalConfig, reverse_triggers
+    from modelguard.detection.neural_cleanse import ReversalConfig, reverse_triggers
 
     CACHE.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()[:12]

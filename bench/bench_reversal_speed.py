@@ -4,10 +4,10 @@
 
 For each model (default: an infected and a clean LeNet-5/MNIST of the zoo's held-out
 split), in one process and one thread: the faithful per-label Neural Cleanse
-(:mod:`services.trigger_reversal.core.sequential` with the paper's decision rule,
+(:mod:`modelguard.detection.neural_cleanse_sequential` with the paper's decision rule,
 ``ReversalConfig.paper()``: every label with the full budget, ``batch_size`` images a
 step, the MAD test on linear norms) against what ``modelguard detect`` runs
-(:func:`services.trigger_reversal.core.reverse_triggers` with the default config:
+(:func:`modelguard.detection.neural_cleanse.reverse_triggers` with the default config:
 screening of all labels at once, refinement of the suspects, this project's rule). Both
 share the model, clean data, step budget, λ schedule and stopping rule. Prints both
 detection results, wall time, images through the model, and the ratio. Bars: ≥ 5× faster
@@ -30,9 +30,9 @@ import torch
 from bench import results
 from bench.bench_detection import OUT, clean_set
 from bench.zoo import ensure_model
-from services.trigger_reversal.core import ReversalConfig, ReversalResult, reverse_triggers
-from services.trigger_reversal.core.sequential import reverse_triggers_sequential
-from shared.datasets import REPO_ROOT
+from modelguard.datasets import REPO_ROOT
+from modelguard.detection.neural_cleanse import ReversalConfig, ReversalResult, reverse_triggers
+from modelguard.detection.neural_cleanse_sequential import reverse_triggers_sequential
 
 DEFAULT_MODELS = "patch-lenet5-mnist-6x6-left-t8,clean-lenet5-mnist-s4"
 

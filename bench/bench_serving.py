@@ -21,7 +21,7 @@ query profile per carrier, so every user has a mapper and a profile of their own
    fitted on one draw of them and the requests are fresh draws of the same distribution
    (legitimate traffic for the extraction detector).
 2. **Ours** is the production result-mapper process (``python -m
-   services.result_mapper.main``, what Kubernetes runs) with the settings the deployment
+   modelguard.services.result_mapper.main``, what Kubernetes runs) with the settings the deployment
    sets (`deployed_settings`: ``deploy/k8s/base/config/result-mapper.env`` with the prod
    overlay's literals over it, the settings' defaults where neither sets one): bearer-token
    authentication, the per-user credential, the loaded-mapper LRU at its deployed byte
@@ -89,8 +89,8 @@ from typing import Any
 import numpy as np
 
 from bench import results
-from shared.config import CarrierTrainerSettings
-from shared.datasets import REPO_ROOT
+from modelguard.config import CarrierTrainerSettings
+from modelguard.datasets import REPO_ROOT
 
 OUT_DIR = REPO_ROOT / "bench" / "out"
 CARRIER_CACHE = REPO_ROOT / ".cache" / "carrier-bench"
@@ -516,7 +516,7 @@ def _run_loadgen(
 #: Signing key of the benchmark's throw-away store (carrier records are signed as
 #: carrier-trainer signs them; the service verifies every mapper and profile it loads).
 BENCH_SIGNING_KEY = "bench-serving-signing-key"
-#: Outputs of each public model (`services.carrier_trainer.core.public_models`): the
+#: Outputs of each public model (`modelguard.carrier.public_models`): the
 #: input width of the seeded mappers served when bench_carrier's trained one is missing.
 PUBLIC_MODEL_OUTPUTS = {
     "lenet5-fashion-features": 214,
@@ -562,7 +562,7 @@ def base_mapper(public_model: str, hidden: int) -> tuple[dict[str, np.ndarray], 
         why = f"has hidden width {int(tensors['fc1.weight'].shape[0])}, not {hidden}"
     import torch
 
-    from services.carrier_trainer.core.carrier import MappingNetwork
+    from modelguard.carrier.carrier import MappingNetwork
 
     width = PUBLIC_MODEL_OUTPUTS.get(public_model)
     if width is None:
@@ -615,13 +615,13 @@ def seed_users(
     Deterministic but for the credentials (fresh per run, as they are per carrier)."""
     import torch
 
-    from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-    from services.carrier_trainer.core.extraction import QueryProfile
-    from services.carrier_trainer.service import _jsonable, ref_dict
-    from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-    from services.result_mapper.core.registry import hash_credential, new_credential, parse_mapper
-    from shared.signing import Signer
-    from shared.store import make_store
+    from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
+    from modelguard.carrier.mapper_registry import hash_credential, new_credential, parse_mapper
+    from modelguard.carrier.query_profile import QueryProfile
+    from modelguard.carrier.records import READY, CarrierRecord, CarrierRepository
+    from modelguard.services.carrier_trainer.service import _jsonable, ref_dict
+    from modelguard.signing import Signer
+    from modelguard.store import make_store
 
     started = time.perf_counter()
     hidden, inputs = base["fc1.weight"].shape
@@ -750,7 +750,7 @@ def _round_robin(users: int, per_user: int) -> list[tuple[int, int]]:
 def write_map_requests(path: Path, users: BenchUsers) -> int:
     """Ours: one pre-serialised MapRequest per (user, row), each with that user's id and
     credential, round robin over the users."""
-    from shared.proto.modelguard.v1 import result_mapper_pb2
+    from modelguard.proto.modelguard.v1 import result_mapper_pb2
 
     order = _round_robin(len(users.names), users.rows.shape[1])
     write_requests(
@@ -812,7 +812,7 @@ def deployed_settings() -> dict[str, dict[str, str]]:
     """``SETTING → {"value", "source"}`` for every ResultMapperSettings field: the prod
     overlay's literal if it sets one, else the base ConfigMap's
     (``deploy/k8s/base/config/result-mapper.env``), else the settings' default."""
-    from shared.config import ResultMapperSettings
+    from modelguard.config import ResultMapperSettings
 
     settings: dict[str, dict[str, str]] = {}
     for name, field in ResultMapperSettings.model_fields.items():
@@ -956,15 +956,15 @@ class Bench:
 
 
 def _ours(bench: Bench, mode: str) -> dict[str, Any]:
-    """The production result-mapper (``python -m services.result_mapper.main``, the
+    """The production result-mapper (``python -m modelguard.services.result_mapper.main``, the
     process Kubernetes runs) with the deployed settings and the benchmark's raised limits
     (`Bench.ours_env`) over the seeded store: bearer-token authentication, the per-user
     credential, the LRU at its deployed bound, per-user rate limits and query budget, the
     extraction detector scoring every request against the user's own profile and revoking
     on alarm, query accounting, Prometheus metrics and their /metrics endpoint. ``mode``
     is ``KEY=VALUE[,...]`` over those (e.g. ``grpc_workers=8``)."""
-    from shared.auth import mint_token
-    from shared.proto.modelguard.v1 import result_mapper_pb2
+    from modelguard.auth import mint_token
+    from modelguard.proto.modelguard.v1 import result_mapper_pb2
 
     label = mode or "as deployed"
     name = f"result-mapper-{(mode or 'deployed').replace('=', '').replace(',', '-')}"
@@ -989,7 +989,9 @@ def _ours(bench: Bench, mode: str) -> dict[str, Any]:
         key, _, value = setting.partition("=")
         if key:
             env[ENV_PREFIX + key.upper()] = value
-    server = Server(name, [sys.executable, "-m", "services.result_mapper.main"], bench.workdir, env)
+    server = Server(
+        name, [sys.executable, "-m", "modelguard.services.result_mapper.main"], bench.workdir, env
+    )
     metrics: dict[str, dict[str, float]] = {}
     try:
         results = _run_loadgen(
@@ -1141,8 +1143,8 @@ def measure_mapper_bytes(
 
     import torch
 
-    from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-    from services.result_mapper.core.registry import MapperRegistry, hash_credential
+    from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
+    from modelguard.carrier.mapper_registry import MapperRegistry, hash_credential
 
     torch.manual_seed(0)
     template = MappingNetwork(in_features, classes, hidden)

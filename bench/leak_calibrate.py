@@ -33,12 +33,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from services.leak_detector.core.calibration import CALIBRATION_PATH, Calibration, fit_calibration
-from services.leak_detector.core.features import LayerStats, layer_statistics
-from shared.architectures import build
-from shared.attacks import leak
-from shared.datasets import Dataset, load_fashion_mnist, load_mnist
-from shared.training import TrainConfig, accuracy, train_classifier
+from modelguard.attacks import leak
+from modelguard.datasets import Dataset, load_fashion_mnist, load_mnist
+from modelguard.leak.calibration import CALIBRATION_PATH, Calibration, fit_calibration
+from modelguard.leak.features import LayerStats, layer_statistics
+from modelguard.nn.architectures import build
+from modelguard.nn.training import TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger("bench.leak_calibrate")
 

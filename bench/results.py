@@ -18,7 +18,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from shared.datasets import REPO_ROOT
+from modelguard.datasets import REPO_ROOT
 
 PAGE = REPO_ROOT / "docs" / "benchmarks.md"
 ORDER = ("zoo", "detection", "reversal_speed", "repair", "leak", "carrier", "load", "serving")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bench import results
-from shared.attacks.backdoor import (
+from modelguard.attacks.backdoor import (
     BlendTrigger,
     PatchTrigger,
     Trigger,
@@ -39,9 +39,9 @@ from shared.attacks.backdoor import (
     train_backdoored,
     trigger_from_dict,
 )
-from shared.datasets import REPO_ROOT, Dataset, load_named
-from shared.modelio import load_model, weights_to_safetensors
-from shared.spec import InputSpec
+from modelguard.datasets import REPO_ROOT, Dataset, load_named
+from modelguard.formats.loader import load_model, weights_to_safetensors
+from modelguard.spec import InputSpec
 
 ZOO_DIR = Path(os.environ.get("MODELGUARD_ZOO_DIR", REPO_ROOT / ".cache" / "zoo"))
 INDEX = "zoo.json"

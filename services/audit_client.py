@@ -11,9 +11,9 @@ from typing import TypeVar
 
 import grpc
 
-from shared.channels import ClientTls, open_channel
-from shared.convert import spec_to_proto
-from shared.errors import (
+from modelguard.channels import ClientTls, open_channel
+from modelguard.convert import FORMAT_TO_PROTO, spec_to_proto
+from modelguard.errors import (
     IntegrityError,
     InvalidInput,
     ModelGuardError,
@@ -23,14 +23,14 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shared.modelio import MEDIA_TYPES
-from shared.proto.modelguard.v1 import (
+from modelguard.formats.registry import get_format
+from modelguard.proto.modelguard.v1 import (
     common_pb2,
     jobs_pb2,
     pruning_orchestrator_pb2,
     pruning_orchestrator_pb2_grpc,
 )
-from shared.spec import InputSpec
+from modelguard.spec import InputSpec
 
 UPLOAD_CHUNK = 1 << 20
 #: Status codes after which a watch reconnects: the server is down or restarting
@@ -63,7 +63,9 @@ def error_from_rpc(err: grpc.RpcError) -> ModelGuardError:
 
 
 def sniff_format(data: bytes) -> str:
-    from shared.artifact_scan import scan_model_bytes
+    """The model file's format (registry name), after the full scan: an unsafe file is
+    refused here, before it is uploaded."""
+    from modelguard.formats.scan import scan_model_bytes
 
     return scan_model_bytes(data).kind
 
@@ -126,14 +128,12 @@ class AuditClient:
     ) -> pruning_orchestrator_pb2.Audit:
         model_bytes = _read(model_path, "model")
         data_bytes = _read(data_path, "dataset")
-        kind = sniff_format(model_bytes)
-        model_ref = self.upload(model_bytes, MEDIA_TYPES[kind])
+        fmt = get_format(sniff_format(model_bytes))
+        model_ref = self.upload(model_bytes, fmt.media_type)
         data_ref = self.upload(data_bytes, "application/x-npz")
         model = common_pb2.ModelSpec(
             artifact=model_ref,
-            format=common_pb2.MODEL_FORMAT_TORCHSCRIPT
-            if kind == "torchscript"
-            else common_pb2.MODEL_FORMAT_SAFETENSORS,
+            format=FORMAT_TO_PROTO[fmt.name],
             arch=arch,
             input=spec_to_proto(spec),
         )

@@ -1,5 +1,5 @@
 """Client of carrier-trainer and result-mapper for the CLI, the demo and tests: enrol,
-wait for the carrier, build a device (`services.client.DeviceClient`) that maps through
+wait for the carrier, build a device (`modelguard.services.client.DeviceClient`) that maps through
 the result-mapper over gRPC."""
 
 from __future__ import annotations
@@ -9,11 +9,9 @@ from collections.abc import Callable
 
 import grpc
 
-from services.audit_client import error_from_rpc
-from services.client import DeviceClient, MapReply, connect, decode_map_reply
-from shared.channels import ClientTls, open_channel
-from shared.errors import ModelGuardError, NotFound, Unavailable
-from shared.proto.modelguard.v1 import (
+from modelguard.channels import ClientTls, open_channel
+from modelguard.errors import ModelGuardError, NotFound, Unavailable
+from modelguard.proto.modelguard.v1 import (
     carrier_trainer_pb2,
     carrier_trainer_pb2_grpc,
     common_pb2,
@@ -21,6 +19,8 @@ from shared.proto.modelguard.v1 import (
     result_mapper_pb2,
     result_mapper_pb2_grpc,
 )
+from modelguard.services.audit_client import error_from_rpc
+from modelguard.services.client import DeviceClient, MapReply, connect, decode_map_reply
 
 FINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED)
 

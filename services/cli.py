@@ -3,7 +3,9 @@
 Audits go through the pruning-orchestrator's gRPC API: of a running stack (``--target`` or
 MODELGUARD_CLI_TARGET), or of an embedded stack this process starts (all six services,
 in-memory bus, local store under .modelguard/). ``detect``, ``repair`` and ``leakscan``
-run the same algorithm code in-process for a user with one model and no cluster.
+run the same use cases in-process for a user with one model and no cluster: the same
+loader (`modelguard.jobdata`), the same summary documents, the same trigger pictures
+(`modelguard.detection.render`) and the same rendering (`modelguard.services.present`) as an audit.
 
 Exit codes: 0 success (whatever the verdict), 1 failure, 2 bad input or refused file.
 """
@@ -15,23 +17,40 @@ import json
 import logging
 import math
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from rich.console import Console
-from rich.table import Table
 
-from shared.config import SERVICES, PlatformSettings
-from shared.errors import InvalidInput, ModelGuardError
-from shared.spec import InputSpec
+from modelguard.config import SERVICES, PlatformSettings
+from modelguard.errors import InvalidInput, ModelGuardError
+from modelguard.services.present import (
+    err_console,
+    failed,
+    job_state_name,
+    out_console,
+    print_audit,
+    print_audit_list,
+    print_leak,
+    print_repair,
+    print_reversal,
+    progress_printer,
+    watch,
+)
+from modelguard.spec import InputSpec
 
-err_console = Console(stderr=True)
-out_console = Console()
+if TYPE_CHECKING:
+    from modelguard.datasets import Dataset
+    from modelguard.detection.base import DetectionResult
+    from modelguard.detection.neural_cleanse import ReversalConfig
+    from modelguard.jobdata import Limits, ModelAndData
+    from modelguard.proto.modelguard.v1.carrier_trainer_pb2 import CarrierInfo
+    from modelguard.services.audit_client import AuditClient
+    from modelguard.services.carrier_client import CarrierClient
+    from modelguard.services.trigger_reversal.service import ReversalPlan
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -59,7 +78,7 @@ class CliSettings(BaseSettings):
 
 def client_credentials(args: argparse.Namespace) -> dict[str, Any]:
     """Token and TLS for the clients: command-line options over the environment."""
-    from shared.channels import ClientTls
+    from modelguard.channels import ClientTls
 
     settings = CliSettings()
     token = getattr(args, "token", None) or settings.token.get_secret_value()
@@ -89,12 +108,21 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_rule_arg(parser: argparse.ArgumentParser) -> None:
-    from services.trigger_reversal.core.reversal import MODELGUARD, RULES
+    """``--detector`` and ``--rule``, their choices from the detector registry."""
+    from modelguard.detection.registry import DEFAULT_DETECTOR, DETECTORS, get_detector
 
     parser.add_argument(
+        "--detector",
+        choices=list(DETECTORS),
+        default=DEFAULT_DETECTOR,
+        help=f"backdoor detector (default {DEFAULT_DETECTOR}: Neural Cleanse, all labels "
+        "batched; neural-cleanse-sequential: the original, one label after another)",
+    )
+    rules = list(dict.fromkeys(r for name in DETECTORS for r in get_detector(name).rules))
+    parser.add_argument(
         "--rule",
-        choices=RULES,
-        default=MODELGUARD,
+        choices=rules,
+        default=get_detector(DEFAULT_DETECTOR).rules[0],
         help="backdoor detection rule: modelguard (default: log-scale MAD, size rule, "
         "screening, restarts) or paper (Neural Cleanse's original test: every label fully "
         "optimised, MAD on linear norms, nothing else)",
@@ -109,9 +137,9 @@ def read_file(path: str, what: str) -> bytes:
 
 
 @contextmanager
-def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[Any]:
+def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[AuditClient]:
     """A client of the configured orchestrator, or of an embedded stack started here."""
-    from services.audit_client import AuditClient
+    from modelguard.services.audit_client import AuditClient
 
     settings = CliSettings()
     target = getattr(args, "target", None) or settings.target
@@ -120,7 +148,7 @@ def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[Any]:
         with AuditClient(target, timeout=settings.timeout, **credentials) as client:
             yield client
         return
-    from services.launcher import start_stack
+    from modelguard.services.launcher import start_stack
 
     platform = PlatformSettings()
     logging.getLogger().setLevel(logging.WARNING)
@@ -134,32 +162,10 @@ def audit_client(args: argparse.Namespace, *, workers: bool) -> Iterator[Any]:
         yield client
 
 
-def progress_printer(label: str) -> Callable[[float, str], None]:
-    state = {"last": -1.0}
-
-    def report(fraction: float, message: str = "") -> None:
-        if fraction - state["last"] >= 0.05 or fraction >= 1.0:
-            state["last"] = fraction
-            err_console.print(f"[dim]{label} {fraction * 100:5.1f}% {message}[/dim]")
-
-    return report
-
-
 # --- audit -------------------------------------------------------------------------------
-STATE_NAMES = {0: "unspecified", 1: "queued", 2: "running", 3: "succeeded", 4: "failed"}
-STAGE_NAMES = {
-    0: "?",
-    1: "not run",
-    2: "pending",
-    3: "running",
-    4: "done",
-    5: "failed",
-    6: "skipped",
-}
-
-
 def cmd_audit_submit(args: argparse.Namespace) -> int:
-    from shared.proto.modelguard.v1 import jobs_pb2
+    from modelguard.proto.modelguard.v1 import jobs_pb2
+    from modelguard.repair.registry import NO_REPAIR
 
     spec = spec_from_args(args)
     options = jobs_pb2.AuditOptions(
@@ -167,8 +173,9 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
         layer=args.layer or "",
         repair_mode=args.repair_mode,
         seed=args.seed,
-        skip_repair=args.repair_mode == "none",
+        skip_repair=args.repair_mode == NO_REPAIR,
         detection_rule=args.rule,
+        detector=args.detector,
     )
     embedded = not (args.target or CliSettings().target)
     with audit_client(args, workers=True) as client:
@@ -186,115 +193,7 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
             print_audit(audit)
         else:
             out_console.print(audit.audit_id)
-    return EXIT_OK if audit.state != 4 else EXIT_FAILED
-
-
-def watch(client: Any, audit_id: str) -> Any:
-    last: dict[str, str] = {}
-    audit = None
-    for audit in client.watch(audit_id):
-        for stage in audit.stages:
-            line = f"{STAGE_NAMES[stage.state]} {stage.progress * 100:3.0f}% {stage.message}"
-            if last.get(stage.stage) != line:
-                last[stage.stage] = line
-                err_console.print(f"[dim]{stage.stage:>18}: {line}[/dim]")
-    return audit
-
-
-def print_audit(audit: Any) -> None:
-    out_console.print(f"audit [bold]{audit.audit_id}[/bold]: {STATE_NAMES[audit.state]}")
-    table = Table("stage", "state", "message")
-    for stage in audit.stages:
-        message = stage.error.message if stage.error.message else stage.message
-        table.add_row(stage.stage, STAGE_NAMES[stage.state], message)
-    out_console.print(table)
-    for stage in audit.stages:
-        if not stage.summary_json:
-            continue
-        summary = json.loads(stage.summary_json)
-        if stage.stage == "trigger-reversal" and summary.get("labels"):
-            labels = Table(
-                "label",
-                "L1 norm",
-                "anomaly index",
-                "attack success",
-                "flagged",
-                title="trigger reversal (Neural Cleanse, MAD)",
-            )
-            flagged = set(summary.get("flagged", []))
-            for row in summary["labels"]:
-                labels.add_row(
-                    str(row["label"]),
-                    _fixed(row["l1_norm"], 2),
-                    _fixed(row["anomaly_index"], 2),
-                    _fixed(row["attack_success"], 3),
-                    "yes" if row["label"] in flagged else "",
-                )
-            out_console.print(labels)
-            out_console.print(f"verdict: [bold]{summary.get('verdict')}[/bold]")
-        if stage.stage == "leak-detector":
-            out_console.print(
-                f"leak verdict: [bold]{summary.get('verdict')}[/bold] "
-                f"(score {summary.get('score', 0):.3g})"
-            )
-            layers = Table(
-                "layer",
-                "count",
-                "min",
-                "max",
-                "mean",
-                "variance",
-                "skewness",
-                "kurtosis",
-                ">3σ",
-                title="parameter statistics",
-            )
-            for row in summary.get("layers", []):
-                layers.add_row(
-                    row["layer"],
-                    str(row["count"]),
-                    *(
-                        f"{row[k]:.4g}"
-                        for k in (
-                            "min",
-                            "max",
-                            "mean",
-                            "variance",
-                            "skewness",
-                            "kurtosis",
-                            "tail_fraction",
-                        )
-                    ),
-                )
-            out_console.print(layers)
-            for item in summary.get("evidence", [])[:10]:
-                out_console.print(
-                    f"  evidence: {item['layer']} {item['feature']} = {item['value']:.4g}"
-                )
-        if stage.stage == "repair" and "before" in summary:
-            repair = Table("measure", "before", "after", title=f"repair ({summary.get('mode')})")
-            for key in summary["before"]:
-                repair.add_row(key, _num(summary["before"][key]), _num(summary["after"].get(key)))
-            out_console.print(repair)
-            out_console.print(f"pruned {len(summary.get('pruned', []))} neurons")
-    if audit.report_html.sha256:
-        out_console.print(f"report: modelguard audit report {audit.audit_id} --out DIR")
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-def _fixed(value: float | None, digits: int) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _num(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list):
-        return ", ".join(_num(v) for v in value)
-    return str(value)
+    return EXIT_FAILED if failed(audit.state) else EXIT_OK
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
@@ -312,24 +211,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 def cmd_audit_list(args: argparse.Namespace) -> int:
     with audit_client(args, workers=False) as client:
         audits = client.list(args.limit)
-    table = Table(
-        "audit",
-        "state",
-        "created",
-        *(s for s in ("leak-detector", "trigger-reversal", "neuron-scoring", "repair")),
-    )
-    for audit in audits:
-        stages = {s.stage: STAGE_NAMES[s.state] for s in audit.stages}
-        table.add_row(
-            audit.audit_id,
-            STATE_NAMES[audit.state],
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(audit.created_at)),
-            *(
-                stages.get(s, "")
-                for s in ("leak-detector", "trigger-reversal", "neuron-scoring", "repair")
-            ),
-        )
-    out_console.print(table)
+    print_audit_list(audits)
     return EXIT_OK
 
 
@@ -340,7 +222,7 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
         audit = client.get(args.audit_id)
         if not audit.report_json.sha256:
             raise InvalidInput(
-                f"audit {args.audit_id} has no report yet (state {STATE_NAMES[audit.state]})"
+                f"audit {args.audit_id} has no report yet (state {job_state_name(audit.state)})"
             )
         written = []
         for ref, name in (
@@ -349,138 +231,162 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
             (audit.repaired_model, "repaired-model"),
         ):
             if ref.sha256:
+                data = client.download(ref)
                 if name == "repaired-model":
-                    name += ".pt" if "torchscript" in ref.media_type else ".safetensors"
-                (out / name).write_bytes(client.download(ref))
+                    name += model_extension(ref.media_type, data)
+                (out / name).write_bytes(data)
                 written.append(str(out / name))
     for path in written:
         out_console.print(path)
     return EXIT_OK
 
 
+def model_extension(media_type: str, data: bytes) -> str:
+    """The file suffix of a model artifact: its format's (by media type, else by content)."""
+    from modelguard.formats.registry import by_media_type, sniff
+
+    fmt = by_media_type(media_type)
+    if fmt is None:
+        try:
+            fmt = sniff(data)
+        except ModelGuardError:
+            return ".bin"
+    return fmt.extension
+
+
 # --- one-shot commands ---------------------------------------------------------------------
-def load_local_model(path: str, arch: str | None, spec: InputSpec) -> Any:
-    from shared.modelio import load_model
+def cli_limits() -> Limits:
+    """The platform's file-size limits (MODELGUARD_MAX_MODEL_BYTES, ..._DATASET_BYTES):
+    a file the CLI accepts is one an audit accepts."""
+    from modelguard.jobdata import Limits
 
-    return load_model(read_file(path, "model"), spec, arch=arch or "")
-
-
-def load_local_data(path: str, spec: InputSpec, num_classes: int) -> Any:
-    from shared.datasets import load_npz
-
-    return load_npz(read_file(path, "dataset"), spec, num_classes=num_classes)
+    return Limits.of(PlatformSettings())
 
 
-def reversal_config(args: argparse.Namespace) -> Any:
-    """The ReversalConfig of ``--rule`` with ``--seed``, ``--steps`` and ``--norm-scale``
-    applied (an option contradicting the rule is refused: exit code 2)."""
-    from services.trigger_reversal.core import ReversalConfig
+def load_local_inputs(args: argparse.Namespace, spec: InputSpec) -> ModelAndData:
+    """``MODEL`` (with ``--arch``) and ``--data``, through the services' loader."""
+    from modelguard.jobdata import load_inputs_from_bytes
 
-    overrides: dict[str, Any] = {"seed": args.seed}
-    if getattr(args, "steps", 0):
-        overrides["steps"] = args.steps
-    if getattr(args, "norm_scale", None):
-        overrides["norm_scale"] = args.norm_scale
-    return ReversalConfig.for_rule(args.rule, **overrides)
+    return load_inputs_from_bytes(
+        read_file(args.model, "model"),
+        read_file(args.data, "dataset"),
+        spec,
+        args.arch or "",
+        cli_limits(),
+    )
+
+
+def reversal_plan_of(args: argparse.Namespace, data: Dataset | None = None) -> ReversalPlan:
+    """The trigger-reversal service's plan for ``--rule``, ``--seed``, ``--steps`` and
+    ``--norm-scale``: the detector, the clean images it sees (the service's subset of
+    ``data``) and its config. Without ``data``: to check the options before any file is
+    read (an option contradicting the rule is refused: exit code 2)."""
+    import torch
+
+    from modelguard.config import TriggerReversalSettings
+    from modelguard.datasets import Dataset
+    from modelguard.services.trigger_reversal.service import reversal_plan
+
+    if data is None:
+        data = Dataset(torch.empty(0), torch.empty(0, dtype=torch.int64))
+    norm_scale = getattr(args, "norm_scale", None)
+    return reversal_plan(
+        data,
+        TriggerReversalSettings(),
+        steps=getattr(args, "steps", 0) or 0,
+        seed=args.seed,
+        rule=args.rule,
+        detector=getattr(args, "detector", ""),
+        overrides={"norm_scale": norm_scale} if norm_scale else None,
+    )
+
+
+def reversal_config(args: argparse.Namespace) -> ReversalConfig:
+    """The detector's config for the options (see `reversal_plan_of`)."""
+    config: ReversalConfig = reversal_plan_of(args).config
+    return config
+
+
+def reverse(args: argparse.Namespace, inputs: ModelAndData) -> tuple[DetectionResult, str]:
+    """Trigger reversal as the trigger-reversal service runs it; the result and the
+    detector's name."""
+    assert inputs.data is not None
+    plan = reversal_plan_of(args, inputs.data)
+    result = plan.detector.detect(
+        inputs.model.module,
+        plan.data,
+        inputs.spec,
+        plan.config,
+        progress=progress_printer("reversal"),
+    )
+    return result, plan.detector.name
+
+
+def parse_labels(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise InvalidInput(
+            f"--target takes labels, comma-separated (e.g. 7 or 1,7); got {value!r}"
+        ) from None
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from services.trigger_reversal.core import reverse_triggers
+    from modelguard.services.trigger_reversal.service import reversal_summary
 
-    config = reversal_config(args)
+    reversal_config(args)  # the options, checked before any file is read
     spec = spec_from_args(args)
-    model = load_local_model(args.model, args.arch, spec)
-    data = load_local_data(args.data, spec, model.num_classes)
-    started = time.perf_counter()
-    result = reverse_triggers(
-        model.module,
-        data,
-        spec,
-        config=config,
-        progress=progress_printer("reversal"),
-    )
-    seconds = time.perf_counter() - started
+    result, detector = reverse(args, load_local_inputs(args, spec))
+    summary = reversal_summary(result, detector)  # the stage's, less its store references
     if args.out:
-        save_trigger_images(result, spec, Path(args.out))
-    document = {
-        "labels": [
-            {
-                "label": r.label,
-                # strict JSON: a label whose trigger never reached the threshold has an
-                # infinite norm and no index, written as null
-                "l1_norm": _finite_or_none(r.l1_norm),
-                "anomaly_index": _finite_or_none(r.anomaly_index),
-                "attack_success": _finite_or_none(r.attack_success),
-            }
-            for r in result.labels
-        ],
-        "flagged": list(result.flagged),
-        "verdict": result.verdict,
-        "rule": config.rule,
-        "seconds": round(seconds, 3),
-    }
+        summary["images"] = save_trigger_images(result, Path(args.out))
     if args.json:
-        print(json.dumps(document))
+        print(json.dumps(summary))
     else:
-        table = Table("label", "L1 norm", "anomaly index", "attack success", "flagged")
-        for r in result.labels:
-            table.add_row(
-                str(r.label),
-                _fixed(r.l1_norm, 2),
-                _fixed(r.anomaly_index, 2),
-                _fixed(r.attack_success, 3),
-                "yes" if r.label in result.flagged else "",
-            )
-        out_console.print(table)
-        out_console.print(
-            f"verdict: [bold]{result.verdict}[/bold] "
-            f"(flagged: {list(result.flagged) or 'none'}) in {seconds:.1f} s"
-        )
+        print_reversal(summary)
     return EXIT_OK
 
 
-def save_trigger_images(result: Any, spec: InputSpec, out: Path) -> list[Path]:
-    from shared.plots import tensor_png
+def save_trigger_images(result: DetectionResult, out: Path) -> dict[str, str]:
+    """The pictures the service stores, as files: ``label{k}-{mask,pattern,trigger}.png``
+    of the flagged labels (of the smallest trigger when none is flagged)."""
+    from modelguard.detection.render import PARTS, image_name, trigger_pngs
 
     out.mkdir(parents=True, exist_ok=True)
-    low, high = spec.value_range
-    written = []
-    labels = list(result.flagged) or [min(result.labels, key=lambda r: r.l1_norm).label]
+    labels = list(result.flagged)
+    if not labels:
+        finite = [r for r in result.labels if math.isfinite(r.l1_norm)] or list(result.labels)
+        labels = [min(finite, key=lambda r: r.l1_norm).label]
+    pngs = trigger_pngs(result, labels, scale=8)
+    written: dict[str, str] = {}
     for label in labels:
-        mask = result.masks[label].numpy()
-        pattern = ((result.patterns[label] - low) / (high - low)).numpy()
-        for name, array in (("mask", mask), ("trigger", pattern * mask[None])):
-            path = out / f"label{label}-{name}.png"
-            path.write_bytes(tensor_png(array, scale=8))
-            written.append(path)
-    for path in written:
-        err_console.print(f"wrote {path}")
+        for part in PARTS:
+            path = out / f"label{label}-{part}.png"
+            path.write_bytes(pngs[image_name(label, part)])
+            written[image_name(label, part)] = str(path)
+            err_console.print(f"wrote {path}")
     return written
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from services.pruning_orchestrator.core import repair
-    from services.trigger_reversal.core import reverse_triggers
-    from shared.modelio import LoadedModel, save_model
-    from shared.triggers import ReversedTrigger, load_triggers
+    from modelguard.detection.triggers import ReversedTrigger, load_triggers
+    from modelguard.formats.loader import LoadedModel, save_model
+    from modelguard.repair.registry import repair
+    from modelguard.services.pruning_orchestrator.service import repair_summary
 
     spec = spec_from_args(args)
-    model = load_local_model(args.model, args.arch, spec)
-    data = load_local_data(args.data, spec, model.num_classes)
-    started = time.perf_counter()
+    targets = parse_labels(args.target) if args.target else None
+    if not args.triggers:
+        reversal_config(args)  # the options, checked before any file is read
+    inputs = load_local_inputs(args, spec)
+    model, data = inputs.model, inputs.data
+    assert data is not None
     triggers: list[ReversedTrigger]
     if args.triggers:
-        labels = [int(v) for v in args.target.split(",")] if args.target else None
-        triggers = load_triggers(read_file(args.triggers, "triggers"), labels)
+        triggers = load_triggers(read_file(args.triggers, "triggers"), targets)
     else:
-        result = reverse_triggers(
-            model.module,
-            data,
-            spec,
-            config=reversal_config(args),
-            progress=progress_printer("reversal"),
-        )
-        flagged = [int(v) for v in args.target.split(",")] if args.target else list(result.flagged)
+        result, _detector = reverse(args, inputs)
+        flagged = targets if targets is not None else list(result.flagged)
         if not flagged:
             err_console.print("no backdoor found: nothing to repair (use --target to force)")
             if args.json:
@@ -492,7 +398,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                             "before": {},
                             "after": {},
                             "curve": [],
-                            "seconds": round(time.perf_counter() - started, 3),
+                            "seconds": round(result.seconds, 3),
                         }
                     )
                 )
@@ -515,73 +421,39 @@ def cmd_repair(args: argparse.Namespace) -> int:
         module=repaired.model, format=model.format, arch=model.arch, num_classes=model.num_classes
     )
     Path(args.out).write_bytes(save_model(out))
-    document = repaired.to_dict()
-    document["seconds"] = round(time.perf_counter() - started, 3)
+    summary = repair_summary(repaired, args.mode)  # the stage's, less its store references
     if args.json:
-        print(json.dumps(document))
+        print(json.dumps(summary))
     else:
-        table = Table("measure", "before", "after")
-        for key in document["before"]:
-            table.add_row(key, _num(document["before"][key]), _num(document["after"].get(key)))
-        out_console.print(table)
-        out_console.print(f"pruned {len(document['pruned'])} neurons; wrote {args.out}")
+        print_repair(summary)
+        out_console.print(f"wrote {args.out}")
     return EXIT_OK
 
 
 def cmd_leakscan(args: argparse.Namespace) -> int:
-    from services.leak_detector.core import detect_leak
-    from shared.artifact_scan import scan_model_bytes
-    from shared.modelio import load_model
+    from modelguard.jobdata import load_model_from_bytes, load_weights_only
+    from modelguard.services.leak_detector.service import scan_module
 
-    started = time.perf_counter()
     data = read_file(args.model, "model")
-    scan = scan_model_bytes(data)  # refuses pickles before anything else happens
+    limits = cli_limits()
+    # every path scans the file first: pickles are refused before anything is loaded
     if args.input_shape:
         spec = InputSpec.parse(args.input_shape, args.value_range or "0,1", args.mean, args.std)
-        module = load_model(data, spec, arch=args.arch or "").module
+        module = load_model_from_bytes(data, spec, args.arch or "", limits).module
     else:
-        module = load_weights_only(data, scan.kind, args.arch)
-    verdict = detect_leak(module)
-    document: dict[str, Any] = {
-        "verdict": verdict.verdict,
-        "score": verdict.score,
-        "evidence": [
-            {"layer": e.layer, "feature": e.feature, "value": e.value} for e in verdict.evidence
-        ],
-        "seconds": round(time.perf_counter() - started, 4),
-    }
+        module = load_weights_only(data, limits)
+    _verdict, summary = scan_module(module)  # the leak-detector stage's summary
     if args.json:
-        print(json.dumps(document))
+        print(json.dumps(summary))
     else:
-        out_console.print(f"verdict: [bold]{verdict.verdict}[/bold] (score {verdict.score:.3g})")
-        for item in document["evidence"]:
-            out_console.print(f"  {item['layer']}: {item['feature']} = {item['value']:.4g}")
+        print_leak(summary)
     return EXIT_OK
-
-
-def load_weights_only(data: bytes, kind: str, arch: str | None) -> Any:
-    """Leak forensics needs parameters, not a forward pass: a TorchScript module or a
-    state dict wrapped so its tensors can be walked, whatever the architecture."""
-    import io
-
-    import torch
-    from safetensors.torch import load as safetensors_load
-
-    if kind == "torchscript":
-        return torch.jit.load(io.BytesIO(data), map_location="cpu")
-    if kind == "safetensors":
-        state = safetensors_load(data)
-    else:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    from services.leak_detector.core import module_from_state_dict
-
-    return module_from_state_dict(state)
 
 
 # --- carrier serving -----------------------------------------------------------------------
 @contextmanager
-def carrier_client(args: argparse.Namespace) -> Iterator[Any]:
-    from services.carrier_client import CarrierClient
+def carrier_client(args: argparse.Namespace) -> Iterator[CarrierClient]:
+    from modelguard.services.carrier_client import CarrierClient
 
     settings = CliSettings()
     trainer = args.trainer or settings.trainer
@@ -591,7 +463,7 @@ def carrier_client(args: argparse.Namespace) -> Iterator[Any]:
         with CarrierClient(trainer, mapper, timeout=settings.timeout, **credentials) as client:
             yield client
         return
-    from services.launcher import start_stack
+    from modelguard.services.launcher import start_stack
 
     logging.getLogger().setLevel(logging.WARNING)
     with (
@@ -606,12 +478,14 @@ def carrier_client(args: argparse.Namespace) -> Iterator[Any]:
         yield client
 
 
-def _wait_printer(info: Any) -> None:
-    err_console.print(f"[dim]carrier generation {info.generation}: {STATE_NAMES[info.state]}[/dim]")
+def _wait_printer(info: CarrierInfo) -> None:
+    err_console.print(
+        f"[dim]carrier generation {info.generation}: {job_state_name(info.state)}[/dim]"
+    )
 
 
 def cmd_carrier_request(args: argparse.Namespace) -> int:
-    from shared.proto.modelguard.v1 import jobs_pb2
+    from modelguard.proto.modelguard.v1 import jobs_pb2
 
     options = jobs_pb2.CarrierOptions(
         steps=args.steps,
@@ -702,7 +576,7 @@ def cmd_carrier_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from shared.auth import mint_token
+    from modelguard.auth import mint_token
 
     token, line = mint_token(args.tenant, "admin" if args.admin else "tenant")
     if args.append:
@@ -724,7 +598,7 @@ def cmd_carrier_status(args: argparse.Namespace) -> int:
     with carrier_client(args) as client:
         info = client.info(args.user, args.credential)
     out_console.print(
-        f"{args.user}: generation {info.generation}, {STATE_NAMES[info.state]}"
+        f"{args.user}: generation {info.generation}, {job_state_name(info.state)}"
         + (f" ({info.error.message})" if info.error.message else "")
     )
     return EXIT_OK
@@ -732,8 +606,8 @@ def cmd_carrier_status(args: argparse.Namespace) -> int:
 
 # --- serve -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from services.launcher import configure_logging, run_service, start_stack
-    from shared.grpc_server import wait_for_termination
+    from modelguard.grpc_server import wait_for_termination
+    from modelguard.services.launcher import configure_logging, run_service, start_stack
 
     if args.service != "all":
         run_service(args.service)
@@ -757,6 +631,8 @@ LAYER_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from modelguard.repair.registry import DEFAULT_REPAIR_MODE, REPAIR_CHOICES, REPAIR_MODES
+
     parser = argparse.ArgumentParser(prog="modelguard", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--token", help="bearer token (default: MODELGUARD_TOKEN)")
@@ -773,9 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--arch", help="registered architecture of a weights file")
     submit.add_argument("--data", required=True, help=".npz with x (N,C,H,W) and y (N,)")
     add_spec_args(submit)
-    submit.add_argument(
-        "--repair-mode", default="rollback", choices=["rollback", "shapley", "fine-pruning", "none"]
-    )
+    submit.add_argument("--repair-mode", default=DEFAULT_REPAIR_MODE, choices=REPAIR_CHOICES)
     submit.add_argument("--layer", help=LAYER_HELP)
     submit.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
     add_rule_arg(submit)
@@ -823,9 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     repair_cmd.add_argument("--arch")
     repair_cmd.add_argument("--data", required=True)
     add_spec_args(repair_cmd)
-    repair_cmd.add_argument(
-        "--mode", default="rollback", choices=["rollback", "shapley", "fine-pruning"]
-    )
+    repair_cmd.add_argument("--mode", default=DEFAULT_REPAIR_MODE, choices=list(REPAIR_MODES))
     repair_cmd.add_argument("--layer", help=LAYER_HELP)
     add_rule_arg(repair_cmd)
     repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")

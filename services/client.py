@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.carrier_trainer.core.carrier import Carrier, carrier_from_safetensors
-from services.carrier_trainer.core.public_models import PublicModel, load_public_model
-from shared.errors import InvalidInput, NotFound
+from modelguard.carrier.carrier import Carrier, carrier_from_safetensors
+from modelguard.carrier.public_models import PublicModel, load_public_model
+from modelguard.errors import InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from services.audit_client import AuditClient
-from services.cli import print_audit, watch
-from services.launcher import start_stack
-from shared.config import PlatformSettings
-from shared.datasets import Dataset, dataset_to_npz, load_mnist
-from shared.modelio import load_model, weights_to_safetensors
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.spec import InputSpec
-from shared.training import accuracy
+from modelguard.config import PlatformSettings
+from modelguard.datasets import Dataset, dataset_to_npz, load_mnist
+from modelguard.formats.loader import load_model, weights_to_safetensors
+from modelguard.nn.training import accuracy
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.services.audit_client import AuditClient
+from modelguard.services.launcher import start_stack
+from modelguard.services.present import print_audit, watch
+from modelguard.spec import InputSpec
 
 console = Console()
 CACHE = Path(".cache/demo")
@@ -37,7 +37,7 @@ SPEC = InputSpec(shape=(1, 28, 28), value_range=(0.0, 1.0))
 def infected_model(train: Dataset, test: Dataset, seed: int = 0) -> tuple[bytes, Any]:
     """LeNet-5 with a 4×4 white patch near the bottom-right corner that flips any digit to
     7 (BadNets). Cached, so a second demo run skips training."""
-    from shared.attacks.backdoor import PatchTrigger, train_backdoored
+    from modelguard.attacks.backdoor import PatchTrigger, train_backdoored
 
     trigger = PatchTrigger(target=7, size=4, position=(-2, -2), pattern="white")
     path = CACHE / f"lenet5-badnets-seed{seed}.safetensors"
@@ -55,7 +55,7 @@ def save_trigger_images(client: AuditClient, audit: Any, out: Path) -> None:
     """The reversed trigger of each flagged label, as PNG files next to the report."""
     import json
 
-    from shared.proto.modelguard.v1 import common_pb2
+    from modelguard.proto.modelguard.v1 import common_pb2
 
     for stage in audit.stages:
         if stage.stage != "trigger-reversal" or not stage.summary_json:
@@ -69,9 +69,9 @@ def save_trigger_images(client: AuditClient, audit: Any, out: Path) -> None:
 def carrier_demo(stack: Any, test: Dataset, steps: int, out: Path) -> None:
     """Carrier serving: a user enrols, classifies digits through carrier + public model +
     result-mapper, and the carrier is rotated: the old credential stops working at once."""
-    from services.carrier_client import CarrierClient
-    from shared.errors import ModelGuardError
-    from shared.proto.modelguard.v1 import jobs_pb2
+    from modelguard.errors import ModelGuardError
+    from modelguard.proto.modelguard.v1 import jobs_pb2
+    from modelguard.services.carrier_client import CarrierClient
 
     console.rule("[bold]4. Carrier-based serving")
     options = jobs_pb2.CarrierOptions(steps=steps)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
-    from shared.attacks.backdoor import attack_success_rate
+    from modelguard.attacks.backdoor import attack_success_rate
 
     train, test = load_mnist("train"), load_mnist("test")
     model_bytes, trigger = infected_model(train, test, args.seed)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     platform = PlatformSettings(store_dir=out / "store")
     started = time.perf_counter()
     with start_stack(platform) as stack, AuditClient(stack.orchestrator_address) as client:
-        options = jobs_pb2.AuditOptions(repair_mode="rollback", seed=args.seed)
+        options = jobs_pb2.AuditOptions(seed=args.seed)  # the default repair mode
         audit = client.submit(
             out / "model.safetensors", out / "clean.npz", SPEC, arch="lenet5", options=options
         )

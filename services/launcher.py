@@ -12,13 +12,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from shared.bus.base import JobBus
-from shared.config import SERVICE_SETTINGS, SERVICES, PlatformSettings, ServiceSettings
-from shared.grpc_server import wait_for_termination
-from shared.metrics import ServiceMetrics
-from shared.runtime import Runtime, ServiceApp, build_runtime
-from shared.store.instrumented import InstrumentedStore
-from shared.topics import ALL_TOPICS
+from modelguard.bus.base import JobBus
+from modelguard.config import SERVICE_SETTINGS, SERVICES, PlatformSettings, ServiceSettings
+from modelguard.grpc_server import wait_for_termination
+from modelguard.metrics import ServiceMetrics
+from modelguard.runtime import Runtime, ServiceApp, build_runtime
+from modelguard.store.instrumented import InstrumentedStore
+from modelguard.topics import ALL_TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ Builder = Callable[[Any, Runtime, ServiceMetrics], ServiceApp]
 
 
 def builder(name: str) -> Builder:
-    module = importlib.import_module(f"services.{name.replace('-', '_')}.main")
+    module = importlib.import_module(f"modelguard.services.{name.replace('-', '_')}.main")
     return module.build  # type: ignore[no-any-return]
 
 
@@ -117,7 +117,7 @@ def start_stack(
     """Start ``names`` in this process. With the memory bus all share one instance, and
     unfinished audits from an earlier run are requested again."""
     if bus is None and platform.bus == "memory":
-        from shared.bus.memory import MemoryBus
+        from modelguard.bus.memory import MemoryBus
 
         bus = MemoryBus()
     stack = Stack(bus=bus)

@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.config import SERVICES
-from shared.localstack import free_port
+from modelguard.config import SERVICES
+from modelguard.localstack import free_port
 
 STACK_DIR = Path(".modelguard/stack")
 
@@ -61,7 +61,7 @@ class ServiceProcess:
         }
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{self.name}.log").open("ab")
-        module = f"services.{self.name.replace('-', '_')}.main"
+        module = f"modelguard.services.{self.name.replace('-', '_')}.main"
         self.process = subprocess.Popen(
             [sys.executable, "-m", module],
             env=env,
@@ -126,7 +126,7 @@ def platform_env(
 
 
 def up() -> None:
-    from shared.localstack import start_seaweedfs, start_tansu
+    from modelguard.localstack import start_seaweedfs, start_tansu
 
     if (STACK_DIR / "state.json").exists():
         print("a stack is already up; `make down` first", file=sys.stderr)

@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 import grpc
 
-from shared.errors import InvalidInput, PermissionDenied, Unauthenticated
-from shared.interceptors import Behaviour, MethodInterceptor, wrap_handler
+from modelguard.errors import InvalidInput, PermissionDenied, Unauthenticated
+from modelguard.interceptors import Behaviour, MethodInterceptor, wrap_handler
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from shared.errors import InvalidInput
+from modelguard.errors import InvalidInput
 
 
 @dataclass(frozen=True)

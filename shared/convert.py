@@ -7,16 +7,17 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from shared.artifact_scan import SAFETENSORS, TORCH_ZIP, TORCHSCRIPT
-from shared.errors import InvalidInput
-from shared.proto.modelguard.v1 import common_pb2
-from shared.spec import InputSpec
-from shared.store.base import ArtifactRef
+from modelguard.errors import InvalidInput
+from modelguard.formats.registry import FORMATS
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.spec import InputSpec
+from modelguard.store.base import ArtifactRef
 
-FORMAT_TO_PROTO = {
-    SAFETENSORS: common_pb2.MODEL_FORMAT_SAFETENSORS,
-    TORCHSCRIPT: common_pb2.MODEL_FORMAT_TORCHSCRIPT,
-    TORCH_ZIP: common_pb2.MODEL_FORMAT_SAFETENSORS,  # weights + arch, like safetensors
+#: Registry name -> ModelFormat enum value (MODEL_FORMAT_<NAME>, "-" as "_"): a format
+#: missing from the proto fails at import, not at the first submission.
+FORMAT_TO_PROTO: dict[str, common_pb2.ModelFormat.ValueType] = {
+    name: common_pb2.ModelFormat.Value("MODEL_FORMAT_" + name.upper().replace("-", "_"))
+    for name in FORMATS
 }
 
 

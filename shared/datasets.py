@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.errors import InvalidInput, NotFound
-from shared.spec import InputSpec
+from modelguard.errors import InvalidInput, NotFound
+from modelguard.spec import InputSpec
 
 #: Where `make setup` puts the npm package (relative to the repository root).
 REPO_ROOT = Path(__file__).resolve().parents[1]

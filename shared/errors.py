@@ -1,7 +1,7 @@
 """One error hierarchy for the whole project.
 
 Each class carries the gRPC status code it maps to; the server's error interceptor
-(`shared.grpc_server`) converts them once, and the CLI prints ``str(error)``.
+(`modelguard.grpc_server`) converts them once, and the CLI prints ``str(error)``.
 Messages say what was wrong and what the user can do about it.
 """
 

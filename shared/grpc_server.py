@@ -16,16 +16,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.auth import AuthInterceptor, TokenStore
-from shared.errors import InvalidInput
-from shared.executor import CallExecutor
-from shared.interceptors import (
+from modelguard.auth import AuthInterceptor, TokenStore
+from modelguard.errors import InvalidInput
+from modelguard.executor import CallExecutor
+from modelguard.interceptors import (
     ErrorInterceptor,
     MethodInterceptor,
     MetricsInterceptor,
     wrap_method,
 )
-from shared.metrics import ServiceMetrics, serve_metrics
+from modelguard.metrics import ServiceMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 

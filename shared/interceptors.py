@@ -2,7 +2,7 @@
 status codes) and request metrics.
 
 Each is a `MethodInterceptor`: it wraps a method's handler once (``wrap(method, handler)``)
-and does its per-call work inside the wrapped behaviour. `shared.grpc_server.GrpcServer`
+and does its per-call work inside the wrapped behaviour. `modelguard.grpc_server.GrpcServer`
 applies the wrappers when a servicer is registered, so a call costs only the wrappers
 themselves; grpc's per-call interceptor pipeline (which would rebuild every handler on
 every call) is not used. As plain ``grpc.ServerInterceptor`` s they still work, with the
@@ -18,8 +18,8 @@ from typing import Any
 
 import grpc
 
-from shared.errors import InvalidInput, ModelGuardError
-from shared.metrics import ServiceMetrics
+from modelguard.errors import InvalidInput, ModelGuardError
+from modelguard.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Every server listens on 127.0.0.1, runs in its own process group with its output
 file under its work directory, is ready only when a real protocol request succeeds (S3:
 list buckets and a write; Kafka: a metadata request), and is stopped with a signal
 (SIGTERM; SIGINT for Tansu, see below), then SIGKILL after a timeout.
-``python -m shared.localstack up DIR`` runs both in the foreground for ``make up`` and
+``python -m modelguard.localstack up DIR`` runs both in the foreground for ``make up`` and
 writes the matching ``MODELGUARD_*`` settings to ``DIR/env``.
 
 SeaweedFS notes: ``weed server`` (master, volume, filer, S3) is lighter than ``weed mini``
@@ -271,7 +271,7 @@ class SeaweedServer:
         """A minio client with these credentials (for fixtures and tampering in tests)."""
         from minio import Minio
 
-        from shared.store.s3 import http_client
+        from modelguard.store.s3 import http_client
 
         return Minio(
             self.endpoint,
@@ -535,7 +535,7 @@ def start_tansu(
 
 
 def settings_env(seaweed: SeaweedServer, tansu: TansuBroker, bucket: str) -> dict[str, str]:
-    """The platform settings (`shared.config.PlatformSettings`) that use these servers."""
+    """The platform settings (`modelguard.config.PlatformSettings`) that use these servers."""
     return {
         "MODELGUARD_BUS": "kafka",
         "MODELGUARD_KAFKA_BOOTSTRAP": tansu.bootstrap,
@@ -549,7 +549,7 @@ def settings_env(seaweed: SeaweedServer, tansu: TansuBroker, bucket: str) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m shared.localstack",
+        prog="python -m modelguard.localstack",
         description="Run SeaweedFS (S3) and Tansu (Kafka) on 127.0.0.1 until interrupted.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,5 +1,5 @@
 """Prometheus metrics on an injected registry (never the global one) and the /metrics
-HTTP endpoint. The gRPC interceptor that feeds them is in `shared.interceptors`."""
+HTTP endpoint. The gRPC interceptor that feeds them is in `modelguard.interceptors`."""
 
 from __future__ import annotations
 

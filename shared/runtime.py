@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from shared.auth import load_token_store
-from shared.bus.base import Handler, JobBus, RetryPolicy, Subscription
-from shared.config import DEFAULT_SIGNING_KEY, PlatformSettings, ServiceSettings
-from shared.errors import InvalidInput
-from shared.grpc_server import GrpcServer, ServerTls
-from shared.metrics import ServiceMetrics
-from shared.signing import Signer
-from shared.store.base import ArtifactStore
+from modelguard.auth import load_token_store
+from modelguard.bus.base import Handler, JobBus, RetryPolicy, Subscription
+from modelguard.config import DEFAULT_SIGNING_KEY, PlatformSettings, ServiceSettings
+from modelguard.errors import InvalidInput
+from modelguard.grpc_server import GrpcServer, ServerTls
+from modelguard.metrics import ServiceMetrics
+from modelguard.signing import Signer
+from modelguard.store.base import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Runtime:
 
 
 def build_store(platform: PlatformSettings) -> ArtifactStore:
-    from shared.store import make_store
+    from modelguard.store import make_store
 
     if platform.store == "s3":
         return make_store(
@@ -59,8 +59,8 @@ def build_runtime(
 ) -> Runtime:
     """Build bus and store from settings (``bus`` given: embedded mode shares one).
     ``on_stuck(group)`` is called when a Kafka consumer is found stuck (see `KafkaBus`)."""
-    from shared.bus import make_bus
-    from shared.bus.metrics import BusMetrics
+    from modelguard.bus import make_bus
+    from modelguard.bus.metrics import BusMetrics
 
     if platform.torch_threads > 0:
         torch.set_num_threads(platform.torch_threads)

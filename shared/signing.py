@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from shared.errors import IntegrityError
+from modelguard.errors import IntegrityError
 
 
 class Signer:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shared.errors import InvalidInput
+from modelguard.errors import InvalidInput
 
 #: Bounds on a declared input: checked before anything is allocated for it.
 MAX_CHANNELS = 16

@@ -18,17 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus
-from shared.convert import ref_to_proto
-from shared.errors import DeadlineExceeded, ModelGuardError, is_transient
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.store.base import ArtifactRef
-from shared.topics import AUDIT_EVENTS, JOB_AUDIT
+from modelguard.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus
+from modelguard.convert import ref_to_proto
+from modelguard.errors import DeadlineExceeded, ModelGuardError, is_transient
+from modelguard.metrics import ServiceMetrics
+from modelguard.progress import Progress as Progress  # re-exported: handlers import it from here
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.store.base import ArtifactRef
+from modelguard.topics import AUDIT_EVENTS, JOB_AUDIT
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[float, str], None]
 
 #: After a progress event could not be published, skip progress events for this long:
 #: each failed publish blocks for the bus's timeout, which would stall the work.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import common_pb2
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import common_pb2
 
 
 def package_version() -> str:

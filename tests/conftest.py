@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.architectures import build
-from shared.datasets import Dataset, dataset_to_npz, load_mnist
-from shared.modelio import weights_to_safetensors
-from shared.spec import InputSpec
-from shared.training import TrainConfig, accuracy, predict, train_classifier
+from modelguard.datasets import Dataset, dataset_to_npz, load_mnist
+from modelguard.formats.loader import weights_to_safetensors
+from modelguard.nn.architectures import build
+from modelguard.nn.training import TrainConfig, accuracy, predict, train_classifier
+from modelguard.spec import InputSpec
 
 MNIST_SPEC = InputSpec((1, 28, 28), (0.0, 1.0))
 TARGET = 7

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from services.carrier_trainer.service import CarrierService
-from shared.bus.base import Message
-from shared.convert import parse_message
-from shared.errors import InvalidInput
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.topics import CARRIER_REVOKED
+from modelguard.bus.base import Message
+from modelguard.convert import parse_message
+from modelguard.errors import InvalidInput
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.services.carrier_trainer.service import CarrierService
+from modelguard.topics import CARRIER_REVOKED
 
 
 class CarrierHandler:

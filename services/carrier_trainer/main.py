@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from services.carrier_trainer.handler import CarrierHandler
-from services.carrier_trainer.service import CarrierService
-from services.carrier_trainer.servicer import CarrierTrainerServicer
-from shared.config import CarrierTrainerSettings
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import carrier_trainer_pb2_grpc
-from shared.runtime import Runtime, ServiceApp
-from shared.topics import CARRIER_REQUESTED, CARRIER_REVOKED
+from modelguard.config import CarrierTrainerSettings
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import carrier_trainer_pb2_grpc
+from modelguard.runtime import Runtime, ServiceApp
+from modelguard.services.carrier_trainer.handler import CarrierHandler
+from modelguard.services.carrier_trainer.service import CarrierService
+from modelguard.services.carrier_trainer.servicer import CarrierTrainerServicer
+from modelguard.topics import CARRIER_REQUESTED, CARRIER_REVOKED
 
 NAME = "carrier-trainer"
 
@@ -30,7 +30,7 @@ def build(
 
 
 def main() -> None:
-    from services.launcher import run_service
+    from modelguard.services.launcher import run_service
 
     run_service(NAME)
 

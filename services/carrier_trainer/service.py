@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
-from services.carrier_trainer.state import (
+from modelguard.auth import Identity, require_admin
+from modelguard.carrier.mapper_registry import hash_credential, new_credential, verify_credential
+from modelguard.carrier.records import (
     FAILED,
     QUEUED,
     READY,
@@ -34,26 +36,20 @@ from services.carrier_trainer.state import (
     CarrierRepository,
     check_user_id,
 )
-from services.result_mapper.core.registry import (
-    hash_credential,
-    new_credential,
-    verify_credential,
-)
-from shared.auth import Identity, require_admin
-from shared.config import CarrierTrainerSettings
-from shared.convert import ref_to_proto
-from shared.datasets import load_named
-from shared.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated
-from shared.metrics import ServiceMetrics
-from shared.plots import tensor_png
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.runtime import Runtime
-from shared.stage import publish_proto
-from shared.store.base import ArtifactRef
-from shared.topics import CARRIER_READY, CARRIER_REQUESTED, CARRIER_REVOKED, JOB_CARRIER
+from modelguard.config import CarrierTrainerSettings
+from modelguard.convert import ref_to_proto
+from modelguard.datasets import load_named
+from modelguard.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated
+from modelguard.metrics import ServiceMetrics
+from modelguard.plots import tensor_png
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.runtime import Runtime
+from modelguard.stage import publish_proto
+from modelguard.store.base import ArtifactRef
+from modelguard.topics import CARRIER_READY, CARRIER_REQUESTED, CARRIER_REVOKED, JOB_CARRIER
 
 if TYPE_CHECKING:
-    from services.carrier_trainer.core.carrier import CarrierConfig
+    from modelguard.carrier.carrier import CarrierConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +80,7 @@ def carrier_config(
     """The training configuration carrier-trainer uses for one carrier: the request's
     options where given (0: unset), else the service's settings, else the algorithm's
     defaults. The carrier benchmark measures this same configuration."""
-    from services.carrier_trainer.core.carrier import CarrierConfig  # torch: imported late
+    from modelguard.carrier.carrier import CarrierConfig  # torch: imported late
 
     overrides: dict[str, Any] = {
         "seed": seed,
@@ -161,7 +157,7 @@ class CarrierService:
     def _options(self, options: jobs_pb2.CarrierOptions) -> jobs_pb2.CarrierOptions:
         """Defaults filled in and every option checked now: a request the trainer would
         refuse later must not revoke the user's working carrier first."""
-        from services.carrier_trainer.core.public_models import PUBLIC_MODELS
+        from modelguard.carrier.public_models import PUBLIC_MODELS
 
         merged = jobs_pb2.CarrierOptions()
         merged.CopyFrom(options)
@@ -269,13 +265,13 @@ class CarrierService:
 
     # --- training (the Kafka job) ------------------------------------------------------------
     def train(self, job: jobs_pb2.CarrierRequested, progress: Any = None) -> None:
-        from services.carrier_trainer.core.carrier import (
+        from modelguard.carrier.carrier import (
             carrier_to_safetensors,
             mapper_to_safetensors,
             train_carrier,
         )
-        from services.carrier_trainer.core.natural_images import natural_image_for_user
-        from services.carrier_trainer.core.public_models import load_public_model
+        from modelguard.carrier.natural_images import natural_image_for_user
+        from modelguard.carrier.public_models import load_public_model
 
         user_id, generation = job.user_id, job.generation
         record = self.repository.find(user_id)

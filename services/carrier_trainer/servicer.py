@@ -6,19 +6,12 @@ from collections.abc import Iterator
 
 import grpc
 
-from services.carrier_trainer.service import CarrierService, ref_from_dict
-from services.carrier_trainer.state import (
-    FAILED,
-    QUEUED,
-    READY,
-    REVOKED,
-    TRAINING,
-    CarrierRecord,
-)
-from shared.auth import current_identity
-from shared.convert import ref_to_proto
-from shared.proto.modelguard.v1 import carrier_trainer_pb2, carrier_trainer_pb2_grpc, common_pb2
-from shared.status import service_status
+from modelguard.auth import current_identity
+from modelguard.carrier.records import FAILED, QUEUED, READY, REVOKED, TRAINING, CarrierRecord
+from modelguard.convert import ref_to_proto
+from modelguard.proto.modelguard.v1 import carrier_trainer_pb2, carrier_trainer_pb2_grpc, common_pb2
+from modelguard.services.carrier_trainer.service import CarrierService, ref_from_dict
+from modelguard.status import service_status
 
 CHUNK = 1 << 20
 STATES = {

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from services.leak_detector.service import LeakDetectorService
-from shared.bus.base import Message
-from shared.convert import parse_message
-from shared.errors import InvalidInput, UnsafeArtifact
-from shared.jobdata import load_model_spec
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.stage import Progress, StageOutcome, StageReporter
+from modelguard.bus.base import Message
+from modelguard.convert import parse_message
+from modelguard.errors import InvalidInput, UnsafeArtifact
+from modelguard.jobdata import load_model_spec
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.services.leak_detector.service import LeakDetectorService
+from modelguard.stage import Progress, StageOutcome, StageReporter
 
 
 class AuditHandler:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from services.leak_detector.handler import AuditHandler
-from services.leak_detector.service import LeakDetectorService
-from services.leak_detector.servicer import LeakDetectorServicer
-from shared.config import LeakDetectorSettings
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import leak_detector_pb2_grpc
-from shared.runtime import Runtime, ServiceApp
-from shared.stage import StageReporter
-from shared.topics import AUDIT_REQUESTED, STAGE_LEAK_DETECTOR
+from modelguard.config import LeakDetectorSettings
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import leak_detector_pb2_grpc
+from modelguard.runtime import Runtime, ServiceApp
+from modelguard.services.leak_detector.handler import AuditHandler
+from modelguard.services.leak_detector.service import LeakDetectorService
+from modelguard.services.leak_detector.servicer import LeakDetectorServicer
+from modelguard.stage import StageReporter
+from modelguard.topics import AUDIT_REQUESTED, STAGE_LEAK_DETECTOR
 
 NAME = "leak-detector"
 
@@ -36,7 +36,7 @@ def build(settings: LeakDetectorSettings, runtime: Runtime, metrics: ServiceMetr
 
 
 def main() -> None:
-    from services.launcher import run_service
+    from modelguard.services.launcher import run_service
 
     run_service(NAME)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import grpc
 
-from services.leak_detector.service import LeakDetectorService
-from shared.errors import UnsafeArtifact
-from shared.jobdata import load_model_spec
-from shared.proto.modelguard.v1 import common_pb2, leak_detector_pb2, leak_detector_pb2_grpc
-from shared.status import service_status
+from modelguard.errors import UnsafeArtifact
+from modelguard.jobdata import load_model_spec
+from modelguard.proto.modelguard.v1 import common_pb2, leak_detector_pb2, leak_detector_pb2_grpc
+from modelguard.services.leak_detector.service import LeakDetectorService
+from modelguard.status import service_status
 
 
 class LeakDetectorServicer(leak_detector_pb2_grpc.LeakDetectorServicer):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from services.neuron_scoring.service import NeuronScoringService
-from shared.bus.base import Message
-from shared.convert import parse_message, ref_from_proto, ref_to_proto
-from shared.errors import InvalidInput
-from shared.jobdata import load_inputs
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.stage import Progress, StageOutcome, StageReporter, publish_proto
-from shared.topics import JOB_AUDIT, NEURONS_SCORED
-from shared.triggers import load_triggers
+from modelguard.bus.base import Message
+from modelguard.convert import parse_message, ref_from_proto, ref_to_proto
+from modelguard.convert_ranking import ranking_to_proto
+from modelguard.detection.triggers import load_triggers
+from modelguard.errors import InvalidInput
+from modelguard.jobdata import load_inputs
+from modelguard.progress import Progress
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.services.neuron_scoring.service import NeuronScoringService
+from modelguard.stage import StageOutcome, StageReporter, publish_proto
+from modelguard.topics import JOB_AUDIT, NEURONS_SCORED
 
 
 class TriggersHandler:
@@ -45,7 +47,11 @@ class TriggersHandler:
         publish_proto(
             runtime.bus,
             NEURONS_SCORED,
-            jobs_pb2.NeuronsScored(triggers=reversed_, scores=ref_to_proto(stored.ref)),
+            jobs_pb2.NeuronsScored(
+                triggers=reversed_,
+                scores=ref_to_proto(stored.ref),
+                ranking=ranking_to_proto(stored.ranking),
+            ),
             key=request.audit_id,
             job_type=JOB_AUDIT,
         )

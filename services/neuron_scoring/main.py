@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from services.neuron_scoring.handler import TriggersHandler
-from services.neuron_scoring.service import NeuronScoringService
-from services.neuron_scoring.servicer import NeuronScoringServicer
-from shared.config import NeuronScoringSettings
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import neuron_scoring_pb2_grpc
-from shared.runtime import Runtime, ServiceApp
-from shared.stage import StageReporter
-from shared.topics import STAGE_NEURON_SCORING, TRIGGERS_REVERSED
+from modelguard.config import NeuronScoringSettings
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import neuron_scoring_pb2_grpc
+from modelguard.runtime import Runtime, ServiceApp
+from modelguard.services.neuron_scoring.handler import TriggersHandler
+from modelguard.services.neuron_scoring.service import NeuronScoringService
+from modelguard.services.neuron_scoring.servicer import NeuronScoringServicer
+from modelguard.stage import StageReporter
+from modelguard.topics import STAGE_NEURON_SCORING, TRIGGERS_REVERSED
 
 NAME = "neuron-scoring"
 
@@ -36,7 +36,7 @@ def build(settings: NeuronScoringSettings, runtime: Runtime, metrics: ServiceMet
 
 
 def main() -> None:
-    from services.launcher import run_service
+    from modelguard.services.launcher import run_service
 
     run_service(NAME)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import grpc
 
-from services.neuron_scoring.service import NeuronScoringService
-from shared.convert import ref_from_proto
-from shared.errors import InvalidInput
-from shared.jobdata import load_inputs
-from shared.proto.modelguard.v1 import common_pb2, neuron_scoring_pb2, neuron_scoring_pb2_grpc
-from shared.status import service_status
-from shared.triggers import load_triggers
+from modelguard.convert import ref_from_proto
+from modelguard.detection.triggers import load_triggers
+from modelguard.errors import InvalidInput
+from modelguard.jobdata import load_inputs
+from modelguard.proto.modelguard.v1 import common_pb2, neuron_scoring_pb2, neuron_scoring_pb2_grpc
+from modelguard.services.neuron_scoring.service import NeuronScoringService
+from modelguard.status import service_status
 
 
 class NeuronScoringServicer(neuron_scoring_pb2_grpc.NeuronScoringServicer):

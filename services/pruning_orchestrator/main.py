@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from services.pruning_orchestrator.handler import EventsHandler, RepairHandler
-from services.pruning_orchestrator.orchestrator import Orchestrator
-from services.pruning_orchestrator.servicer import PruningOrchestratorServicer
-from shared.config import PruningOrchestratorSettings
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import pruning_orchestrator_pb2_grpc
-from shared.runtime import Runtime, ServiceApp
-from shared.stage import StageReporter
-from shared.topics import AUDIT_EVENTS, NEURONS_SCORED, STAGE_REPAIR
+from modelguard.config import PruningOrchestratorSettings
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import pruning_orchestrator_pb2_grpc
+from modelguard.runtime import Runtime, ServiceApp
+from modelguard.services.pruning_orchestrator.handler import EventsHandler, RepairHandler
+from modelguard.services.pruning_orchestrator.service import Orchestrator
+from modelguard.services.pruning_orchestrator.servicer import PruningOrchestratorServicer
+from modelguard.stage import StageReporter
+from modelguard.topics import AUDIT_EVENTS, NEURONS_SCORED, STAGE_REPAIR
 
 NAME = "pruning-orchestrator"
 
@@ -40,7 +40,7 @@ def build(
 
 
 def main() -> None:
-    from services.launcher import run_service
+    from modelguard.services.launcher import run_service
 
     run_service(NAME)
 

@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from services.pruning_orchestrator.state import AuditRecord
-from shared.errors import ModelGuardError
-from shared.store.base import ArtifactStore
+from modelguard.errors import ModelGuardError
+from modelguard.services.pruning_orchestrator.state import AuditRecord
+from modelguard.store.base import ArtifactStore
 
 STATE_COLOURS = {
     "done": "#1a7f37",

@@ -8,8 +8,15 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf import json_format
 
-from services.pruning_orchestrator.orchestrator import Orchestrator, ref_of
-from services.pruning_orchestrator.state import (
+from modelguard.auth import current_identity
+from modelguard.convert import ref_from_proto, ref_to_proto
+from modelguard.proto.modelguard.v1 import (
+    common_pb2,
+    pruning_orchestrator_pb2,
+    pruning_orchestrator_pb2_grpc,
+)
+from modelguard.services.pruning_orchestrator.service import Orchestrator, ref_of
+from modelguard.services.pruning_orchestrator.state import (
     FAILED,
     QUEUED,
     RUNNING,
@@ -17,15 +24,8 @@ from services.pruning_orchestrator.state import (
     ArtifactRecord,
     AuditRecord,
 )
-from shared.auth import current_identity
-from shared.convert import ref_from_proto, ref_to_proto
-from shared.proto.modelguard.v1 import (
-    common_pb2,
-    pruning_orchestrator_pb2,
-    pruning_orchestrator_pb2_grpc,
-)
-from shared.status import service_status
-from shared.topics import AUDIT_STAGES
+from modelguard.status import service_status
+from modelguard.topics import AUDIT_STAGES
 
 DOWNLOAD_CHUNK = 1 << 20
 STAGE_ORDER = {name: index for index, name in enumerate(AUDIT_STAGES)}

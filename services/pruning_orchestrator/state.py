@@ -10,9 +10,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.errors import InvalidInput, NotFound
-from shared.store.base import ArtifactStore
-from shared.topics import AUDIT_STAGES
+from modelguard.errors import InvalidInput, NotFound
+from modelguard.store.base import ArtifactStore
+from modelguard.topics import AUDIT_STAGES
 
 AUDIT_PREFIX = "audits/"
 IDEMPOTENCY_PREFIX = "idempotency/"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.result_mapper.service import ResultMapperService
-from shared.bus.base import Message
+from modelguard.bus.base import Message
+from modelguard.services.result_mapper.service import ResultMapperService
 
 
 class CarrierEventsHandler:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import socket
 
-from services.result_mapper.handler import CarrierEventsHandler
-from services.result_mapper.service import ResultMapperService
-from services.result_mapper.servicer import ResultMapperServicer
-from shared.config import ResultMapperSettings
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import result_mapper_pb2_grpc
-from shared.runtime import Runtime, ServiceApp
-from shared.topics import CARRIER_READY, CARRIER_REVOKED
+from modelguard.config import ResultMapperSettings
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import result_mapper_pb2_grpc
+from modelguard.runtime import Runtime, ServiceApp
+from modelguard.services.result_mapper.handler import CarrierEventsHandler
+from modelguard.services.result_mapper.service import ResultMapperService
+from modelguard.services.result_mapper.servicer import ResultMapperServicer
+from modelguard.topics import CARRIER_READY, CARRIER_REVOKED
 
 NAME = "result-mapper"
 
@@ -50,8 +50,8 @@ def batch_scheduling() -> bool:
 
 
 def main() -> None:
-    from services.launcher import run_service
-    from shared.config import ResultMapperSettings
+    from modelguard.config import ResultMapperSettings
+    from modelguard.services.launcher import run_service
 
     if ResultMapperSettings().batch_scheduling:
         batch_scheduling()  # before the gRPC server starts its threads

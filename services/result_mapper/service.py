@@ -9,17 +9,17 @@ import time
 import weakref
 from typing import Any
 
-from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-from services.result_mapper.core.registry import MapperRegistry, MapResult
-from services.result_mapper.limits import LimitsConfig, UserLimits
-from shared.config import ResultMapperSettings
-from shared.convert import parse_message, ref_from_proto
-from shared.errors import IntegrityError, InvalidInput, NotFound, Unavailable
-from shared.metrics import LATENCY_BUCKETS, ServiceMetrics
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.runtime import Runtime
-from shared.stage import publish_proto
-from shared.topics import CARRIER_READY, CARRIER_REVOKED, JOB_CARRIER
+from modelguard.carrier.mapper_registry import MapperRegistry, MapResult
+from modelguard.carrier.records import READY, CarrierRecord, CarrierRepository
+from modelguard.config import ResultMapperSettings
+from modelguard.convert import parse_message, ref_from_proto
+from modelguard.errors import IntegrityError, InvalidInput, NotFound, Unavailable
+from modelguard.metrics import LATENCY_BUCKETS, ServiceMetrics
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.ratelimit import LimitsConfig, UserLimits
+from modelguard.runtime import Runtime
+from modelguard.stage import publish_proto
+from modelguard.topics import CARRIER_READY, CARRIER_REVOKED, JOB_CARRIER
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ MAX_REMEMBERED_MISSES = 10_000
 
 
 def _valid_user(user_id: str) -> bool:
-    from services.carrier_trainer.state import check_user_id
+    from modelguard.carrier.records import check_user_id
 
     try:
         check_user_id(user_id)
@@ -42,13 +42,9 @@ class ResultMapperService:
     def __init__(
         self, runtime: Runtime, settings: ResultMapperSettings, metrics: ServiceMetrics
     ) -> None:
-        from services.carrier_trainer.core.extraction import (
-            Alarm,
-            DetectorConfig,
-            ExtractionDetector,
-            QueryProfile,
-        )
-        from services.result_mapper.core import kernels
+        from modelguard.carrier import kernels
+        from modelguard.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
+        from modelguard.carrier.query_profile import QueryProfile
 
         kernels.warm_up()  # compiled (or loaded from cache) before the first request
         self.runtime = runtime
@@ -102,7 +98,7 @@ class ResultMapperService:
         self.alarms = metrics.counter(
             "extraction_alarms_total", "Suspected model-extraction alarms.", ("reason",)
         )
-        # updated on every Map: local families, read at scrape time (shared.metrics)
+        # updated on every Map: local families, read at scrape time (modelguard.metrics)
         self.rows = metrics.local_counter("mapped_rows_total", "Pseudo-outputs mapped.")
         self.refusals = metrics.local_counter("refusals_total", "Map calls refused.", ("code",))
         self.map_seconds = metrics.local_histogram(
@@ -174,7 +170,7 @@ class ResultMapperService:
         it would silently switch the detector off (unless profile scoring is off)."""
         import json
 
-        from services.result_mapper.profile import ServingProfile
+        from modelguard.carrier.serving_profile import ServingProfile
 
         if not self.settings.profile_scoring:
             return

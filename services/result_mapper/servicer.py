@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from services.result_mapper.service import ResultMapperService
-from shared.errors import ModelGuardError
-from shared.proto.modelguard.v1 import common_pb2, result_mapper_pb2, result_mapper_pb2_grpc
-from shared.status import service_status
+from modelguard.errors import ModelGuardError
+from modelguard.proto.modelguard.v1 import common_pb2, result_mapper_pb2, result_mapper_pb2_grpc
+from modelguard.services.result_mapper.service import ResultMapperService
+from modelguard.status import service_status
 
 
 class ResultMapperServicer(result_mapper_pb2_grpc.ResultMapperServicer):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from services.trigger_reversal.service import TriggerReversalService
-from shared.bus.base import Message
-from shared.convert import parse_message, ref_to_proto
-from shared.errors import InvalidInput
-from shared.jobdata import load_inputs
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.stage import Progress, StageOutcome, StageReporter, publish_proto
-from shared.topics import JOB_AUDIT, STAGE_NEURON_SCORING, TRIGGERS_REVERSED
+from modelguard.bus.base import Message
+from modelguard.convert import parse_message, ref_to_proto
+from modelguard.errors import InvalidInput
+from modelguard.jobdata import load_inputs
+from modelguard.progress import Progress
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.stage import StageOutcome, StageReporter, publish_proto
+from modelguard.topics import JOB_AUDIT, STAGE_NEURON_SCORING, TRIGGERS_REVERSED
 
 
 class AuditHandler:
@@ -35,6 +36,7 @@ class AuditHandler:
             steps=request.options.reversal_steps,
             seed=request.options.seed,
             rule=request.options.detection_rule,
+            detector=request.options.detector,
             progress=progress,
         )
         result = stored.result

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from services.trigger_reversal.handler import AuditHandler
-from services.trigger_reversal.service import TriggerReversalService
-from services.trigger_reversal.servicer import TriggerReversalServicer
-from shared.config import TriggerReversalSettings
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import trigger_reversal_pb2_grpc
-from shared.runtime import Runtime, ServiceApp
-from shared.stage import StageReporter
-from shared.topics import AUDIT_REQUESTED, STAGE_TRIGGER_REVERSAL
+from modelguard.config import TriggerReversalSettings
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import trigger_reversal_pb2_grpc
+from modelguard.runtime import Runtime, ServiceApp
+from modelguard.services.trigger_reversal.handler import AuditHandler
+from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.services.trigger_reversal.servicer import TriggerReversalServicer
+from modelguard.stage import StageReporter
+from modelguard.topics import AUDIT_REQUESTED, STAGE_TRIGGER_REVERSAL
 
 NAME = "trigger-reversal"
 
@@ -38,7 +38,7 @@ def build(
 
 
 def main() -> None:
-    from services.launcher import run_service
+    from modelguard.services.launcher import run_service
 
     run_service(NAME)
 

@@ -1,6 +1,7 @@
-"""trigger-reversal, transport-neutral: run the batched Neural Cleanse on an audit's model
-and store the reversed triggers (tensors and PNGs). The gRPC servicer and the Kafka
-handler both call `TriggerReversalService.reverse`."""
+"""trigger-reversal, transport-neutral: run a registered backdoor detector
+(`modelguard.detection.registry`; default: the batched Neural Cleanse) on an audit's model and
+store the reversed triggers (tensors and PNGs). The gRPC servicer and the Kafka handler
+both call `TriggerReversalService.reverse`."""
 
 from __future__ import annotations
 
@@ -8,19 +9,24 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shared.config import TriggerReversalSettings
-from shared.datasets import Dataset
-from shared.errors import InvalidInput
-from shared.jobdata import ModelAndData
-from shared.metrics import ServiceMetrics
-from shared.plots import tensor_png
-from shared.runtime import Runtime
-from shared.stage import Progress
-from shared.store.base import ArtifactRef
-from shared.triggers import save_triggers
+from modelguard.config import TriggerReversalSettings
+from modelguard.datasets import Dataset
+from modelguard.detection.registry import DEFAULT_DETECTOR, get_detector
+from modelguard.detection.render import trigger_pngs
+from modelguard.detection.triggers import save_triggers
+from modelguard.errors import InvalidInput
+from modelguard.jobdata import ModelAndData
+from modelguard.metrics import ServiceMetrics
+from modelguard.progress import Progress
+from modelguard.runtime import Runtime
+from modelguard.store.base import ArtifactRef
+
+if TYPE_CHECKING:
+    from modelguard.detection.base import BackdoorDetector, DetectionResult
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +36,10 @@ MAX_STEPS = 20_000
 
 @dataclass
 class StoredReversal:
-    result: Any  # services.trigger_reversal.core.ReversalResult
+    """What `TriggerReversalService.reverse` returns: the detector's result, the stored
+    triggers (safetensors), the stored JSON summary and the summary itself."""
+
+    result: DetectionResult
     triggers: ArtifactRef
     summary_ref: ArtifactRef
     summary: dict[str, Any]
@@ -65,24 +74,19 @@ class TriggerReversalService:
         steps: int = 0,
         seed: int = 0,
         rule: str = "",
+        detector: str = "",
         progress: Progress | None = None,
     ) -> StoredReversal:
-        """``rule``: the detection rule (``modelguard`` or ``paper``; empty: modelguard)."""
-        from services.trigger_reversal.core import MODELGUARD, ReversalConfig, reverse_triggers
-
+        """``detector``: a `modelguard.detection.registry.DETECTORS` name (empty:
+        neural-cleanse); ``rule``: one of its rules (empty: its first, for Neural Cleanse
+        ``modelguard``; ``paper`` is the original test)."""
         assert inputs.data is not None
-        data: Dataset = inputs.data
-        if len(data) > self.settings.clean_samples:
-            data = data.subset(self.settings.clean_samples, seed=seed)
-        if not 0 <= steps <= MAX_STEPS:
-            raise InvalidInput(f"steps must be between 0 (default) and {MAX_STEPS}")
-        overrides: dict[str, Any] = {"seed": seed}
-        if steps or self.settings.steps:
-            overrides["steps"] = steps or self.settings.steps
-        config = ReversalConfig.for_rule(rule or MODELGUARD, **overrides)
+        plan = reversal_plan(
+            inputs.data, self.settings, steps=steps, seed=seed, rule=rule, detector=detector
+        )
         started = time.perf_counter()
-        result = reverse_triggers(
-            inputs.model.module, data, inputs.spec, config=config, progress=progress
+        result = plan.detector.detect(
+            inputs.model.module, plan.data, inputs.spec, plan.config, progress=progress
         )
         self.optimisation_seconds.observe(time.perf_counter() - started)
         self.labels_scanned.inc(len(result.labels))
@@ -90,28 +94,67 @@ class TriggerReversalService:
         finite = [x.anomaly_index for x in result.labels if math.isfinite(x.anomaly_index)]
         if finite:  # a label whose trigger never reached the threshold has no index
             self.last_anomaly.set(max(finite))
-        return self.store(result, inputs)
+        return self.store(result, detector=plan.detector.name)
 
-    def store(self, result: Any, inputs: ModelAndData) -> StoredReversal:
+    def store(self, result: DetectionResult, *, detector: str = DEFAULT_DETECTOR) -> StoredReversal:
+        """Store the triggers (safetensors), the flagged labels' pictures and the summary."""
         store = self.runtime.store
         triggers = store.put_blob(
             save_triggers(result.masks, result.patterns),
             "application/vnd.modelguard.triggers+safetensors",
         )
-        low, high = inputs.spec.value_range
-        images: dict[str, Any] = {}
-        for label in result.flagged:
-            mask = result.masks[label].numpy()
-            pattern = ((result.patterns[label] - low) / (high - low)).numpy()
-            stamped = pattern * mask[None]
-            for name, array in (("mask", mask), ("pattern", pattern), ("trigger", stamped)):
-                ref = store.put_blob(tensor_png(array), "image/png")
-                images[f"label {label} {name}"] = ref_dict(ref)
-        summary = result.to_dict()
-        # tensors live in the triggers artifact; the summary stays small
-        for heavy in ("masks", "patterns"):
-            summary.pop(heavy, None)
-        summary["images"] = images
+        summary = reversal_summary(result, detector)
+        summary["images"] = {
+            name: ref_dict(store.put_blob(png, "image/png"))
+            for name, png in trigger_pngs(result, result.flagged).items()
+        }
         summary["triggers"] = ref_dict(triggers)
         summary_ref = store.put_blob(json.dumps(summary).encode(), "application/json")
         return StoredReversal(result, triggers, summary_ref, summary)
+
+
+@dataclass(frozen=True)
+class ReversalPlan:
+    """What a reversal runs: the detector, the clean images it sees and its config."""
+
+    detector: BackdoorDetector
+    data: Dataset
+    config: Any
+
+
+def reversal_plan(
+    data: Dataset,
+    settings: TriggerReversalSettings,
+    *,
+    steps: int = 0,
+    seed: int = 0,
+    rule: str = "",
+    detector: str = "",
+    overrides: Mapping[str, Any] | None = None,
+) -> ReversalPlan:
+    """The service's choices for a reversal (the CLI's in-process commands make the same):
+    the named detector (empty: the default), at most ``settings.clean_samples`` clean
+    images (a seeded subset), ``steps`` bounded by `MAX_STEPS` (0: the settings' or the
+    rule's default) and ``rule``'s config with the seed, the steps and ``overrides``
+    applied. Unknown names and contradicting overrides raise ``InvalidInput``."""
+    method = get_detector(detector or DEFAULT_DETECTOR)
+    if len(data) > settings.clean_samples:
+        data = data.subset(settings.clean_samples, seed=seed)
+    if not 0 <= steps <= MAX_STEPS:
+        raise InvalidInput(f"steps must be between 0 (default) and {MAX_STEPS}")
+    options: dict[str, Any] = {"seed": seed}
+    if steps or settings.steps:
+        options["steps"] = steps or settings.steps
+    options.update(overrides or {})
+    return ReversalPlan(method, data, method.configure(rule, **options))
+
+
+def reversal_summary(result: DetectionResult, detector: str) -> dict[str, Any]:
+    """The stage summary, without the store references the service adds (``images``,
+    ``triggers``): the result's JSON summary (the tensors stay out) and the detector."""
+    summary = result.to_dict()
+    # tensors live in the triggers artifact; the summary stays small
+    for heavy in ("masks", "patterns"):
+        summary.pop(heavy, None)
+    summary["detector"] = detector
+    return summary

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import grpc
 
-from services.trigger_reversal.service import TriggerReversalService
-from shared.convert import ref_to_proto
-from shared.errors import InvalidInput
-from shared.jobdata import load_inputs
-from shared.proto.modelguard.v1 import common_pb2, trigger_reversal_pb2, trigger_reversal_pb2_grpc
-from shared.status import service_status
+from modelguard.convert import ref_to_proto
+from modelguard.errors import InvalidInput
+from modelguard.jobdata import load_inputs
+from modelguard.proto.modelguard.v1 import (
+    common_pb2,
+    trigger_reversal_pb2,
+    trigger_reversal_pb2_grpc,
+)
+from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.status import service_status
 
 
 class TriggerReversalServicer(trigger_reversal_pb2_grpc.TriggerReversalServicer):
@@ -24,7 +28,11 @@ class TriggerReversalServicer(trigger_reversal_pb2_grpc.TriggerReversalServicer)
         if inputs.data is None:
             raise InvalidInput("a clean dataset reference (data) is required")
         stored = self.service.reverse(
-            inputs, steps=request.steps, seed=request.seed, rule=request.rule
+            inputs,
+            steps=request.steps,
+            seed=request.seed,
+            rule=request.rule,
+            detector=request.detector,
         )
         result = stored.result
         return trigger_reversal_pb2.ReverseTriggersResponse(

@@ -1,6 +1,6 @@
 """Attack toolkits used to build test models, benchmarks and the demo."""
 
-from shared.attacks.backdoor import (
+from modelguard.attacks.backdoor import (
     NAMED_PATTERNS,
     BackdoorModel,
     BlendTrigger,

@@ -3,7 +3,7 @@ rate and the training of infected (and clean twin) models.
 
 Used by tests, benchmarks, the demo and the repair stage. Pure functions: tensors and
 datasets in, tensors, datasets and models out; nothing is read or written except that
-:func:`train_backdoored` may load a named dataset through :mod:`shared.datasets`.
+:func:`train_backdoored` may load a named dataset through :mod:`modelguard.datasets`.
 
 Attacks implemented
 -------------------
@@ -34,10 +34,10 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
-from shared.architectures import build
-from shared.datasets import Dataset, load_named
-from shared.errors import InvalidInput
-from shared.training import TrainConfig, accuracy, predict, train_classifier
+from modelguard.datasets import Dataset, load_named
+from modelguard.errors import InvalidInput
+from modelguard.nn.architectures import build
+from modelguard.nn.training import TrainConfig, accuracy, predict, train_classifier
 
 __all__ = [
     "NAMED_PATTERNS",
@@ -423,7 +423,7 @@ def attack_success_rate(
 ) -> float:
     """Share of clean samples, *excluding those already of the target class*, that the
     model classifies as the target once the trigger is stamped. ``model`` takes inputs in
-    ``value_range`` (wrap it with :func:`shared.spec.wrap` if it expects normalised data).
+    ``value_range`` (wrap it with :func:`modelguard.spec.wrap` if it expects normalised data).
     Returns NaN when no sample qualifies."""
     keep = clean_data.y != trigger.target
     if not bool(keep.any()):
@@ -488,7 +488,7 @@ def train_backdoored(
     """Train ``arch`` on ``dataset`` poisoned with ``triggers`` (none: the clean twin).
 
     ``dataset`` is a name (``"mnist"``, ``"fashion-mnist"``, loaded via
-    :func:`shared.datasets.load_named`) or a ``(train, test)`` pair. ``train_size`` trains
+    :func:`modelguard.datasets.load_named`) or a ``(train, test)`` pair. ``train_size`` trains
     on a seeded subset. ``anneal_epochs`` more epochs at ``lr / 10`` follow (they settle
     the final accuracy, so an infected model and its clean twin compare fairly). Clean
     accuracy and ASR are measured on the clean test set. Deterministic for a given seed

@@ -36,8 +36,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.datasets import Dataset
-from shared.training import BatchTransform, Regulariser, TrainConfig, predict, train_classifier
+from modelguard.datasets import Dataset
+from modelguard.nn.training import (
+    BatchTransform,
+    Regulariser,
+    TrainConfig,
+    predict,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The job bus (see `shared.bus.base`): pick an implementation by setting.
+"""The job bus (see `modelguard.bus.base`): pick an implementation by setting.
 
 Embedded mode runs several services in one process on ONE `MemoryBus`: construct it once
 (``MemoryBus(metrics)``) and hand the same instance to every service instead of calling
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.bus.base import JobBus, Message, RetryPolicy, Subscription, dead_letter_topic
-from shared.bus.memory import MemoryBus
-from shared.bus.metrics import BusMetrics
-from shared.errors import InvalidInput
+from modelguard.bus.base import JobBus, Message, RetryPolicy, Subscription, dead_letter_topic
+from modelguard.bus.memory import MemoryBus
+from modelguard.bus.metrics import BusMetrics
+from modelguard.errors import InvalidInput
 
 __all__ = [
     "BusMetrics",
@@ -39,7 +39,7 @@ def make_bus(
     if kind == "memory":
         return MemoryBus(metrics)
     if kind == "kafka":
-        from shared.bus.kafka import KafkaBus  # kafka-python only loads when used
+        from modelguard.bus.kafka import KafkaBus  # kafka-python only loads when used
 
         return KafkaBus(bootstrap_servers, client_id, metrics, **kafka_options)
     raise InvalidInput(f"unknown bus kind {kind!r}: use 'memory' or 'kafka'")

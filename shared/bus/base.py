@@ -2,8 +2,8 @@
 handler finished, bounded retries with backoff, and a dead-letter topic.
 
 Two implementations share these semantics and one test suite:
-`shared.bus.memory.MemoryBus` (embedded mode, unit tests) and
-`shared.bus.kafka.KafkaBus` (kafka-python against a real broker).
+`modelguard.bus.memory.MemoryBus` (embedded mode, unit tests) and
+`modelguard.bus.kafka.KafkaBus` (kafka-python against a real broker).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Message:
 
 
 #: A handler processes one message. Returning normally means done (the offset is
-#: committed). Raising an error marked ``permanent`` (see shared.errors) dead-letters the
+#: committed). Raising an error marked ``permanent`` (see modelguard.errors) dead-letters the
 #: message at once; one marked ``transient`` (a dependency outage) is retried with backoff
 #: without using up an attempt, until it succeeds or the subscription stops; any other
 #: exception is retried with backoff up to ``max_attempts``, then dead-lettered with the

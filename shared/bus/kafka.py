@@ -6,7 +6,7 @@ handler runs on a separate thread so that the consumer keeps polling (with its p
 paused) while a long job runs: the member stays in the group, and `stop()` can leave the
 group even when a handler hangs, which hands the uncommitted record to another member.
 Offsets are committed one record at a time, after the handler returned or the record was
-dead-lettered. Retries and dead-lettering follow `shared.bus.memory.deliver`.
+dead-lettered. Retries and dead-lettering follow `modelguard.bus.memory.deliver`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from shared.bus.base import Handler, Message, RetryPolicy, dead_letter_topic
-from shared.bus.memory import (
+from modelguard.bus.base import Handler, Message, RetryPolicy, dead_letter_topic
+from modelguard.bus.memory import (
     DEFAULT_STOP_GRACE_S,
     Delivery,
     Outcome,
@@ -33,8 +33,8 @@ from shared.bus.memory import (
     dead_letter_headers,
     deliver,
 )
-from shared.bus.metrics import BusMetrics
-from shared.errors import InvalidInput, Unavailable
+from modelguard.bus.metrics import BusMetrics
+from modelguard.errors import InvalidInput, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from shared.bus.base import (
+from modelguard.bus.base import (
     HEADER_ATTEMPT,
     HEADER_ERROR,
     HEADER_ORIGINAL_TOPIC,
@@ -32,8 +32,8 @@ from shared.bus.base import (
     RetryPolicy,
     dead_letter_topic,
 )
-from shared.bus.metrics import BusMetrics
-from shared.errors import InvalidInput, ModelGuardError, Unavailable, is_transient
+from modelguard.bus.metrics import BusMetrics
+from modelguard.errors import InvalidInput, ModelGuardError, Unavailable, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def deliver(
     Retries see the message with its ``attempt`` header set to 2, 3, ...; the first
     attempt sees the record's own headers, so `Message.attempt` is 1 for a fresh job and,
     on a dead-letter topic, still tells how many attempts the original record had.
-    A transient error (a dependency outage, `shared.errors.is_transient`) does not use up
+    A transient error (a dependency outage, `modelguard.errors.is_transient`) does not use up
     an attempt: the same attempt is retried with its own backoff for as long as the outage
     lasts, so a job waits for the broker or the store instead of failing because of them.
     ``wait_for_stop(seconds)`` sleeps between attempts and returns True when the

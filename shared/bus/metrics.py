@@ -1,7 +1,7 @@
 """Job-bus metrics on an injected registry; both bus implementations update them.
 
 Names follow ``modelguard_<service>_bus_<thing>_{total,seconds}``, labelled by topic only
-(topics are a small fixed set, see `shared.topics`).
+(topics are a small fixed set, see `modelguard.topics`).
 """
 
 from __future__ import annotations

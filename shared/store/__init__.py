@@ -1,13 +1,13 @@
-"""The artifact store (see `shared.store.base`): pick an implementation by setting."""
+"""The artifact store (see `modelguard.store.base`): pick an implementation by setting."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from shared.errors import InvalidInput
-from shared.store.base import ArtifactRef, ArtifactStore, blob_key, digest
-from shared.store.local import LocalStore
+from modelguard.errors import InvalidInput
+from modelguard.store.base import ArtifactRef, ArtifactStore, blob_key, digest
+from modelguard.store.local import LocalStore
 
 __all__ = ["ArtifactRef", "ArtifactStore", "LocalStore", "blob_key", "digest", "make_store"]
 
@@ -33,7 +33,7 @@ def make_store(
     if kind == "s3":
         if not endpoint:
             raise InvalidInput("the S3 artifact store needs an endpoint (host:port)")
-        from shared.store.s3 import S3Store  # minio only loads when used
+        from modelguard.store.s3 import S3Store  # minio only loads when used
 
         return S3Store(endpoint, access_key, secret_key, bucket, secure, region, **s3_options)
     raise InvalidInput(f"unknown store kind {kind!r}: use 'local' or 's3'")

@@ -2,7 +2,7 @@
 named documents (mutable JSON state such as an audit's record).
 
 Two implementations share these semantics and one test suite:
-`shared.store.local.LocalStore` (a directory) and `shared.store.s3.S3Store` (MinIO SDK).
+`modelguard.store.local.LocalStore` (a directory) and `modelguard.store.s3.S3Store` (MinIO SDK).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from typing import TypeVar
 
 from prometheus_client import Counter
 
-from shared.errors import IntegrityError, Unavailable
-from shared.store.base import ArtifactRef, ArtifactStore
+from modelguard.errors import IntegrityError, Unavailable
+from modelguard.store.base import ArtifactRef, ArtifactStore
 
 T = TypeVar("T")
 

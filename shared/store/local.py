@@ -13,8 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from shared.errors import IntegrityError, InvalidInput, NotFound, Unavailable
-from shared.store.base import ArtifactRef, blob_key, digest
+from modelguard.errors import IntegrityError, InvalidInput, NotFound, Unavailable
+from modelguard.store.base import ArtifactRef, blob_key, digest
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,15 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
-from shared.errors import IntegrityError, NotFound, Unavailable
-from shared.store.base import ArtifactRef, blob_key, digest
-from shared.store.local import DOCS_DIR, check_doc_key, check_doc_prefix, check_sha256, ref_digest
+from modelguard.errors import IntegrityError, NotFound, Unavailable
+from modelguard.store.base import ArtifactRef, blob_key, digest
+from modelguard.store.local import (
+    DOCS_DIR,
+    check_doc_key,
+    check_doc_prefix,
+    check_sha256,
+    ref_digest,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shared.bus.base import (
+from modelguard.bus.base import (
     HEADER_ATTEMPT,
     HEADER_ERROR,
     HEADER_JOB_ID,
@@ -26,8 +26,8 @@ from shared.bus.base import (
     Subscription,
     dead_letter_topic,
 )
-from shared.bus.metrics import BusMetrics
-from shared.errors import InvalidInput, Unavailable
+from modelguard.bus.metrics import BusMetrics
+from modelguard.errors import InvalidInput, Unavailable
 
 #: Bounds a failing wait; Kafka group joins take a few seconds.
 WAIT_S = 30.0

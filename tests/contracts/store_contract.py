@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.errors import IntegrityError, InvalidInput, NotFound
-from shared.store.base import ArtifactRef, ArtifactStore, blob_key, digest
+from modelguard.errors import IntegrityError, InvalidInput, NotFound
+from modelguard.store.base import ArtifactRef, ArtifactStore, blob_key, digest
 
 BAD_KEYS = [
     "",

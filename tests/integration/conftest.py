@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.localstack import (
+from modelguard.localstack import (
     SeaweedServer,
     TansuBroker,
     start_seaweedfs,

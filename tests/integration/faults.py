@@ -21,19 +21,19 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
-from services.audit_client import AuditClient
-from services.launcher import EXIT_STUCK_CONSUMER
-from services.pruning_orchestrator.orchestrator import STAGE_STATE_NAMES
-from services.pruning_orchestrator.state import AUDIT_PREFIX, AuditRecord
-from services.stack import ServiceProcess
-from shared.bus.base import dead_letter_topic
-from shared.errors import InvalidInput, NotFound, Unavailable
-from shared.localstack import wait_until
-from shared.proto.modelguard.v1 import jobs_pb2
-from shared.spec import InputSpec
-from shared.store.base import BLOB_PREFIX
-from shared.store.s3 import S3Store
-from shared.topics import AUDIT_EVENTS, AUDIT_REQUESTED, NEURONS_SCORED, TRIGGERS_REVERSED
+from modelguard.bus.base import dead_letter_topic
+from modelguard.errors import InvalidInput, NotFound, Unavailable
+from modelguard.localstack import wait_until
+from modelguard.proto.modelguard.v1 import jobs_pb2
+from modelguard.services.audit_client import AuditClient
+from modelguard.services.launcher import EXIT_STUCK_CONSUMER
+from modelguard.services.pruning_orchestrator.service import STAGE_STATE_NAMES
+from modelguard.services.pruning_orchestrator.state import AUDIT_PREFIX, AuditRecord
+from modelguard.services.stack import ServiceProcess
+from modelguard.spec import InputSpec
+from modelguard.store.base import BLOB_PREFIX
+from modelguard.store.s3 import S3Store
+from modelguard.topics import AUDIT_EVENTS, AUDIT_REQUESTED, NEURONS_SCORED, TRIGGERS_REVERSED
 
 log = logging.getLogger(__name__)
 

@@ -16,21 +16,21 @@ from typing import Any
 import grpc
 import pytest
 
-from services.audit_client import AuditClient
-from services.stack import ServiceProcess, platform_env
-from shared.bus.base import HEADER_ERROR
-from shared.bus.kafka import KafkaBus
-from shared.convert import spec_to_proto
-from shared.errors import UnsafeArtifact
-from shared.proto.modelguard.v1 import (
+from modelguard.bus.base import HEADER_ERROR
+from modelguard.bus.kafka import KafkaBus
+from modelguard.convert import spec_to_proto
+from modelguard.errors import UnsafeArtifact
+from modelguard.proto.modelguard.v1 import (
     common_pb2,
     jobs_pb2,
     leak_detector_pb2,
     leak_detector_pb2_grpc,
     pruning_orchestrator_pb2,
 )
-from shared.store.s3 import S3Store
-from shared.topics import AUDIT_REQUESTED
+from modelguard.services.audit_client import AuditClient
+from modelguard.services.stack import ServiceProcess, platform_env
+from modelguard.store.s3 import S3Store
+from modelguard.topics import AUDIT_REQUESTED
 from tests.conftest import MNIST_SPEC, InfectedModel
 
 pytestmark = pytest.mark.integration

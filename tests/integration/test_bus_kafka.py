@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from shared.bus import make_bus
-from shared.bus.base import Message
-from shared.bus.kafka import KafkaBus
-from shared.bus.metrics import BusMetrics
-from shared.errors import Unavailable
-from shared.localstack import TansuBroker, free_port
+from modelguard.bus import make_bus
+from modelguard.bus.base import Message
+from modelguard.bus.kafka import KafkaBus
+from modelguard.bus.metrics import BusMetrics
+from modelguard.errors import Unavailable
+from modelguard.localstack import TansuBroker, free_port
 from tests.contracts.bus_contract import WAIT_S, BusContract, Collector
 
 pytestmark = pytest.mark.integration

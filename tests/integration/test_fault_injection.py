@@ -23,10 +23,8 @@ from typing import Any
 
 import pytest
 
-from services.audit_client import AuditClient
-from services.stack import platform_env
-from shared.datasets import Dataset, dataset_to_npz
-from shared.localstack import (
+from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.localstack import (
     SeaweedServer,
     TansuBroker,
     start_seaweedfs,
@@ -35,8 +33,10 @@ from shared.localstack import (
     venv_bin,
     wait_until,
 )
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.store.s3 import S3Store
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.services.audit_client import AuditClient
+from modelguard.services.stack import platform_env
+from modelguard.store.s3 import S3Store
 from tests.conftest import MNIST_SPEC, InfectedModel
 from tests.integration.faults import (
     AUDIT_SERVICES,

@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from services.stack import PrometheusProcess, ServiceProcess, platform_env
-from shared.bus.kafka import KafkaBus
-from shared.config import SERVICES
-from shared.proto.modelguard.v1 import common_pb2
-from shared.topics import AUDIT_REQUESTED
+from modelguard.bus.kafka import KafkaBus
+from modelguard.config import SERVICES
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.services.stack import PrometheusProcess, ServiceProcess, platform_env
+from modelguard.topics import AUDIT_REQUESTED
 from tests.requirements import require_binary
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,9 @@ def by_job(prometheus: PrometheusProcess, expr: str) -> dict[str, float]:
 
 def grpc_service_name(service: str) -> str:
     """The full proto name of a service's API, from its generated module."""
-    module = importlib.import_module(f"shared.proto.modelguard.v1.{service.replace('-', '_')}_pb2")
+    module = importlib.import_module(
+        f"modelguard.proto.modelguard.v1.{service.replace('-', '_')}_pb2"
+    )
     (descriptor,) = module.DESCRIPTOR.services_by_name.values()
     return str(descriptor.full_name)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import Unavailable
-from shared.localstack import SeaweedServer
-from shared.store import make_store
-from shared.store.base import ArtifactStore
-from shared.store.s3 import S3Store
+from modelguard.errors import Unavailable
+from modelguard.localstack import SeaweedServer
+from modelguard.store import make_store
+from modelguard.store.base import ArtifactStore
+from modelguard.store.s3 import S3Store
 from tests.contracts.store_contract import StoreContract
 
 pytestmark = pytest.mark.integration

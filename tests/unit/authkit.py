@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.auth import mint_token
+from modelguard.auth import mint_token
 from tests.requirements import require_binary
 
 

@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.carrier_client import CarrierClient
-from services.carrier_trainer.core.carrier import MappingNetwork, mapper_to_safetensors
-from services.carrier_trainer.core.extraction import QueryProfile
-from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-from services.launcher import build_service
-from services.result_mapper.core.registry import hash_credential, new_credential
-from services.result_mapper.service import ResultMapperService
-from shared.bus.memory import MemoryBus
-from shared.config import CarrierTrainerSettings, PlatformSettings, ResultMapperSettings
-from shared.runtime import ServiceApp
+from modelguard.bus.memory import MemoryBus
+from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
+from modelguard.carrier.mapper_registry import hash_credential, new_credential
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.records import READY, CarrierRecord, CarrierRepository
+from modelguard.config import CarrierTrainerSettings, PlatformSettings, ResultMapperSettings
+from modelguard.runtime import ServiceApp
+from modelguard.services.carrier_client import CarrierClient
+from modelguard.services.launcher import build_service
+from modelguard.services.result_mapper.service import ResultMapperService
 from tests.unit.authkit import Tokens, write_tokens
 
 IN_FEATURES = 10

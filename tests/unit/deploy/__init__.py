@@ -46,8 +46,8 @@ class BuiltService:
 def built_services() -> dict[str, BuiltService]:
     """Build each of the six services as ``modelguard serve`` does (memory bus, local
     store, nothing started) and read their workers and metric registries."""
-    from services.launcher import build_service
-    from shared.config import SERVICES, PlatformSettings
+    from modelguard.config import SERVICES, PlatformSettings
+    from modelguard.services.launcher import build_service
 
     result: dict[str, BuiltService] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,8 +31,8 @@ import yaml
 from pydantic import SecretStr
 from referencing import Registry, Resource
 
-from shared.config import SERVICE_SETTINGS, SERVICES, PlatformSettings, ServiceSettings
-from shared.topics import ALL_TOPICS
+from modelguard.config import SERVICE_SETTINGS, SERVICES, PlatformSettings, ServiceSettings
+from modelguard.topics import ALL_TOPICS
 from tests.unit.deploy import DEPLOY, FIXTURES, REPO, built_services, find_tool
 
 #: A current Kubernetes release that kubernetes-validate ships strict schemas for.
@@ -666,7 +666,7 @@ def test_dockerfile_matches_the_project() -> None:
     assert f"download.pytorch.org/whl/cpu {torch_pin}" in text  # CPU wheel, same pin
     assert re.search(r"^USER 10001:10001$", text, re.M)  # numeric: runAsNonRoot can check it
     assert 'ENTRYPOINT ["modelguard", "serve"]' in text
-    assert pyproject["project"]["scripts"]["modelguard"] == "services.cli:main"
+    assert pyproject["project"]["scripts"]["modelguard"] == "modelguard.services.cli:main"
     exposed = re.search(r"^EXPOSE (\d+)-(\d+) (\d+)-(\d+)$", text, re.M)
     assert exposed
     grpc = range(int(exposed[1]), int(exposed[2]) + 1)

@@ -192,13 +192,13 @@ class Outcome:
 
 def _targets() -> dict[str, Callable[..., Any]]:
     """The parsers under test, by name (resolved in the child)."""
-    from services.carrier_trainer.core.carrier import carrier_from_safetensors
-    from services.result_mapper.core.registry import parse_mapper
-    from shared.artifact_scan import scan_model_bytes
-    from shared.datasets import load_npz
-    from shared.modelio import load_model
-    from shared.spec import InputSpec
-    from shared.triggers import load_triggers
+    from modelguard.carrier.carrier import carrier_from_safetensors
+    from modelguard.carrier.mapper_registry import parse_mapper
+    from modelguard.datasets import load_npz
+    from modelguard.detection.triggers import load_triggers
+    from modelguard.formats.loader import load_model
+    from modelguard.formats.scan import scan_model_bytes
+    from modelguard.spec import InputSpec
 
     def spec(raw: dict[str, Any]) -> InputSpec:
         return InputSpec(
@@ -231,7 +231,7 @@ def _worker_main(conn: Connection, memory_headroom: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from shared.errors import InvalidInput
+    from modelguard.errors import InvalidInput
 
     targets = _targets()
     vm = 0
@@ -385,10 +385,10 @@ def seeds() -> Seeds:
     import torch
     from safetensors.numpy import save as numpy_save
 
-    from services.carrier_trainer.core.carrier import Placement, carrier_to_safetensors
-    from shared.architectures import build
-    from shared.modelio import weights_to_safetensors
-    from shared.triggers import save_triggers
+    from modelguard.carrier.carrier import Placement, carrier_to_safetensors
+    from modelguard.detection.triggers import save_triggers
+    from modelguard.formats.loader import weights_to_safetensors
+    from modelguard.nn.architectures import build
 
     torch.manual_seed(0)
     model = build("lenet5").eval()

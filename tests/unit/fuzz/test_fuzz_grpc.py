@@ -12,10 +12,10 @@ strings (empty, unicode, NUL, traversal, 1 MB), integers (negative, boundaries, 
 floats (NaN, ±Inf, subnormal), bytes (empty, random, a few MB, float32-packed NaN/Inf),
 repeated fields of random length (up to 300,000 elements), unknown enum values, nested
 messages; domain-aware values are mixed in (stored artifact references, known users and
-credentials, the audit id, layer names, repair modes). Streaming methods get streams of
-such messages. Separately, raw bytes (random, mutated serialisations, unknown fields,
-invalid UTF-8, wrong wire types, lying lengths, deep nesting) are sent with identity
-serialisers.
+credentials, the audit id, layer names, repair modes, detectors and rules). Streaming
+methods get streams of such messages. Separately, raw bytes (random, mutated
+serialisations, unknown fields, invalid UTF-8, wrong wire types, lying lengths, deep
+nesting) are sent with identity serialisers.
 
 Each call has a deadline. Allowed outcomes: OK and the client-error codes below. INTERNAL
 (an unexpected exception: the server's incident log is captured and the exception type
@@ -53,13 +53,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, seed
 from hypothesis import strategies as st
 
-from services.carrier_trainer.core.extraction import QueryProfile
-from services.carrier_trainer.state import READY, CarrierRecord, CarrierRepository
-from services.launcher import Stack, start_stack
-from services.result_mapper.core.registry import hash_credential
-from shared.config import PlatformSettings
-from shared.convert import ref_to_proto
-from shared.proto.modelguard.v1 import (
+from modelguard.carrier.mapper_registry import hash_credential
+from modelguard.carrier.query_profile import QueryProfile
+from modelguard.carrier.records import READY, CarrierRecord, CarrierRepository
+from modelguard.config import PlatformSettings
+from modelguard.convert import ref_to_proto
+from modelguard.detection.registry import DETECTORS
+from modelguard.detection.triggers import save_triggers
+from modelguard.proto.modelguard.v1 import (
     carrier_trainer_pb2,
     common_pb2,
     jobs_pb2,
@@ -69,7 +70,8 @@ from shared.proto.modelguard.v1 import (
     result_mapper_pb2,
     trigger_reversal_pb2,
 )
-from shared.triggers import save_triggers
+from modelguard.repair.registry import REPAIR_CHOICES
+from modelguard.services.launcher import Stack, start_stack
 from tests.unit.fuzz import (
     Seeds,
     Tally,
@@ -313,7 +315,7 @@ def world(
 ) -> Iterator[World]:
     register_summary(request.config)
     incidents = IncidentLog()
-    for name in ("shared.interceptors", "grpc._server", "grpc._common"):
+    for name in ("modelguard.interceptors", "grpc._server", "grpc._common"):
         logging.getLogger(name).addHandler(incidents)
     seed_artifacts = seeds()
     store_dir: Path = tmp_path_factory.mktemp("fuzz-store")
@@ -357,7 +359,7 @@ def world(
         for channel in channels.values():
             channel.close()
         stack.stop()
-        for name in ("shared.interceptors", "grpc._server", "grpc._common"):
+        for name in ("modelguard.interceptors", "grpc._server", "grpc._common"):
             logging.getLogger(name).removeHandler(incidents)
 
 
@@ -642,6 +644,8 @@ def overrides_for(world: World, method: Method) -> Overrides:
         credentials.remove(world.ready_credential)
     user_ids = lambda: st.sampled_from(users)  # noqa: E731
     creds = lambda: st.sampled_from(credentials)  # noqa: E731
+    detectors = lambda: st.sampled_from(["", *DETECTORS, "nope"])  # noqa: E731
+    rules = lambda: st.sampled_from(["", "modelguard", "paper", "nope"])  # noqa: E731
     return {
         "modelguard.v1.ArtifactRef": lambda: refs,
         "modelguard.v1.InputSpec": input_specs,
@@ -667,8 +671,12 @@ def overrides_for(world: World, method: Method) -> Overrides:
         ),
         "modelguard.v1.ScoreNeuronsRequest.target_label": lambda: st.sampled_from([0, 1, 9, 10]),
         "modelguard.v1.AuditOptions.repair_mode": lambda: st.sampled_from(
-            ["", "rollback", "shapley", "fine-pruning", "none"]
+            ["", *REPAIR_CHOICES, "nope"]
         ),
+        "modelguard.v1.AuditOptions.detector": detectors,
+        "modelguard.v1.AuditOptions.detection_rule": rules,
+        "modelguard.v1.ReverseTriggersRequest.detector": detectors,
+        "modelguard.v1.ReverseTriggersRequest.rule": rules,
         "modelguard.v1.AuditOptions.layer": lambda: st.sampled_from(["", "fc1", "conv1"]),
     }
 

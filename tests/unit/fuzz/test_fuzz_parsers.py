@@ -9,7 +9,7 @@ other compression methods, patched central directories; pickle streams edited op
 opcode; ``.npy`` headers with odd dtypes and huge shapes; declared input specs).
 
 Every call runs in a child process (`tests.unit.fuzz.IsolatedRunner`): the only outcome
-allowed besides success is ``shared.errors.InvalidInput`` (``UnsafeArtifact`` included).
+allowed besides success is ``modelguard.errors.InvalidInput`` (``UnsafeArtifact`` included).
 Any other exception, a crash of the child, a call longer than the per-call deadline, or
 a hostile pickle that gets executed (its ``os.mkdir`` marker appears) is a failure; each
 test reports every distinct failure it met with the smallest input that triggered it.
@@ -38,12 +38,12 @@ from hypothesis import given, seed
 from hypothesis import strategies as st
 from safetensors.torch import save as torch_save_safetensors
 
-from services.carrier_trainer.core.carrier import carrier_from_safetensors
-from shared.datasets import load_npz
-from shared.errors import InvalidInput
-from shared.modelio import load_model
-from shared.spec import InputSpec
-from shared.triggers import load_triggers
+from modelguard.carrier.carrier import carrier_from_safetensors
+from modelguard.datasets import load_npz
+from modelguard.detection.triggers import load_triggers
+from modelguard.errors import InvalidInput
+from modelguard.formats.loader import load_model
+from modelguard.spec import InputSpec
 from tests.unit.fuzz import (
     MARKER_PATH,
     IsolatedRunner,

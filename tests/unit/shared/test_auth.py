@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from shared import auth
-from shared.auth import (
+from modelguard import auth
+from modelguard.auth import (
     Identity,
     TokenStore,
     bearer_token,
@@ -27,11 +27,11 @@ from shared.auth import (
     mint_token,
     parse_tokens,
 )
-from shared.channels import ClientTls, open_channel
-from shared.errors import InvalidInput, Unauthenticated
-from shared.grpc_server import GrpcServer, ServerTls
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import (
+from modelguard.channels import ClientTls, open_channel
+from modelguard.errors import InvalidInput, Unauthenticated
+from modelguard.grpc_server import GrpcServer, ServerTls
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import (
     common_pb2,
     trigger_reversal_pb2,
     trigger_reversal_pb2_grpc,
@@ -146,7 +146,7 @@ def test_the_tokens_file_is_reloaded_when_it_changes(
 def test_token_create_prints_the_token_and_appends_its_hashed_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from services.cli import main
+    from modelguard.services.cli import main
 
     path = tmp_path / "tokens"
     assert main(["token", "create", "--tenant", "acme", "--admin", "--append", str(path)]) == 0
@@ -202,7 +202,7 @@ def test_without_a_tokens_file_auth_is_off_with_a_warning(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(auth, "_warned", False)
-    with caplog.at_level("WARNING", logger="shared.auth"):
+    with caplog.at_level("WARNING", logger="modelguard.auth"):
         assert auth.load_token_store("", "trigger-reversal") is None
     assert "authentication is OFF" in caplog.text
     srv = _server(None)

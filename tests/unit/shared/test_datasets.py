@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.datasets import (
+from modelguard.datasets import (
     Dataset,
     dataset_to_npz,
     load_fashion_mnist,
@@ -15,8 +15,8 @@ from shared.datasets import (
     load_npz,
     read_idx,
 )
-from shared.errors import InvalidInput
-from shared.spec import InputSpec
+from modelguard.errors import InvalidInput
+from modelguard.spec import InputSpec
 
 SPEC = InputSpec((1, 4, 4))
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from shared.executor import CallExecutor, CallFuture
+from modelguard.executor import CallExecutor, CallFuture
 
 
 def test_calls_run_on_at_most_max_workers_threads_and_callbacks_run_once() -> None:

@@ -8,10 +8,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from shared.errors import InvalidInput
-from shared.grpc_server import GrpcServer
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import (
+from modelguard.errors import InvalidInput
+from modelguard.grpc_server import GrpcServer
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import (
     common_pb2,
     trigger_reversal_pb2,
     trigger_reversal_pb2_grpc,

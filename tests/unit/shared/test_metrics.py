@@ -9,7 +9,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from shared.metrics import LocalCounter, LocalHistogram, ServiceMetrics
+from modelguard.metrics import LocalCounter, LocalHistogram, ServiceMetrics
 
 
 def _without_created(text: str) -> str:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from services.launcher import build_service
-from shared import runtime
-from shared.config import LeakDetectorSettings, PlatformSettings
-from shared.errors import InvalidInput
-from shared.runtime import check_signing_key, is_loopback
+from modelguard import runtime
+from modelguard.config import LeakDetectorSettings, PlatformSettings
+from modelguard.errors import InvalidInput
+from modelguard.runtime import check_signing_key, is_loopback
+from modelguard.services.launcher import build_service
 
 REPO = Path(__file__).resolve().parents[3]
 OWN_KEY = SecretStr("a-key-of-this-deployment-only")
@@ -43,7 +43,7 @@ def test_the_default_key_is_a_warning_once_on_loopback(
 ) -> None:
     monkeypatch.setattr(runtime, "_warned_default_key", False)
     platform = PlatformSettings(store_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="shared.runtime"):
+    with caplog.at_level(logging.WARNING, logger="modelguard.runtime"):
         for service in ("leak-detector", "result-mapper"):  # embedded mode: one process
             check_signing_key(platform, "127.0.0.1", service)
     warnings = [r for r in caplog.records if "default development key" in r.getMessage()]
@@ -55,7 +55,7 @@ def test_a_key_of_its_own_is_accepted_anywhere_without_a_warning(
 ) -> None:
     monkeypatch.setattr(runtime, "_warned_default_key", False)
     platform = PlatformSettings(store_dir=tmp_path, signing_key=OWN_KEY)
-    with caplog.at_level(logging.WARNING, logger="shared.runtime"):
+    with caplog.at_level(logging.WARNING, logger="modelguard.runtime"):
         for host in ("0.0.0.0", "127.0.0.1"):
             check_signing_key(platform, host, "leak-detector")
     assert "signing key" not in caplog.text.lower()
@@ -80,7 +80,7 @@ def test_a_service_process_refuses_to_start_with_the_default_key(tmp_path: Path)
         MODELGUARD_LEAK_DETECTOR_METRICS_PORT="-1",
     )
     result = subprocess.run(
-        [sys.executable, "-m", "services.leak_detector.main"],
+        [sys.executable, "-m", "modelguard.services.leak_detector.main"],
         cwd=REPO,
         env=env,
         capture_output=True,

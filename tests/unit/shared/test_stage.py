@@ -8,13 +8,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from shared.bus.base import HEADER_ATTEMPT, Message, RetryPolicy
-from shared.bus.memory import MemoryBus
-from shared.errors import InvalidInput, Unavailable
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.stage import Progress, StageOutcome, StageReporter
-from shared.topics import AUDIT_EVENTS
+from modelguard.bus.base import HEADER_ATTEMPT, Message, RetryPolicy
+from modelguard.bus.memory import MemoryBus
+from modelguard.errors import InvalidInput, Unavailable
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.stage import Progress, StageOutcome, StageReporter
+from modelguard.topics import AUDIT_EVENTS
 
 
 def _events(bus: MemoryBus) -> list[tuple[str, int, str]]:

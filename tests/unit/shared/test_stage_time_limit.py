@@ -9,13 +9,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from shared.bus.base import Message, RetryPolicy
-from shared.bus.memory import MemoryBus
-from shared.config import PlatformSettings
-from shared.metrics import ServiceMetrics
-from shared.proto.modelguard.v1 import common_pb2, jobs_pb2
-from shared.stage import Progress, StageOutcome, StageReporter
-from shared.topics import AUDIT_EVENTS
+from modelguard.bus.base import Message, RetryPolicy
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import PlatformSettings
+from modelguard.metrics import ServiceMetrics
+from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
+from modelguard.stage import Progress, StageOutcome, StageReporter
+from modelguard.topics import AUDIT_EVENTS
 
 
 def _final_events(bus: MemoryBus) -> list[common_pb2.StageStatus]:
@@ -83,7 +83,7 @@ def test_a_job_inside_its_time_limit_is_unaffected() -> None:
 
 
 def test_the_limit_is_a_platform_setting_that_reaches_every_stage_worker(tmp_path: Path) -> None:
-    from services.launcher import build_service
+    from modelguard.services.launcher import build_service
 
     platform = PlatformSettings(stage_time_limit_seconds=123.0, store_dir=tmp_path)
     assert PlatformSettings().stage_time_limit_seconds == 3600.0

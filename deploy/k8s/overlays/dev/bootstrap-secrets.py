@@ -48,7 +48,7 @@ def create(
 
 
 def admin_tokens() -> dict[str, str]:
-    """The same format as shared.auth.mint_token (this Job has the standard library only)."""
+    """The same format as modelguard.auth.mint_token (this Job has the standard library only)."""
     key_id = secrets.token_hex(6)
     token = f"mg1.{key_id}.{secrets.token_urlsafe(32)}"
     salt = secrets.token_bytes(16)

@@ -5,8 +5,8 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from shared.proto.modelguard.v1 import common_pb2 as _common_pb2
-from shared.proto.modelguard.v1 import jobs_pb2 as _jobs_pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as _common_pb2
+from modelguard.proto.modelguard.v1 import jobs_pb2 as _jobs_pb2
 import builtins as _builtins
 import sys
 import typing as _typing

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from shared.proto.modelguard.v1 import carrier_trainer_pb2 as modelguard_dot_v1_dot_carrier__trainer__pb2
-from shared.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
+from modelguard.proto.modelguard.v1 import carrier_trainer_pb2 as modelguard_dot_v1_dot_carrier__trainer__pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -5,8 +5,8 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from shared.proto.modelguard.v1 import carrier_trainer_pb2 as _carrier_trainer_pb2
-from shared.proto.modelguard.v1 import common_pb2 as _common_pb2
+from modelguard.proto.modelguard.v1 import carrier_trainer_pb2 as _carrier_trainer_pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as _common_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

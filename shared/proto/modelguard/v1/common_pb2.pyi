@@ -29,13 +29,18 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     MODEL_FORMAT_SAFETENSORS: _ModelFormat.ValueType  # 1
     """weights + a registered architecture name"""
     MODEL_FORMAT_TORCHSCRIPT: _ModelFormat.ValueType  # 2
+    MODEL_FORMAT_TORCH_ZIP: _ModelFormat.ValueType  # 3
+    """torch.save state dict + a registered architecture name"""
 
-class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper): ...
+class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper):
+    """One value per shared.formats.registry entry: MODEL_FORMAT_<name, "-" as "_">."""
 
 MODEL_FORMAT_UNSPECIFIED: ModelFormat.ValueType  # 0
 MODEL_FORMAT_SAFETENSORS: ModelFormat.ValueType  # 1
 """weights + a registered architecture name"""
 MODEL_FORMAT_TORCHSCRIPT: ModelFormat.ValueType  # 2
+MODEL_FORMAT_TORCH_ZIP: ModelFormat.ValueType  # 3
+"""torch.save state dict + a registered architecture name"""
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
 class _JobState:
@@ -179,7 +184,7 @@ class ModelSpec(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     format: Global___ModelFormat.ValueType
     arch: _builtins.str
-    """required for safetensors"""
+    """required for weights-only formats (safetensors, torch-zip)"""
     @_builtins.property
     def artifact(self) -> Global___ArtifactRef: ...
     @_builtins.property

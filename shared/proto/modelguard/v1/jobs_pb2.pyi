@@ -7,7 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from shared.proto.modelguard.v1 import common_pb2 as _common_pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -33,16 +33,19 @@ class AuditOptions(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     SKIP_REPAIR_FIELD_NUMBER: _builtins.int
     DETECTION_RULE_FIELD_NUMBER: _builtins.int
+    DETECTOR_FIELD_NUMBER: _builtins.int
     reversal_steps: _builtins.int
     """0: service default"""
     layer: _builtins.str
     """pruning site: a Linear/Conv2d name, or NAME:in for a Linear layer's inputs; empty: default"""
     repair_mode: _builtins.str
-    """rollback | shapley | fine-pruning | none; empty: rollback"""
+    """a shared.repair.registry.REPAIR_MODES name, or none; empty: rollback"""
     seed: _builtins.int
     skip_repair: _builtins.bool
     detection_rule: _builtins.str
-    """modelguard | paper (Neural Cleanse's original test); empty: modelguard"""
+    """one of the detector's rules (neural-cleanse: modelguard | paper); empty: its first"""
+    detector: _builtins.str
+    """a shared.detection.registry.DETECTORS name; empty: neural-cleanse"""
     def __init__(
         self,
         *,
@@ -52,10 +55,11 @@ class AuditOptions(_message.Message):
         seed: _builtins.int = ...,
         skip_repair: _builtins.bool = ...,
         detection_rule: _builtins.str = ...,
+        detector: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_rule", b"detection_rule", "layer", b"layer", "repair_mode", b"repair_mode", "reversal_steps", b"reversal_steps", "seed", b"seed", "skip_repair", b"skip_repair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_rule", b"detection_rule", "detector", b"detector", "layer", b"layer", "repair_mode", b"repair_mode", "reversal_steps", b"reversal_steps", "seed", b"seed", "skip_repair", b"skip_repair"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -139,6 +143,64 @@ class TriggersReversed(_message.Message):
 Global___TriggersReversed: _TypeAlias = TriggersReversed  # noqa: Y015
 
 @_typing.final
+class NeuronRanking(_message.Message):
+    """The neuron-scoring stage's rankings of one pruning site, which the repair consumes
+    (shared.repair.scoring.NeuronRanking).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    NEURONS_FIELD_NUMBER: _builtins.int
+    ACTIVATION_RANKING_FIELD_NUMBER: _builtins.int
+    WEIGHT_RANKING_FIELD_NUMBER: _builtins.int
+    SHAPLEY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_LABELS_FIELD_NUMBER: _builtins.int
+    DATA_SPLIT_FIELD_NUMBER: _builtins.int
+    layer: _builtins.str
+    """resolved site: "fc1", "fc:in" """
+    neurons: _builtins.int
+    """site width n"""
+    source: _builtins.str
+    """hook | graph | ablation"""
+    data_split: _builtins.str
+    """what it was computed on: "tune:0.3:seed=0" or "all" """
+    @_builtins.property
+    def activation_ranking(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """permutation of 0..n-1, high to low"""
+
+    @_builtins.property
+    def weight_ranking(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """high to low"""
+
+    @_builtins.property
+    def shapley(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """per neuron; empty when not estimated"""
+
+    @_builtins.property
+    def target_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        layer: _builtins.str = ...,
+        neurons: _builtins.int = ...,
+        activation_ranking: _abc.Iterable[_builtins.int] | None = ...,
+        weight_ranking: _abc.Iterable[_builtins.int] | None = ...,
+        shapley: _abc.Iterable[_builtins.float] | None = ...,
+        source: _builtins.str = ...,
+        target_labels: _abc.Iterable[_builtins.int] | None = ...,
+        data_split: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_ranking", b"activation_ranking", "data_split", b"data_split", "layer", b"layer", "neurons", b"neurons", "shapley", b"shapley", "source", b"source", "target_labels", b"target_labels", "weight_ranking", b"weight_ranking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NeuronRanking: _TypeAlias = NeuronRanking  # noqa: Y015
+
+@_typing.final
 class NeuronsScored(_message.Message):
     """topic modelguard.neurons.scored: consumed by pruning-orchestrator."""
 
@@ -146,21 +208,27 @@ class NeuronsScored(_message.Message):
 
     TRIGGERS_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    RANKING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def triggers(self) -> Global___TriggersReversed: ...
     @_builtins.property
     def scores(self) -> _common_pb2.ArtifactRef:
         """JSON"""
 
+    @_builtins.property
+    def ranking(self) -> Global___NeuronRanking:
+        """unset: the repair scores for itself"""
+
     def __init__(
         self,
         *,
         triggers: Global___TriggersReversed | None = ...,
         scores: _common_pb2.ArtifactRef | None = ...,
+        ranking: Global___NeuronRanking | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scores", b"scores", "triggers", b"triggers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ranking", b"ranking", "scores", b"scores", "triggers", b"triggers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["scores", b"scores", "triggers", b"triggers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ranking", b"ranking", "scores", b"scores", "triggers", b"triggers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from shared.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!modelguard/v1/leak_detector.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\";\n\x10ScanModelRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\"\xa4\x01\n\x0fLayerStatistics\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0b\n\x03min\x18\x03 \x01(\x01\x12\x0b\n\x03max\x18\x04 \x01(\x01\x12\x0c\n\x04mean\x18\x05 \x01(\x01\x12\x10\n\x08variance\x18\x06 \x01(\x01\x12\x10\n\x08skewness\x18\x07 \x01(\x01\x12\x10\n\x08kurtosis\x18\x08 \x01(\x01\x12\x15\n\rtail_fraction\x18\t \x01(\x01\"9\n\x08\x45vidence\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"\x9f\x01\n\x11ScanModelResponse\x12.\n\x06layers\x18\x01 \x03(\x0b\x32\x1e.modelguard.v1.LayerStatistics\x12\x0f\n\x07verdict\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12)\n\x08\x65vidence\x18\x04 \x03(\x0b\x32\x17.modelguard.v1.Evidence\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x32\xa7\x01\n\x0cLeakDetector\x12N\n\tScanModel\x12\x1f.modelguard.v1.ScanModelRequest\x1a .modelguard.v1.ScanModelResponse\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.modelguard.v1.leak_detector_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.proto.modelguard.v1.leak_detector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCANMODELREQUEST']._serialized_start=80

@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from shared.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"modelguard/v1/neuron_scoring.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\"\xcc\x01\n\x13ScoreNeuronsRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12(\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x08triggers\x18\x03 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x14\n\x0ctarget_label\x18\x04 \x01(\x05\x12\r\n\x05layer\x18\x05 \x01(\t\x12\x0f\n\x07shapley\x18\x06 \x01(\x08\"e\n\x0bNeuronScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nactivation\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0f\n\x07shapley\x18\x04 \x01(\x01\x12\x12\n\nshapley_ci\x18\x05 \x01(\x01\"\xa1\x01\n\x14ScoreNeuronsResponse\x12\r\n\x05layer\x18\x01 \x01(\t\x12+\n\x07neurons\x18\x02 \x03(\x0b\x32\x1a.modelguard.v1.NeuronScore\x12\x1a\n\x12\x61\x63tivation_ranking\x18\x03 \x03(\x05\x12\x16\n\x0eweight_ranking\x18\x04 \x03(\x05\x12\x19\n\x11model_evaluations\x18\x05 \x01(\x03\x32\xb1\x01\n\rNeuronScoring\x12W\n\x0cScoreNeurons\x12\".modelguard.v1.ScoreNeuronsRequest\x1a#.modelguard.v1.ScoreNeuronsResponse\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.modelguard.v1.neuron_scoring_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.proto.modelguard.v1.neuron_scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCORENEURONSREQUEST']._serialized_start=82

@@ -22,15 +22,15 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from shared.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
-from shared.proto.modelguard.v1 import jobs_pb2 as modelguard_dot_v1_dot_jobs__pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
+from modelguard.proto.modelguard.v1 import jobs_pb2 as modelguard_dot_v1_dot_jobs__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(modelguard/v1/pruning_orchestrator.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\x1a\x18modelguard/v1/jobs.proto\"/\n\x0bUploadChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\"\xae\x01\n\x12SubmitAuditRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12(\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.modelguard.v1.AuditOptions\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"#\n\x0fGetAuditRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"\xff\x02\n\x05\x41udit\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.modelguard.v1.JobState\x12*\n\x06stages\x18\x03 \x03(\x0b\x32\x1a.modelguard.v1.StageStatus\x12/\n\x0breport_json\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12/\n\x0breport_html\x18\x05 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x32\n\x0erepaired_model\x18\x06 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x1a.modelguard.v1.ErrorDetail\x12\'\n\x05model\x18\n \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\"\"\n\x11ListAuditsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\":\n\x12ListAuditsResponse\x12$\n\x06\x61udits\x18\x01 \x03(\x0b\x32\x14.modelguard.v1.Audit2\x9b\x04\n\x13PruningOrchestrator\x12J\n\x0eUploadArtifact\x12\x1a.modelguard.v1.UploadChunk\x1a\x1a.modelguard.v1.ArtifactRef(\x01\x12\x46\n\x0bSubmitAudit\x12!.modelguard.v1.SubmitAuditRequest\x1a\x14.modelguard.v1.Audit\x12@\n\x08GetAudit\x12\x1e.modelguard.v1.GetAuditRequest\x1a\x14.modelguard.v1.Audit\x12\x44\n\nWatchAudit\x12\x1e.modelguard.v1.GetAuditRequest\x1a\x14.modelguard.v1.Audit0\x01\x12Q\n\nListAudits\x12 .modelguard.v1.ListAuditsRequest\x1a!.modelguard.v1.ListAuditsResponse\x12L\n\x10\x44ownloadArtifact\x12\x1a.modelguard.v1.ArtifactRef\x1a\x1a.modelguard.v1.UploadChunk0\x01\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.modelguard.v1.pruning_orchestrator_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.proto.modelguard.v1.pruning_orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPLOADCHUNK']._serialized_start=113

@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from shared.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!modelguard/v1/result_mapper.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\"V\n\nMapRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x15\n\rpseudo_output\x18\x03 \x01(\x0c\x12\x0c\n\x04rows\x18\x04 \x01(\x05\"Y\n\x0bMapResponse\x12\x0e\n\x06labels\x18\x01 \x03(\x05\x12\x15\n\rprobabilities\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63lasses\x18\x03 \x01(\x05\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x32\xdd\x01\n\x0cResultMapper\x12<\n\x03Map\x12\x19.modelguard.v1.MapRequest\x1a\x1a.modelguard.v1.MapResponse\x12\x46\n\tMapStream\x12\x19.modelguard.v1.MapRequest\x1a\x1a.modelguard.v1.MapResponse(\x01\x30\x01\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.modelguard.v1.result_mapper_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.proto.modelguard.v1.result_mapper_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MAPREQUEST']._serialized_start=80

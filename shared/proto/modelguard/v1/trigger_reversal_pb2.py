@@ -22,22 +22,22 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from shared.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$modelguard/v1/trigger_reversal.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\"\x96\x01\n\x16ReverseTriggersRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12(\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0c\n\x04rule\x18\x05 \x01(\t\"x\n\x0cLabelTrigger\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x0f\n\x07l1_norm\x18\x02 \x01(\x01\x12\x15\n\ranomaly_index\x18\x03 \x01(\x01\x12\x16\n\x0e\x61ttack_success\x18\x04 \x01(\x01\x12\x19\n\x11reached_threshold\x18\x05 \x01(\x08\"\xa8\x01\n\x17ReverseTriggersResponse\x12+\n\x06labels\x18\x01 \x03(\x0b\x32\x1b.modelguard.v1.LabelTrigger\x12\x0f\n\x07\x66lagged\x18\x02 \x03(\x05\x12\x10\n\x08infected\x18\x03 \x01(\x08\x12,\n\x08triggers\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x32\xbc\x01\n\x0fTriggerReversal\x12`\n\x0fReverseTriggers\x12%.modelguard.v1.ReverseTriggersRequest\x1a&.modelguard.v1.ReverseTriggersResponse\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$modelguard/v1/trigger_reversal.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\"\xa8\x01\n\x16ReverseTriggersRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12(\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x06 \x01(\t\"x\n\x0cLabelTrigger\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x0f\n\x07l1_norm\x18\x02 \x01(\x01\x12\x15\n\ranomaly_index\x18\x03 \x01(\x01\x12\x16\n\x0e\x61ttack_success\x18\x04 \x01(\x01\x12\x19\n\x11reached_threshold\x18\x05 \x01(\x08\"\xa8\x01\n\x17ReverseTriggersResponse\x12+\n\x06labels\x18\x01 \x03(\x0b\x32\x1b.modelguard.v1.LabelTrigger\x12\x0f\n\x07\x66lagged\x18\x02 \x03(\x05\x12\x10\n\x08infected\x18\x03 \x01(\x08\x12,\n\x08triggers\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x32\xbc\x01\n\x0fTriggerReversal\x12`\n\x0fReverseTriggers\x12%.modelguard.v1.ReverseTriggersRequest\x1a&.modelguard.v1.ReverseTriggersResponse\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.modelguard.v1.trigger_reversal_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.proto.modelguard.v1.trigger_reversal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REVERSETRIGGERSREQUEST']._serialized_start=84
-  _globals['_REVERSETRIGGERSREQUEST']._serialized_end=234
-  _globals['_LABELTRIGGER']._serialized_start=236
-  _globals['_LABELTRIGGER']._serialized_end=356
-  _globals['_REVERSETRIGGERSRESPONSE']._serialized_start=359
-  _globals['_REVERSETRIGGERSRESPONSE']._serialized_end=527
-  _globals['_TRIGGERREVERSAL']._serialized_start=530
-  _globals['_TRIGGERREVERSAL']._serialized_end=718
+  _globals['_REVERSETRIGGERSREQUEST']._serialized_end=252
+  _globals['_LABELTRIGGER']._serialized_start=254
+  _globals['_LABELTRIGGER']._serialized_end=374
+  _globals['_REVERSETRIGGERSRESPONSE']._serialized_start=377
+  _globals['_REVERSETRIGGERSRESPONSE']._serialized_end=545
+  _globals['_TRIGGERREVERSAL']._serialized_start=548
+  _globals['_TRIGGERREVERSAL']._serialized_end=736
 # @@protoc_insertion_point(module_scope)

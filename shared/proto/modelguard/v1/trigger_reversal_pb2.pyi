@@ -7,7 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from shared.proto.modelguard.v1 import common_pb2 as _common_pb2
+from modelguard.proto.modelguard.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -28,10 +28,13 @@ class ReverseTriggersRequest(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
+    DETECTOR_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     seed: _builtins.int
     rule: _builtins.str
-    """modelguard | paper (Neural Cleanse's original test); empty: modelguard"""
+    """one of the detector's rules (neural-cleanse: modelguard | paper); empty: its first"""
+    detector: _builtins.str
+    """a shared.detection.registry.DETECTORS name; empty: neural-cleanse"""
     @_builtins.property
     def model(self) -> _common_pb2.ModelSpec: ...
     @_builtins.property
@@ -44,10 +47,11 @@ class ReverseTriggersRequest(_message.Message):
         steps: _builtins.int = ...,
         seed: _builtins.int = ...,
         rule: _builtins.str = ...,
+        detector: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "model", b"model", "rule", b"rule", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "detector", b"detector", "model", b"model", "rule", b"rule", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

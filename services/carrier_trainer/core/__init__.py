@@ -1,2 +1,0 @@
-"""Carrier training, public models, natural images, the carrier pool and extraction (adversarial
-reprogramming)."""

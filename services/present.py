@@ -1,0 +1,207 @@
+"""Rich rendering shared by the ``modelguard`` command and the demo.
+
+An audit as it travels through the stages (`watch`), an audit's outcome (`print_audit`),
+and the stage summaries. A summary is the same document whether a service produced it
+(an audit stage's ``summary_json``) or an in-process command (``modelguard detect``,
+``repair``, ``leakscan``): one renderer per stage prints both. State names come from the
+proto enums, never from numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from modelguard.progress import Progress
+from modelguard.proto.modelguard.v1 import common_pb2
+from modelguard.topics import (
+    AUDIT_STAGES,
+    STAGE_LEAK_DETECTOR,
+    STAGE_REPAIR,
+    STAGE_TRIGGER_REVERSAL,
+)
+
+if TYPE_CHECKING:
+    from modelguard.proto.modelguard.v1.pruning_orchestrator_pb2 import Audit
+    from modelguard.services.audit_client import AuditClient
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+# --- state names ---------------------------------------------------------------------------
+def _enum_name(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix).lower().replace("_", " ")
+
+
+def job_state_name(state: int) -> str:
+    """``JOB_STATE_SUCCEEDED`` → ``succeeded``; an unknown number is shown as such."""
+    try:
+        value = common_pb2.JobState.ValueType(state)
+        return _enum_name(common_pb2.JobState.Name(value), "JOB_STATE_")
+    except ValueError:
+        return str(state)
+
+
+def stage_state_name(state: int) -> str:
+    """``STAGE_STATE_NOT_RUN`` → ``not run``; an unknown number is shown as such."""
+    try:
+        value = common_pb2.StageState.ValueType(state)
+        return _enum_name(common_pb2.StageState.Name(value), "STAGE_STATE_")
+    except ValueError:
+        return str(state)
+
+
+def failed(state: int) -> bool:
+    return state == common_pb2.JOB_STATE_FAILED
+
+
+# --- progress ------------------------------------------------------------------------------
+def progress_printer(label: str) -> Progress:
+    """A `Progress` printing to stderr every 5 % (and at the end)."""
+    state = {"last": -1.0}
+
+    def report(fraction: float, message: str = "") -> None:
+        if fraction - state["last"] >= 0.05 or fraction >= 1.0:
+            state["last"] = fraction
+            err_console.print(f"[dim]{label} {fraction * 100:5.1f}% {message}[/dim]")
+
+    return report
+
+
+# --- audits --------------------------------------------------------------------------------
+def watch(client: AuditClient, audit_id: str) -> Audit:
+    """Follow an audit to its end, printing each stage's changes to stderr."""
+    last: dict[str, str] = {}
+    audit = None
+    for audit in client.watch(audit_id):
+        for stage in audit.stages:
+            line = f"{stage_state_name(stage.state)} {stage.progress * 100:3.0f}% {stage.message}"
+            if last.get(stage.stage) != line:
+                last[stage.stage] = line
+                err_console.print(f"[dim]{stage.stage:>18}: {line}[/dim]")
+    return audit if audit is not None else client.get(audit_id)
+
+
+def print_audit(audit: Audit) -> None:
+    out_console.print(f"audit [bold]{audit.audit_id}[/bold]: {job_state_name(audit.state)}")
+    table = Table("stage", "state", "message")
+    for stage in audit.stages:
+        message = stage.error.message if stage.error.message else stage.message
+        table.add_row(stage.stage, stage_state_name(stage.state), message)
+    out_console.print(table)
+    for stage in audit.stages:
+        if stage.summary_json:
+            print_summary(stage.stage, json.loads(stage.summary_json))
+    if audit.report_html.sha256:
+        out_console.print(f"report: modelguard audit report {audit.audit_id} --out DIR")
+
+
+def print_audit_list(audits: Iterable[Audit]) -> None:
+    table = Table("audit", "state", "created", *AUDIT_STAGES)
+    for audit in audits:
+        stages = {s.stage: stage_state_name(s.state) for s in audit.stages}
+        table.add_row(
+            audit.audit_id,
+            job_state_name(audit.state),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(audit.created_at)),
+            *(stages.get(s, "") for s in AUDIT_STAGES),
+        )
+    out_console.print(table)
+
+
+# --- stage summaries -----------------------------------------------------------------------
+def print_summary(stage: str, summary: dict[str, Any]) -> None:
+    """The summary document of ``stage`` (stages without a renderer print nothing)."""
+    if stage == STAGE_TRIGGER_REVERSAL and summary.get("labels"):
+        print_reversal(summary)
+    elif stage == STAGE_LEAK_DETECTOR:
+        print_leak(summary)
+    elif stage == STAGE_REPAIR and "before" in summary:
+        print_repair(summary)
+
+
+def print_reversal(summary: dict[str, Any]) -> None:
+    """A trigger-reversal summary (`ReversalResult.to_dict` and what the service adds)."""
+    flagged = list(summary.get("flagged", []))
+    labels = Table(
+        "label",
+        "L1 norm",
+        "anomaly index",
+        "attack success",
+        "flagged",
+        title="trigger reversal (Neural Cleanse, MAD)",
+    )
+    for row in summary.get("labels", []):
+        labels.add_row(
+            str(row["label"]),
+            _fixed(row.get("l1_norm"), 2),
+            _fixed(row.get("anomaly_index"), 2),
+            _fixed(row.get("attack_success"), 3),
+            "yes" if row["label"] in flagged else "",
+        )
+    out_console.print(labels)
+    seconds = summary.get("seconds")
+    out_console.print(
+        f"verdict: [bold]{summary.get('verdict')}[/bold] (flagged: {flagged or 'none'})"
+        + (f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) else "")
+    )
+
+
+def print_leak(summary: dict[str, Any]) -> None:
+    """A leak-detector summary (`LeakVerdict.to_dict`)."""
+    out_console.print(
+        f"leak verdict: [bold]{summary.get('verdict')}[/bold] (score {summary.get('score', 0):.3g})"
+    )
+    layers = Table(
+        "layer",
+        "count",
+        "min",
+        "max",
+        "mean",
+        "variance",
+        "skewness",
+        "kurtosis",
+        ">3σ",
+        title="parameter statistics",
+    )
+    for row in summary.get("layers", []):
+        layers.add_row(
+            row["layer"],
+            str(row["count"]),
+            *(
+                f"{row[k]:.4g}"
+                for k in ("min", "max", "mean", "variance", "skewness", "kurtosis", "tail_fraction")
+            ),
+        )
+    out_console.print(layers)
+    for item in summary.get("evidence", [])[:10]:
+        out_console.print(f"  evidence: {item['layer']} {item['feature']} = {item['value']:.4g}")
+
+
+def print_repair(summary: dict[str, Any]) -> None:
+    """A repair summary (`RepairResult.to_dict` with the stage's ``mode`` and ``verdict``)."""
+    table = Table("measure", "before", "after", title=f"repair ({summary.get('mode')})")
+    for key in summary.get("before", {}):
+        table.add_row(key, _num(summary["before"][key]), _num(summary["after"].get(key)))
+    out_console.print(table)
+    verdict = f"; {summary['verdict']}" if summary.get("verdict") else ""
+    out_console.print(f"pruned {len(summary.get('pruned', []))} neurons{verdict}")
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return ", ".join(_num(v) for v in value)
+    return str(value)

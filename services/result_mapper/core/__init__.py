@@ -1,1 +1,0 @@
-"""The result-mapper core: per-user mapper registry (numpy serving path, no I/O)."""

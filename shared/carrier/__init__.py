@@ -1,0 +1,1 @@
+"""Carrier-based serving: training, pool, mapper registry, extraction."""

@@ -1,0 +1,1 @@
+"""Backdoor detectors behind one protocol (`registry.DETECTORS`)."""

@@ -1,0 +1,1 @@
+"""Model formats behind one protocol (`registry.FORMATS`)."""

@@ -1,0 +1,1 @@
+"""Leak forensics: parameter statistics, calibration, verdict."""

@@ -1,0 +1,1 @@
+"""What every algorithm needs of a torch model: layer sites, probes, masks."""

@@ -1,0 +1,1 @@
+"""Neuron scoring, Shapley values and the repair modes (`registry.REPAIR_MODES`)."""

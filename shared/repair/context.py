@@ -1,0 +1,549 @@
+"""Pruning primitives shared by the repair modes.
+
+*Pruning a neuron* zeroes its output: the weight row (Linear) or output filter (Conv2d)
+and its bias are set to 0 **in place** (for an input site ``<layer>:in``, the weight
+column: the feature no longer reaches the layer), so the change is in the saved weights of every
+format (safetensors, state dict, TorchScript) and needs no wrapper code. Rolling back
+restores the saved values exactly. Fine-tuning keeps pruned neurons at zero by zeroing
+their gradients and re-zeroing them after every optimiser step (Adam's moment estimates
+would otherwise move them).
+
+When a batch-norm layer follows a pruned convolution, the channel after normalisation is
+a constant (``β - γ·μ/σ``) instead of 0: it carries no information about the input any
+more, which is what removes the trigger's path through it, and the layers after it absorb
+the constant.
+
+`RepairContext` holds what every mode needs: the working copy of the model, the split of
+the defender's clean data (fine-tuning part, validation part), the reversed-trigger set
+stamped on the validation part, the original model's validation predictions (for the
+agreement ``q``) and an evaluation counter.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.errors import InvalidInput
+from modelguard.nn.probe import (
+    LayerInfo,
+    LayerProbe,
+    evaluating,
+    get_module,
+    is_scripted,
+    normalise,
+)
+from modelguard.progress import Progress
+from modelguard.repair.result import Measure
+from modelguard.repair.scoring import AttackSet, as_reversed_triggers, build_attack_set
+from modelguard.spec import InputSpec
+
+log = logging.getLogger(__name__)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """An independent copy: ``copy.deepcopy`` for eager modules, a ``torch.jit``
+    save/load round trip for TorchScript (which keeps it a loadable archive)."""
+    if is_scripted(model):
+        buffer = io.BytesIO()
+        torch.jit.save(model, buffer)
+        buffer.seek(0)
+        loaded: nn.Module = torch.jit.load(buffer, map_location="cpu")
+        return loaded
+    return copy.deepcopy(model)
+
+
+class Pruner:
+    """The pruned neurons of one site of ``model`` (a layer name, which means its
+    outputs, or a `LayerInfo`, which may be a Linear layer's inputs), applied to its
+    weights in place: rows / filters and bias for outputs, columns for inputs."""
+
+    def __init__(self, model: nn.Module, layer: str | LayerInfo) -> None:
+        info = layer if isinstance(layer, LayerInfo) else None
+        self.model = model
+        self.layer = info.name if info else str(layer)
+        self.module = get_module(model, info.module if info else str(layer))
+        weight = self.module.weight
+        assert isinstance(weight, torch.Tensor)
+        self.weight: torch.Tensor = weight
+        #: the weight dimension indexed by neuron (1: input features)
+        self.dim = info.weight_dim if info else 0
+        bias = getattr(self.module, "bias", None) if self.dim == 0 else None
+        self.bias: torch.Tensor | None = bias if isinstance(bias, torch.Tensor) else None
+        self.neurons = int(weight.shape[self.dim])
+        self.pruned: list[int] = []
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _check(self, index: int) -> None:
+        if not 0 <= index < self.neurons:
+            raise InvalidInput(
+                f"neuron {index} is not in layer {self.layer} (0..{self.neurons - 1})"
+            )
+
+    @torch.no_grad()
+    def prune(self, index: int) -> None:
+        """Zero neuron ``index`` (saving its parameters for `unprune`)."""
+        self._check(index)
+        if index in self._saved:
+            return
+        self._saved[index] = (
+            self.weight.data.select(self.dim, index).clone(),
+            self.bias.data[index].clone() if self.bias is not None else None,
+        )
+        self.weight.data.select(self.dim, index).zero_()
+        if self.bias is not None:
+            self.bias.data[index] = 0
+        self.pruned.append(index)
+
+    @torch.no_grad()
+    def unprune(self, index: int) -> None:
+        """Roll back the pruning of ``index``: restore the parameters saved by `prune`."""
+        if index not in self._saved:
+            raise ValueError(f"neuron {index} of {self.layer} is not pruned")
+        weight, bias = self._saved.pop(index)
+        self.weight.data.select(self.dim, index).copy_(weight)
+        if self.bias is not None and bias is not None:
+            self.bias.data[index] = bias
+        self.pruned.remove(index)
+
+    @torch.no_grad()
+    def reapply(self) -> None:
+        """Zero every pruned neuron again (after an optimiser step)."""
+        if self.pruned:
+            index = torch.tensor(self.pruned, dtype=torch.long)
+            self.weight.data.index_fill_(self.dim, index, 0)
+            if self.bias is not None:
+                self.bias.data[index] = 0
+
+    def mask_gradients(self) -> None:
+        if not self.pruned:
+            return
+        index = torch.tensor(self.pruned, dtype=torch.long)
+        if self.weight.grad is not None:
+            self.weight.grad.index_fill_(self.dim, index, 0)
+        if self.bias is not None and self.bias.grad is not None:
+            self.bias.grad[index] = 0
+
+    def keep_mask(self) -> torch.Tensor:
+        """``(n,)`` float: 0 for pruned neurons, 1 otherwise."""
+        keep = torch.ones(self.neurons)
+        if self.pruned:
+            keep[self.pruned] = 0
+        return keep
+
+    def is_zero(self) -> bool:
+        """Whether every pruned neuron's parameters are exactly zero."""
+        if not self.pruned:
+            return True
+        index = torch.tensor(self.pruned, dtype=torch.long)
+        zero = bool((self.weight.data.index_select(self.dim, index) == 0).all())
+        if self.bias is not None:
+            zero = zero and bool((self.bias.data[index] == 0).all())
+        return zero
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Fine-tuning on the clean fine-tuning split (cross-entropy on its labels, Adam).
+    ``local_steps``: optimiser steps after each kept prune (the rollback method's local fine-tune;
+    the reference method fits the layer by least squares, a few gradient steps are the accepted
+    equivalent). ``local_objective="original"`` keeps the reference method's intent: the steps fit,
+    by least squares, the logits of the *original* model on the clean fine-tuning split,
+    which is what ``q`` measures (training on labels instead moves an imperfect model away
+    from the original and drains the agreement budget step after step);
+    ``local_unlearn`` adds the trigger unlearning below to them. ``final_epochs`` (at
+    least ``final_min_steps`` steps, for small clean sets): the closing fine-tune from the
+    pruned weights, on the labels.
+    ``freeze_batchnorm`` keeps batch-norm running statistics fixed (small batches of a
+    few thousand samples would otherwise shift them). ``keep_best``: undo the final
+    fine-tune when it revives the attack or costs accuracy for nothing (see
+    `RepairContext.final_fine_tune`).
+
+    ``unlearn_fraction``: share of every fine-tuning batch stamped with a reversed trigger
+    while keeping its true label (Neural Cleanse's unlearning, Wang et al. 2019, §VI-C).
+    Fine-tuning on clean data alone re-grows the backdoor in the layers after a pruned
+    one: on an infected LeNet-5 with 12 of 120 ``fc1`` neurons pruned (reversed ASR 8%),
+    100 clean Adam steps brought the real trigger's ASR back to 35–80% depending on
+    which layers were tuned; with a 0.2 share stamped it stayed at 1%. 0 gives the reference
+    method's clean-only fine-tune (and is what the Fine-Pruning baseline uses).
+    ``unlearn_jitter``: each stamped trigger is shifted by a random offset of up to this
+    fraction of the image side (2 pixels at 28×28), zero-filled. A reversed trigger is
+    an approximation that often sits a little off the real one; unlearning its shifted
+    copies too generalised to the real trigger far better (on a 3×3-patch LeNet-5 whose
+    reversed mask was a scatter of pixels near the patch: real ASR 14% → 5% after the
+    rollback repair, clean accuracy unchanged).
+    ``unlearn_dilate``: the stamped mask is grown by this many pixels (a max filter), the
+    pattern unchanged. Neural Cleanse finds the *smallest* trigger, usually a subset of the
+    real one (on the zoo's Fashion-MNIST LeNet-5 five of the patch's nine pixels); the
+    model then still answers the pixels left out. Growing the mask covers them: real ASR
+    after the rollback repair 21% (no dilation, share 0.2) → 13% (1 pixel) → 11% (2) →
+    9.5% (2 pixels, share 0.35), clean accuracy −0.2 → −1.2 points; on the MNIST 3×3
+    model 1.5% → 1.0%.
+    """
+
+    local_steps: int = 30
+    local_lr: float = 1e-4
+    local_objective: Literal["original", "labels"] = "original"
+    local_unlearn: bool = False
+    final_epochs: int = 3
+    final_min_steps: int = 150
+    final_objective: Literal["original", "labels"] = "original"
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    freeze_batchnorm: bool = True
+    keep_best: bool = True
+    unlearn_fraction: float = 0.35
+    unlearn_jitter: float = 0.075
+    unlearn_dilate: int = 2
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 0 or self.final_epochs < 0 or self.batch_size < 1:
+            raise ValueError("local_steps, final_epochs >= 0 and batch_size >= 1 required")
+        if self.lr <= 0 or self.local_lr <= 0:
+            raise ValueError("lr and local_lr must be > 0")
+        if {self.local_objective, self.final_objective} - {"original", "labels"}:
+            raise ValueError("local_objective and final_objective must be original or labels")
+        if self.final_min_steps < 0:
+            raise ValueError("final_min_steps must be >= 0")
+        if not 0.0 <= self.unlearn_fraction < 1.0:
+            raise ValueError("unlearn_fraction must be in [0, 1)")
+        if not 0.0 <= self.unlearn_jitter < 0.5:
+            raise ValueError("unlearn_jitter must be in [0, 0.5)")
+        if not 0 <= self.unlearn_dilate <= 8:
+            raise ValueError("unlearn_dilate must be in 0..8 pixels")
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    return is_scripted(module) and "BatchNorm" in str(getattr(module, "original_name", ""))
+
+
+def fine_tune(
+    model: nn.Module,
+    data: Dataset,
+    spec: InputSpec,
+    pruners: list[Pruner],
+    config: FineTuneConfig,
+    *,
+    steps: int,
+    seed: int = 0,
+    triggers: Sequence[ReversedTrigger] = (),
+    lr: float | None = None,
+    targets: torch.Tensor | None = None,
+) -> int:
+    """``steps`` Adam steps on ``data`` (raw inputs; ``spec``'s normalisation applied
+    here), keeping every pruner's neurons at zero. The loss is cross-entropy on the labels,
+    or, with ``targets`` (logits ``(N, K)`` aligned with ``data``), least squares between
+    the model's logits and them. With ``triggers`` and ``config.unlearn_fraction > 0``, that
+    share of each batch is stamped with a random one of them, its label (or target) that
+    of the unstamped sample. Returns the number of steps run; leaves the model in eval
+    mode."""
+    if steps <= 0 or len(data) == 0:
+        return 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(
+        params, lr=config.lr if lr is None else lr, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator().manual_seed(seed)
+    # grown once here, not on every batch
+    stamped = (
+        [_dilated(t, config.unlearn_dilate) for t in triggers]
+        if config.unlearn_dilate
+        else triggers
+    )
+    n = len(data)
+    order = torch.randperm(n, generator=generator)
+    cursor = 0
+    model.train()
+    if config.freeze_batchnorm:
+        for module in model.modules():
+            if _is_batchnorm(module):
+                module.eval()
+    try:
+        for _ in range(steps):
+            if cursor >= n:
+                order, cursor = torch.randperm(n, generator=generator), 0
+            index = order[cursor : cursor + config.batch_size]
+            cursor += config.batch_size
+            x, y = data.x[index], data.y[index]
+            if triggers and config.unlearn_fraction > 0:
+                jitter = round(config.unlearn_jitter * min(spec.shape[1:]))
+                x = _stamp_share(x, stamped, config.unlearn_fraction, spec, generator, jitter)
+            logits = model(normalise(x, spec))
+            if targets is None:
+                loss = F.cross_entropy(logits, y)
+            else:
+                loss = F.mse_loss(logits, targets[index])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            for pruner in pruners:
+                pruner.mask_gradients()
+            optimiser.step()
+            for pruner in pruners:
+                pruner.reapply()
+    finally:
+        model.eval()
+    return steps
+
+
+def _stamp_share(
+    x: torch.Tensor,
+    triggers: Sequence[ReversedTrigger],
+    fraction: float,
+    spec: InputSpec,
+    generator: torch.Generator,
+    jitter: int = 0,
+) -> torch.Tensor:
+    count = round(fraction * len(x))
+    if count == 0:
+        return x
+    x = x.clone()
+    rows = torch.randperm(len(x), generator=generator)[:count]
+    which = torch.randint(len(triggers), (count,), generator=generator)
+    for row, t in zip(rows.tolist(), which.tolist(), strict=True):
+        trigger = triggers[t]
+        mask, pattern = trigger.mask, trigger.pattern
+        if jitter > 0:
+            dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
+            mask, pattern = _shift(mask, dy, dx), _shift(pattern, dy, dx)
+        x[row] = ((1 - mask) * x[row] + mask * pattern).clamp(*spec.value_range)
+    return x
+
+
+def _dilated(trigger: ReversedTrigger, pixels: int) -> ReversedTrigger:
+    """The trigger with its mask grown by ``pixels`` (a max filter), pattern unchanged."""
+    mask = trigger.mask.reshape(1, 1, *trigger.mask.shape[-2:])
+    grown = F.max_pool2d(mask, 2 * pixels + 1, stride=1, padding=pixels)
+    return replace(trigger, mask=grown.reshape(trigger.mask.shape))
+
+
+def _shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``t`` (…, H, W) moved by (dy, dx) pixels, zero-filled (no wrap-around)."""
+    out = torch.zeros_like(t)
+    height, width = t.shape[-2], t.shape[-1]
+    src_y = slice(max(0, -dy), height - max(0, dy))
+    dst_y = slice(max(0, dy), height - max(0, -dy))
+    src_x = slice(max(0, -dx), width - max(0, dx))
+    dst_x = slice(max(0, dx), width - max(0, -dx))
+    out[..., dst_y, dst_x] = t[..., src_y, src_x]
+    return out
+
+
+#: Rows of one forward pass of a repair's probe (candidate prunings × samples).
+PROBE_MAX_ROWS = 8192
+
+
+def _validation_size(n: int, validation_fraction: float) -> int:
+    return max(1, round(n * validation_fraction))
+
+
+def can_split(n: int, validation_fraction: float) -> bool:
+    """Whether `split_clean` accepts ``n`` samples."""
+    return n >= 20 and n - _validation_size(n, validation_fraction) >= 1
+
+
+def split_label(validation_fraction: float, seed: int = 0) -> str:
+    """Names the fine-tuning part of `split_clean` (``"tune:0.3:seed=0"``): what a neuron
+    ranking computed on it says in ``data_split``."""
+    return f"tune:{validation_fraction:g}:seed={seed}"
+
+
+def split_clean(
+    data: Dataset, validation_fraction: float, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """Seeded random split into (fine-tuning, validation)."""
+    n = len(data)
+    n_val = _validation_size(n, validation_fraction)
+    if not can_split(n, validation_fraction):
+        raise InvalidInput(
+            f"the clean dataset has {n} samples; the repair needs at least 20 (a part to "
+            "fine-tune on and a part to validate every pruning decision)"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, tune = order[:n_val], order[n_val:]
+    return Dataset(data.x[tune], data.y[tune]), Dataset(data.x[val], data.y[val])
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Figures of ``P`` candidate prunings, each ``(P,)``; ``asr`` is the max over triggers,
+    ``mean_asr`` and ``soft`` the means."""
+
+    asr: torch.Tensor
+    mean_asr: torch.Tensor
+    soft: torch.Tensor
+    agreement: torch.Tensor
+    accuracy: torch.Tensor
+    per_trigger: torch.Tensor  # (P, T)
+
+
+@dataclass
+class RepairContext:
+    """The working state of one repair (see the module docstring)."""
+
+    model: nn.Module
+    spec: InputSpec
+    probe: LayerProbe
+    pruner: Pruner
+    tune: Dataset
+    val: Dataset
+    attack: AttackSet
+    reference: torch.Tensor  # (V,) original predictions on val
+    tune_logits: torch.Tensor  # (T, K) original logits on the fine-tuning split
+    finetune: FineTuneConfig
+    triggers: list[ReversedTrigger]
+    seed: int = 0
+    evaluations: int = 0
+    finetune_steps: int = 0
+    progress: Progress | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        data: Dataset,
+        spec: InputSpec,
+        triggers: object,
+        *,
+        layer: str | None,
+        validation_fraction: float,
+        attack_samples: int,
+        val_samples: int,
+        finetune: FineTuneConfig,
+        seed: int,
+        progress: Progress | None,
+        max_rows: int = PROBE_MAX_ROWS,
+    ) -> RepairContext:
+        model.eval()
+        items = as_reversed_triggers(triggers, spec)
+        tune, val = split_clean(data, validation_fraction, seed)
+        if len(val) > val_samples:
+            val = val.subset(val_samples, seed=seed)
+        attack = build_attack_set(val, items, spec, samples=attack_samples, seed=seed)
+        probe = LayerProbe(model, layer, spec, max_rows=max_rows)
+        with evaluating(model):
+            reference = probe.logits(val.x).argmax(1)
+            tune_logits = probe.logits(tune.x)
+        context = cls(
+            model=model,
+            spec=spec,
+            probe=probe,
+            pruner=Pruner(model, probe.info),
+            tune=tune,
+            val=val,
+            attack=attack,
+            reference=reference,
+            tune_logits=tune_logits,
+            finetune=finetune,
+            triggers=items,
+            seed=seed,
+            progress=progress,
+        )
+        if probe.mode == "weights":
+            context.notes.append(
+                "TorchScript graph probe unavailable: candidate prunings were evaluated one "
+                "forward pass each by weight masking"
+            )
+        return context
+
+    def report(self, fraction: float, text: str) -> None:
+        if self.progress is not None:
+            self.progress(max(0.0, min(1.0, fraction)), text)
+
+    @torch.no_grad()
+    def candidates(self, keep: torch.Tensor) -> Candidates:
+        """Score ``P`` candidate keep-masks ``(P, n)`` on top of the current model, in
+        batched forward passes (2·P evaluations: stamped set and validation set)."""
+        attack_logits = self.probe.masked_logits(self.attack.x, keep)
+        val_logits = self.probe.masked_logits(self.val.x, keep)
+        self.evaluations += 2 * int(keep.shape[0])
+        per_trigger = self.attack.asr(attack_logits)
+        predicted = val_logits.argmax(-1)
+        return Candidates(
+            asr=per_trigger.amax(-1),
+            mean_asr=per_trigger.mean(-1),
+            soft=self.attack.soft_asr(attack_logits).mean(-1),
+            agreement=(predicted == self.reference).float().mean(-1),
+            accuracy=(predicted == self.val.y).float().mean(-1),
+            per_trigger=per_trigger,
+        )
+
+    def measure(self) -> Measure:
+        """Figures of the model as it is now."""
+        scores = self.candidates(torch.ones(1, self.probe.neurons))
+        return Measure(
+            agreement=float(scores.agreement[0]),
+            reversed_asr=float(scores.asr[0]),
+            accuracy=float(scores.accuracy[0]),
+            per_trigger_asr=tuple(float(v) for v in scores.per_trigger[0]),
+            soft_asr=float(scores.soft[0]),
+        )
+
+    def local_fine_tune(self) -> None:
+        self.finetune_steps += fine_tune(
+            self.model,
+            self.tune,
+            self.spec,
+            [self.pruner],
+            self.finetune,
+            steps=self.finetune.local_steps,
+            seed=self.seed + self.finetune_steps,
+            triggers=self.triggers if self.finetune.local_unlearn else (),
+            lr=self.finetune.local_lr,
+            targets=self.tune_logits if self.finetune.local_objective == "original" else None,
+        )
+
+    def final_fine_tune(self, revival: float | None = 0.10) -> Measure:
+        """The closing fine-tune (``final_epochs`` over the fine-tuning split, at least
+        ``final_min_steps`` steps) from the pruned weights. With ``keep_best`` it is undone
+        when it revives the attack (the reversed ASR rises by more than 5 points *and*
+        ends above ``revival``) without gaining a point of validation accuracy, or costs
+        more than a point of accuracy without lowering the reversed ASR. Returns the final
+        figures."""
+        before = self.measure()
+        epoch = max(1, -(-len(self.tune) // self.finetune.batch_size))
+        steps = self.finetune.final_epochs * epoch
+        if steps == 0:
+            return before
+        steps = max(steps, self.finetune.final_min_steps)
+        snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.finetune_steps += fine_tune(
+            self.model,
+            self.tune,
+            self.spec,
+            [self.pruner],
+            self.finetune,
+            steps=steps,
+            seed=self.seed + 7919,
+            triggers=self.triggers,
+            targets=self.tune_logits if self.finetune.final_objective == "original" else None,
+        )
+        after = self.measure()
+        threshold = revival if revival is not None else 1.0
+        revived = after.reversed_asr > max(before.reversed_asr + 0.05, threshold)
+        gained = after.accuracy > before.accuracy + 0.01
+        worse = (revived and not gained) or (
+            after.accuracy < before.accuracy - 0.01 and after.reversed_asr >= before.reversed_asr
+        )
+        if self.finetune.keep_best and worse:
+            self.model.load_state_dict(snapshot)
+            self.notes.append(
+                f"final fine-tune undone: validation accuracy {after.accuracy:.4f} vs "
+                f"{before.accuracy:.4f}, reversed ASR {after.reversed_asr:.4f} vs "
+                f"{before.reversed_asr:.4f}"
+            )
+            return before
+        return after

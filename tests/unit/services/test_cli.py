@@ -1,0 +1,158 @@
+"""The in-process commands print the services' summary documents: ``modelguard detect``
+the trigger-reversal stage's, ``modelguard leakscan`` the leak-detector stage's (less the
+store references and the timings)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from modelguard.bus.memory import MemoryBus
+from modelguard.config import LeakDetectorSettings, PlatformSettings, TriggerReversalSettings
+from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.jobdata import Limits, load_inputs_from_bytes
+from modelguard.metrics import ServiceMetrics
+from modelguard.runtime import Runtime
+from modelguard.services.cli import main
+from modelguard.services.leak_detector.service import LeakDetectorService
+from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.signing import Signer
+from modelguard.spec import InputSpec
+from modelguard.store.local import LocalStore
+
+SPEC = InputSpec(shape=(1, 6, 6))
+SPEC_ARGS = ["--input-shape", "1,6,6", "--value-range", "0,1"]
+
+
+@pytest.fixture()
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    bus = MemoryBus()
+    yield Runtime(
+        PlatformSettings(store_dir=tmp_path / "store"),
+        bus,
+        LocalStore(tmp_path / "store"),
+        Signer(b"0123456789abcdef"),
+    )
+    bus.close()
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).eval()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buffer)
+    generator = torch.Generator().manual_seed(1)
+    data = Dataset(torch.rand(48, 1, 6, 6, generator=generator), torch.arange(48) % 3)
+    (tmp_path / "model.pt").write_bytes(buffer.getvalue())
+    (tmp_path / "clean.npz").write_bytes(dataset_to_npz(data))
+    return tmp_path / "model.pt", tmp_path / "clean.npz"
+
+
+def _without(document: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in document.items() if k not in keys}
+
+
+def test_detect_prints_the_trigger_reversal_summary(
+    runtime: Runtime, files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.set_num_threads(1)
+    model, data = files
+    out = tmp_path / "pictures"
+    args = ["detect", str(model), "--data", str(data), *SPEC_ARGS, "--steps", "20"]
+    assert main([*args, "--json", "--out", str(out)]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    service = TriggerReversalService(
+        runtime, TriggerReversalSettings(), ServiceMetrics(CollectorRegistry(), "trigger-reversal")
+    )
+    inputs = load_inputs_from_bytes(
+        model.read_bytes(), data.read_bytes(), SPEC, "", Limits.of(PlatformSettings())
+    )
+    stored = service.reverse(inputs, steps=20)
+    assert _without(cli, "seconds", "images") == _without(
+        stored.summary, "seconds", "images", "triggers"
+    )
+    # the service's pictures (of the flagged labels) or the smallest trigger's, as files
+    labels = list(stored.result.flagged) or [
+        min(
+            (r for r in stored.result.labels if math.isfinite(r.l1_norm)),
+            key=lambda r: r.l1_norm,
+        ).label
+    ]
+    assert sorted(cli["images"]) == sorted(
+        f"label {label} {part}" for label in labels for part in ("mask", "pattern", "trigger")
+    )
+    assert all(Path(path).is_file() for path in cli["images"].values())
+    assert main(args) == 0
+    assert f"verdict: {stored.result.verdict}" in capsys.readouterr().out
+
+
+def test_leakscan_prints_the_leak_detector_summary(
+    runtime: Runtime, files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, _ = files
+    service = LeakDetectorService(
+        runtime, LeakDetectorSettings(), ServiceMetrics(CollectorRegistry(), "leak-detector")
+    )
+    inputs = load_inputs_from_bytes(
+        model.read_bytes(), None, SPEC, "", Limits.of(PlatformSettings())
+    )
+    _verdict, summary = service.scan(inputs.model)
+    for extra in ([], SPEC_ARGS):  # parameters only, or the model loaded for its input
+        assert main(["leakscan", str(model), *extra, "--json"]) == 0
+        cli = json.loads(capsys.readouterr().out)
+        assert _without(cli, "seconds") == _without(summary, "seconds")
+
+
+def test_refusals_keep_their_exit_codes(
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = files
+    pickled = tmp_path / "model.pkl"
+    pickled.write_bytes(pickle.dumps(os.system))
+    assert main(["leakscan", str(pickled)]) == 2
+    assert main(["leakscan", str(tmp_path / "missing.pt")]) == 2
+    assert "cannot read the model file" in capsys.readouterr().err
+    repair = ["repair", str(model), "--data", str(data), *SPEC_ARGS, "--out", "r.pt"]
+    assert main([*repair, "--target", "seven"]) == 2
+    assert main(["detect", str(model), "--data", str(data), *SPEC_ARGS, "--steps", "99999"]) == 2
+
+
+def _choices(command: str, option: str) -> list[str]:
+    import argparse
+
+    from modelguard.services.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    target = sub.choices[command]
+    if command == "audit":
+        inner = next(a for a in target._actions if isinstance(a, argparse._SubParsersAction))
+        target = inner.choices["submit"]
+    action = next(a for a in target._actions if option in a.option_strings)
+    return list(action.choices or [])
+
+
+def test_the_cli_choices_come_from_the_registries() -> None:
+    from modelguard.detection.registry import DETECTORS, get_detector
+    from modelguard.repair.registry import REPAIR_CHOICES, REPAIR_MODES
+
+    rules = {r for name in DETECTORS for r in get_detector(name).rules}
+    for command in ("detect", "repair", "audit"):
+        assert _choices(command, "--detector") == list(DETECTORS)
+        assert set(_choices(command, "--rule")) == rules
+    assert _choices("repair", "--mode") == list(REPAIR_MODES)
+    assert _choices("audit", "--repair-mode") == list(REPAIR_CHOICES)

@@ -1,0 +1,224 @@
+"""The rollback rules (each branch), the stopping rule, and the rollback
+pruning run on a hand-built model whose neurons each exercise one branch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from modelguard.datasets import Dataset
+from modelguard.detection.triggers import ReversedTrigger
+from modelguard.repair.context import FineTuneConfig
+from modelguard.repair.registry import repair
+from modelguard.repair.result import Measure
+from modelguard.repair.rollback import Figures, RollbackConfig, decide, interleave, should_stop
+from modelguard.repair.scoring import ScoringConfig
+from modelguard.spec import InputSpec
+
+CONFIG = RollbackConfig()  # seed defaults: q0 0.97, asr_stop 0.10, min_drop 0.01
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: the CI machine has two cores shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- decide: each branch
+
+
+def test_kept_when_asr_drops_and_agreement_holds() -> None:
+    assert decide(Figures(0.90, 0.90, 1.0), Figures(0.80, 0.85, 0.99), CONFIG) == ("kept", "")
+
+
+def test_rolled_back_when_asr_did_not_drop() -> None:
+    action, reason = decide(Figures(0.90, 0.90, 1.0), Figures(0.895, 0.899, 1.0), CONFIG)
+    assert (action, reason) == ("rolled_back", "asr_not_dropped")
+
+
+def test_rolled_back_when_asr_rose() -> None:
+    assert decide(Figures(0.5, 0.5, 1.0), Figures(0.6, 0.6, 1.0), CONFIG)[0] == "rolled_back"
+
+
+def test_rolled_back_when_agreement_below_q0_even_though_asr_dropped() -> None:
+    action, reason = decide(Figures(0.90, 0.90, 1.0), Figures(0.10, 0.10, 0.969), CONFIG)
+    assert (action, reason) == ("rolled_back", "agreement_below_q0")
+
+
+def test_both_reasons_are_reported() -> None:
+    action, reason = decide(Figures(0.9, 0.9, 1.0), Figures(0.9, 0.9, 0.5), CONFIG)
+    assert action == "rolled_back"
+    assert reason.split(",") == ["asr_not_dropped", "agreement_below_q0"]
+
+
+def test_agreement_exactly_q0_is_kept() -> None:
+    assert decide(Figures(0.9, 0.9, 1.0), Figures(0.5, 0.5, 0.97), CONFIG)[0] == "kept"
+
+
+def test_soft_asr_drop_alone_counts_as_meaningful() -> None:
+    # no prediction flipped (ASR unchanged) but the target probability fell by 0.05
+    previous, current = Figures(1.0, 0.95, 1.0), Figures(1.0, 0.90, 1.0)
+    assert decide(previous, current, CONFIG)[0] == "kept"
+    strict = RollbackConfig(min_soft_drop=None)
+    assert decide(previous, current, strict) == ("rolled_back", "asr_not_dropped")
+
+
+def test_min_drop_is_configurable() -> None:
+    previous, current = Figures(0.9, 0.9, 1.0), Figures(0.85, 0.9, 1.0)
+    assert decide(previous, current, RollbackConfig(min_drop=0.04, min_soft_drop=None))[0] == "kept"
+    assert decide(previous, current, RollbackConfig(min_drop=0.06, min_soft_drop=None))[0] == (
+        "rolled_back"
+    )
+
+
+# ---------------------------------------------------------------- stopping rule
+
+
+@pytest.mark.parametrize(
+    ("asr", "agreement", "stop"),
+    [
+        (0.05, 0.99, True),
+        (0.0999, 0.97, True),
+        (0.10, 0.99, False),  # s_n must be strictly below 10%
+        (0.50, 0.99, False),
+        (0.05, 0.969, False),  # q_n below q0
+        (0.50, 0.50, False),
+    ],
+)
+def test_stopping_rule(asr: float, agreement: float, stop: bool) -> None:
+    measure = Measure(agreement=agreement, reversed_asr=asr, accuracy=agreement)
+    assert should_stop(measure, CONFIG) is stop
+
+
+def test_stopping_thresholds_are_configurable() -> None:
+    measure = Measure(agreement=0.95, reversed_asr=0.15, accuracy=0.95)
+    assert not should_stop(measure, CONFIG)
+    assert should_stop(measure, RollbackConfig(q0=0.9, asr_stop=0.2))
+
+
+def test_interleave_alternates_without_repeats() -> None:
+    order = interleave(torch.tensor([3, 1, 0, 2]), torch.tensor([1, 2, 3, 0]))
+    assert order == [3, 1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"q0": 0.0},
+        {"q0": 1.5},
+        {"asr_stop": 0.0},
+        {"min_drop": -0.1},
+        {"passes": 0},
+        {"validation_fraction": 1.0},
+        {"max_pruned_fraction": 0.0},
+    ],
+)
+def test_config_is_validated(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RollbackConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the rules in a run
+
+
+class ToyNet(nn.Module):
+    """Inputs (1, 4, 4). ``fc1`` has three neurons:
+
+    * 0: trigger detector, ``relu(10·x[15])`` → +20 on the target logit (class 1);
+    * 1: the clean feature, ``relu(100·(x[0] - 0.5))`` → +1 on class 1;
+    * 2: dead weight, constant 60, no outgoing weight.
+
+    Class 0 wins by a bias of 0.5 when nothing supports class 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 3)
+        self.fc2 = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.fc1.weight.zero_()
+            self.fc1.bias.zero_()
+            self.fc1.weight[0, 15] = 10.0
+            self.fc1.weight[1, 0] = 100.0
+            self.fc1.bias[1] = -50.0
+            self.fc1.bias[2] = 60.0
+            self.fc2.weight.zero_()
+            self.fc2.bias.copy_(torch.tensor([0.5, 0.0]))
+            self.fc2.weight[1, 0] = 20.0
+            self.fc2.weight[1, 1] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))  # type: ignore[no-any-return]
+
+
+def toy_data(n: int = 400, seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 4, 4, generator=generator) * 0.3
+    y = torch.randint(2, (n,), generator=generator)
+    first = torch.rand(n, generator=generator) * 0.4
+    x[:, 0, 0, 0] = torch.where(y == 1, 0.6 + first, first)
+    x[:, 0, 3, 3] = 0.0
+    return Dataset(x, y)
+
+
+def toy_trigger() -> ReversedTrigger:
+    mask = torch.zeros(4, 4)
+    mask[3, 3] = 1.0
+    return ReversedTrigger(1, mask, torch.ones(1, 4, 4))
+
+
+def test_rollback_run_exercises_each_branch() -> None:
+    model = ToyNet().eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = InputSpec((1, 4, 4))
+    config = RollbackConfig(
+        # ranking by triggered activation tries the dead neuron first, the weight ranking
+        # the clean feature next: interleaved order 2, 1, 0
+        scoring=ScoringConfig(rank_by="triggered"),
+        finetune=FineTuneConfig(local_steps=0, final_epochs=0),
+    )
+    result = repair(model, toy_data(), spec, [toy_trigger()], mode="rollback", config=config)
+
+    steps = [(s.index, s.action, s.reason) for s in result.curve]
+    assert steps == [
+        (2, "rolled_back", "asr_not_dropped"),  # nothing changes
+        (1, "rolled_back", "asr_not_dropped,agreement_below_q0"),  # class 1 lost
+        (0, "kept", ""),  # the trigger path is cut
+    ]
+    assert result.curve[0].agreement == 1.0 and result.curve[0].asr == 1.0
+    assert result.curve[1].agreement < 0.7
+    assert result.curve[2].asr == 0.0 and result.curve[2].agreement == 1.0
+    # stopped at once: s_n < 10% with q_n >= q0
+    assert result.pruned == [("fc1", 0)]
+    assert result.before.reversed_asr == 1.0
+    assert result.after.reversed_asr == 0.0 and result.after.agreement == 1.0
+    # the repaired copy has neuron 0 zeroed; rolled-back neurons are intact
+    repaired = result.model
+    assert isinstance(repaired, ToyNet)
+    assert torch.all(repaired.fc1.weight[0] == 0) and repaired.fc1.bias[0] == 0
+    assert torch.equal(repaired.fc1.weight[1:], original["fc1.weight"][1:])
+    assert torch.equal(repaired.fc1.bias[1:], original["fc1.bias"][1:])
+    # the caller's model is untouched
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key])
+    document = result.to_dict()
+    assert document["target_labels"] == [1]
+    assert document["pruned"] == [{"layer": "fc1", "index": 0}]
+    assert {"agreement", "reversed_asr"} <= set(document["before"])
+    assert [c["action"] for c in document["curve"]] == ["rolled_back", "rolled_back", "kept"]
+
+
+def test_nothing_is_pruned_when_the_reversed_trigger_is_already_weak() -> None:
+    model = ToyNet().eval()
+    with torch.no_grad():
+        model.fc2.weight[1, 0] = 0.0  # the trigger no longer reaches the target
+    result = repair(model, toy_data(), InputSpec((1, 4, 4)), [toy_trigger()], mode="rollback")
+    assert result.pruned == [] and result.curve == []
+    assert result.after.reversed_asr < 0.1
+    assert any("nothing to prune" in note for note in result.notes)

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelguard.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus
-from modelguard.convert import ref_to_proto
-from modelguard.errors import DeadlineExceeded, ModelGuardError, is_transient
+from modelguard.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus, Message
+from modelguard.config import PlatformSettings
+from modelguard.convert import M, parse_message, ref_to_proto
+from modelguard.errors import DeadlineExceeded, InvalidInput, ModelGuardError, is_transient
 from modelguard.metrics import ServiceMetrics
 from modelguard.progress import Progress as Progress  # re-exported: handlers import it from here
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
@@ -54,6 +55,20 @@ def publish_proto(bus: JobBus, topic: str, message: Any, *, key: str, job_type: 
 
 
 class StageReporter:
+    @classmethod
+    def for_platform(
+        cls, bus: JobBus, stage: str, metrics: ServiceMetrics, platform: PlatformSettings
+    ) -> StageReporter:
+        """The reporter of a deployed stage: attempts and time limit from the platform's
+        settings."""
+        return cls(
+            bus,
+            stage,
+            metrics,
+            max_attempts=platform.job_max_attempts,
+            time_limit=platform.stage_time_limit_seconds,
+        )
+
     def __init__(
         self,
         bus: JobBus,
@@ -192,3 +207,20 @@ class StageReporter:
         log.warning("%s failed for audit %s: %s", self.stage, audit_id, err)
         self.event(audit_id, common_pb2.STAGE_STATE_FAILED, message=str(err), error=err)
         self.metrics.jobs.labels("failed").inc()
+
+
+def run_audit_stage(
+    reporter: StageReporter,
+    message: Message,
+    message_type: type[M],
+    audit_id: Callable[[M], str],
+    handle: Callable[[M, Progress], StageOutcome],
+) -> None:
+    """A stage handler's Kafka entry: decode ``message`` as ``message_type`` (malformed
+    bytes are bad input), find its audit, and run ``handle`` under ``reporter`` (progress,
+    outcome on audit.events, attempts, time limit)."""
+    parsed = parse_message(message.value, message_type)
+    audit = audit_id(parsed)
+    if not audit:
+        raise InvalidInput(f"{message_type.__name__} message without an audit id")
+    reporter.run(audit, lambda progress: handle(parsed, progress), message.attempt)

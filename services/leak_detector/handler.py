@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from modelguard.bus.base import Message
-from modelguard.convert import parse_message
-from modelguard.errors import InvalidInput, UnsafeArtifact
+from modelguard.errors import UnsafeArtifact
 from modelguard.jobdata import load_model_spec
 from modelguard.proto.modelguard.v1 import jobs_pb2
 from modelguard.services.leak_detector.service import LeakDetectorService
-from modelguard.stage import Progress, StageOutcome, StageReporter
+from modelguard.stage import Progress, StageOutcome, StageReporter, run_audit_stage
 
 
 class AuditHandler:
@@ -17,11 +16,8 @@ class AuditHandler:
         self.reporter = reporter
 
     def __call__(self, message: Message) -> None:
-        request = parse_message(message.value, jobs_pb2.AuditRequested)
-        if not request.audit_id:
-            raise InvalidInput("AuditRequested message without an audit id")
-        self.reporter.run(
-            request.audit_id, lambda progress: self.handle(request, progress), message.attempt
+        run_audit_stage(
+            self.reporter, message, jobs_pb2.AuditRequested, lambda m: m.audit_id, self.handle
         )
 
     def handle(self, request: jobs_pb2.AuditRequested, progress: Progress) -> StageOutcome:

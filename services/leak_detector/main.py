@@ -24,12 +24,8 @@ def build(settings: LeakDetectorSettings, runtime: Runtime, metrics: ServiceMetr
         LeakDetectorServicer(service),
         "modelguard.v1.LeakDetector",
     )
-    reporter = StageReporter(
-        runtime.bus,
-        STAGE_LEAK_DETECTOR,
-        metrics,
-        max_attempts=runtime.platform.job_max_attempts,
-        time_limit=runtime.platform.stage_time_limit_seconds,
+    reporter = StageReporter.for_platform(
+        runtime.bus, STAGE_LEAK_DETECTOR, metrics, runtime.platform
     )
     app.add_worker([AUDIT_REQUESTED], AuditHandler(service, reporter))
     return app

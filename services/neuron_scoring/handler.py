@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from modelguard.bus.base import Message
-from modelguard.convert import parse_message, ref_from_proto, ref_to_proto
+from modelguard.convert import ref_from_proto, ref_to_proto
 from modelguard.convert_ranking import ranking_to_proto
 from modelguard.detection.triggers import load_triggers
-from modelguard.errors import InvalidInput
 from modelguard.jobdata import load_inputs
 from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import jobs_pb2
 from modelguard.services.neuron_scoring.service import NeuronScoringService
-from modelguard.stage import StageOutcome, StageReporter, publish_proto
+from modelguard.stage import StageOutcome, StageReporter, publish_proto, run_audit_stage
 from modelguard.topics import JOB_AUDIT, NEURONS_SCORED
 
 
@@ -21,12 +20,12 @@ class TriggersHandler:
         self.reporter = reporter
 
     def __call__(self, message: Message) -> None:
-        reversed_ = parse_message(message.value, jobs_pb2.TriggersReversed)
-        audit_id = reversed_.request.audit_id
-        if not audit_id:
-            raise InvalidInput("TriggersReversed message without an audit id")
-        self.reporter.run(
-            audit_id, lambda progress: self.handle(reversed_, progress), message.attempt
+        run_audit_stage(
+            self.reporter,
+            message,
+            jobs_pb2.TriggersReversed,
+            lambda m: m.request.audit_id,
+            self.handle,
         )
 
     def handle(self, reversed_: jobs_pb2.TriggersReversed, progress: Progress) -> StageOutcome:

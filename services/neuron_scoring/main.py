@@ -24,12 +24,8 @@ def build(settings: NeuronScoringSettings, runtime: Runtime, metrics: ServiceMet
         NeuronScoringServicer(service),
         "modelguard.v1.NeuronScoring",
     )
-    reporter = StageReporter(
-        runtime.bus,
-        STAGE_NEURON_SCORING,
-        metrics,
-        max_attempts=runtime.platform.job_max_attempts,
-        time_limit=runtime.platform.stage_time_limit_seconds,
+    reporter = StageReporter.for_platform(
+        runtime.bus, STAGE_NEURON_SCORING, metrics, runtime.platform
     )
     app.add_worker([TRIGGERS_REVERSED], TriggersHandler(service, reporter))
     return app

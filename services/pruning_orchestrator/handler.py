@@ -10,12 +10,11 @@ from modelguard.bus.base import Message
 from modelguard.convert import parse_message, ref_from_proto
 from modelguard.convert_ranking import carried_ranking
 from modelguard.detection.triggers import load_triggers
-from modelguard.errors import InvalidInput
 from modelguard.jobdata import load_inputs
 from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import jobs_pb2
 from modelguard.services.pruning_orchestrator.service import Orchestrator, RepairRequest
-from modelguard.stage import StageOutcome, StageReporter
+from modelguard.stage import StageOutcome, StageReporter, run_audit_stage
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,12 @@ class RepairHandler:
         self.reporter = reporter
 
     def __call__(self, message: Message) -> None:
-        scored = parse_message(message.value, jobs_pb2.NeuronsScored)
-        request = scored.triggers.request
-        if not request.audit_id:
-            raise InvalidInput("NeuronsScored message without an audit id")
-        self.reporter.run(
-            request.audit_id, lambda progress: self.repair(scored, progress), message.attempt
+        run_audit_stage(
+            self.reporter,
+            message,
+            jobs_pb2.NeuronsScored,
+            lambda m: m.triggers.request.audit_id,
+            self.repair,
         )
 
     def repair(self, scored: jobs_pb2.NeuronsScored, progress: Progress) -> StageOutcome:

@@ -28,13 +28,7 @@ def build(
     )
     # Separate groups: a long repair must not hold up the audit-state events.
     app.add_worker([AUDIT_EVENTS], EventsHandler(orchestrator), group=f"{NAME}-events")
-    reporter = StageReporter(
-        runtime.bus,
-        STAGE_REPAIR,
-        metrics,
-        max_attempts=runtime.platform.job_max_attempts,
-        time_limit=runtime.platform.stage_time_limit_seconds,
-    )
+    reporter = StageReporter.for_platform(runtime.bus, STAGE_REPAIR, metrics, runtime.platform)
     app.add_worker([NEURONS_SCORED], RepairHandler(orchestrator, reporter), group=f"{NAME}-repair")
     return app
 

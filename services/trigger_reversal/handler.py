@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from modelguard.bus.base import Message
-from modelguard.convert import parse_message, ref_to_proto
+from modelguard.convert import ref_to_proto
 from modelguard.errors import InvalidInput
 from modelguard.jobdata import load_inputs
 from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
 from modelguard.services.trigger_reversal.service import TriggerReversalService
-from modelguard.stage import StageOutcome, StageReporter, publish_proto
+from modelguard.stage import StageOutcome, StageReporter, publish_proto, run_audit_stage
 from modelguard.topics import JOB_AUDIT, STAGE_NEURON_SCORING, TRIGGERS_REVERSED
 
 
@@ -19,11 +19,8 @@ class AuditHandler:
         self.reporter = reporter
 
     def __call__(self, message: Message) -> None:
-        request = parse_message(message.value, jobs_pb2.AuditRequested)
-        if not request.audit_id:
-            raise InvalidInput("AuditRequested message without an audit id")
-        self.reporter.run(
-            request.audit_id, lambda progress: self.handle(request, progress), message.attempt
+        run_audit_stage(
+            self.reporter, message, jobs_pb2.AuditRequested, lambda m: m.audit_id, self.handle
         )
 
     def handle(self, request: jobs_pb2.AuditRequested, progress: Progress) -> StageOutcome:

@@ -26,12 +26,8 @@ def build(
         TriggerReversalServicer(service),
         "modelguard.v1.TriggerReversal",
     )
-    reporter = StageReporter(
-        runtime.bus,
-        STAGE_TRIGGER_REVERSAL,
-        metrics,
-        max_attempts=runtime.platform.job_max_attempts,
-        time_limit=runtime.platform.stage_time_limit_seconds,
+    reporter = StageReporter.for_platform(
+        runtime.bus, STAGE_TRIGGER_REVERSAL, metrics, runtime.platform
     )
     app.add_worker([AUDIT_REQUESTED], AuditHandler(service, reporter))
     return app

@@ -62,9 +62,10 @@ def infected_lenet(tmp_path_factory: pytest.TempPathFactory) -> InfectedModel:
     poisoned_x[:count] = stamp_patch(poisoned_x[:count])
     poisoned_y[:count] = TARGET
     model = build("lenet5")
-    # trained to convergence, so that accuracy comparisons against it (a repair may cost at
-    # most 3 points) are not decided by how far one short run got on this processor
-    train_classifier(model, Dataset(poisoned_x, poisoned_y), TrainConfig(epochs=5, seed=0))
+    # four epochs: accuracy comparisons against it (a repair may cost at most 3 points) and
+    # its reversed trigger's strength both keep points of margin on AVX-512 and SSE kernels
+    # alike (fewer epochs: the accuracy margin shrinks; more: the reversed trigger weakens)
+    train_classifier(model, Dataset(poisoned_x, poisoned_y), TrainConfig(epochs=4, seed=0))
     test = load_mnist("test")
     clean, holdout = (
         Dataset(test.x[:500], test.y[:500]),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,8 +29,8 @@ from modelguard.detection.mad import mad_test
 from modelguard.detection.neural_cleanse import (
     CLEAN,
     INFECTED,
-    RULES,
     LabelResult,
+    NeuralCleanse,
     RestartInfo,
     ReversalConfig,
     ReversalResult,
@@ -250,16 +250,12 @@ def _attack_success(
     return out
 
 
-class SequentialNeuralCleanse:
+class SequentialNeuralCleanse(NeuralCleanse):
     """The `modelguard.detection.base.BackdoorDetector` of the original procedure, label by
     label (`reverse_triggers_sequential`). It takes the batched detector's configs and
     rules; screening, restarts, refinement and the re-check do not apply to it."""
 
     name: ClassVar[str] = "neural-cleanse-sequential"
-    rules: ClassVar[tuple[str, ...]] = RULES
-
-    def configure(self, rule: str = "", **overrides: Any) -> ReversalConfig:
-        return ReversalConfig.for_rule(rule or self.rules[0], **overrides)
 
     def detect(
         self,

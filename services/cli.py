@@ -290,9 +290,15 @@ def reversal_plan_of(args: argparse.Namespace, data: Dataset | None = None) -> R
     if data is None:
         data = Dataset(torch.empty(0), torch.empty(0, dtype=torch.int64))
     norm_scale = getattr(args, "norm_scale", None)
+    settings = TriggerReversalSettings()
+    budgets = {
+        name: value
+        for name in ("memory_budget_mb", "time_budget_seconds")
+        if (value := getattr(args, name, None)) is not None
+    }
     return reversal_plan(
         data,
-        TriggerReversalSettings(),
+        settings.model_copy(update=budgets),
         steps=getattr(args, "steps", 0) or 0,
         seed=args.seed,
         rule=args.rule,
@@ -320,6 +326,23 @@ def reverse(args: argparse.Namespace, inputs: ModelAndData) -> tuple[DetectionRe
         progress=progress_printer("reversal"),
     )
     return result, plan.detector.name
+
+
+def add_budget_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--memory-budget-mb",
+        dest="memory_budget_mb",
+        type=int,
+        help="peak memory the reversal plans for, in MB (default 4096; label batches are "
+        "sized from it)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        dest="time_budget_seconds",
+        type=float,
+        help="seconds the reversal may take (default 600); when they run out before the "
+        "evidence is clear the verdict is inconclusive, never clean",
+    )
 
 
 def parse_labels(value: str) -> list[int]:
@@ -403,9 +426,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                     )
                 )
             return EXIT_OK
-        triggers = [
-            ReversedTrigger(label, result.masks[label], result.patterns[label]) for label in flagged
-        ]
+        triggers = [ReversedTrigger(label, *result.trigger(label)) for label in flagged]
     repaired = repair(
         model.module,
         data,
@@ -688,6 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale of the MAD test only (default: the rule's; modelguard: log); the size "
         "rule, screening and restarts stay: Neural Cleanse's original test is --rule paper",
     )
+    add_budget_args(detect)
     detect.add_argument("--out", help="directory for the reversed trigger images")
     detect.add_argument("--json", action="store_true", help="one JSON object on stdout")
     detect.set_defaults(func=cmd_detect)
@@ -700,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     repair_cmd.add_argument("--mode", default=DEFAULT_REPAIR_MODE, choices=list(REPAIR_MODES))
     repair_cmd.add_argument("--layer", help=LAYER_HELP)
     add_rule_arg(repair_cmd)
+    add_budget_args(repair_cmd)
     repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")
     repair_cmd.add_argument("--target", help="target label(s) to repair, comma-separated")
     repair_cmd.add_argument("--seed", type=int, default=0)

@@ -138,7 +138,9 @@ def print_reversal(summary: dict[str, Any]) -> None:
         "flagged",
         title="trigger reversal (Neural Cleanse, MAD)",
     )
-    for row in summary.get("labels", []):
+    rows = summary.get("labels", [])
+    optimised = [row for row in rows if row.get("optimised", True)]
+    for row in optimised:
         labels.add_row(
             str(row["label"]),
             _fixed(row.get("l1_norm"), 2),
@@ -147,6 +149,14 @@ def print_reversal(summary: dict[str, Any]) -> None:
             "yes" if row["label"] in flagged else "",
         )
     out_console.print(labels)
+    if len(optimised) < len(rows):
+        out_console.print(
+            f"{len(rows) - len(optimised)} of {len(rows)} labels were left out by the triage "
+            "(only the likeliest targets and a random sample were optimised)"
+        )
+    evidence = summary.get("evidence") or {}
+    if evidence.get("summary"):
+        out_console.print(str(evidence["summary"]), markup=False, highlight=False)
     seconds = summary.get("seconds")
     out_console.print(
         f"verdict: [bold]{summary.get('verdict')}[/bold] (flagged: {flagged or 'none'})"

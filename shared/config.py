@@ -105,6 +105,16 @@ class TriggerReversalSettings(ServiceSettings):
     metrics_port: int = 9102
     steps: int = Field(0, description="Optimisation steps per label (0: algorithm default).")
     clean_samples: int = Field(1000, description="Clean images used for reversal at most.")
+    memory_budget_mb: int = Field(
+        4096,
+        ge=1024,
+        description="Peak memory a reversal plans for (label batches are sized from it).",
+    )
+    time_budget_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Wall time a reversal may take; past it the verdict is inconclusive.",
+    )
 
 
 class NeuronScoringSettings(ServiceSettings):

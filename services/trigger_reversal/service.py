@@ -100,7 +100,7 @@ class TriggerReversalService:
         """Store the triggers (safetensors), the flagged labels' pictures and the summary."""
         store = self.runtime.store
         triggers = store.put_blob(
-            save_triggers(result.masks, result.patterns),
+            save_triggers(result.masks, result.patterns, result.labels_with_triggers),
             "application/vnd.modelguard.triggers+safetensors",
         )
         summary = reversal_summary(result, detector)
@@ -142,7 +142,11 @@ def reversal_plan(
         data = data.subset(settings.clean_samples, seed=seed)
     if not 0 <= steps <= MAX_STEPS:
         raise InvalidInput(f"steps must be between 0 (default) and {MAX_STEPS}")
-    options: dict[str, Any] = {"seed": seed}
+    options: dict[str, Any] = {
+        "seed": seed,
+        "memory_budget_mb": settings.memory_budget_mb,
+        "time_budget_seconds": settings.time_budget_seconds,
+    }
     if steps or settings.steps:
         options["steps"] = steps or settings.steps
     options.update(overrides or {})

@@ -38,10 +38,12 @@ class LabelEvidence(Protocol):
 
 class DetectionResult(Protocol):
     """What `BackdoorDetector.detect` returns (`modelguard.detection.neural_cleanse.
-    ReversalResult` is one): the verdict (``"infected"`` or ``"clean"``), the flagged
-    labels, per-label evidence, the reversed triggers of every label — ``masks``
-    ``(K, H, W)`` in [0, 1], ``patterns`` ``(K, C, H, W)`` in ``value_range`` — and a
-    JSON-ready summary without the tensors."""
+    ReversalResult` is one): the verdict, the flagged
+    labels, per-label evidence, the reversed triggers of the labels it optimised —
+    ``masks`` ``(L, H, W)`` in [0, 1], ``patterns`` ``(L, C, H, W)`` in ``value_range``,
+    row ``i`` for ``labels_with_triggers[i]`` (every label unless a triage left some out)
+    — and a JSON-ready summary without the tensors. ``verdict`` is ``"infected"``,
+    ``"clean"`` or ``"inconclusive"`` (the evidence was not clear within the budget)."""
 
     @property
     def verdict(self) -> str: ...
@@ -60,6 +62,15 @@ class DetectionResult(Protocol):
 
     @property
     def value_range(self) -> tuple[float, float]: ...
+
+    @property
+    def labels_with_triggers(self) -> tuple[int, ...]:
+        """The labels whose triggers ``masks`` and ``patterns`` hold, row by row."""
+        ...
+
+    def trigger(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One label's mask ``(H, W)`` and pattern ``(C, H, W)``."""
+        ...
 
     @property
     def seconds(self) -> float: ...

@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from modelguard.datasets import Dataset
+from modelguard.detection.budget import measure_pass_cost, pass_memory
 from modelguard.detection.mad import SCALES, mad_test
 from modelguard.detection.optimizer import (
     OptimizerSettings,
@@ -78,6 +79,7 @@ from modelguard.detection.optimizer import (
     mask_from_theta,
     pattern_from_theta,
 )
+from modelguard.detection.triage import TriageResult, triage_labels
 from modelguard.errors import InvalidInput
 from modelguard.progress import Progress
 from modelguard.spec import InputSpec, wrap
@@ -87,6 +89,16 @@ log = logging.getLogger(__name__)
 
 INFECTED = "infected"
 CLEAN = "clean"
+#: The evidence is not clear within the budget (or too few labels have a trigger): never
+#: read as clean.
+INCONCLUSIVE = "inconclusive"
+
+#: Fewest screening steps a label's trigger needs to be worth comparing (the λ schedule
+#: needs a few dozen steps to set in); a time budget affording fewer is inconclusive.
+MIN_SCREENING_STEPS = 60
+#: Share of the time left that the screening plan may fill (the re-check, a restart's
+#: decision and the per-step overheads take the rest).
+TIME_MARGIN = 0.85
 
 #: Named decision rules (see the module docstring): this project's, and Neural Cleanse's.
 MODELGUARD = "modelguard"
@@ -166,6 +178,13 @@ class ReversalConfig:
     max_batch_images: int = 4096
     refine: bool = True
     rule: str = MODELGUARD
+    memory_budget_mb: int = 4096
+    time_budget_seconds: float = 600.0
+    full_screening_max_labels: int = 100
+    triage_steps: int = 150
+    triage_runs: int = 2
+    triage_candidates: int = 3
+    reference_labels: int = 5
 
     @classmethod
     def for_rule(cls, rule: str = MODELGUARD, /, **overrides: Any) -> ReversalConfig:
@@ -206,6 +225,17 @@ class ReversalConfig:
         require(_is_int(self.max_samples) and self.max_samples >= 2, "max_samples >= 2")
         require(_is_int(self.verify_samples) and self.verify_samples >= 1, "verify_samples >= 1")
         require(_is_int(self.max_batch_images) and self.max_batch_images >= 1, "max_batch_images")
+        require(_is_int(self.memory_budget_mb) and self.memory_budget_mb >= 1024, "memory >= 1024")
+        require(
+            _finite(self.time_budget_seconds) and self.time_budget_seconds > 0, "time budget > 0"
+        )
+        for name in ("full_screening_max_labels", "triage_steps", "triage_runs"):
+            require(_is_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name} >= 1")
+        require(_is_int(self.triage_candidates) and self.triage_candidates >= 1, "candidates")
+        require(
+            _is_int(self.reference_labels) and self.reference_labels >= self.min_valid_labels,
+            "reference_labels >= min_valid_labels (the MAD test needs them)",
+        )
         require(_finite(self.lr) and self.lr > 0, "lr > 0")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "Adam betas in [0, 1)")
         require(_finite(self.init_cost) and self.init_cost > 0, "init_cost > 0")
@@ -244,7 +274,9 @@ class ReversalConfig:
         """Step limit of the screening pass (early stopping usually ends it sooner)."""
         return self.steps if self.screening_steps is None else self.screening_steps
 
-    def optimizer_settings(self, *, screening: bool) -> OptimizerSettings:
+    def optimizer_settings(
+        self, *, screening: bool, max_batch_images: int | None = None
+    ) -> OptimizerSettings:
         return OptimizerSettings(
             batch_size=self.screening_batch_size if screening else self.batch_size,
             lr=self.lr,
@@ -258,7 +290,7 @@ class ReversalConfig:
             early_stop=self.early_stop,
             early_stop_threshold=self.early_stop_threshold,
             early_stop_patience=self.early_stop_patience,
-            max_batch_images=self.max_batch_images,
+            max_batch_images=max_batch_images or self.max_batch_images,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +344,7 @@ class LabelResult:
     steps: int = 0
     index_min: float = math.nan
     index_median: float = math.nan
+    optimised: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _clean(v) for k, v in asdict(self).items()}
@@ -370,10 +403,26 @@ class ReversalResult:
     evidence: dict[str, Any] = field(default_factory=dict)
     value_range: tuple[float, float] = (0.0, 1.0)
     config: ReversalConfig = field(default_factory=ReversalConfig)
+    trigger_labels: tuple[int, ...] = ()
 
     @property
     def infected(self) -> bool:
         return self.verdict == INFECTED
+
+    @property
+    def labels_with_triggers(self) -> tuple[int, ...]:
+        """The labels whose triggers ``masks`` and ``patterns`` hold, row by row (every
+        label unless a triage left some out)."""
+        return self.trigger_labels or tuple(range(int(self.masks.shape[0])))
+
+    def trigger(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label ``label``'s mask ``(H, W)`` and pattern ``(C, H, W)``; ``InvalidInput``
+        if its trigger was not optimised."""
+        rows = self.labels_with_triggers
+        if label not in rows:
+            raise InvalidInput(f"label {label} has no reversed trigger (the triage left it out)")
+        row = rows.index(label)
+        return self.masks[row], self.patterns[row]
 
     @property
     def suspects(self) -> tuple[int, ...]:
@@ -393,6 +442,7 @@ class ReversalResult:
             "evidence": _clean(self.evidence),
             "value_range": list(self.value_range),
             "config": self.config.to_dict(),
+            "trigger_labels": list(self.labels_with_triggers),
         }
 
 
@@ -492,7 +542,7 @@ def reverse_triggers(
     wrapped.eval()
     try:
         classes = validate_inputs(wrapped, data, spec)
-        return _Reversal(wrapped, data, spec, config, classes, progress, device).run(started)
+        return _Reversal(wrapped, data, spec, config, classes, progress, device, started).run()
     finally:
         wrapped.train(was_training)
 
@@ -507,6 +557,7 @@ class _Reversal:
         classes: int,
         progress: Progress | None,
         device: torch.device | str,
+        started: float,
     ) -> None:
         self.model = model
         self.spec = spec
@@ -514,123 +565,385 @@ class _Reversal:
         self.classes = classes
         self.progress = progress
         self.device = torch.device(device)
+        self.started = started
+        self.deadline = started + config.time_budget_seconds
         if len(data) > config.max_samples:
             data = data.subset(config.max_samples, seed=config.seed)
         self.x = data.x.float().to(self.device)
         self.y = data.y.long().to(self.device)
-        self.labels = list(range(classes))
+        self.shape = (int(self.x.shape[1]), int(self.x.shape[2]), int(self.x.shape[3]))
+        self.cost = measure_pass_cost(model, self.x)
+        c = config
+        full_seconds = (
+            classes * c.screening_budget * c.screening_batch_size / 2 * self.cost.seconds_per_image
+        )
+        #: triage first when every label cannot be screened (never under the paper's rule)
+        self.triaged = c.rule != PAPER and (
+            classes > c.full_screening_max_labels or full_seconds > c.time_budget_seconds / 2
+        )
+        #: the labels whose triggers are optimised (positions index this list)
+        self.labels: list[int] = list(range(classes))
+        self.triage: TriageResult | None = None
+        self.images_per_pass = self.pass_size(1 if self.triaged else classes)
         # progress accounting in images through the model: one screening run (early
         # stopping ends it near half its budget) plus the refinement of one label
-        c = config
-        self.planned = max(
-            1,
-            classes * c.screening_budget * c.screening_batch_size // 2
-            + (c.steps * c.batch_size // 2 if c.refine else 0),
-        )
+        self.planned = max(1, self.screening_images(len(self.labels)))
         self.done = 0
+        self.reported = 0.0
+
+    def pass_size(self, labels_held: int) -> int:
+        """Images one forward pass may hold: the memory budget less the optimisation state
+        of ``labels_held`` labels, over the measured memory per image (at most
+        ``max_batch_images``)."""
+        room = pass_memory(self.config.memory_budget_mb, labels_held, self.shape)
+        return min(self.config.max_batch_images, self.cost.images_within(room))
+
+    def screening_images(self, labels: int) -> int:
+        c = self.config
+        refinement = c.steps * c.batch_size // 2 if c.refine and not self.triaged else 0
+        return int(labels * c.screening_budget * c.screening_batch_size // 2 + refinement)
 
     def report(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress(min(0.99, self.done / self.planned), message)
+        if self.progress is None:
+            return
+        # the plan grows when a restart or a refinement is added: progress then pauses,
+        # it never runs backwards
+        self.reported = max(self.reported, min(0.99, self.done / self.planned))
+        # time per image as observed so far (the probe's figure until there is one)
+        elapsed = time.perf_counter() - self.started
+        per_image = elapsed / self.done if self.done >= 64 else self.cost.seconds_per_image
+        left = max(0, self.planned - self.done) * per_image
+        self.progress(self.reported, f"{message}; about {_duration(left)} left")
 
-    def run(self, started: float) -> ReversalResult:
+    def out_of_time(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+    def select_labels(self) -> None:
+        """Triage (see :mod:`.triage`): the ``triage_candidates`` most likely targets and
+        ``reference_labels`` others drawn at random, whose norms give the MAD test its
+        median and spread."""
         c = self.config
+        budget = c.triage_steps
+        self.planned = budget * c.screening_batch_size * c.triage_runs + self.screening_images(
+            c.triage_candidates + c.reference_labels
+        )
+
+        def tick(run: int, step: int) -> None:
+            if step % 10 == 0:
+                self.done = (run * budget + step) * c.screening_batch_size
+                self.report(
+                    f"triage of {self.classes} labels: sink search {run + 1}/{c.triage_runs}, "
+                    f"step {step}"
+                )
+
+        self.triage = triage_labels(
+            self.model,
+            self.x,
+            self.y,
+            self.classes,
+            self.spec.value_range,
+            c.optimizer_settings(screening=True, max_batch_images=self.images_per_pass),
+            steps=budget,
+            runs=c.triage_runs,
+            seed=c.seed,
+            images_per_pass=self.images_per_pass,
+            deadline=self.deadline,
+            progress=tick,
+        )
+        self.done = self.triage.evaluations
+        candidates = list(self.triage.ranking[: c.triage_candidates])
+        others = [k for k in range(self.classes) if k not in candidates]
+        generator = torch.Generator().manual_seed(c.seed + 15485863)
+        order = torch.randperm(len(others), generator=generator)[: c.reference_labels]
+        references = [others[int(i)] for i in order]
+        self.labels = sorted(candidates + references)
+        self.candidates = candidates
+        self.images_per_pass = self.pass_size(len(self.labels))
+        log.info("triage candidates %s, references %s", candidates, references)
+
+    def run(self) -> ReversalResult:
+        c = self.config
+        if self.triaged:
+            self.select_labels()
+            assert self.triage is not None
+            if not self.triage.complete:
+                return self.inconclusive(
+                    [],
+                    [],
+                    f"the time budget ({c.time_budget_seconds:g} s) ran out during the triage "
+                    f"of {self.classes} labels",
+                )
+        count = len(self.labels)
+        self.screening_steps = self.affordable_steps()
+        if self.screening_steps < min(MIN_SCREENING_STEPS, c.screening_budget):
+            return self.inconclusive(
+                [],
+                [],
+                f"the time budget ({c.time_budget_seconds:g} s) affords only "
+                f"{self.screening_steps} screening steps of {count} labels (at least "
+                f"{MIN_SCREENING_STEPS} are needed): raise --time-budget",
+            )
         runs: list[TriggerOptimizer] = []
         infos: list[RestartInfo] = []
         for restart in range(c.restarts):
+            if restart > 0 and self.affordable_steps() < self.screening_steps:
+                return self.inconclusive(
+                    runs,
+                    infos,
+                    "a label's evidence lies close to the threshold and the time budget "
+                    f"({c.time_budget_seconds:g} s) leaves no room for another screening run",
+                )
             optimizer, info = self.screen(restart)
             runs.append(optimizer)
+            if optimizer.out_of_time:
+                return self.inconclusive(
+                    runs,
+                    infos,
+                    f"the time budget ({c.time_budget_seconds:g} s) ran out while screening "
+                    f"{count} labels (run {restart + 1})",
+                )
             infos.append(info)
             combined = combine_restarts(infos)
             if not self.ambiguous(combined, infos):
                 break
             if restart + 1 < c.restarts:
                 log.info("anomaly indices %s are near the threshold: another restart", combined)
-                self.planned += self.classes * c.screening_budget * c.screening_batch_size // 2
+                self.planned += self.screening_images(count)
+        if self.ambiguous(combine_restarts(infos), infos) and self.out_of_time():
+            return self.inconclusive(
+                runs,
+                infos,
+                "a label's evidence lies close to the threshold and the time budget "
+                f"({c.time_budget_seconds:g} s) left no room for another screening run",
+            )
 
         decision = decide(infos, c)
         index, ratios, decided = decision.index, decision.ratios, decision.decided
         not_small = [k for k in decision.outliers if k not in decided]
+        # with many labels the time goes to the labels, not to refining one trigger: the
+        # screening triggers are re-checked and returned as they are
         suspects = self.select_suspects(infos, index, decided) if c.refine else []
+        refined = suspects if not self.triaged else []
         # each label's trigger comes from the run that found its smallest one
-        best_run = [_smallest_run(infos, k) for k in range(self.classes)]
+        best_run = [_smallest_run(infos, k) for k in range(count)]
         for r, optimizer in enumerate(runs):
-            mine = [k for k in suspects if best_run[k] == r]
-            if mine:
+            mine = [k for k in refined if best_run[k] == r]
+            if mine and not self.out_of_time():
                 self.refine(optimizer, mine)
 
-        reached = [any(info.norms[k] is not None for info in infos) for k in range(self.classes)]
-        masks = torch.stack([runs[best_run[k]].best_mask[k] for k in range(self.classes)])
-        patterns = torch.stack([runs[best_run[k]].best_pattern[k] for k in range(self.classes)])
-        for k in range(self.classes):
-            if not reached[k]:  # no valid trigger: return the last one, for inspection
-                last = runs[best_run[k]]
-                masks[k] = mask_from_theta(last.theta_mask[k, 0])
-                patterns[k] = pattern_from_theta(last.theta_pattern[k], self.spec.value_range)
+        reached = [any(info.norms[k] is not None for info in infos) for k in range(count)]
+        masks, patterns = self.triggers(runs, best_run, reached)
         self.report("re-checking the triggers on the clean set")
-        success, verify_evals = self.attack_success(masks, patterns)
+        # many labels: only the suspects' triggers are re-checked (the others decide nothing)
+        checked = list(range(count)) if not self.triaged else sorted(set(decided) | set(suspects))
+        success, verify_evals = self.attack_success(masks, patterns, checked)
         # verify_threshold 0: no re-check (a NaN success, no image of another label, stands)
         flagged = tuple(
             k for k in decided if c.verify_threshold == 0 or success[k] >= c.verify_threshold
         )
         rejected = [k for k in decided if k not in flagged]
 
-        labels = tuple(
+        positions = [
             LabelResult(
-                label=k,
+                label=self.labels[k],
                 l1_norm=_median_or_nan([info.norms[k] for info in infos]),
                 anomaly_index=index[k] if reached[k] else math.nan,
                 attack_success=success[k],
                 reached_threshold=reached[k],
-                refined=k in suspects,
+                refined=k in refined,
                 trigger_norm=float(masks[k].sum()),
                 steps=int(sum(int(run.label_steps[k]) for run in runs)),
                 index_min=min(_scores(infos, k)) if reached[k] else math.nan,
                 index_median=index[k] if reached[k] else math.nan,
             )
-            for k in range(self.classes)
-        )
-        evidence = self.evidence(labels, flagged, rejected, suspects, infos)
+            for k in range(count)
+        ]
+        labels = self.all_labels(positions)
+        named = self.named
+        evidence = self.evidence(labels, named(flagged), named(rejected), named(suspects), infos)
         evidence["rule"] = c.rule
-        evidence["norm_ratio"] = [_clean(r) for r in ratios]
+        evidence["norm_ratio"] = {str(self.labels[k]): _clean(r) for k, r in enumerate(ratios)}
         evidence["max_norm_ratio"] = c.max_norm_ratio
         if not_small:
-            evidence["outliers_not_small"] = not_small
+            evidence["outliers_not_small"] = named(not_small)
             evidence["summary"] += (
-                f"; labels {not_small} are MAD outliers but their triggers are "
+                f"; labels {named(not_small)} are MAD outliers but their triggers are "
                 + ", ".join(f"{ratios[k]:.2f}" for k in not_small)
                 + f" of the median norm, above {c.max_norm_ratio:.2f} (natural classes, "
                 "not flagged)"
             )
+        verdict = INFECTED if flagged else CLEAN
+        if not flagged and all(info.rule == "inconclusive" for info in infos):
+            verdict = INCONCLUSIVE
+        return self.result(
+            labels,
+            named(flagged),
+            verdict,
+            masks,
+            patterns,
+            runs,
+            infos,
+            verify_evals,
+            evidence,
+        )
+
+    def affordable_steps(self) -> int:
+        """The screening step budget: ``screening_budget``, or fewer when the time left
+        does not afford that many steps of every label (at the cost per image observed so
+        far). Every label gets the same budget, so their norms stay comparable. The
+        paper's rule is never cut (it runs out of time instead)."""
+        c = self.config
+        if c.rule == PAPER:
+            return c.screening_budget
+        elapsed = time.perf_counter() - self.started
+        per_image = elapsed / self.done if self.done >= 64 else self.cost.seconds_per_image
+        per_step = len(self.labels) * c.screening_batch_size * max(per_image, 1e-9)
+        left = self.deadline - time.perf_counter()
+        affordable = int(TIME_MARGIN * left / per_step)
+        if affordable < c.screening_budget:
+            log.info("the time budget affords %d screening steps", affordable)
+        return min(c.screening_budget, affordable)
+
+    def named(self, positions: Sequence[int]) -> tuple[int, ...]:
+        return tuple(self.labels[k] for k in positions)
+
+    def all_labels(self, positions: Sequence[LabelResult]) -> tuple[LabelResult, ...]:
+        """One `LabelResult` per class of the model: the optimised labels' figures, NaN for
+        the labels the triage left out."""
+        by_label = {r.label: r for r in positions}
+        return tuple(
+            by_label.get(k)
+            or LabelResult(
+                label=k,
+                l1_norm=math.nan,
+                anomaly_index=math.nan,
+                attack_success=math.nan,
+                reached_threshold=False,
+                optimised=False,
+            )
+            for k in range(self.classes)
+        )
+
+    def triggers(
+        self, runs: list[TriggerOptimizer], best_run: list[int], reached: list[bool]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        count = len(self.labels)
+        masks = torch.stack([runs[best_run[k]].best_mask[k] for k in range(count)])
+        patterns = torch.stack([runs[best_run[k]].best_pattern[k] for k in range(count)])
+        for k in range(count):
+            if not reached[k]:  # no valid trigger: return the last one, for inspection
+                last = runs[best_run[k]]
+                masks[k] = mask_from_theta(last.theta_mask[k, 0])
+                patterns[k] = pattern_from_theta(last.theta_pattern[k], self.spec.value_range)
+        return masks, patterns
+
+    def result(
+        self,
+        labels: tuple[LabelResult, ...],
+        flagged: tuple[int, ...],
+        verdict: str,
+        masks: torch.Tensor,
+        patterns: torch.Tensor,
+        runs: list[TriggerOptimizer],
+        infos: list[RestartInfo],
+        verify_evals: int,
+        evidence: dict[str, Any],
+    ) -> ReversalResult:
+        evidence["labels_optimised"] = len(self.labels)
+        evidence["screening_steps"] = getattr(self, "screening_steps", self.config.screening_budget)
+        evidence["images_per_pass"] = self.images_per_pass
+        evidence["budget"] = {
+            "memory_mb": self.config.memory_budget_mb,
+            "time_seconds": self.config.time_budget_seconds,
+            "measured_mb_per_image": round(self.cost.bytes_per_image / 2**20, 3),
+            "measured_ms_per_image": round(1000 * self.cost.seconds_per_image, 3),
+        }
+        if self.triage is not None:
+            evidence["triage"] = {
+                **self.triage.to_dict(),
+                "candidates": list(self.candidates),
+                "references": [k for k in self.labels if k not in self.candidates],
+            }
         if self.progress is not None:
             self.progress(1.0, "done")
         return ReversalResult(
             labels=labels,
             flagged=flagged,
-            verdict=INFECTED if flagged else CLEAN,
+            verdict=verdict,
             masks=masks.detach().cpu(),
             patterns=patterns.detach().cpu(),
             restarts=tuple(infos),
             steps=int(sum(int(run.label_steps.sum()) for run in runs)),
-            evaluations=int(sum(run.evaluations for run in runs)) + verify_evals,
-            seconds=time.perf_counter() - started,
+            evaluations=int(sum(run.evaluations for run in runs))
+            + verify_evals
+            + (self.triage.evaluations if self.triage else 0),
+            seconds=time.perf_counter() - self.started,
             evidence=evidence,
             value_range=self.spec.value_range,
-            config=c,
+            config=self.config,
+            trigger_labels=tuple(self.labels),
+        )
+
+    def inconclusive(
+        self, runs: list[TriggerOptimizer], infos: list[RestartInfo], reason: str
+    ) -> ReversalResult:
+        """The verdict when the budget runs out before the evidence is clear: never clean.
+        The triggers found so far are returned for inspection."""
+        log.warning("reversal inconclusive: %s", reason)
+        count = len(self.labels)
+        if runs:
+            last = runs[-1]
+            masks = last.best_mask.clone()
+            patterns = last.best_pattern.clone()
+        else:
+            masks = torch.zeros(count, *self.shape[1:])
+            patterns = torch.zeros(count, *self.shape)
+        positions = [
+            LabelResult(
+                label=self.labels[k],
+                l1_norm=math.nan,
+                anomaly_index=math.nan,
+                attack_success=math.nan,
+                reached_threshold=bool(runs and math.isfinite(float(runs[-1].best_norm[k]))),
+                steps=int(sum(int(run.label_steps[k]) for run in runs)),
+            )
+            for k in range(count)
+        ]
+        evidence: dict[str, Any] = {
+            "summary": f"inconclusive: {reason}",
+            "reason": reason,
+            "rule": self.config.rule,
+            "screening_runs": len(infos),
+        }
+        return self.result(
+            self.all_labels(positions),
+            (),
+            INCONCLUSIVE,
+            masks,
+            patterns,
+            runs,
+            infos,
+            0,
+            evidence,
         )
 
     def ambiguous(self, index: Sequence[float], infos: Sequence[RestartInfo]) -> bool:
         """Whether another independent screening run is worth its cost: a label's (median)
-        anomaly index lies within ``restart_margin`` of the threshold, or a label over the
-        threshold has a trigger-to-median ratio within ``restart_margin`` of
-        ``max_norm_ratio`` (either condition alone could flip the verdict)."""
+        anomaly index lies within ``restart_margin`` of the threshold while its
+        trigger-to-median ratio could still meet ``max_norm_ratio`` (within the same
+        margin: a label whose trigger is clearly too large for a backdoor cannot be
+        flagged whatever its index), or a label over the threshold has a ratio within
+        ``restart_margin`` of ``max_norm_ratio`` (either could flip the verdict)."""
         c = self.config
         low = c.anomaly_threshold * (1 - c.restart_margin)
         high = c.anomaly_threshold * (1 + c.restart_margin)
-        if any(low <= value <= high for value in index):
-            return True
         ratio_low = c.max_norm_ratio * (1 - c.restart_margin)
         ratio_high = c.max_norm_ratio * (1 + c.restart_margin)
+        if any(
+            low <= value <= high and not norm_ratio(infos, k) > ratio_high
+            for k, value in enumerate(index)
+        ):
+            return True
         return any(
             value > c.anomaly_threshold and ratio_low <= norm_ratio(infos, k) <= ratio_high
             for k, value in enumerate(index)
@@ -638,7 +951,7 @@ class _Reversal:
 
     # -------------------------------------------------------------- screening
     def screen(self, restart: int) -> tuple[TriggerOptimizer, RestartInfo]:
-        """One screening run: all labels, batched, ``screening_batch_size`` images a step,
+        """One screening run: the labels, batched, ``screening_batch_size`` images a step,
         until each label stops early (or the screening budget is spent)."""
         c = self.config
         seed = c.seed + restart
@@ -648,19 +961,30 @@ class _Reversal:
             self.y,
             self.labels,
             self.spec.value_range,
-            c.optimizer_settings(screening=True),
+            c.optimizer_settings(screening=True, max_batch_images=self.images_per_pass),
             torch.Generator().manual_seed(seed),
             device=self.device,
         )
         base = self.done
-        message = f"screening all {self.classes} labels (run {restart + 1})"
+        what = (
+            f"all {self.classes} labels"
+            if not self.triaged
+            else f"{len(self.labels)} of {self.classes} labels"
+        )
+        message = f"screening {what} (run {restart + 1})"
 
         def tick(step: int) -> None:
             if step % 10 == 0:
                 self.done = base + optimizer.evaluations
-                self.report(message)
+                # at most what the running labels' step budgets leave (early stopping
+                # usually ends them sooner)
+                steps_left = (self.screening_steps - optimizer.label_steps).clamp_min(0)
+                images_left = int(steps_left[~optimizer.stopped].sum()) * c.screening_batch_size
+                self.planned = max(1, self.done + images_left)
+                stopped = int(optimizer.stopped.sum())
+                self.report(f"{message}: {stopped}/{len(self.labels)} labels done")
 
-        optimizer.optimize(c.screening_budget, progress=tick)
+        optimizer.optimize(self.screening_steps, progress=tick, deadline=self.deadline)
         self.done = base + optimizer.evaluations
         norms = tuple(
             float(v) if math.isfinite(float(v)) else None for v in optimizer.best_norm.cpu()
@@ -674,73 +998,103 @@ class _Reversal:
         exceeds ``suspect_threshold``, highest first, up to ``max_suspects`` in all."""
         c = self.config
         extra = sorted(
-            (k for k in range(self.classes) if k not in decided and index[k] > c.suspect_threshold),
+            (
+                k
+                for k in range(len(self.labels))
+                if k not in decided and index[k] > c.suspect_threshold
+            ),
             key=lambda k: -index[k],
         )
         room = max(0, c.max_suspects - len(decided))
         return sorted(set(decided) | set(extra[:room]))
 
-    def refine(self, optimizer: TriggerOptimizer, labels: list[int]) -> None:
-        """Continue ``labels`` of a screening run with the full budget and batch: masks,
+    def refine(self, optimizer: TriggerOptimizer, rows_to_refine: list[int]) -> None:
+        """Continue those labels of a screening run with the full budget and batch: masks,
         patterns, Adam moments and λ carry on; the best trigger is chosen afresh on the
-        larger batches (kept from screening if refinement never reaches the threshold)."""
+        larger batches (kept from screening if refinement never reaches the threshold or
+        the time budget runs out first)."""
         c = self.config
-        rows = torch.tensor(labels, dtype=torch.long, device=self.device)
-        previous = optimizer.reopen(rows, c.optimizer_settings(screening=False))
-        active = torch.zeros(self.classes, dtype=torch.bool, device=self.device)
+        rows = torch.tensor(rows_to_refine, dtype=torch.long, device=self.device)
+        previous = optimizer.reopen(
+            rows, c.optimizer_settings(screening=False, max_batch_images=self.images_per_pass)
+        )
+        active = torch.zeros(len(self.labels), dtype=torch.bool, device=self.device)
         active[rows] = True
         base, before = self.done, optimizer.evaluations
-        self.planned += len(labels) * c.steps * c.batch_size // 2
+        self.planned += len(rows_to_refine) * c.steps * c.batch_size // 2
+        names = list(self.named(rows_to_refine))
 
         def tick(step: int) -> None:
             if step % 10 == 0:
                 self.done = base + optimizer.evaluations - before
-                self.report(f"refining the suspects {labels}")
+                self.report(f"refining the suspects {names}")
 
-        optimizer.optimize(optimizer.step_count + c.steps, active, progress=tick)
+        optimizer.optimize(
+            optimizer.step_count + c.steps, active, progress=tick, deadline=self.deadline
+        )
         optimizer.keep_previous_if_unreached(previous)
         self.done = base + optimizer.evaluations - before
 
     # -------------------------------------------------------------- re-check
     @torch.no_grad()
     def attack_success(
-        self, masks: torch.Tensor, patterns: torch.Tensor
+        self, masks: torch.Tensor, patterns: torch.Tensor, checked: Sequence[int]
     ) -> tuple[list[float], int]:
-        """Share of the clean images of other labels that each label's trigger flips."""
-        hits = torch.zeros(self.classes)
-        counts = torch.zeros(self.classes)
+        """Share of the clean images of other labels that the trigger at each position in
+        ``checked`` flips to its label (NaN for the positions not checked)."""
+        count = len(self.labels)
+        rate = [math.nan] * count
+        if not checked:
+            return rate, 0
         evaluations = 0
-        chunk = max(1, self.config.max_batch_images // self.classes)
-        targets = torch.arange(self.classes, device=self.device).unsqueeze(1)
-        m = masks.to(self.device).unsqueeze(1).unsqueeze(2)  # (K, 1, 1, H, W)
-        p = patterns.to(self.device).unsqueeze(1)  # (K, 1, C, H, W)
         index = verification_subset(int(self.x.shape[0]), self.config)
         xs, ys = self.x[index.to(self.device)], self.y[index.to(self.device)]
-        for start in range(0, int(xs.shape[0]), chunk):
-            x = xs[start : start + chunk]
-            y = ys[start : start + chunk]
-            stamped = (1 - m) * x.unsqueeze(0) + m * p
-            logits = self.model(stamped.reshape(-1, *x.shape[1:]))
-            predicted = logits.reshape(self.classes, x.shape[0], -1).argmax(-1)
-            keep = (y.unsqueeze(0) != targets).float()
-            hits += ((predicted == targets).float() * keep).sum(1).cpu()
-            counts += keep.sum(1).cpu()
-            evaluations += self.classes * int(x.shape[0])
-        rate = torch.where(counts > 0, hits / counts.clamp_min(1), torch.full_like(hits, math.nan))
-        return [float(v) for v in rate], evaluations
+        per_pass = max(1, self.images_per_pass)
+        label_chunk = max(1, min(len(checked), per_pass))
+        image_chunk = max(1, per_pass // label_chunk)
+        for first in range(0, len(checked), label_chunk):
+            group = list(checked[first : first + label_chunk])
+            rows = torch.tensor(group, dtype=torch.long, device=self.device)
+            targets = torch.tensor(self.named(group), device=self.device).unsqueeze(1)
+            m = masks[rows].to(self.device).unsqueeze(1).unsqueeze(2)  # (k, 1, 1, H, W)
+            p = patterns[rows].to(self.device).unsqueeze(1)  # (k, 1, C, H, W)
+            hits = torch.zeros(len(group))
+            counts = torch.zeros(len(group))
+            for start in range(0, int(xs.shape[0]), image_chunk):
+                x = xs[start : start + image_chunk]
+                y = ys[start : start + image_chunk]
+                stamped = (1 - m) * x.unsqueeze(0) + m * p
+                logits = self.model(stamped.reshape(-1, *x.shape[1:]))
+                predicted = logits.reshape(len(group), x.shape[0], -1).argmax(-1)
+                keep = (y.unsqueeze(0) != targets).float()
+                hits += ((predicted == targets).float() * keep).sum(1).cpu()
+                counts += keep.sum(1).cpu()
+                evaluations += len(group) * int(x.shape[0])
+            for position, hit, total in zip(group, hits.tolist(), counts.tolist(), strict=True):
+                rate[position] = hit / total if total > 0 else math.nan
+        return rate, evaluations
 
     def evidence(
         self,
         labels: tuple[LabelResult, ...],
         flagged: tuple[int, ...],
-        rejected: list[int],
-        suspects: list[int],
+        rejected: tuple[int, ...],
+        suspects: tuple[int, ...],
         infos: list[RestartInfo],
     ) -> dict[str, Any]:
+        """The summary and figures behind the verdict (``flagged``, ``rejected`` and
+        ``suspects`` are labels, not positions)."""
         c = self.config
         runs = len(infos)
         per_run = f" (median over {runs} screening runs)" if runs > 1 else ""
         median = statistics.median(info.median for info in infos)
+        scope = (
+            ""
+            if not self.triaged
+            else f" (among {len(self.labels)} of {self.classes} labels: the triage's "
+            f"{len(self.candidates)} likeliest targets and "
+            f"{len(self.labels) - len(self.candidates)} at random)"
+        )
         if flagged:
             parts = [
                 f"label {k}: trigger L1 norm {labels[k].l1_norm:.1f} vs median {median:.1f}, "
@@ -749,29 +1103,36 @@ class _Reversal:
                 f"{labels[k].attack_success:.1%} of the clean images"
                 for k in flagged
             ]
-            summary = "infected: " + "; ".join(parts)
+            summary = "infected: " + "; ".join(parts) + scope
         elif all(info.rule == "inconclusive" for info in infos):
-            summary = "clean (inconclusive): " + infos[0].reason
+            summary = "inconclusive: " + infos[0].reason
         else:
             top = max((r.anomaly_index for r in labels if r.reached_threshold), default=0.0)
             summary = (
                 f"clean: no label's trigger is an outlier below the median (largest anomaly "
-                f"index {top:.2f}{per_run}, threshold {c.anomaly_threshold:g})"
+                f"index {top:.2f}{per_run}, threshold {c.anomaly_threshold:g}){scope}"
             )
         if rejected:
             summary += (
-                f"; labels {rejected} were outliers at screening but their refined trigger "
-                f"flips fewer than {c.verify_threshold:.0%} of the clean images (rejected)"
+                f"; labels {list(rejected)} were outliers at screening but their refined "
+                f"trigger flips fewer than {c.verify_threshold:.0%} of the clean images "
+                "(rejected)"
             )
         return {
             "summary": summary,
             "median_norm": median,
             "threshold": c.anomaly_threshold,
             "screening_runs": runs,
-            "suspects": suspects,
-            "rejected_at_recheck": rejected,
-            "run_flags": [list(info.flagged) for info in infos],
+            "suspects": list(suspects),
+            "rejected_at_recheck": list(rejected),
+            "run_flags": [list(self.named(info.flagged)) for info in infos],
         }
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min"
 
 
 def _scores(infos: Sequence[RestartInfo], k: int) -> list[float]:

@@ -42,6 +42,7 @@ step counts as a failure (ASR 0) for it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -212,6 +213,7 @@ class TriggerOptimizer:
         self.nonfinite_steps = izeros.clone()
         self.step_count = 0
         self.evaluations = 0
+        self.out_of_time = False
         #: best norm of every label after each step (only when ``keep_history``)
         self.history: list[torch.Tensor] = []
         self.keep_history = False
@@ -224,13 +226,18 @@ class TriggerOptimizer:
         until_step: int,
         active: torch.Tensor | None = None,
         progress: Callable[[int], None] | None = None,
+        deadline: float | None = None,
     ) -> None:
-        """Run steps until the global step counter reaches ``until_step`` or every label
-        in ``active`` (bool ``(K,)``; all when None) has stopped."""
+        """Run steps until the global step counter reaches ``until_step``, every label in
+        ``active`` (bool ``(K,)``; all when None) has stopped, or ``time.perf_counter()``
+        passes ``deadline`` (then ``out_of_time`` is set)."""
         selected = (
             torch.ones_like(self.stopped) if active is None else active.to(self.device).bool()
         )
         while self.step_count < until_step:
+            if deadline is not None and time.perf_counter() > deadline:
+                self.out_of_time = True
+                break
             rows = torch.nonzero(selected & ~self.stopped).flatten()
             if rows.numel() == 0:
                 break
@@ -338,7 +345,7 @@ class TriggerOptimizer:
         stamped = (1 - mask).unsqueeze(1) * x.unsqueeze(0) + (mask * pattern).unsqueeze(1)
         logits = self.model(stamped.reshape(k * batch, *x.shape[1:]))
         logits = logits.reshape(k, batch, -1)
-        targets = self.labels[rows]
+        targets = self.targets(rows, logits)
         losses = F.cross_entropy(
             logits.reshape(k * batch, -1), targets.repeat_interleave(batch), reduction="none"
         ).reshape(k, batch)
@@ -386,6 +393,12 @@ class TriggerOptimizer:
             theta[rows] = (theta[rows] - update).clamp(-THETA_LIMIT, THETA_LIMIT)
 
     # ------------------------------------------------------------------ rules (hooks)
+    def targets(self, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The label each of ``rows`` is pushed towards this step (``logits`` ``(k, B, K)``
+        of its stamped batch): its own label. Override to choose targets as you go."""
+        del logits
+        return self.labels[rows]
+
     def record_best(self, rows: torch.Tensor, stats: StepStats) -> None:
         """Best-mask rule: keep the smallest mask whose step reached the threshold."""
         better = (

@@ -26,8 +26,9 @@ def image_name(label: int, part: str) -> str:
 def _arrays(result: DetectionResult, label: int) -> dict[str, np.ndarray]:
     """``PARTS`` of one label as float arrays in [0, 1]."""
     low, high = result.value_range
-    mask = result.masks[label].detach().float().numpy()
-    pattern = ((result.patterns[label].detach().float() - low) / (high - low)).numpy()
+    mask_tensor, pattern_tensor = result.trigger(label)
+    mask = mask_tensor.detach().float().numpy()
+    pattern = ((pattern_tensor.detach().float() - low) / (high - low)).numpy()
     return {"mask": mask, "pattern": pattern, "trigger": pattern * mask[None]}
 
 

@@ -1,8 +1,10 @@
 """Reversed triggers as an artifact: safetensors holding ``masks`` (K, H, W) in [0, 1],
-``patterns`` (K, C, H, W) in the input's value range, and ``labels`` (K,)."""
+``patterns`` (K, C, H, W) in the input's value range, and ``labels`` (K,),
+the label of each row (a triage optimises only some labels)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +28,20 @@ class ReversedTrigger:
         return (1 - self.mask) * x + self.mask * self.pattern
 
 
-def save_triggers(masks: torch.Tensor, patterns: torch.Tensor) -> bytes:
+def save_triggers(
+    masks: torch.Tensor, patterns: torch.Tensor, labels: Sequence[int] | None = None
+) -> bytes:
+    """``labels``: the label of each row (None: row ``k`` is label ``k``)."""
     if masks.dim() != 3 or patterns.dim() != 4 or masks.shape[0] != patterns.shape[0]:
         raise ValueError("masks must be (K, H, W) and patterns (K, C, H, W)")
+    rows = list(range(int(masks.shape[0]))) if labels is None else list(labels)
+    if len(rows) != int(masks.shape[0]) or len(set(rows)) != len(rows):
+        raise ValueError("labels must name each row of masks once")
     return safetensors_save(
         {
             "masks": masks.detach().float().contiguous(),
             "patterns": patterns.detach().float().contiguous(),
-            "labels": torch.arange(masks.shape[0], dtype=torch.int64),
+            "labels": torch.tensor(rows, dtype=torch.int64),
         }
     )
 
@@ -43,6 +51,7 @@ def load_triggers(data: bytes, labels: list[int] | None = None) -> list[Reversed
     try:
         tensors = safetensors_load(data)
         masks, patterns = tensors["masks"], tensors["patterns"]
+        stored = tensors.get("labels")
     except Exception as err:
         raise InvalidInput(f"reversed-trigger artifact is unreadable: {err}") from err
     if masks.dim() != 3 or patterns.dim() != 4 or masks.shape[0] != patterns.shape[0]:
@@ -55,8 +64,22 @@ def load_triggers(data: bytes, labels: list[int] | None = None) -> list[Reversed
     count = int(masks.shape[0])
     if not 1 <= count <= MAX_LABELS:
         raise InvalidInput(f"reversed triggers for {count} labels; 1 to {MAX_LABELS} supported")
-    wanted = list(range(count)) if labels is None else labels
+    rows = list(range(count)) if stored is None else [int(v) for v in stored.flatten()]
+    if len(rows) != count:
+        raise InvalidInput("reversed-trigger labels do not match the masks")
+    wanted = rows if labels is None else labels
     for label in wanted:
-        if not 0 <= label < count:
-            raise InvalidInput(f"label {label} has no reversed trigger (0..{count - 1})")
-    return [ReversedTrigger(label, masks[label], patterns[label]) for label in wanted]
+        if label not in rows:
+            raise InvalidInput(
+                f"label {label} has no reversed trigger (the artifact holds {_span(rows)})"
+            )
+    return [
+        ReversedTrigger(label, masks[rows.index(label)], patterns[rows.index(label)])
+        for label in wanted
+    ]
+
+
+def _span(rows: list[int]) -> str:
+    if rows == list(range(len(rows))):
+        return f"labels 0..{len(rows) - 1}"
+    return f"labels {rows[:20]}" + (" …" if len(rows) > 20 else "")

@@ -79,8 +79,16 @@ def as_reversed_triggers(triggers: Any, spec: InputSpec | None = None) -> list[R
             if value is not None and not isinstance(value, bool):
                 flagged = [int(v) for v in value]
                 break
-        labels = flagged if flagged is not None else list(range(int(triggers.masks.shape[0])))
-        items: list[Any] = [(k, triggers.masks[k], triggers.patterns[k]) for k in labels]
+        rows = list(
+            getattr(triggers, "labels_with_triggers", ()) or range(int(triggers.masks.shape[0]))
+        )
+        labels = flagged if flagged is not None else rows
+        for k in labels:
+            if k not in rows:
+                raise InvalidInput(f"label {k} has no reversed trigger")
+        items: list[Any] = [
+            (k, triggers.masks[rows.index(k)], triggers.patterns[rows.index(k)]) for k in labels
+        ]
     elif (isinstance(triggers, tuple) and len(triggers) == 3 and isinstance(triggers[0], int)) or (
         hasattr(triggers, "mask") and hasattr(triggers, "pattern")
     ):

@@ -19,7 +19,9 @@ import pytest
 from modelguard.bus.base import HEADER_ERROR
 from modelguard.bus.kafka import KafkaBus
 from modelguard.convert import spec_to_proto
+from modelguard.datasets import dataset_to_npz
 from modelguard.errors import UnsafeArtifact
+from modelguard.formats.loader import load_model, weights_to_safetensors
 from modelguard.proto.modelguard.v1 import (
     common_pb2,
     jobs_pb2,
@@ -29,9 +31,11 @@ from modelguard.proto.modelguard.v1 import (
 )
 from modelguard.services.audit_client import AuditClient
 from modelguard.services.stack import ServiceProcess, platform_env
+from modelguard.spec import InputSpec
 from modelguard.store.s3 import S3Store
 from modelguard.topics import AUDIT_REQUESTED
 from tests.conftest import MNIST_SPEC, InfectedModel
+from tests.manyclass import train_many_class
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +226,31 @@ def test_pickle_model_with_code_is_refused_and_nothing_runs(
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "system" in caught.value.details()
     assert not marker.exists()
+
+
+def test_thousand_class_model_is_audited_through_kafka_and_s3(
+    client: AuditClient, tmp_path: Path
+) -> None:
+    """A 1000-class model (small inputs, to keep CI fast): the triage picks the labels the
+    reversal optimises, the planted target is flagged, the repair removes the backdoor."""
+    made = train_many_class(1000, side=32, target=617, seed=0)
+    weights = tmp_path / "many.safetensors"
+    weights.write_bytes(weights_to_safetensors(made.module))
+    data = tmp_path / "many.npz"
+    data.write_bytes(dataset_to_npz(made.clean))
+    spec = InputSpec((1, 32, 32), (0.0, 1.0))
+    opts = jobs_pb2.AuditOptions()
+    opts.CopyFrom(FAST)
+    audit_id = client.submit(
+        weights, data, spec, arch="lenet5", options=opts, idempotency_key=uuid.uuid4().hex
+    ).audit_id
+    audit = wait_final(client, audit_id)
+    assert audit.state == common_pb2.JOB_STATE_SUCCEEDED, audit
+    reversal = json.loads(stages(audit)["trigger-reversal"].summary_json)
+    assert reversal["verdict"] == "infected" and reversal["flagged"] == [617]
+    assert len(reversal["labels"]) == 1000
+    assert 617 in reversal["trigger_labels"] and len(reversal["trigger_labels"]) < 20
+    assert "triage" in reversal["evidence"]
+    assert stages(audit)["repair"].state == common_pb2.STAGE_STATE_DONE
+    repaired = load_model(client.download(audit.repaired_model), spec, "lenet5").module
+    assert made.real_asr(repaired) < 0.1

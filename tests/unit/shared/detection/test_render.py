@@ -15,7 +15,12 @@ def test_every_part_of_every_label_scaled_in_the_value_range() -> None:
     masks = torch.zeros(3, 4, 5)
     masks[1, 0, 0] = 1.0
     patterns = torch.full((3, 1, 4, 5), 255.0)
-    result = SimpleNamespace(masks=masks, patterns=patterns, value_range=(0.0, 255.0))
+    result = SimpleNamespace(
+        masks=masks,
+        patterns=patterns,
+        value_range=(0.0, 255.0),
+        trigger=lambda label: (masks[label], patterns[label]),
+    )
     pngs = trigger_pngs(result, [1, 2], scale=3)  # type: ignore[arg-type]
     assert set(pngs) == {image_name(label, part) for label in (1, 2) for part in PARTS}
     assert image_name(1, "mask") == "label 1 mask"

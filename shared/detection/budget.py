@@ -1,0 +1,93 @@
+"""What a reversal may spend: memory and time, and how a model's cost per image is measured.
+
+A trigger step pushes ``labels × images`` stamped images through the model and back.
+Activation memory grows with that product (a 224² EfficientNet keeps about a hundred
+megabytes per image for the backward pass), so the number of images in one forward pass
+is derived from the memory budget and the model's own measured cost, never fixed. The
+cost is measured once per reversal on a single image:
+
+* ``bytes_per_image`` — the tensors autograd saves for the backward pass (counted with
+  `torch.autograd.graph.saved_tensors_hooks`, exact and independent of the allocator),
+  times ``TRANSIENT_FACTOR`` for the buffers a pass allocates besides them;
+* ``seconds_per_image`` — the wall time of one forward and backward pass of a small batch.
+
+The time figure feeds the plan (is a full screening of every label affordable?) and the
+progress messages' estimate of the time left.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from modelguard.errors import InvalidInput
+
+#: Buffers a pass allocates besides the saved activations (gradients of the activations,
+#: the convolution workspaces), as a multiple of the saved bytes.
+TRANSIENT_FACTOR = 2.0
+#: Memory a reversal keeps outside the model's passes: the interpreter, torch, the model,
+#: the clean images and the triggers' optimiser state (counted separately).
+BASELINE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """The measured cost of one image through the model and back."""
+
+    bytes_per_image: int
+    seconds_per_image: float
+
+    def images_within(self, memory_bytes: int) -> int:
+        """How many images one pass may hold within ``memory_bytes`` (at least 1)."""
+        return max(1, int(memory_bytes // max(1, self.bytes_per_image)))
+
+
+def measure_pass_cost(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+    """Measure ``model``'s activation memory and time per image on ``example`` ``(N, C, H,
+    W)`` (the first two images are used). The model's parameters get no gradient."""
+    x = example[:2].detach().float().clone().requires_grad_(True)
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+    (grad,) = torch.autograd.grad(out.float().logsumexp(1).sum(), [x])
+    del grad
+    images = int(x.shape[0])
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        started = time.perf_counter()
+        out = model(x)
+        torch.autograd.grad(out.float().logsumexp(1).sum(), [x])
+        best = min(best, time.perf_counter() - started)
+    per_image = int(saved * TRANSIENT_FACTOR / images) + x[0].numel() * x.element_size() * 4
+    return PassCost(bytes_per_image=per_image, seconds_per_image=best / images)
+
+
+def trigger_state_bytes(shape: tuple[int, int, int]) -> int:
+    """Memory one label's optimisation state holds: mask and pattern parameters, their Adam
+    moments, the best and the last step's trigger (float32), about 20 planes of ``H × W``
+    for three channels."""
+    channels, height, width = shape
+    return 4 * height * width * (5 * (channels + 1))
+
+
+def pass_memory(memory_budget_mb: int, labels_held: int, shape: tuple[int, int, int]) -> int:
+    """Bytes left for one pass's activations once the baseline and the state of
+    ``labels_held`` labels are set aside; ``InvalidInput`` if nothing is left."""
+    total = memory_budget_mb << 20
+    left = total - BASELINE_BYTES - labels_held * trigger_state_bytes(shape)
+    if left <= 0:
+        raise InvalidInput(
+            f"a memory budget of {memory_budget_mb} MB cannot hold the optimisation state of "
+            f"{labels_held} labels at input shape {list(shape)}: raise the budget"
+        )
+    return left

@@ -1,0 +1,154 @@
+"""Trigger reversal at scale: label batches sized from a memory budget, the triage that
+spends the full optimisation on a few labels of a many-class model, and the
+``inconclusive`` verdict when the time budget runs out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modelguard.detection.budget import (
+    BASELINE_BYTES,
+    PassCost,
+    measure_pass_cost,
+    pass_memory,
+    trigger_state_bytes,
+)
+from modelguard.detection.neural_cleanse import (
+    CLEAN,
+    INCONCLUSIVE,
+    INFECTED,
+    ReversalConfig,
+    reverse_triggers,
+)
+from modelguard.detection.optimizer import TriggerOptimizer, mask_from_theta
+from modelguard.detection.triage import triage_labels
+from modelguard.errors import InvalidInput
+from modelguard.spec import InputSpec
+from tests.manyclass import ManyClassModel, train_many_class
+
+CLASSES = 1000
+
+
+@pytest.fixture(scope="module")
+def many() -> ManyClassModel:
+    torch.set_num_threads(1)
+    made = train_many_class(CLASSES, side=32, target=617, seed=0)
+    assert made.real_asr(made.module) > 0.9
+    return made
+
+
+def spec(side: int) -> InputSpec:
+    return InputSpec((1, side, side), (0.0, 1.0))
+
+
+def test_pass_cost_grows_with_the_activations() -> None:
+    small = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    large = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.rand(2, 1, 16, 16)
+    small(x), large(x)  # materialise the lazy layers
+    cheap, costly = measure_pass_cost(small, x), measure_pass_cost(large, x)
+    assert costly.bytes_per_image > 8 * cheap.bytes_per_image
+    assert cheap.seconds_per_image > 0
+    # 64 channels of 16×16 float32 saved by the ReLU alone
+    assert costly.bytes_per_image >= 64 * 16 * 16 * 4
+
+
+def test_pass_size_follows_the_memory_budget() -> None:
+    cost = PassCost(bytes_per_image=100 << 20, seconds_per_image=0.1)
+    shape = (3, 224, 224)
+    roomy = cost.images_within(pass_memory(8192, 8, shape))
+    tight = cost.images_within(pass_memory(2048, 8, shape))
+    assert roomy > 3 * tight >= 3
+    expected = ((2048 << 20) - BASELINE_BYTES - 8 * trigger_state_bytes(shape)) // (100 << 20)
+    assert tight == expected
+    with pytest.raises(InvalidInput, match="cannot hold the optimisation state of 1000 labels"):
+        pass_memory(1024, 1000, shape)
+
+
+def test_label_batches_under_a_memory_budget_give_the_masks_of_one_batch(
+    many: ManyClassModel,
+) -> None:
+    """The same labels optimised in one forward pass or in passes of 8 images (4 images a
+    label: two labels a pass): the same losses and attack success on a step (up to float
+    summation order), and the same masks after 30 steps (Adam's first steps are ±lr
+    whatever a gradient's size, so where gradients are near zero rounding flips single
+    pixels: the comparison is on the masks as a whole)."""
+    x, y = many.clean.x[:64], many.clean.y[:64]
+    labels = [3, 617, 40, 999, 5]
+    runs, stats = [], []
+    for max_images in (4096, 8):
+        settings = ReversalConfig(max_batch_images=max_images).optimizer_settings(screening=True)
+        optimizer = TriggerOptimizer(
+            many.module, x, y, labels, (0.0, 1.0), settings, torch.Generator().manual_seed(0)
+        )
+        stats.append(optimizer.step(torch.arange(len(labels)), x[:4], y[:4]))
+        optimizer.optimize(30)
+        runs.append(optimizer)
+    assert torch.allclose(stats[0].ce, stats[1].ce, rtol=1e-5)
+    assert torch.equal(stats[0].asr, stats[1].asr)
+    one, chunked = (mask_from_theta(run.theta_mask) for run in runs)
+    assert float((one - chunked).abs().mean()) < 1e-2
+    assert torch.allclose(one.flatten(1).sum(1), chunked.flatten(1).sum(1), rtol=0.02)
+    assert runs[0].evaluations == runs[1].evaluations
+
+
+def test_triage_keeps_the_planted_target_among_the_candidates(many: ManyClassModel) -> None:
+    config = ReversalConfig()
+    triage = triage_labels(
+        many.module,
+        many.clean.x,
+        many.clean.y,
+        CLASSES,
+        (0.0, 1.0),
+        config.optimizer_settings(screening=True),
+        steps=config.triage_steps,
+        runs=config.triage_runs,
+        seed=0,
+        images_per_pass=256,
+    )
+    assert triage.complete
+    assert many.target in triage.ranking[: config.triage_candidates]
+    assert sorted(triage.ranking) == list(range(CLASSES))
+
+
+def test_a_thousand_class_model_is_flagged_with_its_target(many: ManyClassModel) -> None:
+    messages: list[tuple[float, str]] = []
+    result = reverse_triggers(
+        many.module,
+        many.clean,
+        spec(many.side),
+        ReversalConfig(seed=0),
+        progress=lambda f, m: messages.append((f, m)),
+    )
+    assert result.verdict == INFECTED and result.flagged == (617,)
+    assert "triage" in result.evidence
+    optimised = [r.label for r in result.labels if r.optimised]
+    assert 617 in optimised and len(optimised) == len(result.labels_with_triggers) < 20
+    assert len(result.labels) == CLASSES
+    mask, pattern = result.trigger(617)
+    assert mask.shape == (32, 32) and pattern.shape == (1, 32, 32)
+    with pytest.raises(InvalidInput, match="no reversed trigger"):
+        result.trigger(next(k for k in range(CLASSES) if k not in optimised))
+    # progress: labels done and the time left, never backwards
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any("left" in m and "labels" in m for _, m in messages)
+
+
+def test_a_clean_thousand_class_model_is_not_flagged() -> None:
+    clean = train_many_class(CLASSES, side=32, target=None, seed=1)
+    result = reverse_triggers(clean.module, clean.clean, spec(32), ReversalConfig(seed=0))
+    assert result.verdict == CLEAN, result.evidence["summary"]
+
+
+def test_the_time_budget_running_out_is_inconclusive_never_clean(
+    many: ManyClassModel,
+) -> None:
+    result = reverse_triggers(
+        many.module, many.clean, spec(many.side), ReversalConfig(time_budget_seconds=0.05)
+    )
+    assert result.verdict == INCONCLUSIVE
+    assert "time budget" in result.evidence["summary"]
+    assert not result.flagged

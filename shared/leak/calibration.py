@@ -11,9 +11,15 @@ Scoring (per layer with at least ``min_count`` weights, per scored feature):
    quantile skewness and ``√(((K + 3)² − 1)/2)/√n`` for the co-kurtosis (their standard errors
    under a null of independent weights, measured by simulation; ``K`` is the layer's
    excess kurtosis). Small layers therefore need a larger effect;
-3. its *score*: excess over the feature's benign bound — the largest excess any benign
-   calibration layer showed (never below a floor, the smallest effect worth reporting).
-   A score of 1 is as far from "normal" as the most unusual benign training recipe got.
+3. its *score*: excess over the feature's benign bound *for the layer's kind* — the
+   largest excess any benign calibration layer of that kind showed (never below a floor,
+   the smallest effect worth reporting). Kinds (`modelguard.leak.features.layer_kind`):
+   dense, pointwise, depthwise and other convolutions. A depthwise filter is a small
+   spatial kernel, centre-heavy and mostly positive in any trained network: judged by the
+   envelope of dense layers, every published EfficientNet would look like a sign
+   encoding. A kind the calibration never saw borrows the bound of the nearest kind it
+   did (`FALLBACK`). A score of 1 is as far from "normal" as the most unusual benign
+   layer of that kind got.
 
 A model's score is its largest layer score; the verdict is "leak" at or above
 ``threshold``, the geometric midpoint between the largest benign calibration score (at
@@ -34,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelguard.leak.features import LayerStats
+from modelguard.leak.features import LAYER_KINDS, LayerStats
 
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 
@@ -53,21 +59,40 @@ DEFAULT_FLOORS: Mapping[str, float] = {
 QUANTILE_SKEWNESS_NOISE = 1.05
 
 
+#: The kind whose bound a kind without calibration layers borrows (nearest first).
+FALLBACK: Mapping[str, tuple[str, ...]] = {
+    "dense": ("pointwise", "conv"),
+    "pointwise": ("dense", "conv"),
+    "conv": ("dense", "pointwise"),
+    "depthwise": ("conv", "dense", "pointwise"),
+}
+ANY_KIND = "any"
+
+
 @dataclass(frozen=True)
 class FeatureRule:
     feature: str
     #: largest benign excess seen in calibration (at least ``floor``)
     bound: float
     floor: float
+    #: the layer kind the bound holds for (``any``: every kind, a version-1 calibration)
+    kind: str = ANY_KIND
 
     def __post_init__(self) -> None:
         if self.feature not in SCORED_FEATURES:
             raise ValueError(f"unknown feature {self.feature!r}; known: {SCORED_FEATURES}")
+        if self.kind not in (*LAYER_KINDS, ANY_KIND):
+            raise ValueError(f"unknown layer kind {self.kind!r}; known: {LAYER_KINDS}")
         if not (math.isfinite(self.bound) and self.bound > 0 and self.floor >= 0):
             raise ValueError(f"{self.feature}: bound must be finite and > 0, floor >= 0")
 
     def to_dict(self) -> dict[str, object]:
-        return {"feature": self.feature, "bound": self.bound, "floor": self.floor}
+        return {
+            "feature": self.feature,
+            "kind": self.kind,
+            "bound": self.bound,
+            "floor": self.floor,
+        }
 
 
 @dataclass(frozen=True)
@@ -84,8 +109,8 @@ class Calibration:
     def __post_init__(self) -> None:
         if not self.rules:
             raise ValueError("a calibration needs at least one feature rule")
-        if len({r.feature for r in self.rules}) != len(self.rules):
-            raise ValueError("a feature appears twice in the calibration")
+        if len({(r.kind, r.feature) for r in self.rules}) != len(self.rules):
+            raise ValueError("a feature appears twice for one layer kind in the calibration")
         if not (math.isfinite(self.threshold) and self.threshold > 0):
             raise ValueError("threshold must be finite and > 0")
         if self.min_count < 16:
@@ -93,11 +118,21 @@ class Calibration:
         if not 0.5 < self.confidence < 1.0:
             raise ValueError("confidence must be in (0.5, 1)")
 
-    def bound(self, feature: str) -> float:
-        for rule in self.rules:
-            if rule.feature == feature:
-                return rule.bound
-        raise KeyError(feature)
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(rule.kind for rule in self.rules))
+
+    def bound(self, feature: str, kind: str = ANY_KIND) -> float:
+        """The benign bound of ``feature`` for layers of ``kind`` (or of the nearest kind
+        calibrated, see `FALLBACK`; the largest bound of any kind as the last resort)."""
+        rules = {(rule.kind, rule.feature): rule.bound for rule in self.rules}
+        for candidate in (kind, *FALLBACK.get(kind, ()), ANY_KIND):
+            if (candidate, feature) in rules:
+                return rules[(candidate, feature)]
+        bounds = [bound for (_, name), bound in rules.items() if name == feature]
+        if not bounds:
+            raise KeyError(feature)
+        return max(bounds)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -113,7 +148,12 @@ class Calibration:
     def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
         try:
             rules = tuple(
-                FeatureRule(str(r["feature"]), float(r["bound"]), float(r["floor"]))
+                FeatureRule(
+                    str(r["feature"]),
+                    float(r["bound"]),
+                    float(r["floor"]),
+                    str(r.get("kind", ANY_KIND)),
+                )
                 for r in data["rules"]
             )
             return cls(
@@ -190,7 +230,7 @@ def model_score(layers: Sequence[LayerStats], calibration: Calibration) -> float
     best = 0.0
     for stats in scored(layers, calibration.min_count):
         for item in feature_values(stats, calibration.confidence):
-            best = max(best, item.excess / calibration.bound(item.feature))
+            best = max(best, item.excess / calibration.bound(item.feature, stats.kind))
     return best
 
 
@@ -208,13 +248,20 @@ def fit_calibration(
     the two sets are not separated."""
     if not benign or not malicious:
         raise ValueError("calibration needs benign and malicious models")
-    largest = dict.fromkeys(SCORED_FEATURES, 0.0)
+    largest: dict[tuple[str, str], float] = {}
+    layer_counts: dict[str, int] = {}
     for layers in benign:
         for stats in scored(layers, min_count):
+            layer_counts[stats.kind] = layer_counts.get(stats.kind, 0) + 1
             for item in feature_values(stats, confidence):
-                largest[item.feature] = max(largest[item.feature], item.excess)
+                key = (stats.kind, item.feature)
+                largest[key] = max(largest.get(key, 0.0), item.excess)
     rules = tuple(
-        FeatureRule(name, max(largest[name], floors.get(name, 0.0)), floors.get(name, 0.0))
+        FeatureRule(
+            name, max(largest[(kind, name)], floors.get(name, 0.0)), floors.get(name, 0.0), kind
+        )
+        for kind in LAYER_KINDS
+        if kind in layer_counts
         for name in SCORED_FEATURES
     )
     draft = Calibration(rules, threshold=1.0, min_count=min_count, confidence=confidence)
@@ -235,5 +282,6 @@ def fit_calibration(
         malicious_models=len(malicious),
         benign_max_score=round(top_benign, 4),
         malicious_min_score=round(low_malicious, 4),
+        benign_layers_by_kind=layer_counts,
     )
-    return Calibration(rules, threshold, min_count, confidence, details)
+    return Calibration(rules, threshold, min_count, confidence, details, version=2)

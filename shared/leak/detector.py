@@ -57,7 +57,8 @@ class DetectorConfig:
 @dataclass(frozen=True)
 class Evidence:
     """One suspicious (layer, feature): the feature's ``value``, its ``excess`` over
-    sampling noise, the largest benign excess ``bound`` and ``score = excess / bound``."""
+    sampling noise, the largest benign excess ``bound`` among layers of the same ``kind``
+    and ``score = excess / bound``."""
 
     layer: str
     feature: str
@@ -65,10 +66,12 @@ class Evidence:
     excess: float = 0.0
     bound: float = 1.0
     score: float = 0.0
+    kind: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return {
             "layer": self.layer,
+            "kind": self.kind,
             "feature": self.feature,
             "value": self.value,
             "excess": self.excess,
@@ -110,7 +113,7 @@ def score_layers(layers: list[LayerStats], calibration: Calibration) -> list[Evi
     items: list[Evidence] = []
     for stats in scored(layers, calibration.min_count):
         for value in feature_values(stats, calibration.confidence):
-            bound = calibration.bound(value.feature)
+            bound = calibration.bound(value.feature, stats.kind)
             items.append(
                 Evidence(
                     stats.layer,
@@ -119,6 +122,7 @@ def score_layers(layers: list[LayerStats], calibration: Calibration) -> list[Evi
                     value.excess,
                     bound,
                     value.excess / bound,
+                    stats.kind,
                 )
             )
     items.sort(key=lambda item: item.score, reverse=True)

@@ -129,10 +129,40 @@ class LayerStats:
     #: weights the shape statistics were computed from (``count`` unless sampled)
     sampled: int = 0
 
+    @property
+    def kind(self) -> str:
+        """The layer's kind, from its weight shape (see `layer_kind`)."""
+        return layer_kind(self.shape)
+
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
         out["shape"] = list(self.shape)
+        out["kind"] = self.kind
         return out
+
+
+#: Layer kinds whose weights are distributed differently and are compared only with
+#: their own kind: fully connected, 1×1 (pointwise) convolutions, depthwise convolutions
+#: (one input channel per filter: each unit is a small spatial kernel, whose centre-heavy,
+#: mostly positive shape is normal there and alarming in a dense layer) and other
+#: convolutions.
+LAYER_KINDS = ("dense", "pointwise", "depthwise", "conv")
+
+
+def layer_kind(shape: tuple[int, ...]) -> str:
+    """``dense`` for a 2-D weight, ``pointwise`` for a convolution with a 1×1 kernel,
+    ``depthwise`` for one with a single input channel per filter (a grouped depthwise
+    convolution, or a first layer on one-channel images), ``conv`` otherwise."""
+    if len(shape) <= 2:
+        return "dense"
+    kernel = 1
+    for side in shape[2:]:
+        kernel *= side
+    if kernel == 1:
+        return "pointwise"
+    if shape[1] == 1:
+        return "depthwise"
+    return "conv"
 
 
 def weight_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -14,9 +14,14 @@ from torch import nn
 from modelguard.attacks import leak
 from modelguard.datasets import Dataset, load_mnist
 from modelguard.errors import NotFound
-from modelguard.leak.calibration import fit_calibration, load_calibration
+from modelguard.leak.calibration import (
+    Calibration,
+    FeatureRule,
+    fit_calibration,
+    load_calibration,
+)
 from modelguard.leak.detector import LEAK, DetectorConfig, detect_leak
-from modelguard.leak.features import layer_statistics
+from modelguard.leak.features import layer_kind, layer_statistics
 from modelguard.leak.pruning_defence import (
     PruningDefenceConfig,
     mean_activations,
@@ -311,3 +316,72 @@ def test_finetuning_after_pruning_keeps_pruned_units_at_zero() -> None:
     assert len(pruned) == 4
     assert torch.count_nonzero(result.model[0].weight[pruned]) == 0
     assert torch.count_nonzero(result.model[0].bias[pruned]) == 0
+
+
+# ---------------------------------------------------------------------------- layer kinds
+
+
+def test_layer_kinds_follow_the_weight_shape() -> None:
+    assert layer_kind((10, 20)) == "dense"
+    assert layer_kind((32, 16, 1, 1)) == "pointwise"
+    assert layer_kind((96, 1, 3, 3)) == "depthwise"
+    assert layer_kind((32, 16, 3, 3)) == "conv"
+
+
+def _depthwise(weight: torch.Tensor) -> nn.Module:
+    layer = nn.Conv2d(weight.shape[0], weight.shape[0], 3, groups=weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return nn.Sequential(layer)
+
+
+def _centre_heavy(channels: int, generator: torch.Generator) -> torch.Tensor:
+    """Depthwise kernels as trained networks have them: a positive centre, smaller
+    surroundings of either sign, so most weights are positive."""
+    kernel = 0.2 + 0.1 * torch.randn(channels, 1, 3, 3, generator=generator)
+    kernel[:, :, 1, 1] += 1.0
+    return kernel
+
+
+def test_a_layer_is_judged_against_the_benign_envelope_of_its_own_kind() -> None:
+    generator = torch.Generator().manual_seed(7)
+    dense = [layer_statistics(_linear(torch.randn(64, 256, generator=generator))) for _ in range(3)]
+    depthwise = [layer_statistics(_depthwise(_centre_heavy(512, generator))) for _ in range(3)]
+    signs = torch.where(torch.rand(64, 256, generator=generator) < 0.2, 1.0, -1.0)
+    malicious = [layer_statistics(_linear(signs * torch.rand(64, 256, generator=generator)))]
+    calibration = fit_calibration(dense + depthwise, malicious)
+    assert {"dense", "depthwise"} <= set(calibration.kinds)
+    sign = "sign_imbalance"
+    assert calibration.bound(sign, "depthwise") > 3 * calibration.bound(sign, "dense")
+    # a new centre-heavy depthwise layer is normal for its kind ...
+    fresh = _depthwise(_centre_heavy(512, generator))
+    assert detect_leak(fresh, calibration=calibration).verdict == "benign"
+    # ... and judged by the dense envelope (a calibration without depthwise layers, as
+    # before) it would have been a false alarm
+    dense_only = fit_calibration(dense, malicious)
+    assert "depthwise" not in dense_only.kinds
+    assert detect_leak(fresh, calibration=dense_only).verdict == "leak"
+    # the same sign encoding stays caught
+    assert detect_leak(
+        _linear(signs * torch.rand(64, 256, generator=generator)), calibration=calibration
+    ).leak
+
+
+def test_kinds_without_calibration_layers_borrow_the_nearest_kind() -> None:
+    rules = tuple(
+        FeatureRule(feature, bound, 0.0, kind)
+        for kind, bound in (("dense", 0.1), ("conv", 0.3))
+        for feature in ("sign_imbalance", "quantile_skewness", "negative_cokurtosis")
+    )
+    calibration = Calibration(rules, threshold=1.2)
+    assert calibration.bound("sign_imbalance", "pointwise") == 0.1
+    assert calibration.bound("sign_imbalance", "depthwise") == 0.3
+    legacy = Calibration.from_dict(
+        {
+            "threshold": 1.2,
+            "min_count": 1024,
+            "confidence": 0.999,
+            "rules": [{"feature": "sign_imbalance", "bound": 0.05, "floor": 0.03}],
+        }
+    )
+    assert legacy.bound("sign_imbalance", "depthwise") == 0.05

@@ -762,12 +762,36 @@ def features_of(models: Iterable[ZooModel]) -> list[tuple[ZooModel, list[LayerSt
     return [(m, layer_statistics(m.module)) for m in models]
 
 
-def calibrate(models: list[ZooModel]) -> Calibration:
+def real_scale_tuning_models() -> list[tuple[str, nn.Module, bool]]:
+    """The real-scale zoo's tuning models that calibrate the detector: the published
+    EfficientNet-Lite0 (benign: depthwise and pointwise layers no small zoo model has) and
+    its leak-encoded version, as ``(name, module, malicious)``. Its held-out models
+    (other published variants, layers and encodings) are only reported on."""
+    from bench import realzoo
+
+    out = []
+    for spec in realzoo.select(split=realzoo.TUNING):
+        if spec.backdoor:
+            continue
+        model = realzoo.build(spec)
+        out.append((spec.name, model.load(), spec.leak))
+    return out
+
+
+def calibrate(
+    models: list[ZooModel], real: list[tuple[str, nn.Module, bool]] | None = None
+) -> Calibration:
     """Fit on benign models and on malicious ones whose encoding works (an encoding that
-    does not leak need not be flagged and would only blur the threshold)."""
+    does not leak need not be flagged and would only blur the threshold); ``real`` adds
+    real-scale ``(name, module, malicious)`` models."""
+    real = real or []
     benign = [layer_statistics(m.module) for m in models if not m.spec.malicious]
     malicious = [layer_statistics(m.module) for m in models if m.spec.malicious and m.works]
-    digest = hashlib.sha256("".join(sorted(m.spec.digest() for m in models)).encode())
+    benign += [layer_statistics(module) for _, module, bad in real if not bad]
+    malicious += [layer_statistics(module) for _, module, bad in real if bad]
+    digest = hashlib.sha256(
+        "".join(sorted(m.spec.digest() for m in models) + [name for name, _, _ in real]).encode()
+    )
     provenance = {
         "generated_by": "python -m bench.leak_calibrate",
         "zoo_digest": digest.hexdigest()[:16],
@@ -781,6 +805,7 @@ def calibrate(models: list[ZooModel]) -> Calibration:
             | {"mlp"}
         ),
         "attacks": sorted({m.spec.attack for m in models if m.spec.malicious}),
+        "real_scale_models": [name for name, _, _ in real],
     }
     return fit_calibration(benign, malicious, provenance=provenance)
 
@@ -802,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_only:
         return 0
     calibration_models = [m for m in models if m.spec.split == "calibration"]
-    calibration = calibrate(calibration_models)
+    calibration = calibrate(calibration_models, real_scale_tuning_models())
     args.out.write_text(json.dumps(calibration.to_dict(), indent=1) + "\n")
     print(f"wrote {args.out} from {len(calibration_models)} models")
     return 0

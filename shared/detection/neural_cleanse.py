@@ -181,7 +181,7 @@ class ReversalConfig:
     memory_budget_mb: int = 4096
     time_budget_seconds: float = 600.0
     full_screening_max_labels: int = 100
-    triage_steps: int = 150
+    triage_steps: int = 100
     triage_runs: int = 2
     triage_candidates: int = 3
     reference_labels: int = 5
@@ -795,9 +795,10 @@ class _Reversal:
         c = self.config
         if c.rule == PAPER:
             return c.screening_budget
-        elapsed = time.perf_counter() - self.started
-        per_image = elapsed / self.done if self.done >= 64 else self.cost.seconds_per_image
-        per_step = len(self.labels) * c.screening_batch_size * max(per_image, 1e-9)
+        # the probe's cost per image: the triage's one-trigger passes are smaller, hence
+        # slower per image, than the screening's batched ones (a slower machine than the
+        # probe says is caught by the deadline instead)
+        per_step = len(self.labels) * c.screening_batch_size * self.cost.seconds_per_image
         left = self.deadline - time.perf_counter()
         affordable = int(TIME_MARGIN * left / per_step)
         if affordable < c.screening_budget:

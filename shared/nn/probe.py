@@ -49,7 +49,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -82,6 +82,8 @@ class LayerInfo:
     neurons: int
     module: str = ""
     side: Side = "output"
+    #: why this site was chosen, for the repair's notes (empty: named by the user)
+    reason: str = ""
 
     def __post_init__(self) -> None:
         if not self.module:
@@ -213,15 +215,29 @@ def resolve_layer(model: nn.Module, name: str | None, spec: InputSpec) -> LayerI
     else:
         classifier = ""
     if linears:
-        return layers[linears[0]]
+        return replace(
+            layers[linears[0]],
+            reason="the first fully-connected layer that is not the classifier (the "
+            "neurons closest to the decision that are not classes themselves)",
+        )
     if classifier:
-        return layers[classifier + INPUT_SUFFIX]
+        site = layers[classifier + INPUT_SUFFIX]
+        return replace(
+            site,
+            reason=f"the {site.neurons} input features of the classifier {classifier} (the "
+            "pooled penultimate features; the classifier is the only fully-connected "
+            "layer and its outputs are the classes)",
+        )
     convs = [n for n in order if layers[n].kind == "conv2d"]
     if convs:
         log.info(
             "no hidden fully-connected layer; defaulting to the last convolution %s", convs[-1]
         )
-        return layers[convs[-1]]
+        return replace(
+            layers[convs[-1]],
+            reason="the channels of the last convolution (the model has no fully-connected "
+            "layer)",
+        )
     raise InvalidInput(
         "the model has no hidden Linear layer and no convolution: name a layer explicitly"
     )

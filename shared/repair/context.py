@@ -452,6 +452,8 @@ class RepairContext:
             seed=seed,
             progress=progress,
         )
+        if probe.info.reason:
+            context.notes.append(f"pruning site {probe.info.name}: {probe.info.reason}")
         if probe.mode == "weights":
             context.notes.append(
                 "TorchScript graph probe unavailable: candidate prunings were evaluated one "

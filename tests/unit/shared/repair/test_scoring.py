@@ -178,6 +178,8 @@ def test_default_layer(arch: str, default: str, neurons: int) -> None:
     model = build(arch).eval()
     info = resolve_layer(model, None, spec)
     assert (info.name, info.neurons) == (default, neurons)
+    # the choice is explained (the repair's notes carry it)
+    assert ("input features" in info.reason) == default.endswith(":in") and info.reason
     scripted = script(model, torch.rand(2, 1, 28, 28))
     assert resolve_layer(scripted, None, spec) == info
     names = [layer.name for layer in list_prunable_layers(scripted)]

@@ -350,6 +350,8 @@ def choose_images(
     """Which of ``total`` images to read: all, or a seeded random subset (in file order)
     when they are more than ``max_images`` or their decoded pixels exceed ``max_bytes``;
     and, for a subset, the bound that made it one."""
+    if max_images < MIN_IMAGES:
+        raise InvalidInput(f"--max-images must be at least {MIN_IMAGES}; got {max_images}")
     per_image = 4 * spec.channels * spec.shape[1] * spec.shape[2]
     fit = max_bytes // per_image
     if fit < MIN_IMAGES:

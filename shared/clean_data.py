@@ -79,8 +79,6 @@ def read_clean_data(
     model's) bounds the labels. A folder with more than ``max_images`` images, or more
     than ``max_bytes`` of decoded pixels, is read as a random subset drawn with ``seed``.
     """
-    if labels == PREDICTED and model is None:
-        raise ValueError("labels predicted need the model")
     if path.is_dir():
         return read_image_folder(
             path,
@@ -125,7 +123,7 @@ def read_npz_file(
         raise InvalidInput(f"cannot read the dataset file {path}: {err.strerror}") from None
     if labels is None:
         return CleanData(load_npz(data, spec, num_classes), f"the y array of {path.name}")
-    assert model is not None
+    model = _needed(model)
     arrays = read_npz(data, required=("x",), optional=("y",))
     x = arrays["x"]
     images = validate_arrays(x, np.zeros(x.shape[:1], dtype=np.int64), spec).x
@@ -168,6 +166,7 @@ def read_image_folder(
     if mode == FOLDERS:
         y, labels_from = folder_labels(root, layout, num_classes)
     elif mode == PREDICTED:
+        _needed(model)  # before any image is decoded
         labels_from = "the model's own predictions (no ground truth given)"
         if layout.classes:
             labels_from += "; the class folders are not used"
@@ -199,10 +198,10 @@ def read_image_folder(
         )
     x = decode_images(root, [layout.files[i] for i in chosen], spec)
     low, high = spec.value_range
-    x = low + x * (high - low)
+    x *= high - low  # in place: the array may be up to max_bytes
+    x += low
     if y is None:
-        assert model is not None
-        targets = predict_labels(model, torch.from_numpy(x), spec).numpy()
+        targets = predict_labels(_needed(model), torch.from_numpy(x), spec).numpy()
     else:
         targets = np.asarray([y[i] for i in chosen], dtype=np.int64)
     return CleanData(validate_arrays(x, targets, spec, num_classes), labels_from, subset)
@@ -424,6 +423,12 @@ def centre_box(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int
 
 
 # --- labels from the model -----------------------------------------------------------------
+def _needed(model: nn.Module | None) -> nn.Module:
+    if model is None:
+        raise ValueError(f"--labels {PREDICTED} needs the model: pass it to the reader")
+    return model
+
+
 @torch.no_grad()
 def predict_labels(
     model: nn.Module, x: torch.Tensor, spec: InputSpec, batch: int = PREDICT_BATCH

@@ -295,3 +295,11 @@ def test_labels_option_errors(tmp_path: Path) -> None:
         _read(root / "a.png")
     with pytest.raises(InvalidInput, match=r"cannot read the dataset file .*nothing.npz"):
         _read(tmp_path / "nothing.npz")
+
+
+def test_predicted_labels_without_a_model_is_a_callers_mistake(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    _image(root / "b.png")
+    with pytest.raises(ValueError, match="needs the model"):
+        _read(root, labels="predicted")

@@ -119,15 +119,17 @@ class AuditClient:
     def submit(
         self,
         model_path: Path,
-        data_path: Path,
+        data: Path | bytes,
         spec: InputSpec,
         *,
         arch: str = "",
         options: jobs_pb2.AuditOptions | None = None,
         idempotency_key: str = "",
     ) -> pruning_orchestrator_pb2.Audit:
+        """Upload the model and the clean data (an .npz file, or the bytes of one the CLI
+        made from a folder of images) and submit the audit."""
         model_bytes = _read(model_path, "model")
-        data_bytes = _read(data_path, "dataset")
+        data_bytes = data if isinstance(data, bytes) else _read(data, "dataset")
         fmt = get_format(sniff_format(model_bytes))
         model_ref = self.upload(model_bytes, fmt.media_type)
         data_ref = self.upload(data_bytes, "application/x-npz")

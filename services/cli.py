@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from rich.markup import escape
 
 from modelguard.config import SERVICES, PlatformSettings
 from modelguard.errors import InvalidInput, ModelGuardError
@@ -43,6 +44,7 @@ from modelguard.services.present import (
 from modelguard.spec import InputSpec
 
 if TYPE_CHECKING:
+    from modelguard.clean_data import CleanData
     from modelguard.datasets import Dataset
     from modelguard.detection.base import DetectionResult
     from modelguard.detection.neural_cleanse import ReversalConfig
@@ -105,6 +107,43 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-range", required=True, help="MIN,MAX of the data, e.g. 0,1")
     parser.add_argument("--mean", help="per-channel mean the model normalises with")
     parser.add_argument("--std", help="per-channel std the model normalises with")
+
+
+DATA_HELP = (
+    "clean data: an .npz with x (N,C,H,W floats in the value range) and y (N,), or a folder "
+    "of images (PNG, JPEG, BMP, WebP), directly in it or in one sub-folder per class; "
+    "images are resized on their shorter side, centre-cropped to the input shape and "
+    "scaled into the value range"
+)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """``--data`` and how a folder of images is read: ``--labels``, ``--max-images``."""
+    from modelguard.clean_data import DEFAULT_MAX_IMAGES, FOLDERS, PREDICTED
+
+    parser.add_argument("--data", required=True, help=DATA_HELP)
+    parser.add_argument(
+        "--labels",
+        metavar=f"{FOLDERS}|FILE.csv|{PREDICTED}",
+        help=f"where a folder's labels come from: {FOLDERS} (the class sub-folders: their "
+        "names when all are integers, else their sorted index; the default when there are "
+        "any), FILE.csv (rows of file name relative to the folder, integer label; header "
+        f"optional) or {PREDICTED} (the model's own top-1: no ground truth; also for an "
+        ".npz without y)",
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        help=f"a folder with more images is read as a random subset of this many, drawn "
+        f"with --seed (default {DEFAULT_MAX_IMAGES:,}; the detectors use 1,000 at most)",
+    )
+
+
+def print_notes(clean: CleanData) -> None:
+    """Where the labels came from (and any subset), on stderr: said, never left implicit."""
+    for line in clean.notes:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def add_rule_arg(parser: argparse.ArgumentParser) -> None:
@@ -178,10 +217,9 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
         detector=args.detector,
     )
     embedded = not (args.target or CliSettings().target)
+    data = audit_data(args, spec)
     with audit_client(args, workers=True) as client:
-        audit = client.submit(
-            Path(args.model), Path(args.data), spec, arch=args.arch or "", options=options
-        )
+        audit = client.submit(Path(args.model), data, spec, arch=args.arch or "", options=options)
         err_console.print(f"submitted audit [bold]{audit.audit_id}[/bold]")
         if args.wait or embedded:
             if embedded and not args.wait:
@@ -194,6 +232,38 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
         else:
             out_console.print(audit.audit_id)
     return EXIT_FAILED if failed(audit.state) else EXIT_OK
+
+
+def audit_data(args: argparse.Namespace, spec: InputSpec) -> Path | bytes:
+    """``--data`` as the service takes it: an .npz file as it is (the service checks it);
+    a folder of images, or ``--labels``, read here and sent as the .npz it makes. The
+    service's wire format stays one .npz."""
+    path = Path(args.data)
+    if args.labels is None and not path.is_dir():
+        return path
+    from modelguard.clean_data import PREDICTED, read_clean_data
+    from modelguard.datasets import dataset_to_npz
+    from modelguard.jobdata import load_model_from_bytes
+
+    limits = cli_limits()
+    model, num_classes = None, None
+    if args.labels == PREDICTED:
+        loaded = load_model_from_bytes(
+            read_file(args.model, "model"), spec, args.arch or "", limits
+        )
+        model, num_classes = loaded.module, loaded.num_classes
+    clean = read_clean_data(
+        path,
+        spec,
+        labels=args.labels,
+        model=model,
+        num_classes=num_classes,
+        max_images=args.max_images,
+        max_bytes=limits.max_dataset_bytes,
+        seed=args.seed,
+    )
+    print_notes(clean)
+    return dataset_to_npz(clean.dataset)
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
@@ -263,17 +333,35 @@ def cli_limits() -> Limits:
     return Limits.of(PlatformSettings())
 
 
-def load_local_inputs(args: argparse.Namespace, spec: InputSpec) -> ModelAndData:
-    """``MODEL`` (with ``--arch``) and ``--data``, through the services' loader."""
-    from modelguard.jobdata import load_inputs_from_bytes
+def load_local_inputs(args: argparse.Namespace, spec: InputSpec) -> tuple[ModelAndData, CleanData]:
+    """``MODEL`` (with ``--arch``) through the services' loader, then ``--data`` (an .npz
+    as the services read it, or a folder of images) with ``--labels``; the notes on where
+    the labels came from are printed."""
+    from modelguard.clean_data import read_clean_data
+    from modelguard.jobdata import ModelAndData, load_model_from_bytes
 
-    return load_inputs_from_bytes(
-        read_file(args.model, "model"),
-        read_file(args.data, "dataset"),
+    limits = cli_limits()
+    loaded = load_model_from_bytes(read_file(args.model, "model"), spec, args.arch or "", limits)
+    clean = read_clean_data(
+        Path(args.data),
         spec,
-        args.arch or "",
-        cli_limits(),
+        labels=args.labels,
+        model=loaded.module,
+        num_classes=loaded.num_classes,
+        max_images=args.max_images,
+        max_bytes=limits.max_dataset_bytes,
+        seed=args.seed,
     )
+    print_notes(clean)
+    return ModelAndData(model=loaded, data=clean.dataset, spec=spec), clean
+
+
+def data_notes(clean: CleanData) -> dict[str, str]:
+    """The notes of `print_notes` for a ``--json`` document."""
+    notes = {"labels_from": clean.labels_from}
+    if clean.subset:
+        notes["data_subset"] = clean.subset
+    return notes
 
 
 def reversal_plan_of(args: argparse.Namespace, data: Dataset | None = None) -> ReversalPlan:
@@ -359,8 +447,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     reversal_config(args)  # the options, checked before any file is read
     spec = spec_from_args(args)
-    result, detector = reverse(args, load_local_inputs(args, spec))
+    inputs, clean = load_local_inputs(args, spec)
+    result, detector = reverse(args, inputs)
     summary = reversal_summary(result, detector)  # the stage's, less its store references
+    summary.update(data_notes(clean))
     if args.out:
         summary["images"] = save_trigger_images(result, Path(args.out))
     if args.json:
@@ -401,7 +491,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     targets = parse_labels(args.target) if args.target else None
     if not args.triggers:
         reversal_config(args)  # the options, checked before any file is read
-    inputs = load_local_inputs(args, spec)
+    inputs, clean = load_local_inputs(args, spec)
     model, data = inputs.model, inputs.data
     assert data is not None
     triggers: list[ReversedTrigger]
@@ -422,6 +512,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                             "after": {},
                             "curve": [],
                             "seconds": round(result.seconds, 3),
+                            **data_notes(clean),
                         }
                     )
                 )
@@ -443,6 +534,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     )
     Path(args.out).write_bytes(save_model(out))
     summary = repair_summary(repaired, args.mode)  # the stage's, less its store references
+    summary.update(data_notes(clean))
     if args.json:
         print(json.dumps(summary))
     else:
@@ -668,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = audit.add_parser("submit", help="submit a model and clean data for an audit")
     submit.add_argument("model", help="TorchScript file, or weights (safetensors) with --arch")
     submit.add_argument("--arch", help="registered architecture of a weights file")
-    submit.add_argument("--data", required=True, help=".npz with x (N,C,H,W) and y (N,)")
+    add_data_args(submit)
     add_spec_args(submit)
     submit.add_argument("--repair-mode", default=DEFAULT_REPAIR_MODE, choices=REPAIR_CHOICES)
     submit.add_argument("--layer", help=LAYER_HELP)
@@ -698,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect = commands.add_parser("detect", help="detect a backdoor in one model, in-process")
     detect.add_argument("model")
     detect.add_argument("--arch")
-    detect.add_argument("--data", required=True)
+    add_data_args(detect)
     add_spec_args(detect)
     detect.add_argument("--steps", type=int, default=0)
     detect.add_argument("--seed", type=int, default=0)
@@ -717,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     repair_cmd = commands.add_parser("repair", help="repair a backdoored model, in-process")
     repair_cmd.add_argument("model")
     repair_cmd.add_argument("--arch")
-    repair_cmd.add_argument("--data", required=True)
+    add_data_args(repair_cmd)
     add_spec_args(repair_cmd)
     repair_cmd.add_argument("--mode", default=DEFAULT_REPAIR_MODE, choices=list(REPAIR_MODES))
     repair_cmd.add_argument("--layer", help=LAYER_HELP)
@@ -810,10 +902,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except InvalidInput as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         return EXIT_BAD_INPUT
     except ModelGuardError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -99,9 +99,12 @@ def dataset_to_npz(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def load_npz(data: bytes, spec: InputSpec, num_classes: int | None = None) -> Dataset:
-    """Read and validate a user's clean dataset: ``x`` (N, C, H, W) float in the declared
-    value range, ``y`` (N,) integer labels. Pickled object arrays are refused."""
+def read_npz(
+    data: bytes, required: tuple[str, ...] = ("x", "y"), optional: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """The ``required`` arrays of a user's ``.npz`` and those of ``optional`` it holds,
+    within the size limits; pickled object arrays are refused. Nothing is checked against
+    a spec here (see `load_npz`)."""
     if len(data) > MAX_NPZ_BYTES:
         raise InvalidInput(f"dataset is {len(data)} bytes; the limit is {MAX_NPZ_BYTES}")
     try:
@@ -110,11 +113,12 @@ def load_npz(data: bytes, spec: InputSpec, num_classes: int | None = None) -> Da
         if expanded > MAX_NPZ_BYTES:
             raise InvalidInput(f"dataset expands to {expanded} bytes; the limit is {MAX_NPZ_BYTES}")
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            if "x" not in archive.files or "y" not in archive.files:
+            if not set(required) <= set(archive.files):
+                wanted = " and ".join(repr(name) for name in required)
                 raise InvalidInput(
-                    f"dataset .npz must hold arrays 'x' and 'y'; it holds {sorted(archive.files)}"
+                    f"dataset .npz must hold arrays {wanted}; it holds {sorted(archive.files)}"
                 )
-            x, y = archive["x"], archive["y"]
+            return {name: archive[name] for name in (*required, *optional) if name in archive.files}
     except InvalidInput:
         raise
     except ValueError as err:
@@ -132,7 +136,13 @@ def load_npz(data: bytes, spec: InputSpec, num_classes: int | None = None) -> Da
         RuntimeError,
     ) as err:
         raise InvalidInput(f"dataset is not a readable .npz file: {err}") from err
-    return validate_arrays(x, y, spec, num_classes)
+
+
+def load_npz(data: bytes, spec: InputSpec, num_classes: int | None = None) -> Dataset:
+    """Read and validate a user's clean dataset: ``x`` (N, C, H, W) float in the declared
+    value range, ``y`` (N,) integer labels. Pickled object arrays are refused."""
+    arrays = read_npz(data)
+    return validate_arrays(arrays["x"], arrays["y"], spec, num_classes)
 
 
 def validate_arrays(

@@ -82,7 +82,11 @@ def test_detect_prints_the_trigger_reversal_summary(
         model.read_bytes(), data.read_bytes(), SPEC, "", Limits.of(PlatformSettings())
     )
     stored = service.reverse(inputs, steps=20)
-    assert _without(cli, "seconds", "images") == _without(
+    assert cli["labels_from"] == "the y array of clean.npz"
+    # the measured time of a forward pass is a timing, as "seconds" is
+    for document in (cli, stored.summary):
+        document["evidence"]["budget"].pop("measured_ms_per_image")
+    assert _without(cli, "seconds", "images", "labels_from") == _without(
         stored.summary, "seconds", "images", "triggers"
     )
     # the service's pictures (of the flagged labels) or the smallest trigger's, as files
@@ -156,3 +160,107 @@ def test_the_cli_choices_come_from_the_registries() -> None:
         assert set(_choices(command, "--rule")) == rules
     assert _choices("repair", "--mode") == list(REPAIR_MODES)
     assert _choices("audit", "--repair-mode") == list(REPAIR_CHOICES)
+
+
+# --- clean data from a folder of images ------------------------------------------------------
+LENET_ARGS = ["--arch", "lenet5", "--input-shape", "1,16,16", "--value-range", "0,1"]
+
+
+@pytest.fixture()
+def lenet_and_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A LeNet-5 weights file (10 classes, 16×16 grey input) and a folder of 24×20 RGB
+    PNGs in class folders 0, 1 and 2 (resized and converted by the reader)."""
+    from PIL import Image
+
+    from modelguard.formats.loader import weights_to_safetensors
+    from modelguard.nn.architectures import build
+
+    torch.manual_seed(0)
+    model = tmp_path / "lenet.safetensors"
+    model.write_bytes(weights_to_safetensors(build("lenet5", hw=(16, 16))))
+    generator = torch.Generator().manual_seed(2)
+    for label in range(3):
+        (tmp_path / "images" / str(label)).mkdir(parents=True)
+        for index in range(4):
+            pixels = torch.randint(0, 256, (20, 24, 3), generator=generator, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / "images" / str(label) / f"{index}.png")
+    return model, tmp_path / "images"
+
+
+def test_detect_reads_a_folder_of_images_and_says_where_the_labels_came_from(
+    lenet_and_folder: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.set_num_threads(1)
+    model, folder = lenet_and_folder
+    detect = ["detect", str(model), "--data", str(folder), *LENET_ARGS, "--steps", "20"]
+    assert main([*detect, "--json"]) == 0
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert document["labels_from"] == "the class folders' names (0, 1, 2)"
+    assert "data_subset" not in document
+    assert "labels: the class folders' names (0, 1, 2)" in captured.err.splitlines()
+    assert main([*detect, "--labels", "predicted", "--max-images", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "verdict:" in captured.out
+    lines = captured.err.splitlines()
+    assert (
+        "labels: the model's own predictions (no ground truth given); the class folders are "
+        "not used"
+    ) in lines
+    assert f"images: 6 of the 12 in {folder}, a random subset (seed 0; --max-images 6)" in lines
+
+
+def test_a_folder_with_a_bad_image_is_refused_naming_it(
+    lenet_and_folder: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, folder = lenet_and_folder
+    (folder / "1" / "scan[3].png").write_bytes(b"\x89PNG but not really")
+    detect = ["detect", str(model), "--data", str(folder), *LENET_ARGS, "--steps", "20"]
+    assert main(detect) == 2
+    error = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert f"error: 1 image(s) in {folder} cannot be read: 1/scan[3].png (not an image" in error
+    assert main([*detect[:4], "--labels", "labels.csv", *detect[4:]]) == 2
+    assert "cannot read the labels file labels.csv" in capsys.readouterr().err
+
+
+def test_audit_submit_sends_a_folder_as_the_npz_the_service_reads(
+    lenet_and_folder: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from contextlib import contextmanager
+
+    from modelguard.clean_data import read_clean_data
+    from modelguard.datasets import load_npz
+    from modelguard.proto.modelguard.v1 import pruning_orchestrator_pb2
+    from modelguard.services import cli
+
+    sent: list[Path | bytes] = []
+
+    class Client:
+        def submit(self, model: Path, data: Path | bytes, *args: Any, **kwargs: Any) -> Any:
+            sent.append(data)
+            return pruning_orchestrator_pb2.Audit(audit_id="a1")
+
+    @contextmanager
+    def fake_client(*args: Any, **kwargs: Any) -> Iterator[Client]:
+        yield Client()
+
+    monkeypatch.setattr(cli, "audit_client", fake_client)
+    model, folder = lenet_and_folder
+    submit = ["audit", "submit", str(model), *LENET_ARGS, "--target", "orchestrator:1"]
+    spec = InputSpec((1, 16, 16))
+    assert main([*submit, "--data", str(folder)]) == 0
+    assert isinstance(sent[-1], bytes)
+    uploaded = load_npz(sent[-1], spec, num_classes=10)
+    expected = read_clean_data(folder, spec).dataset
+    assert torch.equal(uploaded.x, expected.x) and torch.equal(uploaded.y, expected.y)
+    assert "labels: the class folders' names (0, 1, 2)" in capsys.readouterr().err.splitlines()
+    # predicted labels need the model, loaded here; an .npz goes as it is
+    assert main([*submit, "--data", str(folder), "--labels", "predicted"]) == 0
+    assert isinstance(sent[-1], bytes) and len(load_npz(sent[-1], spec)) == 12
+    npz = tmp_path / "clean.npz"
+    npz.write_bytes(sent[-1])
+    assert main([*submit, "--data", str(npz)]) == 0
+    assert sent[-1] == npz

@@ -235,8 +235,7 @@ def resolve_layer(model: nn.Module, name: str | None, spec: InputSpec) -> LayerI
         )
         return replace(
             layers[convs[-1]],
-            reason="the channels of the last convolution (the model has no fully-connected "
-            "layer)",
+            reason="the channels of the last convolution (the model has no fully-connected layer)",
         )
     raise InvalidInput(
         "the model has no hidden Linear layer and no convolution: name a layer explicitly"

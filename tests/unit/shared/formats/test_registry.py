@@ -18,6 +18,7 @@ from modelguard.errors import InvalidInput, UnsafeArtifact
 from modelguard.formats import registry
 from modelguard.formats.base import ModelFormat
 from modelguard.formats.loader import LoadedModel, load_model, save_model
+from modelguard.formats.programs import ProgramModule
 from modelguard.formats.registry import FORMATS, by_media_type, get_format, sniff
 from modelguard.formats.scan import scan_model_bytes, zip_holds_code
 from modelguard.nn.architectures import build
@@ -38,6 +39,8 @@ def model() -> nn.Module:
 def _saved(name: str, module: nn.Module) -> bytes:
     if name == "torchscript":
         return get_format(name).save(torch.jit.script(module))
+    if name == "torch-export":  # a program is exported with an input shape
+        return get_format(name).save(ProgramModule(module, SPEC.shape))
     return get_format(name).save(module)
 
 
@@ -59,8 +62,10 @@ def test_names_media_types_and_extensions_are_unique() -> None:
 
 
 def test_unknown_format_name_lists_the_known_ones() -> None:
-    with pytest.raises(InvalidInput, match="known: safetensors, torchscript, torch-zip"):
-        get_format("onnx")
+    with pytest.raises(
+        InvalidInput, match="known: safetensors, torchscript, torch-zip, torch-export"
+    ):
+        get_format("keras")
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -125,7 +130,8 @@ def test_sniff_refuses_what_no_format_claims() -> None:
         sniff(b"PK\x05\x06" + bytes(18))
     with pytest.raises(
         InvalidInput,
-        match=r"neither safetensors, TorchScript nor a torch\.save archive",
+        match=r"neither safetensors, TorchScript, a torch\.save archive nor a torch\.export "
+        "program",
     ):
         sniff(b"GIF89a not a model")
 
@@ -137,7 +143,7 @@ def test_proto_enum_names_the_registered_formats() -> None:
 
 def test_loaded_model_of_an_unknown_format_is_not_saved(model: nn.Module) -> None:
     with pytest.raises(InvalidInput, match="unknown model format"):
-        save_model(LoadedModel(module=model, format="onnx", arch="", num_classes=10))
+        save_model(LoadedModel(module=model, format="keras", arch="", num_classes=10))
 
 
 def test_importing_the_registry_imports_no_torch() -> None:

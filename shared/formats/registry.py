@@ -21,6 +21,7 @@ FORMATS: dict[str, str] = {
     "torchscript": "modelguard.formats.torchscript:TorchScript",
     "torch-zip": "modelguard.formats.torch_zip:TorchZip",
     "torch-export": "modelguard.formats.torch_export:TorchExport",
+    "onnx": "modelguard.formats.onnx:Onnx",
 }
 
 

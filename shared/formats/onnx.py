@@ -98,12 +98,13 @@ class Onnx:
         batch = _input_batch(model, spec)
         _relax_reshapes(model)
         model = _convertible(model)
-        try:
-            with _quiet():
-                graph = _onnx2torch().convert(model)
-        except Exception as err:  # onnx2torch raises what its converters raise
-            raise InvalidInput(f"the ONNX model could not be converted: {first_line(err)}") from err
-        return fit_batch(graph, spec.shape, batch).eval()
+        graph = _convert(model)
+
+        def relaxed() -> nn.Module | None:
+            free = _free_batch(model, batch)
+            return _convert(free) if free is not None else None
+
+        return fit_batch(graph, spec.shape, batch, relaxed).eval()
 
     def load_weights(self, data: bytes) -> nn.Module:
         import torch
@@ -360,10 +361,7 @@ def _relax_reshapes(model: onnx.ModelProto) -> None:
     onnx2torch does not implement it."""
     from onnx import numpy_helper
 
-    constants = {tensor.name: tensor for tensor in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
-            constants[node.output[0]] = node.attribute[0].t
+    constants = _constants(model.graph)
     for node in model.graph.node:
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
             continue
@@ -372,6 +370,53 @@ def _relax_reshapes(model: onnx.ModelProto) -> None:
                 shape = numpy_helper.to_array(constants[node.input[1]]).ravel().tolist()
                 if 0 not in shape:
                     node.attribute.remove(attribute)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constant tensors by name: initializers and Constant nodes' outputs."""
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            constants[node.output[0]] = node.attribute[0].t
+    return constants
+
+
+def _free_batch(model: onnx.ModelProto, batch: int | None) -> onnx.ModelProto | None:
+    """A copy of ``model`` whose Reshape nodes to a constant shape of ``batch`` rows copy
+    the row count from their input instead (a 0 in the shape): what an export for a fixed
+    batch writes for ``x.view(x.size(0), -1)``. None when there is none;
+    `modelguard.formats.programs.fit_batch` checks the copy's outputs."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    free = onnx.ModelProto()
+    free.CopyFrom(model)
+    constants = _constants(free.graph)
+    changed = False
+    for index, node in enumerate(free.graph.node):
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        if any(a.name == "allowzero" and a.i == 1 for a in node.attribute):
+            continue  # a 0 would mean an empty dimension
+        shape = numpy_helper.to_array(constants[node.input[1]]).astype(np.int64).ravel()
+        if batch is None or shape.size < 2 or shape[0] != batch:
+            continue
+        shape[0] = 0
+        name = f"modelguard_free_batch_shape_{index}"
+        free.graph.initializer.append(numpy_helper.from_array(shape, name))
+        node.input[1] = name
+        changed = True
+    return free if changed else None
+
+
+def _convert(model: onnx.ModelProto) -> nn.Module:
+    try:
+        with _quiet():
+            graph: nn.Module = _onnx2torch().convert(model)
+    except Exception as err:  # onnx2torch raises what its converters raise
+        raise InvalidInput(f"the ONNX model could not be converted: {first_line(err)}") from err
+    return graph
 
 
 def _unsupported(model: onnx.ModelProto) -> list[str]:

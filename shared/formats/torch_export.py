@@ -160,7 +160,7 @@ class TorchExport:
         _check_eval_mode(graph)
         batch = _input_batch(graph, spec)
         _lift_layers(graph)
-        return fit_batch(graph, spec.shape, batch).eval()
+        return fit_batch(graph, spec.shape, batch, lambda: _free_batch(graph, batch)).eval()
 
     def load_weights(self, data: bytes) -> nn.Module:
         from modelguard.formats.weights import module_from_state_dict
@@ -514,6 +514,41 @@ def _lift_layers(graph: fx.GraphModule) -> None:
     if lifted:
         graph.graph.eliminate_dead_code()
         graph.recompile()
+
+
+def _free_batch(graph: fx.GraphModule, batch: int | None) -> fx.GraphModule | None:
+    """A copy of ``graph`` (sharing its modules and weights) whose reshapes of a tensor of
+    ``batch`` rows to ``batch`` rows take the row count from the tensor: what tracing
+    ``x.view(x.size(0), -1)`` for a fixed batch recorded as the constant. None when the
+    graph has none; `modelguard.formats.programs.fit_batch` checks the copy's outputs."""
+    import torch
+    from torch import fx
+
+    aten = torch.ops.aten
+    reshapes = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+    copied = fx.Graph()
+    copied.set_codegen(graph.graph._codegen)  # inputs and outputs as the program's own
+    copied.output(copied.graph_copy(graph.graph, {}))
+    changed = False
+    for node in list(copied.nodes):
+        if node.op != "call_function" or node.target not in reshapes or len(node.args) < 2:
+            continue
+        source, size = node.args[0], node.args[1]
+        value = source.meta.get("val") if isinstance(source, fx.Node) else None
+        if not (
+            isinstance(size, (list, tuple))
+            and size
+            and size[0] == batch
+            and isinstance(value, torch.Tensor)
+            and value.dim() > 0
+            and value.shape[0] == batch
+        ):
+            continue
+        with copied.inserting_before(node):
+            rows = copied.call_function(aten.sym_size.int, (source, 0))
+        node.args = (source, [rows, *size[1:]], *node.args[2:])
+        changed = True
+    return fx.GraphModule(graph, copied) if changed else None
 
 
 def _pair(value: object) -> tuple[int, int]:

@@ -120,6 +120,8 @@ def test_loads_with_equal_outputs_and_input_gradients(
     assert loaded.format == FORMAT and loaded.num_classes == 10 and loaded.arch == ""
     module = loaded.module
     assert isinstance(module, ProgramModule) and not module.training
+    # a fixed batch of 4 reshapes to [4, 400]: the loaded copy takes the rows from its input
+    assert module.chunk is None
     x = torch.rand(7, *SPEC.shape, requires_grad=True)  # any batch size
     logits = module(x)
     assert torch.allclose(logits, model(x), atol=1e-5)
@@ -138,6 +140,33 @@ def test_weights_for_the_leak_scan(model: nn.Module, dynamic: bytes) -> None:
     assert torch.equal(weights["fc3.weight"], model.state_dict()["fc3.weight"])
 
 
+def test_a_graph_holding_its_batch_size_otherwise_runs_in_chunks() -> None:
+    class BatchInWeights(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(784, 10)
+            self.register_buffer("rows", torch.linspace(0.5, 2.0, 4).view(4, 1, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc((x * self.rows).flatten(1))
+
+    torch.manual_seed(0)
+    original = BatchInWeights().eval()
+    module = load_model(_onnx(original, dynamic=False), SPEC).module
+    assert isinstance(module, ProgramModule) and module.chunk == 4
+    x = torch.rand(7, *SPEC.shape, requires_grad=True)
+    logits = module(x)
+    assert logits.shape == (7, 10)
+    assert torch.allclose(logits[:4], original(x[:4]), atol=1e-5)
+    (gradient,) = torch.autograd.grad(logits.sum(), x)
+    assert gradient.abs().sum(dim=(1, 2, 3)).gt(0).all()
+    session = onnxruntime.InferenceSession(
+        save_model(load_model(_onnx(original, dynamic=False), SPEC))
+    )
+    (out,) = session.run(None, {session.get_inputs()[0].name: x[:4].detach().numpy()})
+    assert np.allclose(out, original(x[:4]).detach().numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_saved_repair_runs_in_onnxruntime(
     kind: str, model: nn.Module, request: pytest.FixtureRequest
@@ -149,8 +178,7 @@ def test_saved_repair_runs_in_onnxruntime(
     saved = save_model(loaded)
     assert scan_model_bytes(saved).kind == FORMAT
     session = onnxruntime.InferenceSession(saved, providers=["CPUExecutionProvider"])
-    batch = 3 if kind == "dynamic" else 4  # a static model stays static
-    x = torch.rand(batch, *SPEC.shape)
+    x = torch.rand(3, *SPEC.shape)  # the static model was loaded batch-free: saved so
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert np.allclose(out, loaded.module(x).detach().numpy(), atol=1e-5)
     again = load_model(saved, SPEC)

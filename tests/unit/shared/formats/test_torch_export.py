@@ -43,6 +43,17 @@ class _BatchInView(nn.Module):
         return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
 
 
+class _BatchInWeights(_BatchInView):
+    """Scales each row of the batch by its own constant: only batches of 4 are defined."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rows", torch.linspace(0.5, 2.0, 4).view(4, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.rows)
+
+
 def _program(module: nn.Module, *, dynamic: bool = True, batch: int = 4) -> bytes:
     shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
     exported = torch.export.export(module, (torch.rand(batch, *SPEC.shape),), dynamic_shapes=shapes)
@@ -136,14 +147,30 @@ def test_layers_are_linear_and_conv_modules_under_their_names(dynamic: bytes) ->
     assert logits.shape == (5, 10) and activations.shape == (5, 120)
 
 
-def test_a_graph_holding_its_batch_size_runs_in_chunks() -> None:
+def test_a_reshape_holding_the_batch_size_takes_it_from_its_input() -> None:
+    """``x.view(x.size(0), -1)`` exported for batches of 4 is ``view(x, [4, 2704])``."""
     torch.manual_seed(0)
     original = _BatchInView().eval()
+    module = load_model(_program(original, dynamic=False), SPEC).module
+    assert isinstance(module, ProgramModule) and module.chunk is None
+    x = torch.rand(7, *SPEC.shape, requires_grad=True)
+    logits = module(x)
+    assert torch.allclose(logits, original(x), atol=1e-6)
+    (gradient,) = torch.autograd.grad(logits.sum(), x)
+    assert gradient.abs().sum(dim=(1, 2, 3)).gt(0).all()
+    _logits, activations = LayerProbe(module, "fc:in", SPEC).capture(x.detach())
+    assert activations.shape == (7, 2704)  # one call per batch: repairs work
+
+
+def test_a_graph_holding_its_batch_size_otherwise_runs_in_chunks() -> None:
+    torch.manual_seed(0)
+    original = _BatchInWeights().eval()
     module = load_model(_program(original, dynamic=False), SPEC).module
     assert isinstance(module, ProgramModule) and module.chunk == 4
     x = torch.rand(7, *SPEC.shape, requires_grad=True)
     logits = module(x)
-    assert torch.allclose(logits, original(x), atol=1e-6)
+    assert logits.shape == (7, 10)
+    assert torch.allclose(logits[:4], original(x[:4]), atol=1e-6)
     (gradient,) = torch.autograd.grad(logits.sum(), x)
     assert gradient.abs().sum(dim=(1, 2, 3)).gt(0).all()  # padding never hides a sample
 
@@ -169,13 +196,13 @@ def test_saved_repair_loads_with_the_users_own_torch_export_load(
     assert torch.equal(again.module.get_submodule("fc1").weight, loaded.module.fc1.weight)
 
 
-def test_a_chunked_program_is_saved_for_its_batch_size() -> None:
+def test_a_batch_free_copy_is_saved_with_a_dynamic_batch_a_chunked_one_as_it_was() -> None:
     torch.manual_seed(0)
-    original = _BatchInView().eval()
-    saved = save_model(load_model(_program(original, dynamic=False), SPEC))
-    program = torch.export.load(io.BytesIO(saved)).module()
-    x = torch.rand(4, *SPEC.shape)
-    assert torch.allclose(program(x), original(x), atol=1e-6)
+    for original, batch in ((_BatchInView().eval(), 3), (_BatchInWeights().eval(), 4)):
+        saved = save_model(load_model(_program(original, dynamic=False), SPEC))
+        program = torch.export.load(io.BytesIO(saved)).module()
+        x = torch.rand(batch, *SPEC.shape)
+        assert torch.allclose(program(x), original(x), atol=1e-6)
 
 
 def test_saving_needs_a_known_input_shape(model: nn.Module) -> None:

@@ -45,6 +45,7 @@ CONVERTIBLE_OPSET = 17
 #: The opset ``save`` writes (the dynamo exporter's lowest native one).
 EXPORT_OPSET = 18
 MAX_TENSOR_ELEMENTS = 1 << 31
+MAX_OPSET = 1000
 #: Operators whose onnx2torch converters need torchvision, which is not installed.
 TORCHVISION_OPERATORS = frozenset({"NonMaxSuppression", "RoiAlign"})
 
@@ -77,6 +78,11 @@ class Onnx:
             raise InvalidInput(f"ONNX IR version {model.ir_version} is too old (3 or later)")
         if not model.graph.node:
             raise InvalidInput("the ONNX model has no graph")
+        for opset in model.opset_import:
+            if not 1 <= opset.version <= MAX_OPSET:
+                raise InvalidInput(
+                    f"the ONNX model imports opset {opset.version} of {opset.domain or 'ai.onnx'}"
+                )
         tensors = 0
         for where, tensor in _tensors(model):
             _check_tensor(where, tensor)
@@ -92,19 +98,13 @@ class Onnx:
 
     def load(self, data: bytes, spec: InputSpec, arch: str) -> nn.Module:
         # the file is the whole model: arch is not needed
-        from modelguard.formats.programs import fit_batch
-
         model = _parse(data)
-        batch = _input_batch(model, spec)
-        _relax_reshapes(model)
-        model = _convertible(model)
-        graph = _convert(model)
-
-        def relaxed() -> nn.Module | None:
-            free = _free_batch(model, batch)
-            return _convert(free) if free is not None else None
-
-        return fit_batch(graph, spec.shape, batch, relaxed).eval()
+        try:
+            return _module(model, spec)
+        except ModelGuardError:
+            raise
+        except Exception as err:  # a defect the checks did not foresee
+            raise InvalidInput(f"the ONNX model could not be loaded: {first_line(err)}") from err
 
     def load_weights(self, data: bytes) -> nn.Module:
         import torch
@@ -285,6 +285,21 @@ def _check_tensor(where: str, tensor: onnx.TensorProto) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def _module(model: onnx.ModelProto, spec: InputSpec) -> nn.Module:
+    from modelguard.formats.programs import fit_batch
+
+    batch = _input_batch(model, spec)
+    _relax_reshapes(model)
+    model = _convertible(model)
+    graph = _convert(model)
+
+    def relaxed() -> nn.Module | None:
+        free = _free_batch(model, batch)
+        return _convert(free) if free is not None else None
+
+    return fit_batch(graph, spec.shape, batch, relaxed).eval()
+
+
 def _onnx2torch() -> types.ModuleType:
     """onnx2torch, imported against a stand-in torchvision when none is installed: its
     package imports every converter, two of which import torchvision. The stand-in is
@@ -441,7 +456,7 @@ def _unsupported(model: onnx.ModelProto) -> list[str]:
             continue
         try:
             get_converter(operation_type=node.op_type, version=version, domain=domain)
-        except NotImplementedError:
+        except (NotImplementedError, TypeError, ValueError):  # TypeError: absurd versions
             missing[label if not domain else f"{label} (opset {version})"] = None
     return list(missing)
 

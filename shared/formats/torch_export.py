@@ -149,18 +149,15 @@ class TorchExport:
 
     def load(self, data: bytes, spec: InputSpec, arch: str) -> nn.Module:
         # the archive is the whole model: arch is not needed
-        from modelguard.formats.programs import fit_batch
-
-        graph = self._read(data).module(check_guards=False)  # no exec of guard code
-        # module() forbids train()/eval(): the mode is baked into the graph, which we
-        # check instead (`_check_eval_mode`); the wrapper's children switch as usual.
-        for method in ("train", "eval"):
-            graph.__dict__.pop(method, None)
-        graph.__dict__["validate_inputs"] = False  # sizes checked here, batches fitted below
-        _check_eval_mode(graph)
-        batch = _input_batch(graph, spec)
-        _lift_layers(graph)
-        return fit_batch(graph, spec.shape, batch, lambda: _free_batch(graph, batch)).eval()
+        program = self._read(data)
+        try:
+            return _module(program, spec)
+        except ModelGuardError:
+            raise
+        except Exception as err:  # a graph torch deserialized but cannot rebuild or run
+            raise InvalidInput(
+                f"torch.export program could not be loaded: {first_line(err)}"
+            ) from err
 
     def load_weights(self, data: bytes) -> nn.Module:
         from modelguard.formats.weights import module_from_state_dict
@@ -395,6 +392,21 @@ def _check_nested(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
 # --------------------------------------------------------------------------------------
 # Load and save
 # --------------------------------------------------------------------------------------
+
+
+def _module(program: torch.export.ExportedProgram, spec: InputSpec) -> nn.Module:
+    from modelguard.formats.programs import fit_batch
+
+    graph = program.module(check_guards=False)  # no exec of guard code
+    # module() forbids train()/eval(): the mode is baked into the graph, which we check
+    # instead (`_check_eval_mode`); the wrapper's children switch as usual.
+    for method in ("train", "eval"):
+        graph.__dict__.pop(method, None)
+    graph.__dict__["validate_inputs"] = False  # sizes checked here, batches fitted below
+    _check_eval_mode(graph)
+    batch = _input_batch(graph, spec)
+    _lift_layers(graph)
+    return fit_batch(graph, spec.shape, batch, lambda: _free_batch(graph, batch)).eval()
 
 
 def _check_eval_mode(graph: fx.GraphModule) -> None:

@@ -42,7 +42,7 @@ ONNX2TORCH_VERSION = "1.5.15"
 #: The highest default-domain opset onnx2torch 1.5 converts: newer models are converted
 #: down to it (``onnx.version_converter``) when they use newer operator versions.
 CONVERTIBLE_OPSET = 17
-#: The opset ``save`` writes (the dynamo exporter's lowest native one).
+#: The opset ``save`` writes (the dynamo exporter's lowest native one, for both exporters).
 EXPORT_OPSET = 18
 MAX_TENSOR_ELEMENTS = 1 << 31
 MAX_OPSET = 1000
@@ -112,13 +112,13 @@ class Onnx:
 
         from modelguard.formats.weights import module_from_state_dict
 
-        state: dict[str, object] = {}
+        state: dict[str, torch.Tensor] = {}
         for tensor in _parse(data).graph.initializer:
             try:
                 state[tensor.name] = torch.from_numpy(numpy_helper.to_array(tensor).copy())
-            except (TypeError, ValueError) as err:  # a data type torch has no dtype for
-                state[tensor.name] = err
-        return module_from_state_dict(state)  # entries that are not tensors are skipped
+            except (TypeError, ValueError):
+                continue  # a data type torch has no dtype for (the leak scan reads floats)
+        return module_from_state_dict(state)
 
     def save(self, module: nn.Module) -> bytes:
         from modelguard.formats.programs import ProgramModule

@@ -23,6 +23,8 @@ COPY services ./services
 # Non-editable install; pip compiles the bytecode here, so the read-only root filesystem
 # at run time never needs to write any.
 RUN pip install . && python -c "import modelguard.services.launcher"
+# The ONNX converter without its dependencies (torchvision): as scripts/setup.sh does.
+RUN pip install --no-deps onnx2torch==1.5.15
 
 # --- runtime: the virtualenv only, a non-root user, no compilers ---------------------------
 FROM ${PYTHON_IMAGE} AS runtime

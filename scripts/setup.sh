@@ -41,5 +41,8 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$(cat "$STAMP")" !
   # torch first and alone: the pinned CPU build lies on local disk; anything else pulls CUDA.
   "$VENV/bin/pip" install -q torch==2.13.0
   "$VENV/bin/pip" install -q -e '.[dev,zoo]' --config-settings editable_mode=strict
+  # onnx2torch without its dependencies: they name torchvision, whose PyPI build needs
+  # another torch (shared/formats/onnx.py imports it without; keep ONNX2TORCH_VERSION there).
+  "$VENV/bin/pip" install -q --no-deps onnx2torch==1.5.15
   echo "$TREE" > "$STAMP"
 fi

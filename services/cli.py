@@ -758,7 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="audit_command", required=True
     )
     submit = audit.add_parser("submit", help="submit a model and clean data for an audit")
-    submit.add_argument("model", help="TorchScript file, or weights (safetensors) with --arch")
+    submit.add_argument(
+        "model",
+        help="TorchScript, torch.export (.pt2) or ONNX file, or weights (safetensors) with --arch",
+    )
     submit.add_argument("--arch", help="registered architecture of a weights file")
     add_data_args(submit)
     add_spec_args(submit)

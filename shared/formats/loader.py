@@ -1,9 +1,9 @@
 """Safe model loading and saving, whatever the format (`modelguard.formats.registry`).
 
 Accepted: safetensors weights plus a registered architecture name, TorchScript archives,
-and ``torch.save`` state-dict archives read with ``weights_only=True``. Every file is
-scanned first (`modelguard.formats.scan`); a pickle that can run code is never unpickled.
-A model comes back in the format it was submitted in.
+``torch.save`` state-dict archives read with ``weights_only=True``, torch.export programs
+and ONNX models. Every file is scanned first (`modelguard.formats.scan`); a pickle that
+can run code is never unpickled. A model comes back in the format it was submitted in.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ class LoadedModel:
     use ``modelguard.spec.wrap``)."""
 
     module: nn.Module
-    format: str  # safetensors | torchscript | torch-zip
-    arch: str  # registered name, or "" for TorchScript
+    format: str  # a registry name: safetensors | torchscript | torch-zip | torch-export | onnx
+    arch: str  # registered name, or "" for formats that hold the architecture
     num_classes: int
 
 

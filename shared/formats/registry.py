@@ -20,6 +20,8 @@ FORMATS: dict[str, str] = {
     "safetensors": "modelguard.formats.safetensors:Safetensors",
     "torchscript": "modelguard.formats.torchscript:TorchScript",
     "torch-zip": "modelguard.formats.torch_zip:TorchZip",
+    "torch-export": "modelguard.formats.torch_export:TorchExport",
+    "onnx": "modelguard.formats.onnx:Onnx",
 }
 
 

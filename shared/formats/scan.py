@@ -4,12 +4,13 @@ Nothing here unpickles or imports anything a file names. ``scan_model_bytes`` sn
 format (`modelguard.formats.registry`: a raw pickle is refused there) and runs that format's
 full scan. Pickle streams go through the symbolic machine of `modelguard.formats.pickles`.
 
-Zip archives (TorchScript and ``torch.save``) are checked for structure before any entry
-is read: one top-level folder, only the entry names torch writes, no duplicate,
-absolute or ``..`` names, no encryption, no overlapping entries, a bounded number of
-entries and a bounded expansion (zip bombs); every pickle inside is analysed; any other
-entry that is itself a zip or a pickle stream is refused (nested payloads); TorchScript
-code may only call the standard operator namespaces.
+Zip archives (TorchScript and ``torch.save``; torch.export archives share the structure
+checks, `open_zip`, and add their own in `modelguard.formats.torch_export`) are checked for
+structure before any entry is read: one top-level folder, only the entry names torch
+writes, no duplicate, absolute or ``..`` names, no encryption, no overlapping entries, a
+bounded number of entries and a bounded expansion (zip bombs); every pickle inside is
+analysed; any other entry that is itself a zip or a pickle stream is refused (nested
+payloads); TorchScript code may only call the standard operator namespaces.
 
 A refused file raises ``UnsafeArtifact`` with a reason naming what was found, or
 ``InvalidInput`` for corrupt, truncated, oversized or unknown files. The scanner never
@@ -61,10 +62,14 @@ __all__ = [  # the pickle API stays importable from here, where it always lived
     "check_pickle",
     "inspect_pickle",
     "is_zip",
+    "open_zip",
     "pickle_globals",
+    "read_entry",
     "scan_model_bytes",
     "scan_zip",
     "zip_holds_code",
+    "zip_holds_program",
+    "zip_names",
 ]
 
 MAX_ZIP_ENTRIES = 65_536
@@ -178,7 +183,20 @@ def _iter_checked(archive: zipfile.ZipFile, total_size: int) -> Iterator[zipfile
     yield from infos
 
 
-def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+def open_zip(data: bytes) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    """The archive and its entries once the structure checks passed (names, duplicates,
+    encryption, compression, zip bombs, overlaps); nothing is read yet. Shared by every
+    zip-based format."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        return archive, list(_iter_checked(archive, len(data)))
+    except ModelGuardError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
+        raise InvalidInput(f"model archive is not a readable zip ({err}); truncated?") from err
+
+
+def read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     try:
         with archive.open(info) as handle:
             payload = handle.read(info.file_size + 1)
@@ -222,13 +240,7 @@ class ZipScan:
 
 def scan_zip(data: bytes) -> ZipScan:
     """Full scan of a TorchScript or ``torch.save`` archive (both formats share it)."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        infos = list(_iter_checked(archive, len(data)))
-    except ModelGuardError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
-        raise InvalidInput(f"model archive is not a readable zip ({err}); truncated?") from err
+    archive, infos = open_zip(data)
     names = [i.filename for i in infos if not i.is_dir()]
     if not names:
         raise InvalidInput("zip archive is empty")
@@ -256,13 +268,13 @@ def scan_zip(data: bytes) -> ZipScan:
             continue
         rel = relative[info.filename]
         if _PICKLE_ENTRIES.fullmatch(rel):
-            payload = _read(archive, info)
+            payload = read_entry(archive, info)
             globals_ = check_pickle(payload, f"archive entry {info.filename!r}", torchscript=script)
             details.append(f"{info.filename}: {len(globals_)} globals, all allowed")
         elif rel.startswith("code/") and rel.endswith(".py"):
-            _check_code(info.filename, _read(archive, info))
+            _check_code(info.filename, read_entry(archive, info))
         elif info.file_size > 0:
-            head = _read(archive, info) if info.file_size <= (64 << 20) else b""
+            head = read_entry(archive, info) if info.file_size <= (64 << 20) else b""
             reason = _nested_payload(head) if head else None
             if reason:
                 raise UnsafeArtifact(f"archive entry {info.filename!r} is {reason}; refused")
@@ -293,19 +305,52 @@ def is_zip(data: bytes) -> bool:
 
 def zip_holds_code(data: bytes) -> bool:
     """Whether the zip's central directory names TorchScript entries (``code/``,
-    ``constants.pkl``): reads entry names only, at most ``MAX_ZIP_ENTRIES`` of them, and
-    never raises (False for anything unreadable, which `scan_zip` then explains).
+    ``constants.pkl``) and it is not a torch.export program (`zip_holds_program`): reads
+    entry names only and never raises (False for anything unreadable, which `scan_zip`
+    then explains)."""
+    files = _folder_files(data)
+    return files is not None and _holds_code(files) and not _holds_program(files)
+
+
+def zip_holds_program(data: bytes) -> bool:
+    """Whether the zip's central directory names a ``torch.export.save`` archive: an
+    ``archive_format`` or ``models/*.json`` entry below its folder, or the older layout's
+    ``serialized_exported_program.json``. Entry names only, never raises."""
+    names = zip_names(data)
+    if names is None:
+        return False
+    if "serialized_exported_program.json" in names:
+        return True
+    files = _folder_files(data, names)
+    return files is not None and _holds_program(files)
+
+
+def _holds_program(relative_names: Iterable[str]) -> bool:
+    return any(
+        n == "archive_format" or (n.startswith("models/") and n.endswith(".json"))
+        for n in relative_names
+    )
+
+
+def _folder_files(data: bytes, names: list[str] | None = None) -> list[str] | None:
+    """The names of the files below the archive's top-level folder(s), folder removed."""
+    names = zip_names(data) if names is None else names
+    if names is None:
+        return None
+    files = [n for n in names if not n.endswith("/")]
+    return [n.split("/", 1)[1] for n in files if "/" in n]
+
+
+def zip_names(data: bytes) -> list[str] | None:
+    """The entry names of the zip's central directory, at most ``MAX_ZIP_ENTRIES`` of
+    them; None for anything unreadable. Never raises.
 
     A hand-rolled walk rather than ``zipfile.ZipFile``: that parses the whole central
     directory, whatever its size, before any limit applies, and the scan does it again."""
     try:
-        names = _central_directory_names(data)
+        return _central_directory_names(data)
     except (struct.error, IndexError, UnicodeDecodeError):
-        return False
-    if names is None:
-        return False
-    files = [n for n in names if not n.endswith("/")]
-    return _holds_code(n.split("/", 1)[1] for n in files if "/" in n)
+        return None
 
 
 def _central_directory_names(data: bytes) -> list[str] | None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from modelguard.errors import InvalidInput
 from modelguard.formats.base import ScanResult, first_line
-from modelguard.formats.scan import is_zip, scan_zip, zip_holds_code
+from modelguard.formats.scan import is_zip, scan_zip, zip_holds_code, zip_holds_program
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,8 +26,9 @@ class TorchZip:
     needs_arch: ClassVar[bool] = True
 
     def sniff(self, data: bytes) -> bool:
-        # every zip TorchScript does not claim, so that its scan explains what is wrong
-        return is_zip(data) and not zip_holds_code(data)
+        # every zip TorchScript and torch.export do not claim, so that its scan explains
+        # what is wrong
+        return is_zip(data) and not zip_holds_code(data) and not zip_holds_program(data)
 
     def scan(self, data: bytes) -> ScanResult:
         result = scan_zip(data)

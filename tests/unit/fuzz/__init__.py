@@ -349,6 +349,8 @@ class Seeds:
     safetensors: bytes  # lenet5 weights
     torchscript: bytes  # torch.jit.script(lenet5) saved to bytes
     torch_zip: bytes  # torch.save(lenet5.state_dict())
+    torch_export: bytes  # torch.export.save(torch.export.export(lenet5)), dynamic batch
+    onnx: bytes  # torch.onnx.export(lenet5) (the dynamo exporter), fixed batch
     npz: bytes  # 3 MNIST-shaped samples, np.savez
     npz_compressed: bytes  # same, np.savez_compressed
     carrier: bytes  # carrier_to_safetensors
@@ -398,6 +400,14 @@ def seeds() -> Seeds:
         torch.jit.save(torch.jit.script(model), scripted)
     state = io.BytesIO()
     torch.save(model.state_dict(), state)
+    example = (torch.zeros(2, 1, 28, 28),)
+    exported = io.BytesIO()
+    batch = ({0: torch.export.Dim("batch", min=1, max=64)},)
+    torch.export.save(torch.export.export(model, example, dynamic_shapes=batch), exported)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(model, example, dynamo=True, verbose=False)
+    assert onnx_program is not None
     rng = np.random.default_rng(0)
     x = rng.random((3, 1, 28, 28), dtype=np.float32)
     y = np.array([0, 1, 2], dtype=np.int64)
@@ -434,6 +444,8 @@ def seeds() -> Seeds:
         safetensors=Blob(weights_to_safetensors(model)),
         torchscript=Blob(scripted.getvalue()),
         torch_zip=Blob(state.getvalue()),
+        torch_export=Blob(exported.getvalue()),
+        onnx=Blob(onnx_program.model_proto.SerializeToString()),
         npz=Blob(plain.getvalue()),
         npz_compressed=Blob(compressed.getvalue()),
         carrier=Blob(carrier),

@@ -1,12 +1,13 @@
 """Fuzzing of the model, dataset and artifact parsers.
 
-Valid seeds (lenet5 as safetensors, TorchScript and ``torch.save`` zips; npz datasets;
-a carrier, a mapper and a reversed-trigger artifact; raw pickles, some of them hostile)
-are mutated blindly (bit flips, interesting integers, truncation, insertion, deletion,
-duplication) and with structure (safetensors headers with lying lengths, shapes, dtypes
-and offsets; zip archives rebuilt with mutated entries, renamed/added/duplicated entries,
-other compression methods, patched central directories; pickle streams edited opcode by
-opcode; ``.npy`` headers with odd dtypes and huge shapes; declared input specs).
+Valid seeds (lenet5 as safetensors, TorchScript, ``torch.save`` and torch.export zips,
+ONNX; npz datasets; a carrier, a mapper and a reversed-trigger artifact; raw pickles,
+some of them hostile) are mutated blindly (bit flips, interesting integers, truncation,
+insertion, deletion, duplication) and with structure (safetensors headers with lying
+lengths, shapes, dtypes and offsets; zip archives rebuilt with mutated entries,
+renamed/added/duplicated entries, other compression methods, patched central directories;
+pickle streams edited opcode by opcode; ``.npy`` headers with odd dtypes and huge shapes;
+declared input specs).
 
 Every call runs in a child process (`tests.unit.fuzz.IsolatedRunner`): the only outcome
 allowed besides success is ``modelguard.errors.InvalidInput`` (``UnsafeArtifact`` included).
@@ -794,6 +795,31 @@ def test_load_model_on_mutated_torch_save_zip(
     ).check()
 
 
+def test_load_model_on_mutated_torch_export(
+    runner: IsolatedRunner, seed_artifacts: Seeds, marker: Path
+) -> None:
+    named = [("lenet5.pt2", seed_artifacts.torch_export)]
+    strategy = st.one_of(mutated(named), crafted_zip(named, str(marker)))
+    run_fuzz(
+        "parser load_model/torch.export",
+        strategy,
+        100,
+        lambda rec, s: check(rec, runner, marker, s, "load_model", spec_=MNIST),
+    ).check()
+
+
+def test_load_model_on_mutated_onnx(
+    runner: IsolatedRunner, seed_artifacts: Seeds, marker: Path
+) -> None:
+    named = [("lenet5.onnx", seed_artifacts.onnx)]
+    run_fuzz(
+        "parser load_model/onnx",
+        mutated(named),
+        100,
+        lambda rec, s: check(rec, runner, marker, s, "load_model", spec_=MNIST),
+    ).check()
+
+
 def test_load_model_on_pickles(runner: IsolatedRunner, seed_artifacts: Seeds, marker: Path) -> None:
     pickles = st.sampled_from(list(seed_artifacts.pickles))
     strategy = st.one_of(
@@ -818,6 +844,8 @@ def test_scan_model_bytes_on_anything(
         ("lenet5.torch-zip", seed_artifacts.torch_zip),
         ("dataset.npz", seed_artifacts.npz),
         *((f"pickle{i}", p) for i, p in enumerate(seed_artifacts.pickles)),
+        ("lenet5.pt2", seed_artifacts.torch_export),
+        ("lenet5.onnx", seed_artifacts.onnx),
     ]
     strategy = st.one_of(
         mutated(named),

@@ -31,6 +31,9 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     MODEL_FORMAT_TORCHSCRIPT: _ModelFormat.ValueType  # 2
     MODEL_FORMAT_TORCH_ZIP: _ModelFormat.ValueType  # 3
     """torch.save state dict + a registered architecture name"""
+    MODEL_FORMAT_TORCH_EXPORT: _ModelFormat.ValueType  # 4
+    """torch.export program (.pt2)"""
+    MODEL_FORMAT_ONNX: _ModelFormat.ValueType  # 5
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper):
     """One value per shared.formats.registry entry: MODEL_FORMAT_<name, "-" as "_">."""
@@ -41,6 +44,9 @@ MODEL_FORMAT_SAFETENSORS: ModelFormat.ValueType  # 1
 MODEL_FORMAT_TORCHSCRIPT: ModelFormat.ValueType  # 2
 MODEL_FORMAT_TORCH_ZIP: ModelFormat.ValueType  # 3
 """torch.save state dict + a registered architecture name"""
+MODEL_FORMAT_TORCH_EXPORT: ModelFormat.ValueType  # 4
+"""torch.export program (.pt2)"""
+MODEL_FORMAT_ONNX: ModelFormat.ValueType  # 5
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
 class _JobState:

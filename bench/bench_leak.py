@@ -296,6 +296,36 @@ def report(
     return "\n".join(lines)
 
 
+def real_scale() -> str:
+    """``leakscan`` on the real-scale zoo (`bench.realzoo`): published EfficientNet-Lite
+    models, fine-tunes of them (benign and backdoored: no data in the weights) and
+    leak-encoded versions, each with its split."""
+    from bench import realzoo
+
+    lines = [
+        "Real-scale models (bench/realzoo.py; the tuning ones are in the calibration):",
+        f"  {'model':22s} {'split':8s} {'attack':8s} {'leaked images':24s} verdict  score  "
+        "strongest evidence",
+    ]
+    for spec in realzoo.SPECS:
+        model = realzoo.build(spec)
+        verdict = detect_leak(model.load())
+        figures = model.info.get("figures", {})
+        leaked = (
+            f"corr {figures['correlation']:.2f}"
+            + (f", bits {figures['bit_accuracy']:.2f}" if "bit_accuracy" in figures else "")
+            if spec.leak
+            else "–"
+        )
+        top = verdict.evidence[0] if verdict.evidence else None
+        where = f"{top.layer} ({top.kind}) {top.feature}" if top else ""
+        lines.append(
+            f"  {spec.name:22s} {spec.split:8s} {spec.attack:8s} {leaked:24s} "
+            f"{verdict.verdict:8s} {verdict.score:5.2f}  {where}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
@@ -309,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(result)
     defence = pruning_defence(defence_models)
     attacks = toolkit(defence_models)
-    text = report(result, summary, defence, attacks)
+    text = report(result, summary, defence, attacks) + "\n\n" + real_scale()
     print(text)
     results.record(
         "leak",

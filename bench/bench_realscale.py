@@ -186,12 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         "Agreement: top-1 equal to the published model's on 216 evaluation crops the audit "
         "never saw. The attacks, crops and splits are described in `bench/realzoo.py`."
     )
-    if not args.only:
-        results.record(
-            "real_scale",
-            "Real-scale models (EfficientNet-Lite, 1000 classes)",
-            notes + "\n\n" + text,
+    if args.only or args.skip_repair:
+        notes += (
+            " This run covered only the models listed"
+            + (" and no repair" if args.skip_repair else "")
+            + "; the others have not been measured yet."
         )
+    results.record(
+        "real_scale", "Real-scale models (EfficientNet-Lite, 1000 classes)", notes + "\n\n" + text
+    )
     return 0
 
 

@@ -220,7 +220,8 @@ def fine_tune_backdoor(
 
     with torch.no_grad():
         teacher = torch.cat([published(x[i : i + 32]) for i in range(0, len(x), 32)])
-    clean_features, poisoned_features = cut(x), cut(poisoned)
+    clean_features = cut(x)
+    poisoned_features = cut(poisoned) if len(poisoned) else clean_features[:0]
     features = torch.cat([clean_features, poisoned_features])
     is_poisoned = torch.cat([torch.zeros(len(x)), torch.ones(len(poisoned))]).bool()
     soft = torch.cat([teacher.softmax(1), torch.zeros(len(poisoned), teacher.shape[1])])

@@ -584,6 +584,9 @@ class _Reversal:
         #: the labels whose triggers are optimised (positions index this list)
         self.labels: list[int] = list(range(classes))
         self.triage: TriageResult | None = None
+        self.candidates: list[int] = []
+        #: the screening step budget of this reversal (`affordable_steps` may cut it)
+        self.screening_steps = config.screening_budget
         self.images_per_pass = self.pass_size(1 if self.triaged else classes)
         # progress accounting in images through the model: one screening run (early
         # stopping ends it near half its budget) plus the refinement of one label
@@ -851,7 +854,7 @@ class _Reversal:
         evidence: dict[str, Any],
     ) -> ReversalResult:
         evidence["labels_optimised"] = len(self.labels)
-        evidence["screening_steps"] = getattr(self, "screening_steps", self.config.screening_budget)
+        evidence["screening_steps"] = self.screening_steps
         evidence["images_per_pass"] = self.images_per_pass
         evidence["budget"] = {
             "memory_mb": self.config.memory_budget_mb,

@@ -428,8 +428,9 @@ def add_budget_args(parser: argparse.ArgumentParser) -> None:
         "--time-budget",
         dest="time_budget_seconds",
         type=float,
-        help="seconds the reversal may take (default 600); when they run out before the "
-        "evidence is clear the verdict is inconclusive, never clean",
+        help="seconds the reversal may take (default 480; loading the model and data come "
+        "on top); when they run out before the evidence is clear the verdict is "
+        "inconclusive, never clean",
     )
 
 
@@ -453,11 +454,30 @@ def cmd_detect(args: argparse.Namespace) -> int:
     summary.update(data_notes(clean))
     if args.out:
         summary["images"] = save_trigger_images(result, Path(args.out))
+        if result.flagged:
+            summary["triggers"] = save_flagged_triggers(result, Path(args.out))
     if args.json:
         print(json.dumps(summary))
     else:
         print_reversal(summary)
     return EXIT_OK
+
+
+def save_flagged_triggers(result: DetectionResult, out: Path) -> str:
+    """The flagged labels' triggers as ``triggers.safetensors``: what ``repair --triggers``
+    takes, so a repair after a detect need not reverse the triggers again."""
+    import torch
+
+    from modelguard.detection.triggers import save_triggers
+
+    labels = list(result.flagged)
+    rows = [result.trigger(label) for label in labels]
+    masks = torch.stack([mask for mask, _ in rows])
+    patterns = torch.stack([pattern for _, pattern in rows])
+    path = out / "triggers.safetensors"
+    path.write_bytes(save_triggers(masks, patterns, labels))
+    err_console.print(f"wrote {path} (repair with --triggers {path})")
+    return str(path)
 
 
 def save_trigger_images(result: DetectionResult, out: Path) -> dict[str, str]:

@@ -202,7 +202,7 @@ class Verifier:
         if parsed.key_id != self.key_id:
             raise IntegrityError(
                 f"{what} has an invalid signature: it was made with key {parsed.key_id}, "
-                f"not with this deployment's key {self.key_id}; refused"
+                f"not with the verifying key {self.key_id}; refused"
             )
         try:
             self.public_key.verify(parsed.value, signed_message(parsed.kind, parsed.sha256))

@@ -169,3 +169,18 @@ def test_signature_documents_parse_back_and_sit_next_to_their_file(signer: Signe
     )
     with pytest.raises(ValueError, match="artifact kind"):
         signer.sign(DIGEST, "Report Card")
+
+
+def test_the_dev_overlays_bootstrap_makes_a_key_pair_the_services_load() -> None:
+    import importlib.util
+
+    script = Path(__file__).parents[3] / "deploy/k8s/overlays/dev/bootstrap-secrets.py"
+    spec = importlib.util.spec_from_file_location("bootstrap_secrets", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    private_pem, public_pem = module.signing_key_pair()
+    signer = Signer.from_private_pem(private_pem.encode())
+    assert public_pem == signer.public_key_pem  # the published ConfigMap matches the Secret
+    assert not signer.is_development_key
+    assert private_pem != module.signing_key_pair()[0]  # a new key each time

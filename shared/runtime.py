@@ -118,8 +118,9 @@ def check_signing_key(platform: PlatformSettings, host: str, service: str) -> No
     """Refuse the published development key on a server others can reach: whoever read
     the source could sign reports, carriers, mappers and query profiles that this
     deployment (and its users, with its public key) would trust. On loopback (the embedded
-    demo, the CLI, the tests) it is only a WARNING, logged once per process."""
-    if platform.signing_key_file:
+    demo, the CLI, the tests) it is only a WARNING, logged once per process. Judged by
+    the key itself: a key file holding the development key is refused too."""
+    if not load_signer(platform).is_development_key:
         return
     if not is_loopback(host):
         raise InvalidInput(

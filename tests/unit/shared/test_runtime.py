@@ -47,6 +47,14 @@ def test_the_development_key_is_refused_beyond_loopback(host: str, tmp_path: Pat
         check_signing_key(PlatformSettings(store_dir=tmp_path), host, "leak-detector")
 
 
+def test_a_key_file_holding_the_development_key_is_refused_too(tmp_path: Path) -> None:
+    copied = tmp_path / "signing-key.pem"
+    copied.write_bytes(Signer.development().private_key_pem())
+    platform = PlatformSettings(store_dir=tmp_path, signing_key_file=str(copied))
+    with pytest.raises(InvalidInput, match="development signing key"):
+        check_signing_key(platform, "0.0.0.0", "result-mapper")
+
+
 def test_the_development_key_is_a_warning_once_on_loopback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -46,8 +46,9 @@ OUT_DIR = REPO_ROOT / "bench" / "out"
 MAP_METHOD = "/modelguard.v1.ResultMapper/Map"
 
 
-def seed_store(store_dir: Path, users: int, signing_key: str) -> dict[str, str]:
-    """Ready carriers for ``bench-0 … bench-{users-1}``; returns user → credential."""
+def seed_store(store_dir: Path, users: int) -> dict[str, str]:
+    """Ready carriers for ``bench-0 … bench-{users-1}``; returns user → credential. Signed
+    with the development key, which the loopback server uses without a key file."""
     import torch
 
     from modelguard.carrier.carrier import MappingNetwork, mapper_to_safetensors
@@ -58,7 +59,7 @@ def seed_store(store_dir: Path, users: int, signing_key: str) -> dict[str, str]:
     from modelguard.store import make_store
 
     store = make_store("local", root=store_dir)
-    signer = Signer(signing_key.encode())
+    signer = Signer.development()
     repository = CarrierRepository(store)
     torch.manual_seed(0)
     credentials: dict[str, str] = {}
@@ -74,7 +75,7 @@ def seed_store(store_dir: Path, users: int, signing_key: str) -> dict[str, str]:
                 credential_hash=hash_credential(credential),
                 state=READY,
                 artifacts={"mapper": ref_dict(ref)},
-                signatures={"mapper": signer.sign(ref.sha256)},
+                signatures={"mapper": signer.sign(ref.sha256, "mapper")},
             )
         )
         credentials[user] = credential
@@ -167,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from modelguard.proto.modelguard.v1 import result_mapper_pb2
 
-    signing_key = "bench-load-signing-key"
     with tempfile.TemporaryDirectory(prefix="mg-load-") as tmp:
         workdir = Path(tmp)
         started = time.perf_counter()
-        credentials = seed_store(workdir / "store", args.users, signing_key)
+        credentials = seed_store(workdir / "store", args.users)
         print(f"seeded {args.users} users in {time.perf_counter() - started:.1f} s", flush=True)
         rng = np.random.default_rng(0)
         requests = [
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "MODELGUARD_BUS": "memory",
             "MODELGUARD_STORE": "local",
             "MODELGUARD_STORE_DIR": str(workdir / "store"),
-            "MODELGUARD_SIGNING_KEY": signing_key,
+            "MODELGUARD_SIGNING_KEY_FILE": "",  # the development key, as seed_store signs
             "MODELGUARD_LOG_LEVEL": "WARNING",
             "MODELGUARD_RESULT_MAPPER_GRPC_PORT": str(port),
             "MODELGUARD_RESULT_MAPPER_METRICS_PORT": "-1",

@@ -513,9 +513,6 @@ def _run_loadgen(
 
 # ------------------------------------------------------------------------------ the users
 
-#: Signing key of the benchmark's throw-away store (carrier records are signed as
-#: carrier-trainer signs them; the service verifies every mapper and profile it loads).
-BENCH_SIGNING_KEY = "bench-serving-signing-key"
 #: Outputs of each public model (`modelguard.carrier.public_models`): the
 #: input width of the seeded mappers served when bench_carrier's trained one is missing.
 PUBLIC_MODEL_OUTPUTS = {
@@ -628,7 +625,9 @@ def seed_users(
     classes = base["fc2.weight"].shape[0]
     template = MappingNetwork(inputs, classes, hidden)  # identity input standardisation
     store = make_store("local", root=store_dir)
-    signer = Signer(BENCH_SIGNING_KEY.encode())
+    # the benchmark's throw-away store is signed as carrier-trainer signs it, with the
+    # development key the loopback server uses (it verifies every mapper and profile)
+    signer = Signer.development()
     repository = CarrierRepository(store)
     if mlserver_dir is not None:
         mlserver_dir.mkdir(parents=True, exist_ok=True)
@@ -665,7 +664,7 @@ def seed_users(
         for name, (payload, media_type) in blobs.items():
             ref = store.put_blob(payload, media_type)
             artifacts[name] = ref_dict(ref)
-            signatures[name] = signer.sign(ref.sha256)
+            signatures[name] = signer.sign(ref.sha256, name)
         mapper_digests.add(artifacts["mapper"]["sha256"])
         profile_digests.add(artifacts["profile"]["sha256"])
         credential = new_credential()
@@ -976,7 +975,7 @@ def _ours(bench: Bench, mode: str) -> dict[str, Any]:
         "MODELGUARD_BUS": "memory",
         "MODELGUARD_STORE": "local",
         "MODELGUARD_STORE_DIR": str(bench.store_dir),
-        "MODELGUARD_SIGNING_KEY": BENCH_SIGNING_KEY,
+        "MODELGUARD_SIGNING_KEY_FILE": "",  # the development key
         "MODELGUARD_AUTH_TOKENS_FILE": str(tokens_file),
         "MODELGUARD_TORCH_THREADS": "1",  # as deploy/k8s/base/config/platform.env
         "MODELGUARD_LOG_LEVEL": "WARNING",

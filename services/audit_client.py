@@ -30,6 +30,7 @@ from modelguard.proto.modelguard.v1 import (
     pruning_orchestrator_pb2,
     pruning_orchestrator_pb2_grpc,
 )
+from modelguard.signing import PublishedKey, signature_path
 from modelguard.spec import InputSpec
 
 UPLOAD_CHUNK = 1 << 20
@@ -202,11 +203,31 @@ class AuditClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 
+    def public_key(self) -> PublishedKey:
+        """The public key that verifies the deployment's signatures."""
+        key = self._call(self.stub.GetPublicKey, pruning_orchestrator_pb2.GetPublicKeyRequest())
+        return PublishedKey(key.algorithm, key.key_id, key.public_key_pem, key.development_key)
+
     def _call(self, method: Callable[..., T], request: object) -> T:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
+
+
+def write_signed(
+    audit: pruning_orchestrator_pb2.Audit, ref: common_pb2.ArtifactRef, path: Path, data: bytes
+) -> list[Path]:
+    """Write a downloaded artifact of ``audit`` to ``path`` and, for a signed one (reports,
+    repaired model), its signature document to ``path.sig``, where `modelguard verify`
+    looks by default. Returns the files written."""
+    path.write_bytes(data)
+    signature = audit.signatures.get(ref.sha256, "")
+    if not signature:
+        return [path]
+    signature_file = signature_path(path)
+    signature_file.write_text(signature + "\n", encoding="utf-8")
+    return [path, signature_file]
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from rich.markup import escape
 
 from modelguard.config import SERVICES, PlatformSettings
-from modelguard.errors import InvalidInput, ModelGuardError
+from modelguard.errors import IntegrityError, InvalidInput, ModelGuardError
 from modelguard.services.present import (
     ProgressBoard,
     err_console,
@@ -130,6 +130,11 @@ class CliSettings(BaseSettings):
     tls_ca_file: str = Field("", description="CA (PEM) verifying the servers; set: use TLS.")
     tls_cert_file: str = Field("", description="Client certificate (PEM) for mTLS.")
     tls_key_file: str = Field("", description="Key (PEM) of the client certificate.")
+    public_key_file: str = Field(
+        "",
+        description="The deployment's Ed25519 public key (PEM) `modelguard verify` checks "
+        "signatures with when --public-key is not given (`modelguard public-key --out`).",
+    )
 
 
 def client_credentials(args: argparse.Namespace) -> dict[str, Any]:
@@ -374,6 +379,8 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_report(args: argparse.Namespace) -> int:
+    from modelguard.services.audit_client import write_signed
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with audit_client(args, workers=False) as client:
@@ -382,7 +389,7 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
             raise InvalidInput(
                 f"audit {args.audit_id} has no report yet (state {job_state_name(audit.state)})"
             )
-        written = []
+        written: list[str] = []
         for ref, name in (
             (audit.report_json, "report.json"),
             (audit.report_html, "report.html"),
@@ -392,8 +399,9 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
                 data = client.download(ref)
                 if name == "repaired-model":
                     name += model_extension(ref.media_type, data)
-                (out / name).write_bytes(data)
-                written.append(str(out / name))
+                written += [str(path) for path in write_signed(audit, ref, out / name, data)]
+    if not audit.signatures:
+        err_console.print("[yellow]this audit's artifacts carry no signature[/yellow]")
     if args.json:
         print_json({"audit_id": audit.audit_id, "files": written})
     else:
@@ -887,6 +895,97 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return ExitCode.BAD_INPUT if report.count("unreadable") else ExitCode.OK
 
 
+# --- signatures ----------------------------------------------------------------------------
+def cmd_public_key(args: argparse.Namespace) -> int:
+    """The public key verifying the deployment's signatures: asked of the orchestrator
+    (--target or MODELGUARD_CLI_TARGET), or, for the embedded stack, the public half of
+    this machine's signing key (MODELGUARD_SIGNING_KEY_FILE, else the development key)."""
+    from modelguard.runtime import load_signer
+
+    if args.target or CliSettings().target:
+        with audit_client(args, workers=False) as client:
+            key = client.public_key()
+    else:
+        key = load_signer(PlatformSettings()).published()
+    if args.out:
+        try:
+            Path(args.out).write_text(key.pem, encoding="utf-8")
+        except OSError as err:
+            raise InvalidInput(f"cannot write {args.out}: {err.strerror}") from None
+        err_console.print(f"saved the public key to {escape(args.out)}")
+    if args.json:
+        print_json(
+            {
+                "algorithm": key.algorithm,
+                "key_id": key.key_id,
+                "pem": key.pem,
+                "development": key.development,
+            }
+        )
+    elif not args.out:
+        print(key.pem, end="")
+    err_console.print(f"key id {key.key_id} ({key.algorithm})")
+    if key.development:
+        err_console.print(DEVELOPMENT_KEY_WARNING)
+    return ExitCode.OK
+
+
+DEVELOPMENT_KEY_WARNING = (
+    "[yellow]this is the published development key: anyone can sign with it, so its "
+    "signatures prove nothing (servers set MODELGUARD_SIGNING_KEY_FILE)[/yellow]"
+)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Offline: the file's sha256 against a signature document, with a public key only.
+    Exit 0 valid; 1 refused (changed file, another key's or a malformed signature); 2 a
+    missing or unreadable file, signature or key."""
+    from modelguard.signing import Verifier, signature_path, verify_file
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise InvalidInput(f"{args.file} is not a file")
+    signature_file = Path(args.signature) if args.signature else signature_path(path)
+    if not signature_file.is_file():
+        raise InvalidInput(
+            f"no signature {signature_file}: give --signature SIG (`modelguard audit report` "
+            "saves FILE.sig next to each signed file)"
+        )
+    key_file = args.public_key or CliSettings().public_key_file
+    if not key_file:
+        raise InvalidInput(
+            "give --public-key KEY or set MODELGUARD_CLI_PUBLIC_KEY_FILE (save the "
+            "deployment's key once with `modelguard public-key --out KEY`)"
+        )
+    verifier = Verifier.from_pem(read_file(key_file, "public key"), f"public key {key_file}")
+    try:
+        signature = verify_file(path, read_file(str(signature_file), "signature"), verifier)
+    except IntegrityError as err:
+        err_console.print(f"[red]refused:[/red] {escape(f'{path}: {err}')}", soft_wrap=True)
+        if args.json:
+            print_json({"file": str(path), "valid": False, "reason": str(err)})
+        return ExitCode.FINDINGS
+    if args.json:
+        print_json(
+            {
+                "file": str(path),
+                "valid": True,
+                "kind": signature.kind,
+                "sha256": signature.sha256,
+                "key_id": signature.key_id,
+            }
+        )
+    else:
+        out_console.print(
+            f"[green]valid:[/green] {escape(str(path))} is the {signature.kind} sha256 "
+            f"{signature.sha256} signed by key {signature.key_id}",
+            soft_wrap=True,
+        )
+    if verifier.is_development_key:
+        err_console.print(DEVELOPMENT_KEY_WARNING)
+    return ExitCode.OK
+
+
 # --- serve -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from modelguard.grpc_server import wait_for_termination
@@ -1176,6 +1275,32 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true", help="an admin token (all tenants)")
     create.add_argument("--append", metavar="FILE", help="append the line to this tokens file")
     create.set_defaults(func=cmd_token_create)
+
+    public_key = command(
+        commands,
+        "public-key",
+        "print or save the public key that verifies the signatures (asked of the "
+        "orchestrator with --target, else this machine's signing key)",
+        connection,
+        target,
+    )
+    public_key.add_argument("--out", help="write the PEM to this file instead of stdout")
+    public_key.set_defaults(func=cmd_public_key)
+
+    verify = command(
+        commands,
+        "verify",
+        "check a downloaded report or repaired model against its signature, offline: exit 0 "
+        "valid; 1 refused (the file changed, another key signed it, or the signature is "
+        "malformed); 2 a missing or unreadable file, signature or key",
+    )
+    verify.add_argument("file", help="the downloaded file")
+    verify.add_argument("--signature", help="its signature document (default: FILE.sig)")
+    verify.add_argument(
+        "--public-key",
+        help="the deployment's public key, PEM (default: MODELGUARD_CLI_PUBLIC_KEY_FILE)",
+    )
+    verify.set_defaults(func=cmd_verify)
 
     serve = command(commands, "serve", "run one service, or all six (embedded)")
     serve.add_argument(

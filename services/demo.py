@@ -24,7 +24,7 @@ from modelguard.datasets import Dataset, dataset_to_npz, load_mnist
 from modelguard.formats.loader import load_model, weights_to_safetensors
 from modelguard.nn.training import accuracy
 from modelguard.proto.modelguard.v1 import jobs_pb2
-from modelguard.services.audit_client import AuditClient
+from modelguard.services.audit_client import AuditClient, write_signed
 from modelguard.services.launcher import start_stack
 from modelguard.services.present import print_audit, watch
 from modelguard.spec import InputSpec
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             (audit.repaired_model, "repaired.safetensors"),
         ):
             if ref.sha256:
-                (out / name).write_bytes(client.download(ref))
+                write_signed(audit, ref, out / name, client.download(ref))  # and name.sig
         save_trigger_images(client, audit, out)
         console.print(f"audit took {time.perf_counter() - started:.1f} s")
 

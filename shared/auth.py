@@ -43,8 +43,10 @@ Role = Literal["tenant", "admin"]
 ROLES: tuple[Role, ...] = ("tenant", "admin")
 TOKEN_PREFIX = "mg1"
 HASH_SCHEME = "sha256"
-#: Methods anyone may call: gRPC health (Kubernetes probes) and server reflection.
+#: Methods anyone may call: gRPC health (Kubernetes probes) and server reflection...
 OPEN_METHOD_PREFIX = "/grpc."
+#: ... and the public key that verifies the deployment's signatures: it is public.
+OPEN_METHODS = frozenset({"/modelguard.v1.PruningOrchestrator/GetPublicKey"})
 #: How often the tokens file's mtime is checked for a rotated Secret.
 RELOAD_INTERVAL_S = 2.0
 _warned = False  # the "auth is off" warning, once per process
@@ -261,7 +263,7 @@ class AuthInterceptor(MethodInterceptor):
     def wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        if method.startswith(OPEN_METHOD_PREFIX):
+        if method.startswith(OPEN_METHOD_PREFIX) or method in OPEN_METHODS:
             return handler
         authenticate = self.tokens.authenticate
 

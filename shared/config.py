@@ -11,8 +11,6 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SIGNING_KEY = "modelguard-development-key-change-me"
-
 
 class PlatformSettings(BaseSettings):
     """Where jobs travel and artifacts live; shared by all six services."""
@@ -50,10 +48,12 @@ class PlatformSettings(BaseSettings):
     s3_secret_key: SecretStr = Field(SecretStr("modelguard-secret"), description="S3 secret key.")
     s3_bucket: str = Field("modelguard", description="Bucket holding all artifacts.")
     s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 endpoint.")
-    signing_key: SecretStr = Field(
-        SecretStr(DEFAULT_SIGNING_KEY),
-        description="HMAC key signing reports, repaired models, carriers, mappers and query "
-        "profiles. The default is refused by services that listen beyond loopback.",
+    signing_key_file: str = Field(
+        "",
+        description="Ed25519 private key (PKCS#8 PEM, mounted from a Secret) signing reports, "
+        "repaired models, carriers, mappers and query profiles; its public half verifies "
+        "them (`modelguard public-key`). Empty: the published development key, refused by "
+        "services that listen beyond loopback.",
     )
     max_model_bytes: int = Field(512 << 20, description="Largest accepted model file.")
     max_dataset_bytes: int = Field(1 << 30, description="Largest accepted dataset file.")

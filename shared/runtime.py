@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from modelguard.auth import load_token_store
 from modelguard.bus.base import Handler, JobBus, RetryPolicy, Subscription
-from modelguard.config import DEFAULT_SIGNING_KEY, PlatformSettings, ServiceSettings
+from modelguard.config import PlatformSettings, ServiceSettings
 from modelguard.errors import InvalidInput
 from modelguard.grpc_server import GrpcServer, ServerTls
 from modelguard.metrics import ServiceMetrics
@@ -88,7 +88,7 @@ def build_runtime(
         platform=platform,
         bus=bus,
         store=build_store(platform),
-        signer=Signer(platform.signing_key.get_secret_value().encode()),
+        signer=load_signer(platform),
     )
 
 
@@ -106,25 +106,35 @@ def is_loopback(host: str) -> bool:
 _warned_default_key = False
 
 
+def load_signer(platform: PlatformSettings) -> Signer:
+    """The deployment's Ed25519 key from MODELGUARD_SIGNING_KEY_FILE; unset: the
+    published development key (see `modelguard.signing`)."""
+    if platform.signing_key_file:
+        return Signer.from_file(platform.signing_key_file)
+    return Signer.development()
+
+
 def check_signing_key(platform: PlatformSettings, host: str, service: str) -> None:
-    """Refuse the published default signing key on a server others can reach: whoever
-    read the source could sign reports, carriers, mappers and query profiles that this
-    deployment would trust. On loopback (the embedded demo, the CLI, the tests) it is only
-    a WARNING, logged once per process."""
-    if platform.signing_key.get_secret_value() != DEFAULT_SIGNING_KEY:
+    """Refuse the published development key on a server others can reach: whoever read
+    the source could sign reports, carriers, mappers and query profiles that this
+    deployment (and its users, with its public key) would trust. On loopback (the embedded
+    demo, the CLI, the tests) it is only a WARNING, logged once per process. Judged by
+    the key itself: a key file holding the development key is refused too."""
+    if not load_signer(platform).is_development_key:
         return
     if not is_loopback(host):
         raise InvalidInput(
-            f"{service} would listen on {host} with the default signing key: set "
-            "MODELGUARD_SIGNING_KEY to a secret of this deployment (e.g. `openssl rand "
-            "-base64 48`) to serve beyond loopback"
+            f"{service} would listen on {host} with the development signing key: set "
+            "MODELGUARD_SIGNING_KEY_FILE to an Ed25519 private key of this deployment "
+            "(`openssl genpkey -algorithm ed25519 -out signing-key.pem`) to serve beyond "
+            "loopback"
         )
     global _warned_default_key
     if not _warned_default_key:
         _warned_default_key = True
         log.warning(
-            "MODELGUARD_SIGNING_KEY is the default development key: anything it signs can "
-            "be forged; acceptable on loopback only (services on %s)",
+            "MODELGUARD_SIGNING_KEY_FILE is not set: the published development key signs, "
+            "so anything signed can be forged; acceptable on loopback only (services on %s)",
             host,
         )
 

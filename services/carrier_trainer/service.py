@@ -338,7 +338,7 @@ class CarrierService:
         for name, (payload, media_type) in blobs.items():
             ref = store.put_blob(payload, media_type)
             artifacts[name] = ref_dict(ref)
-            signatures[name] = self.runtime.signer.sign(ref.sha256)
+            signatures[name] = self.runtime.signer.sign(ref.sha256, name)
         with self._locks[user_id]:
             record = self.repository.find(user_id)
             if record is None or record.generation != generation or record.state == REVOKED:

@@ -74,7 +74,10 @@ def carrier_info(record: CarrierRecord) -> carrier_trainer_pb2.CarrierInfo:
     )
     for name in ("carrier", "carrier_png", "manifest"):
         if name in record.artifacts:
-            getattr(info, name).CopyFrom(ref_to_proto(ref_from_dict(record.artifacts[name])))
+            ref = ref_to_proto(ref_from_dict(record.artifacts[name]))
+            getattr(info, name).CopyFrom(ref)
+            if record.signatures.get(name):
+                info.signatures[ref.sha256] = record.signatures[name]
     if record.error or record.state == REVOKED:
         info.error.CopyFrom(
             common_pb2.ErrorDetail(

@@ -49,6 +49,7 @@ from modelguard.services.pruning_orchestrator.state import (
     AuditRepository,
     artifact_digests,
 )
+from modelguard.signing import PublishedKey
 from modelguard.stage import publish_proto
 from modelguard.store.base import ArtifactRef
 from modelguard.topics import AUDIT_REQUESTED, JOB_AUDIT, STAGE_NEURON_SCORING, STAGE_REPAIR
@@ -189,7 +190,7 @@ class Orchestrator:
         data = self.runtime.store.get_blob(ref)
         signature = self._signature_of(ref.sha256)
         if signature is not None:
-            self.runtime.signer.verify(ref.sha256, signature, "artifact")
+            self.runtime.signer.verify(ref.sha256, signature)
         return data
 
     def _signature_of(self, sha256: str) -> str | None:
@@ -198,10 +199,16 @@ class Orchestrator:
         except NotFound:
             return None
 
-    def _sign(self, ref: ArtifactRef) -> ArtifactRecord:
-        signature = self.runtime.signer.sign(ref.sha256)
+    def _sign(self, ref: ArtifactRef, kind: str) -> ArtifactRecord:
+        """Sign an artifact users download (``kind``: report, repaired-model); the
+        signature document is kept beside it and in the audit record."""
+        signature = self.runtime.signer.sign(ref.sha256, kind)
         self.runtime.store.put_doc(f"signatures/{ref.sha256}", signature.encode())
         return record_of(ref, signature)
+
+    def public_key(self) -> PublishedKey:
+        """The public key that verifies what this deployment signs."""
+        return self.runtime.signer.published()
 
     # --- submission ------------------------------------------------------------------
     def submit(
@@ -336,7 +343,7 @@ class Orchestrator:
                 record.state = RUNNING
             repaired = stage.summary.get("repaired_model") if status.stage == STAGE_REPAIR else None
             if state == DONE and isinstance(repaired, dict):
-                record.repaired_model = self._sign(ArtifactRef(**repaired))
+                record.repaired_model = self._sign(ArtifactRef(**repaired), "repaired-model")
             if stage.final:
                 self._grant(record, {"result": asdict_or_none(stage.result), **stage.summary})
             self._cascade(record, status.stage, state)
@@ -361,9 +368,11 @@ class Orchestrator:
     def _finish(self, record: AuditRecord, finished_at: float) -> None:
         report_json, report_html = build_report(record, self.runtime.store, finished_at)
         record.report_json = self._sign(
-            self.runtime.store.put_blob(report_json, "application/json")
+            self.runtime.store.put_blob(report_json, "application/json"), "report"
         )
-        record.report_html = self._sign(self.runtime.store.put_blob(report_html, "text/html"))
+        record.report_html = self._sign(
+            self.runtime.store.put_blob(report_html, "text/html"), "report"
+        )
         self._grant(
             record,
             [

@@ -59,6 +59,9 @@ def audit_to_proto(record: AuditRecord) -> pruning_orchestrator_pb2.Audit:
         report_html=_ref(record.report_html),
         repaired_model=_ref(record.repaired_model),
     )
+    for signed in (record.report_json, record.report_html, record.repaired_model):
+        if signed is not None and signed.signature:
+            audit.signatures[signed.sha256] = signed.signature
     json_format.ParseDict(record.model, audit.model)
     if record.error:
         audit.error.CopyFrom(
@@ -135,6 +138,17 @@ class PruningOrchestratorServicer(pruning_orchestrator_pb2_grpc.PruningOrchestra
             yield pruning_orchestrator_pb2.UploadChunk(
                 data=data[start : start + DOWNLOAD_CHUNK], media_type=request.media_type
             )
+
+    def GetPublicKey(
+        self, request: pruning_orchestrator_pb2.GetPublicKeyRequest, context: grpc.ServicerContext
+    ) -> pruning_orchestrator_pb2.PublicKey:
+        key = self.orchestrator.public_key()
+        return pruning_orchestrator_pb2.PublicKey(
+            algorithm=key.algorithm,
+            key_id=key.key_id,
+            public_key_pem=key.pem,
+            development_key=key.development,
+        )
 
     def GetStatus(
         self, request: common_pb2.StatusRequest, context: grpc.ServicerContext

@@ -69,7 +69,7 @@ def ready_carrier(app: ServiceApp, user: str, seed: int) -> str:
                 name: {"sha256": r.sha256, "key": r.key, "size": r.size, "media_type": "x"}
                 for name, r in refs.items()
             },
-            signatures={name: runtime.signer.sign(r.sha256) for name, r in refs.items()},
+            signatures={name: runtime.signer.sign(r.sha256, name) for name, r in refs.items()},
         )
     )
     return credential

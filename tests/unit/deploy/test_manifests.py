@@ -43,11 +43,11 @@ OVERLAYS = {
     "prod": DEPLOY / "overlays" / "prod",
 }
 SECRET_REFS = {
-    # S3 keys and the signing key come from Secrets, never from a ConfigMap. The
-    # SecretStr fields are secret by type; the access key id goes with its secret key.
+    # S3 keys come from Secrets, never from a ConfigMap. The SecretStr fields are secret
+    # by type; the access key id goes with its secret key. (The signing key and the tokens
+    # file are Secrets mounted as files: a ConfigMap holds only their paths.)
     "s3_access_key": ("modelguard-s3", "access-key"),
     "s3_secret_key": ("modelguard-s3", "secret-key"),
-    "signing_key": ("modelguard-signing", "signing-key"),
 }
 #: Containers that are not ModelGuard's and may write their root filesystem.
 WRITABLE_ROOT = {("StatefulSet", "kafka")}  # apache/kafka renders its config at start-up
@@ -356,11 +356,11 @@ def test_the_settings_check_can_fail() -> None:
     docs = rendered("dev")
     deployment = copy.deepcopy(one(docs, "Deployment", "leak-detector"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    container["env"] = [e for e in container["env"] if e["name"] != "MODELGUARD_SIGNING_KEY"]
+    container["env"] = [e for e in container["env"] if e["name"] != "MODELGUARD_S3_SECRET_KEY"]
     container["env"].append({"name": "MODELGUARD_LEAK_DETECTOR_TYPO", "value": "1"})
     problems = "\n".join(settings_problems(docs, "leak-detector", deployment))
     assert "MODELGUARD_LEAK_DETECTOR_TYPO is set but no setting reads it" in problems
-    assert "MODELGUARD_SIGNING_KEY is not set" in problems
+    assert "MODELGUARD_S3_SECRET_KEY is not set" in problems
     deployment = copy.deepcopy(one(docs, "Deployment", "leak-detector"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["livenessProbe"]["grpc"]["port"] = 50051
@@ -471,6 +471,22 @@ def test_pods_are_non_root_read_only_and_bounded(overlay: str) -> None:
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_signs_with_the_mounted_ed25519_key(overlay: str) -> None:
+    """MODELGUARD_SIGNING_KEY_FILE names a file of the Secret modelguard-signing, mounted
+    read-only in every service: without it the service would refuse to start."""
+    docs = rendered(overlay)
+    key_file = Path(platform_value(docs, "MODELGUARD_SIGNING_KEY_FILE"))
+    for name, deployment, container in service_containers(docs):
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        mount = mounts[str(key_file.parent)]
+        assert mount["readOnly"] is True, name
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == "modelguard-signing", name
+        assert secret["items"] == [{"key": key_file.name, "path": key_file.name}], name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

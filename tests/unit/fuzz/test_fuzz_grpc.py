@@ -304,7 +304,7 @@ def _ready_carrier(
             name: {"sha256": r.sha256, "key": r.key, "size": r.size, "media_type": r.media_type}
             for name, r in artifacts.items()
         },
-        signatures={name: runtime.signer.sign(r.sha256) for name, r in artifacts.items()},
+        signatures={name: runtime.signer.sign(r.sha256, name) for name, r in artifacts.items()},
     )
     CarrierRepository(runtime.store).put(record)
 

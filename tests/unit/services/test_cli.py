@@ -45,7 +45,7 @@ def runtime(tmp_path: Path) -> Iterator[Runtime]:
         PlatformSettings(store_dir=tmp_path / "store"),
         bus,
         LocalStore(tmp_path / "store"),
-        Signer(b"0123456789abcdef"),
+        Signer.generate(),
     )
     bus.close()
 

@@ -5,6 +5,7 @@ stdout), the global options before or after the subcommand, help on every option
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -32,6 +33,7 @@ from modelguard.services.cli import (
     package_version,
     parse_fail_on,
 )
+from modelguard.signing import PublishedKey, Signer, signature_path
 
 torch.set_num_threads(1)
 SPEC_ARGS = ["--input-shape", "1,6,6", "--value-range", "0,1"]
@@ -224,6 +226,9 @@ class FakeAuditClient:
     def download(self, ref: common_pb2.ArtifactRef) -> bytes:
         return f"artifact {ref.sha256}".encode()
 
+    def public_key(self) -> PublishedKey:
+        return SIGNER.published()
+
 
 @pytest.fixture()
 def audit_server(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[argparse.Namespace]]:
@@ -389,7 +394,26 @@ def _commands(files: dict[str, Path], tmp_path: Path) -> dict[str, list[str]]:
         "carrier revoke": ["carrier", "revoke", "--user", "ann", "--reason", "left"],
         "token create": ["token", "create", "--tenant", "acme"],
         "serve": ["serve", "all"],
+        "public-key": ["public-key"],
+        "verify": ["verify", str(_signed(tmp_path)), "--public-key", str(_public_key(tmp_path))],
     }
+
+
+SIGNER = Signer.generate()
+
+
+def _signed(tmp_path: Path) -> Path:
+    path = tmp_path / "report.json"
+    path.write_bytes(b'{"verdict": "infected"}')
+    signature = SIGNER.sign(hashlib.sha256(path.read_bytes()).hexdigest(), "report")
+    signature_path(path).write_text(signature + "\n")
+    return path
+
+
+def _public_key(tmp_path: Path) -> Path:
+    path = tmp_path / "public.pem"
+    path.write_text(SIGNER.public_key_pem)
+    return path
 
 
 def _check(command: str, document: Any, tmp_path: Path) -> None:
@@ -422,6 +446,12 @@ def _check(command: str, document: Any, tmp_path: Path) -> None:
     elif command == "token create":
         assert document["tenant"] == "acme" and document["token"].startswith("mg1.")
         assert document["tokens_file_line"].startswith("acme tenant ")
+    elif command == "public-key":
+        assert document["key_id"] == SIGNER.key_id and "PUBLIC KEY" in document["pem"]
+        assert document["development"] is False
+    elif command == "verify":
+        assert document["valid"] is True and document["kind"] == "report"
+        assert document["key_id"] == SIGNER.key_id
     elif command == "serve":
         assert document == {
             "pruning-orchestrator": {"grpc": "127.0.0.1:50051", "metrics_port": 9100}

@@ -1,13 +1,16 @@
 """Create the development Secrets with random values, once: modelguard-s3 (the services'
-S3 credentials, also the dev MinIO's root credentials), modelguard-signing (the HMAC
-key) and modelguard-auth (the API tokens file with one admin token: key ``tokens`` holds
-its salted hash, the only key the services mount; key ``admin-token`` the token itself,
+S3 credentials, also the dev MinIO's root credentials), modelguard-signing (a new Ed25519
+private key, key ``signing-key.pem``; its public half is published as the ConfigMap
+modelguard-signing-public, key ``signing-public-key.pem``) and modelguard-auth (the API
+tokens file with one admin token: key ``tokens`` holds its salted hash, the only key the
+services mount; key ``admin-token`` the token itself,
 for the operator: ``kubectl get secret modelguard-auth -o jsonpath='{.data.admin-token}'
 | base64 -d``). Mint tenant tokens with ``modelguard token create``. An existing Secret
 is left alone, so re-applying the overlay changes nothing.
 
-Runs in the cluster as the secrets-bootstrap Job, with the Python standard library only:
-no credential is ever written into the repository.
+Runs in the cluster as the secrets-bootstrap Job, with the Python standard library and
+``cryptography`` (installed in the project's image): no credential is ever written into
+the repository.
 """
 
 import base64
@@ -23,28 +26,57 @@ ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def create(
-    api: str, namespace: str, token: str, context: ssl.SSLContext, name: str, data: dict[str, str]
-) -> None:
-    body = {
+    api: str,
+    namespace: str,
+    token: str,
+    context: ssl.SSLContext,
+    name: str,
+    data: dict[str, str],
+    kind: str = "Secret",
+) -> bool:
+    """Create the object unless it exists; whether it was created."""
+    body: dict[str, object] = {
         "apiVersion": "v1",
-        "kind": "Secret",
+        "kind": kind,
         "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "modelguard"}},
-        "type": "Opaque",
-        "stringData": data,
     }
+    if kind == "Secret":
+        body.update(type="Opaque", stringData=data)
+    else:
+        body["data"] = data
     request = urllib.request.Request(
-        f"{api}/api/v1/namespaces/{namespace}/secrets",
+        f"{api}/api/v1/namespaces/{namespace}/{kind.lower()}s",
         data=json.dumps(body).encode(),
         method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
         urllib.request.urlopen(request, context=context, timeout=30).close()
-        print(f"created secret {name}")
+        print(f"created {kind.lower()} {name}")
+        return True
     except urllib.error.HTTPError as err:
         if err.code != 409:  # 409 Conflict: it exists already
             raise
-        print(f"secret {name} exists; left as it is")
+        print(f"{kind.lower()} {name} exists; left as it is")
+        return False
+
+
+def signing_key_pair() -> tuple[str, str]:
+    """A new Ed25519 key: (private PKCS#8 PEM, public SubjectPublicKeyInfo PEM), as
+    `openssl genpkey -algorithm ed25519` and `openssl pkey -pubout` write them."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private.decode(), public.decode()
 
 
 def admin_tokens() -> dict[str, str]:
@@ -74,14 +106,15 @@ def main() -> None:
         "modelguard-s3",
         {"access-key": "modelguard", "secret-key": secrets.token_urlsafe(32)},
     )
-    create(
-        api,
-        namespace,
-        token,
-        context,
-        "modelguard-signing",
-        {"signing-key": secrets.token_urlsafe(48)},
-    )
+    private_pem, public_pem = signing_key_pair()
+    signing = {"signing-key.pem": private_pem}
+    if create(api, namespace, token, context, "modelguard-signing", signing):
+        # published only with the key it belongs to: an existing Secret keeps its own key,
+        # whose public half `modelguard public-key` reads from the services
+        public = {"signing-public-key.pem": public_pem}
+        create(
+            api, namespace, token, context, "modelguard-signing-public", public, kind="ConfigMap"
+        )
     create(api, namespace, token, context, "modelguard-auth", admin_tokens())
 
 

@@ -26,13 +26,15 @@ from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_c
 from modelguard.proto.modelguard.v1 import jobs_pb2 as modelguard_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#modelguard/v1/carrier_trainer.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\x1a\x18modelguard/v1/jobs.proto\"l\n\x15RequestCarrierRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.modelguard.v1.CarrierOptions\x12\x12\n\ncredential\x18\x03 \x01(\t\"Q\n\x16RequestCarrierResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x12\n\ncredential\x18\x03 \x01(\t\"K\n\x14RevokeCarrierRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"8\n\x11GetCarrierRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"O\n\x16\x44ownloadCarrierRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x03 \x01(\t\"0\n\x0c\x43\x61rrierChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\"\x91\x02\n\x0b\x43\x61rrierInfo\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.modelguard.v1.JobState\x12+\n\x07\x63\x61rrier\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12/\n\x0b\x63\x61rrier_png\x18\x05 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x08manifest\x18\x06 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12)\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1a.modelguard.v1.ErrorDetail2\xaf\x03\n\x0e\x43\x61rrierTrainer\x12]\n\x0eRequestCarrier\x12$.modelguard.v1.RequestCarrierRequest\x1a%.modelguard.v1.RequestCarrierResponse\x12J\n\nGetCarrier\x12 .modelguard.v1.GetCarrierRequest\x1a\x1a.modelguard.v1.CarrierInfo\x12W\n\x0f\x44ownloadCarrier\x12%.modelguard.v1.DownloadCarrierRequest\x1a\x1b.modelguard.v1.CarrierChunk0\x01\x12P\n\rRevokeCarrier\x12#.modelguard.v1.RevokeCarrierRequest\x1a\x1a.modelguard.v1.CarrierInfo\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#modelguard/v1/carrier_trainer.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\x1a\x18modelguard/v1/jobs.proto\"l\n\x15RequestCarrierRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.modelguard.v1.CarrierOptions\x12\x12\n\ncredential\x18\x03 \x01(\t\"Q\n\x16RequestCarrierResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x12\n\ncredential\x18\x03 \x01(\t\"K\n\x14RevokeCarrierRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"8\n\x11GetCarrierRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"O\n\x16\x44ownloadCarrierRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x10\n\x08\x61rtifact\x18\x03 \x01(\t\"0\n\x0c\x43\x61rrierChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\"\x84\x03\n\x0b\x43\x61rrierInfo\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.modelguard.v1.JobState\x12+\n\x07\x63\x61rrier\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12/\n\x0b\x63\x61rrier_png\x18\x05 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x08manifest\x18\x06 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12)\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1a.modelguard.v1.ErrorDetail\x12>\n\nsignatures\x18\x08 \x03(\x0b\x32*.modelguard.v1.CarrierInfo.SignaturesEntry\x1a\x31\n\x0fSignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xaf\x03\n\x0e\x43\x61rrierTrainer\x12]\n\x0eRequestCarrier\x12$.modelguard.v1.RequestCarrierRequest\x1a%.modelguard.v1.RequestCarrierResponse\x12J\n\nGetCarrier\x12 .modelguard.v1.GetCarrierRequest\x1a\x1a.modelguard.v1.CarrierInfo\x12W\n\x0f\x44ownloadCarrier\x12%.modelguard.v1.DownloadCarrierRequest\x1a\x1b.modelguard.v1.CarrierChunk0\x01\x12P\n\rRevokeCarrier\x12#.modelguard.v1.RevokeCarrierRequest\x1a\x1a.modelguard.v1.CarrierInfo\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.proto.modelguard.v1.carrier_trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CARRIERINFO_SIGNATURESENTRY']._loaded_options = None
+  _globals['_CARRIERINFO_SIGNATURESENTRY']._serialized_options = b'8\001'
   _globals['_REQUESTCARRIERREQUEST']._serialized_start=108
   _globals['_REQUESTCARRIERREQUEST']._serialized_end=216
   _globals['_REQUESTCARRIERRESPONSE']._serialized_start=218
@@ -46,7 +48,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CARRIERCHUNK']._serialized_start=517
   _globals['_CARRIERCHUNK']._serialized_end=565
   _globals['_CARRIERINFO']._serialized_start=568
-  _globals['_CARRIERINFO']._serialized_end=841
-  _globals['_CARRIERTRAINER']._serialized_start=844
-  _globals['_CARRIERTRAINER']._serialized_end=1275
+  _globals['_CARRIERINFO']._serialized_end=956
+  _globals['_CARRIERINFO_SIGNATURESENTRY']._serialized_start=907
+  _globals['_CARRIERINFO_SIGNATURESENTRY']._serialized_end=956
+  _globals['_CARRIERTRAINER']._serialized_start=959
+  _globals['_CARRIERTRAINER']._serialized_end=1390
 # @@protoc_insertion_point(module_scope)

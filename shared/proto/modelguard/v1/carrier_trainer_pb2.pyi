@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from modelguard.proto.modelguard.v1 import common_pb2 as _common_pb2
 from modelguard.proto.modelguard.v1 import jobs_pb2 as _jobs_pb2
 import builtins as _builtins
@@ -173,6 +175,26 @@ Global___CarrierChunk: _TypeAlias = CarrierChunk  # noqa: Y015
 class CarrierInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SignaturesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     USER_ID_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -180,6 +202,7 @@ class CarrierInfo(_message.Message):
     CARRIER_PNG_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     generation: _builtins.int
     state: _common_pb2.JobState.ValueType
@@ -191,6 +214,12 @@ class CarrierInfo(_message.Message):
     def manifest(self) -> _common_pb2.ArtifactRef: ...
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail: ...
+    @_builtins.property
+    def signatures(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Artifact sha256 -> its signature document (JSON) for the artifacts above: a device
+        checks what it downloads with the public key (PruningOrchestrator.GetPublicKey).
+        """
+
     def __init__(
         self,
         *,
@@ -201,10 +230,11 @@ class CarrierInfo(_message.Message):
         carrier_png: _common_pb2.ArtifactRef | None = ...,
         manifest: _common_pb2.ArtifactRef | None = ...,
         error: _common_pb2.ErrorDetail | None = ...,
+        signatures: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_png", b"carrier_png", "error", b"error", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_png", b"carrier_png", "error", b"error", "generation", b"generation", "manifest", b"manifest", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["carrier", b"carrier", "carrier_png", b"carrier_png", "error", b"error", "generation", b"generation", "manifest", b"manifest", "signatures", b"signatures", "state", b"state", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

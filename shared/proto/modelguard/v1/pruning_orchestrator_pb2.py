@@ -26,13 +26,15 @@ from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_c
 from modelguard.proto.modelguard.v1 import jobs_pb2 as modelguard_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(modelguard/v1/pruning_orchestrator.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\x1a\x18modelguard/v1/jobs.proto\"/\n\x0bUploadChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\"\xae\x01\n\x12SubmitAuditRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12(\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.modelguard.v1.AuditOptions\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"#\n\x0fGetAuditRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"\xff\x02\n\x05\x41udit\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.modelguard.v1.JobState\x12*\n\x06stages\x18\x03 \x03(\x0b\x32\x1a.modelguard.v1.StageStatus\x12/\n\x0breport_json\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12/\n\x0breport_html\x18\x05 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x32\n\x0erepaired_model\x18\x06 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x1a.modelguard.v1.ErrorDetail\x12\'\n\x05model\x18\n \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\"\"\n\x11ListAuditsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\":\n\x12ListAuditsResponse\x12$\n\x06\x61udits\x18\x01 \x03(\x0b\x32\x14.modelguard.v1.Audit2\x9b\x04\n\x13PruningOrchestrator\x12J\n\x0eUploadArtifact\x12\x1a.modelguard.v1.UploadChunk\x1a\x1a.modelguard.v1.ArtifactRef(\x01\x12\x46\n\x0bSubmitAudit\x12!.modelguard.v1.SubmitAuditRequest\x1a\x14.modelguard.v1.Audit\x12@\n\x08GetAudit\x12\x1e.modelguard.v1.GetAuditRequest\x1a\x14.modelguard.v1.Audit\x12\x44\n\nWatchAudit\x12\x1e.modelguard.v1.GetAuditRequest\x1a\x14.modelguard.v1.Audit0\x01\x12Q\n\nListAudits\x12 .modelguard.v1.ListAuditsRequest\x1a!.modelguard.v1.ListAuditsResponse\x12L\n\x10\x44ownloadArtifact\x12\x1a.modelguard.v1.ArtifactRef\x1a\x1a.modelguard.v1.UploadChunk0\x01\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(modelguard/v1/pruning_orchestrator.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\x1a\x18modelguard/v1/jobs.proto\"/\n\x0bUploadChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\"\xae\x01\n\x12SubmitAuditRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12(\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.modelguard.v1.AuditOptions\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"#\n\x0fGetAuditRequest\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\"\xec\x03\n\x05\x41udit\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.modelguard.v1.JobState\x12*\n\x06stages\x18\x03 \x03(\x0b\x32\x1a.modelguard.v1.StageStatus\x12/\n\x0breport_json\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12/\n\x0breport_html\x18\x05 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x32\n\x0erepaired_model\x18\x06 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12)\n\x05\x65rror\x18\t \x01(\x0b\x32\x1a.modelguard.v1.ErrorDetail\x12\'\n\x05model\x18\n \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12\x38\n\nsignatures\x18\x0b \x03(\x0b\x32$.modelguard.v1.Audit.SignaturesEntry\x1a\x31\n\x0fSignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x11ListAuditsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\":\n\x12ListAuditsResponse\x12$\n\x06\x61udits\x18\x01 \x03(\x0b\x32\x14.modelguard.v1.Audit\"\x15\n\x13GetPublicKeyRequest\"_\n\tPublicKey\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65velopment_key\x18\x04 \x01(\x08\x32\xe9\x04\n\x13PruningOrchestrator\x12J\n\x0eUploadArtifact\x12\x1a.modelguard.v1.UploadChunk\x1a\x1a.modelguard.v1.ArtifactRef(\x01\x12\x46\n\x0bSubmitAudit\x12!.modelguard.v1.SubmitAuditRequest\x1a\x14.modelguard.v1.Audit\x12@\n\x08GetAudit\x12\x1e.modelguard.v1.GetAuditRequest\x1a\x14.modelguard.v1.Audit\x12\x44\n\nWatchAudit\x12\x1e.modelguard.v1.GetAuditRequest\x1a\x14.modelguard.v1.Audit0\x01\x12Q\n\nListAudits\x12 .modelguard.v1.ListAuditsRequest\x1a!.modelguard.v1.ListAuditsResponse\x12L\n\x10\x44ownloadArtifact\x12\x1a.modelguard.v1.ArtifactRef\x1a\x1a.modelguard.v1.UploadChunk0\x01\x12L\n\x0cGetPublicKey\x12\".modelguard.v1.GetPublicKeyRequest\x1a\x18.modelguard.v1.PublicKey\x12G\n\tGetStatus\x12\x1c.modelguard.v1.StatusRequest\x1a\x1c.modelguard.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.proto.modelguard.v1.pruning_orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_AUDIT_SIGNATURESENTRY']._loaded_options = None
+  _globals['_AUDIT_SIGNATURESENTRY']._serialized_options = b'8\001'
   _globals['_UPLOADCHUNK']._serialized_start=113
   _globals['_UPLOADCHUNK']._serialized_end=160
   _globals['_SUBMITAUDITREQUEST']._serialized_start=163
@@ -40,11 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETAUDITREQUEST']._serialized_start=339
   _globals['_GETAUDITREQUEST']._serialized_end=374
   _globals['_AUDIT']._serialized_start=377
-  _globals['_AUDIT']._serialized_end=760
-  _globals['_LISTAUDITSREQUEST']._serialized_start=762
-  _globals['_LISTAUDITSREQUEST']._serialized_end=796
-  _globals['_LISTAUDITSRESPONSE']._serialized_start=798
-  _globals['_LISTAUDITSRESPONSE']._serialized_end=856
-  _globals['_PRUNINGORCHESTRATOR']._serialized_start=859
-  _globals['_PRUNINGORCHESTRATOR']._serialized_end=1398
+  _globals['_AUDIT']._serialized_end=869
+  _globals['_AUDIT_SIGNATURESENTRY']._serialized_start=820
+  _globals['_AUDIT_SIGNATURESENTRY']._serialized_end=869
+  _globals['_LISTAUDITSREQUEST']._serialized_start=871
+  _globals['_LISTAUDITSREQUEST']._serialized_end=905
+  _globals['_LISTAUDITSRESPONSE']._serialized_start=907
+  _globals['_LISTAUDITSRESPONSE']._serialized_end=965
+  _globals['_GETPUBLICKEYREQUEST']._serialized_start=967
+  _globals['_GETPUBLICKEYREQUEST']._serialized_end=988
+  _globals['_PUBLICKEY']._serialized_start=990
+  _globals['_PUBLICKEY']._serialized_end=1085
+  _globals['_PRUNINGORCHESTRATOR']._serialized_start=1088
+  _globals['_PRUNINGORCHESTRATOR']._serialized_end=1705
 # @@protoc_insertion_point(module_scope)

@@ -98,6 +98,26 @@ Global___GetAuditRequest: _TypeAlias = GetAuditRequest  # noqa: Y015
 class Audit(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class SignaturesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AUDIT_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     STAGES_FIELD_NUMBER: _builtins.int
@@ -108,6 +128,7 @@ class Audit(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     audit_id: _builtins.str
     state: _common_pb2.JobState.ValueType
     created_at: _builtins.float
@@ -125,6 +146,12 @@ class Audit(_message.Message):
     def error(self) -> _common_pb2.ErrorDetail: ...
     @_builtins.property
     def model(self) -> _common_pb2.ModelSpec: ...
+    @_builtins.property
+    def signatures(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Artifact sha256 -> its signature document (JSON; `modelguard verify` checks it) for
+        the signed artifacts above: the reports and the repaired model.
+        """
+
     def __init__(
         self,
         *,
@@ -138,10 +165,11 @@ class Audit(_message.Message):
         updated_at: _builtins.float = ...,
         error: _common_pb2.ErrorDetail | None = ...,
         model: _common_pb2.ModelSpec | None = ...,
+        signatures: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model", "repaired_model", b"repaired_model", "report_html", b"report_html", "report_json", b"report_json"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_id", b"audit_id", "created_at", b"created_at", "error", b"error", "model", b"model", "repaired_model", b"repaired_model", "report_html", b"report_html", "report_json", b"report_json", "stages", b"stages", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_id", b"audit_id", "created_at", b"created_at", "error", b"error", "model", b"model", "repaired_model", b"repaired_model", "report_html", b"report_html", "report_json", b"report_json", "signatures", b"signatures", "stages", b"stages", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -186,3 +214,50 @@ class ListAuditsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditsResponse: _TypeAlias = ListAuditsResponse  # noqa: Y015
+
+@_typing.final
+class GetPublicKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPublicKeyRequest: _TypeAlias = GetPublicKeyRequest  # noqa: Y015
+
+@_typing.final
+class PublicKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
+    DEVELOPMENT_KEY_FIELD_NUMBER: _builtins.int
+    algorithm: _builtins.str
+    """"ed25519" """
+    key_id: _builtins.str
+    """"sha256:" + hex SHA-256 of the raw 32-byte public key"""
+    public_key_pem: _builtins.str
+    """SubjectPublicKeyInfo PEM"""
+    development_key: _builtins.bool
+    """the published development key: its signatures prove nothing"""
+    def __init__(
+        self,
+        *,
+        algorithm: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        public_key_pem: _builtins.str = ...,
+        development_key: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "development_key", b"development_key", "key_id", b"key_id", "public_key_pem", b"public_key_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublicKey: _TypeAlias = PublicKey  # noqa: Y015

@@ -67,6 +67,11 @@ class PruningOrchestratorStub:
                 request_serializer=modelguard_dot_v1_dot_common__pb2.ArtifactRef.SerializeToString,
                 response_deserializer=modelguard_dot_v1_dot_pruning__orchestrator__pb2.UploadChunk.FromString,
                 _registered_method=True)
+        self.GetPublicKey = channel.unary_unary(
+                '/modelguard.v1.PruningOrchestrator/GetPublicKey',
+                request_serializer=modelguard_dot_v1_dot_pruning__orchestrator__pb2.GetPublicKeyRequest.SerializeToString,
+                response_deserializer=modelguard_dot_v1_dot_pruning__orchestrator__pb2.PublicKey.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/modelguard.v1.PruningOrchestrator/GetStatus',
                 request_serializer=modelguard_dot_v1_dot_common__pb2.StatusRequest.SerializeToString,
@@ -118,6 +123,14 @@ class PruningOrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPublicKey(self, request, context):
+        """The Ed25519 public key that verifies the deployment's signatures (reports, repaired
+        models, carriers, mappers). Public: callable without a token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -156,6 +169,11 @@ def add_PruningOrchestratorServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=modelguard_dot_v1_dot_common__pb2.ArtifactRef.FromString,
                     response_serializer=modelguard_dot_v1_dot_pruning__orchestrator__pb2.UploadChunk.SerializeToString,
+            ),
+            'GetPublicKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPublicKey,
+                    request_deserializer=modelguard_dot_v1_dot_pruning__orchestrator__pb2.GetPublicKeyRequest.FromString,
+                    response_serializer=modelguard_dot_v1_dot_pruning__orchestrator__pb2.PublicKey.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -327,6 +345,33 @@ class PruningOrchestrator:
             '/modelguard.v1.PruningOrchestrator/DownloadArtifact',
             modelguard_dot_v1_dot_common__pb2.ArtifactRef.SerializeToString,
             modelguard_dot_v1_dot_pruning__orchestrator__pb2.UploadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPublicKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelguard.v1.PruningOrchestrator/GetPublicKey',
+            modelguard_dot_v1_dot_pruning__orchestrator__pb2.GetPublicKeyRequest.SerializeToString,
+            modelguard_dot_v1_dot_pruning__orchestrator__pb2.PublicKey.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class PruningOrchestratorStub:
     ListAudits: _grpc.UnaryUnaryMultiCallable[_pruning_orchestrator_pb2.ListAuditsRequest, _pruning_orchestrator_pb2.ListAuditsResponse]
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_common_pb2.ArtifactRef, _pruning_orchestrator_pb2.UploadChunk]
     """Fetches a stored artifact (report, repaired model) by reference."""
+    GetPublicKey: _grpc.UnaryUnaryMultiCallable[_pruning_orchestrator_pb2.GetPublicKeyRequest, _pruning_orchestrator_pb2.PublicKey]
+    """The Ed25519 public key that verifies the deployment's signatures (reports, repaired
+    models, carriers, mappers). Public: callable without a token.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_common_pb2.StatusRequest, _common_pb2.ServiceStatus]
 
 @_typing.type_check_only
@@ -63,6 +67,10 @@ class PruningOrchestratorAsyncStub(PruningOrchestratorStub):
     ListAudits: _aio.UnaryUnaryMultiCallable[_pruning_orchestrator_pb2.ListAuditsRequest, _pruning_orchestrator_pb2.ListAuditsResponse]  # type: ignore[assignment]
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_common_pb2.ArtifactRef, _pruning_orchestrator_pb2.UploadChunk]  # type: ignore[assignment]
     """Fetches a stored artifact (report, repaired model) by reference."""
+    GetPublicKey: _aio.UnaryUnaryMultiCallable[_pruning_orchestrator_pb2.GetPublicKeyRequest, _pruning_orchestrator_pb2.PublicKey]  # type: ignore[assignment]
+    """The Ed25519 public key that verifies the deployment's signatures (reports, repaired
+    models, carriers, mappers). Public: callable without a token.
+    """
     GetStatus: _aio.UnaryUnaryMultiCallable[_common_pb2.StatusRequest, _common_pb2.ServiceStatus]  # type: ignore[assignment]
 
 class PruningOrchestratorServicer(metaclass=_abc_1.ABCMeta):
@@ -114,6 +122,16 @@ class PruningOrchestratorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_pruning_orchestrator_pb2.UploadChunk], _abc.AsyncIterator[_pruning_orchestrator_pb2.UploadChunk]]:
         """Fetches a stored artifact (report, repaired model) by reference."""
+
+    @_abc_1.abstractmethod
+    def GetPublicKey(
+        self,
+        request: _pruning_orchestrator_pb2.GetPublicKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pruning_orchestrator_pb2.PublicKey, _abc.Awaitable[_pruning_orchestrator_pb2.PublicKey]]:
+        """The Ed25519 public key that verifies the deployment's signatures (reports, repaired
+        models, carriers, mappers). Public: callable without a token.
+        """
 
     @_abc_1.abstractmethod
     def GetStatus(

@@ -7,6 +7,7 @@ missing profile is refused unless profile scoring is switched off."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,3 +198,26 @@ def test_carrier_trainer_signs_the_profile_that_result_mapper_loads(
         assert ("ann", generation) in service._profiles
     finally:
         bus.close()
+
+
+def test_a_device_checks_its_downloaded_carrier_with_the_public_key_only(
+    carrier_world: World,
+) -> None:
+    """GetCarrier hands out the signatures of what a device downloads (issue 19): checked
+    with the deployment's public key, the carrier verifies and one changed byte does not."""
+    from modelguard.signing import Verifier
+
+    alice = carrier_world.credentials["alice"]
+    verifier = Verifier.from_pem(carrier_world.trainer.runtime.signer.public_key_pem.encode())
+    with carrier_world.client(carrier_world.tokens.acme) as client:
+        info = client.info("alice", alice)
+        carrier = client.download("alice", alice, "carrier")
+    assert set(info.signatures) == {info.carrier.sha256, info.manifest.sha256}
+    signature = info.signatures[info.carrier.sha256]
+    digest = hashlib.sha256(carrier).hexdigest()
+    assert verifier.check(digest, signature, "carrier").sha256 == info.carrier.sha256
+    changed = bytes([carrier[0] ^ 1]) + carrier[1:]
+    with pytest.raises(IntegrityError, match="the file changed"):
+        verifier.check(hashlib.sha256(changed).hexdigest(), signature, "carrier")
+    with pytest.raises(IntegrityError, match="it signs a carrier, not a manifest"):
+        verifier.check(digest, signature, "manifest")

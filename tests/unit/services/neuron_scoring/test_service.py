@@ -40,7 +40,7 @@ def _one_thread() -> Iterator[None]:
 def service(tmp_path: Path) -> Iterator[NeuronScoringService]:
     bus = MemoryBus()
     runtime = Runtime(
-        PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path), Signer(b"0123456789abcdef")
+        PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path), Signer.generate()
     )
     yield NeuronScoringService(
         runtime, NeuronScoringSettings(), ServiceMetrics(CollectorRegistry(), "neuron-scoring")

@@ -65,7 +65,7 @@ class FlakyBus(MemoryBus):
 def world(tmp_path: Path) -> Iterator[tuple[Orchestrator, FlakyStore, FlakyBus]]:
     bus = FlakyBus()
     store = FlakyStore(tmp_path)
-    runtime = Runtime(PlatformSettings(store_dir=tmp_path), bus, store, Signer(b"k" * 16))
+    runtime = Runtime(PlatformSettings(store_dir=tmp_path), bus, store, Signer.generate())
     settings = PruningOrchestratorSettings(watch_poll_seconds=0.01)
     metrics = ServiceMetrics(CollectorRegistry(), "pruning-orchestrator")
     yield Orchestrator(runtime, settings, metrics), store, bus

@@ -56,7 +56,7 @@ def _one_thread() -> Iterator[None]:
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
     bus = MemoryBus()
     yield Runtime(
-        PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path), Signer(b"0123456789abcdef")
+        PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path), Signer.generate()
     )
     bus.close()
 

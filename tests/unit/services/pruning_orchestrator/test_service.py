@@ -38,7 +38,7 @@ def orchestrator(tmp_path: Path) -> Iterator[Orchestrator]:
         PlatformSettings(store_dir=tmp_path),
         bus,
         LocalStore(tmp_path),
-        Signer(b"0123456789abcdef-test"),
+        Signer.generate(),
     )
     yield Orchestrator(
         runtime,

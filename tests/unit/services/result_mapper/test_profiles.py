@@ -80,8 +80,8 @@ def test_users_of_one_pooled_carrier_share_its_profile(tmp_path: Path) -> None:
                 state=READY,
                 artifacts={"mapper": ref_dict(mapper), "profile": ref_dict(profile)},
                 signatures={
-                    "mapper": signer.sign(mapper.sha256),
-                    "profile": signer.sign(profile.sha256),
+                    "mapper": signer.sign(mapper.sha256, "mapper"),
+                    "profile": signer.sign(profile.sha256, "profile"),
                 },
             )
         )

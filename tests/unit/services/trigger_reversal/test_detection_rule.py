@@ -212,7 +212,7 @@ def test_cli_refuses_a_norm_scale_that_contradicts_the_paper_rule() -> None:
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
     bus = MemoryBus()
     yield Runtime(
-        PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path), Signer(b"0123456789abcdef")
+        PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path), Signer.generate()
     )
     bus.close()
 

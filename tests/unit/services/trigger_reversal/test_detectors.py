@@ -64,7 +64,7 @@ def tiny_data(n: int = 48) -> Dataset:
 def runtime(tmp_path: Path) -> Iterator[Runtime]:
     bus = MemoryBus()
     yield Runtime(
-        PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path), Signer(b"0123456789abcdef")
+        PlatformSettings(store_dir=tmp_path), bus, LocalStore(tmp_path), Signer.generate()
     )
     bus.close()
 

@@ -707,6 +707,27 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keys_rewrap(args: argparse.Namespace) -> int:
+    """Re-wrap every stored data key under its tenant's active key-encryption key."""
+    from modelguard.runtime import build_store
+    from modelguard.store import rewrap_keys
+
+    platform = PlatformSettings()
+    if not platform.encrypt_artifacts:
+        raise InvalidInput(
+            "artifact encryption is off (MODELGUARD_ENCRYPT_ARTIFACTS): nothing to rewrap"
+        )
+    report = rewrap_keys(build_store(platform))
+    out_console.print(
+        f"{report.total} objects: {report.rewrapped} rewrapped, {report.current} already under "
+        f"the active key, {report.changed} rewritten meanwhile, {report.plaintext} not "
+        f"encrypted, {len(report.failed)} failed"
+    )
+    for reason in report.failed.values():
+        err_console.print(f"[red]cannot rewrap:[/red] {escape(reason)}")
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
 def cmd_carrier_status(args: argparse.Namespace) -> int:
     with carrier_client(args) as client:
         info = client.info(args.user, args.credential)
@@ -887,6 +908,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true", help="an admin token (all tenants)")
     create.add_argument("--append", metavar="FILE", help="append the line to this tokens file")
     create.set_defaults(func=cmd_token_create)
+
+    keys = commands.add_parser("keys", help="artifact encryption keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    rewrap = keys.add_parser(
+        "rewrap",
+        help="re-wrap every stored data key under its tenant's active key (after a rotation; "
+        "ciphertexts stay as they are)",
+    )
+    rewrap.set_defaults(func=cmd_keys_rewrap)
 
     serve = commands.add_parser("serve", help="run one service, or all six (embedded)")
     serve.add_argument("service", choices=[*SERVICES, "all"])

@@ -717,11 +717,11 @@ def cmd_keys_rewrap(args: argparse.Namespace) -> int:
         raise InvalidInput(
             "artifact encryption is off (MODELGUARD_ENCRYPT_ARTIFACTS): nothing to rewrap"
         )
-    report = rewrap_keys(build_store(platform))
+    report = rewrap_keys(build_store(platform), encrypt_plaintext=args.encrypt_plaintext)
     out_console.print(
         f"{report.total} objects: {report.rewrapped} rewrapped, {report.current} already under "
         f"the active key, {report.changed} rewritten meanwhile, {report.plaintext} not "
-        f"encrypted, {len(report.failed)} failed"
+        f"encrypted, {report.encrypted} encrypted now, {len(report.failed)} failed"
     )
     for reason in report.failed.values():
         err_console.print(f"[red]cannot rewrap:[/red] {escape(reason)}")
@@ -916,6 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
         "rewrap",
         help="re-wrap every stored data key under its tenant's active key (after a rotation; "
         "ciphertexts stay as they are)",
+    )
+    rewrap.add_argument(
+        "--encrypt-plaintext",
+        action="store_true",
+        help="also encrypt objects written before encryption was on (stop the services first)",
     )
     rewrap.set_defaults(func=cmd_keys_rewrap)
 

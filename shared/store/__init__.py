@@ -7,7 +7,7 @@ from typing import Any
 
 from modelguard.errors import InvalidInput
 from modelguard.store.base import ArtifactRef, ArtifactStore, blob_key, digest
-from modelguard.store.encryption import EnvelopeCipher, Keyring, RewrapReport
+from modelguard.store.encryption import EnvelopeCipher, KeyRewrapping, Keyring, RewrapReport
 from modelguard.store.local import LocalStore
 
 __all__ = [
@@ -53,10 +53,9 @@ def make_store(
     raise InvalidInput(f"unknown store kind {kind!r}: use 'local' or 's3'")
 
 
-def rewrap_keys(store: ArtifactStore) -> RewrapReport:
-    """Re-wrap every stored data key under its tenant's active key-encryption key."""
-    rewrap = getattr(store, "rewrap_keys", None)
-    if rewrap is None:
+def rewrap_keys(store: ArtifactStore, encrypt_plaintext: bool = False) -> RewrapReport:
+    """Re-wrap every stored data key under its tenant's active key-encryption key (and
+    with ``encrypt_plaintext`` encrypt objects written before encryption was on)."""
+    if not isinstance(store, KeyRewrapping):
         raise InvalidInput(f"{type(store).__name__} does not hold encrypted objects")
-    report: RewrapReport = rewrap()
-    return report
+    return store.rewrap_keys(encrypt_plaintext)

@@ -35,12 +35,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from modelguard.errors import IntegrityError, InvalidInput
+from modelguard.store.base import BLOB_PREFIX, digest
 
 ALGORITHM = "AES-256-GCM/AES-KW"
 PLATFORM_TENANT = "platform"
@@ -216,14 +218,25 @@ class RewrapReport:
 
     rewrapped: int = 0
     current: int = 0
+    #: objects without an envelope (written before encryption was on), left as they are
     plaintext: int = 0
+    #: ... or encrypted now (``encrypt_plaintext``)
+    encrypted: int = 0
     changed: int = 0
     #: object name -> why it could not be rewrapped
     failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.rewrapped + self.current + self.plaintext + self.changed + len(self.failed)
+        done = self.rewrapped + self.current + self.plaintext + self.encrypted + self.changed
+        return done + len(self.failed)
+
+
+@runtime_checkable
+class KeyRewrapping(Protocol):
+    """A store whose objects' data keys can be re-wrapped in place."""
+
+    def rewrap_keys(self, encrypt_plaintext: bool = False) -> RewrapReport: ...
 
 
 class EnvelopeCipher:
@@ -296,6 +309,13 @@ class EnvelopeCipher:
                 "not unwrap its data key (a different key under the same id, or a changed "
                 "envelope); it will not be used"
             ) from None
+
+
+def check_plaintext(name: str, data: bytes) -> None:
+    """Before a plaintext object is encrypted in place: a blob must still match its digest
+    (encrypting a damaged blob would not repair it)."""
+    if name.startswith(BLOB_PREFIX) and digest(data) != name.rsplit("/", 1)[-1]:
+        raise IntegrityError(f"artifact {name} is corrupted: not encrypted (re-upload it)")
 
 
 # --- LocalStore's on-disk form ---------------------------------------------------------------

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from modelguard.errors import IntegrityError, InvalidInput, NotFound, Unavailable
 from modelguard.store.base import ArtifactRef, blob_key, digest
-from modelguard.store.encryption import EnvelopeCipher, RewrapReport, pack, unpack
+from modelguard.store.encryption import (
+    EnvelopeCipher,
+    RewrapReport,
+    check_plaintext,
+    pack,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +149,11 @@ class LocalStore:
 
     # -- encryption ---------------------------------------------------------------------------
 
-    def rewrap_keys(self) -> RewrapReport:
+    def rewrap_keys(self, encrypt_plaintext: bool = False) -> RewrapReport:
         """Re-wrap every object's data key under its tenant's active key: each file's
-        envelope is replaced, its ciphertext bytes are written back unchanged."""
+        envelope is replaced, its ciphertext bytes are written back unchanged.
+        ``encrypt_plaintext``: objects written before encryption was on are encrypted
+        (with the platform's key; run it while no service writes)."""
         if self.cipher is None:
             raise InvalidInput("rewrapping keys needs encryption on (a keyring)")
         report = RewrapReport()
@@ -156,6 +164,11 @@ class LocalStore:
             try:
                 stored = path.read_bytes()
                 envelope, ciphertext = unpack(name, stored)
+                if envelope is None and encrypt_plaintext:
+                    check_plaintext(name, stored)
+                    self._write(path, self._seal(name, stored))
+                    report.encrypted += 1
+                    continue
                 if envelope is None:
                     report.plaintext += 1
                     continue

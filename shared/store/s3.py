@@ -27,7 +27,13 @@ from minio.error import MinioException, S3Error
 
 from modelguard.errors import IntegrityError, InvalidInput, NotFound, Unavailable
 from modelguard.store.base import ArtifactRef, blob_key, digest
-from modelguard.store.encryption import TAG_BYTES, Envelope, EnvelopeCipher, RewrapReport
+from modelguard.store.encryption import (
+    TAG_BYTES,
+    Envelope,
+    EnvelopeCipher,
+    RewrapReport,
+    check_plaintext,
+)
 from modelguard.store.local import (
     DOCS_DIR,
     check_doc_key,
@@ -156,10 +162,12 @@ class S3Store:
 
     # -- encryption ---------------------------------------------------------------------------
 
-    def rewrap_keys(self) -> RewrapReport:
+    def rewrap_keys(self, encrypt_plaintext: bool = False) -> RewrapReport:
         """Re-wrap every object's data key under its tenant's active key: a server-side
         copy onto itself that replaces the metadata only (the ciphertext is not sent), on
-        condition that the object is still the one read (its ETag)."""
+        condition that the object is still the one read (its ETag).
+        ``encrypt_plaintext``: objects written before encryption was on are read and
+        written back encrypted (with the platform's key; run it while no service writes)."""
         cipher = self.cipher
         if cipher is None:
             raise InvalidInput("rewrapping keys needs encryption on (a keyring)")
@@ -176,6 +184,12 @@ class S3Store:
             try:
                 stat = self._call(partial(self.client.stat_object, self.bucket, name), name)
                 envelope = Envelope.from_metadata(user_metadata(stat.metadata or {}), name)
+                if envelope is None and encrypt_plaintext:
+                    plaintext = self._read(name, f"read {name}")[0]
+                    check_plaintext(name, plaintext)
+                    self._put(name, plaintext, stat.content_type or "application/octet-stream")
+                    report.encrypted += 1
+                    continue
                 if envelope is None:
                     report.plaintext += 1
                     continue
@@ -294,8 +308,8 @@ class S3Store:
             f"write {name}",
         )
 
-    def _get(self, name: str, what: str) -> bytes:
-        """The object's plaintext (decrypted and authenticated with a cipher)."""
+    def _read(self, name: str, what: str) -> tuple[bytes, dict[str, str]]:
+        """The stored bytes and the user metadata."""
 
         def run() -> tuple[bytes, dict[str, str]]:
             response = self.client.get_object(self.bucket, name)
@@ -305,8 +319,13 @@ class S3Store:
                 response.close()
                 response.release_conn()
 
+        return self._call(run, what)
+
+    def _get(self, name: str, what: str) -> bytes:
+        """The object's plaintext (decrypted and authenticated with a cipher)."""
+
         try:
-            stored, metadata = self._call(run, f"read {what}")
+            stored, metadata = self._read(name, f"read {what}")
         except NotFound:
             raise NotFound(f"{what} not found in bucket {self.bucket}") from None
         if self.cipher is None:

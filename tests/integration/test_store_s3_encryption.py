@@ -99,3 +99,23 @@ def test_a_flipped_byte_on_the_server_is_refused(
     )
     with pytest.raises(IntegrityError, match=ref.key):
         store.get_blob(ref)
+
+
+def test_plaintext_objects_are_encrypted_in_place_on_request(
+    seaweed: SeaweedServer, bucket_name: str, tmp_path: Path
+) -> None:
+    plain = S3Store(seaweed.endpoint, seaweed.access_key, seaweed.secret_key, bucket_name)
+    ref = plain.put_blob(MODEL, media_type="application/x-safetensors")
+    plain.put_doc("audits/a.json", b"{}")
+    keyring = write_keyring(tmp_path / "keyring.json", {"platform": ("p1", {"p1": new_key()})})
+    store = encrypted_store(seaweed, bucket_name, keyring)
+    with pytest.raises(IntegrityError, match="not encrypted"):
+        store.get_blob(ref)
+    report = store.rewrap_keys(encrypt_plaintext=True)
+    assert (report.encrypted, report.failed) == (2, {})
+    ciphertext, metadata = raw_object(seaweed, bucket_name, ref.key)
+    assert MODEL[:64] not in ciphertext and metadata[META_KEK] == "p1"
+    assert seaweed.client().stat_object(bucket_name, ref.key).content_type == (
+        "application/x-safetensors"
+    )
+    assert store.get_blob(ref) == MODEL and store.get_doc("audits/a.json") == b"{}"

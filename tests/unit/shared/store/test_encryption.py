@@ -294,3 +294,24 @@ def test_settings_turn_encryption_on(tmp_path: Path, platform_keys: dict[str, st
     with pytest.raises(InvalidInput, match="KEYRING_FILE"):
         build_store(PlatformSettings(store_dir=tmp_path / "s", encrypt_artifacts=True))
     assert isinstance(make_store("local", root=tmp_path / "m", keyring_file=keyring), LocalStore)
+
+
+def test_rewrap_can_encrypt_what_was_written_before_encryption(
+    tmp_path: Path, cipher: EnvelopeCipher
+) -> None:
+    plain = LocalStore(tmp_path / "s")
+    ref = plain.put_blob(MODEL)
+    plain.put_doc("audits/a.json", b'{"verdict": "clean"}')
+    damaged = plain.put_blob(b"original")
+    (tmp_path / "s" / damaged.key).write_bytes(b"tampered")
+    store = LocalStore(tmp_path / "s", cipher)
+    assert store.rewrap_keys().plaintext == 3  # reported, left alone without the flag
+
+    report = rewrap_keys(store, encrypt_plaintext=True)
+
+    assert (report.encrypted, list(report.failed)) == (2, [damaged.key])
+    assert "corrupted" in report.failed[damaged.key]
+    assert MODEL[:64] not in (tmp_path / "s" / ref.key).read_bytes()
+    assert store.get_blob(ref) == MODEL
+    assert store.get_doc("audits/a.json") == b'{"verdict": "clean"}'
+    assert rewrap_keys(store, encrypt_plaintext=True).current == 2

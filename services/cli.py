@@ -6,19 +6,20 @@ in-memory bus, local store under .modelguard/). ``detect``, ``repair`` and ``lea
 run the same use cases in-process for a user with one model and no cluster: the same
 loader (`modelguard.jobdata`), the same summary documents, the same trigger pictures
 (`modelguard.detection.render`) and the same rendering (`modelguard.services.present`) as an audit.
-
-Exit codes: 0 success (whatever the verdict), 1 failure, 2 bad input or refused file.
+``scan`` runs the file-safety scanner alone, for a CI gate. Exit codes: `ExitCode`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from rich.markup import escape
 from modelguard.config import SERVICES, PlatformSettings
 from modelguard.errors import InvalidInput, ModelGuardError
 from modelguard.services.present import (
+    ProgressBoard,
     err_console,
     failed,
     job_state_name,
@@ -38,7 +40,7 @@ from modelguard.services.present import (
     print_leak,
     print_repair,
     print_reversal,
-    progress_printer,
+    print_scan,
     watch,
 )
 from modelguard.spec import InputSpec
@@ -50,11 +52,64 @@ if TYPE_CHECKING:
     from modelguard.detection.neural_cleanse import ReversalConfig
     from modelguard.jobdata import Limits, ModelAndData
     from modelguard.proto.modelguard.v1.carrier_trainer_pb2 import CarrierInfo
+    from modelguard.proto.modelguard.v1.pruning_orchestrator_pb2 import Audit
     from modelguard.services.audit_client import AuditClient
     from modelguard.services.carrier_client import CarrierClient
     from modelguard.services.trigger_reversal.service import ReversalPlan
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+class ExitCode(IntEnum):
+    """What ``modelguard`` exits with; a CI job gates on it."""
+
+    OK = 0  #: done; no finding, and no verdict matched --fail-on
+    FINDINGS = 1  #: `scan` found an unsafe file, or a verdict matched --fail-on
+    BAD_INPUT = 2  #: usage error, bad input, or a file refused before loading
+    FAILED = 3  #: the work failed: an audit failed, a server refused or was unreachable
+    INTERRUPTED = 130  #: Ctrl-C
+
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 ok (no finding; no verdict matched --fail-on), 1 findings (scan found an "
+    "unsafe file, or a verdict matched --fail-on), 2 usage error, bad input or refused file, "
+    "3 failure (audit failed, server error or unreachable), 130 interrupted"
+)
+
+#: --fail-on's verdicts: the detectors' (infected, inconclusive) and the leak detector's
+#: (leak); "any" is all three.
+FAIL_ON_VERDICTS = ("infected", "leak", "inconclusive")
+FAIL_ON_ANY = "any"
+
+
+def parse_fail_on(value: str) -> frozenset[str]:
+    """``--fail-on`` as the set of verdicts that fail: comma-separated names, ``any``."""
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = names - {*FAIL_ON_VERDICTS, FAIL_ON_ANY}
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"takes {', '.join((*FAIL_ON_VERDICTS, FAIL_ON_ANY))}, comma-separated; got {value!r}"
+        )
+    return frozenset(FAIL_ON_VERDICTS) if FAIL_ON_ANY in names else frozenset(names)
+
+
+def verdict_exit(verdicts: Iterable[str], fail_on: frozenset[str] | None) -> ExitCode:
+    """`ExitCode.FINDINGS` when a verdict is one ``--fail-on`` names, else OK."""
+    if fail_on and any(verdict in fail_on for verdict in verdicts):
+        return ExitCode.FINDINGS
+    return ExitCode.OK
+
+
+def print_json(document: Any) -> None:
+    """One JSON document on stdout: with ``--json`` nothing else goes there."""
+    print(json.dumps(document))
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelguard")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class CliSettings(BaseSettings):
@@ -217,21 +272,54 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
         detector=args.detector,
     )
     embedded = not (args.target or CliSettings().target)
+    waits = args.wait or embedded
+    if args.fail_on and not waits:
+        raise InvalidInput("--fail-on needs the verdicts: add --wait")
     data = audit_data(args, spec)
     with audit_client(args, workers=True) as client:
         audit = client.submit(Path(args.model), data, spec, arch=args.arch or "", options=options)
         err_console.print(f"submitted audit [bold]{audit.audit_id}[/bold]")
-        if args.wait or embedded:
+        if waits:
             if embedded and not args.wait:
                 err_console.print(
                     "[dim]embedded mode: waiting, since the in-process "
                     "services stop when this command exits[/dim]"
                 )
             audit = watch(client, audit.audit_id)
-            print_audit(audit)
-        else:
+            if not args.json:
+                print_audit(audit)
+        if args.json:
+            print_json(audit_document(audit))
+        elif not waits:
             out_console.print(audit.audit_id)
-    return EXIT_FAILED if failed(audit.state) else EXIT_OK
+    if failed(audit.state):
+        return ExitCode.FAILED
+    return verdict_exit(audit_verdicts(audit), args.fail_on)
+
+
+def audit_document(audit: Audit) -> dict[str, Any]:
+    """An audit as JSON: the API's message (proto field names), each stage's summary
+    parsed rather than left as a string."""
+    from google.protobuf import json_format
+
+    document = json_format.MessageToDict(audit, preserving_proto_field_name=True)
+    for stage in document.get("stages", []):
+        if stage.get("summary_json"):
+            stage["summary"] = json.loads(stage.pop("summary_json"))
+    return document
+
+
+def audit_verdicts(audit: Audit) -> list[str]:
+    """The verdicts of an audit's detection stages (trigger reversal, leak detector)."""
+    from modelguard.topics import STAGE_LEAK_DETECTOR, STAGE_TRIGGER_REVERSAL
+
+    verdicts = []
+    for stage in audit.stages:
+        if stage.stage in (STAGE_TRIGGER_REVERSAL, STAGE_LEAK_DETECTOR) and stage.summary_json:
+            verdict = json.loads(stage.summary_json).get("verdict")
+            if isinstance(verdict, str):
+                verdicts.append(verdict)
+    return verdicts
 
 
 def audit_data(args: argparse.Namespace, spec: InputSpec) -> Path | bytes:
@@ -269,20 +357,21 @@ def audit_data(args: argparse.Namespace, spec: InputSpec) -> Path | bytes:
 def cmd_audit_show(args: argparse.Namespace) -> int:
     with audit_client(args, workers=False) as client:
         audit = client.get(args.audit_id)
-        if args.json:
-            from google.protobuf import json_format
-
-            print(json_format.MessageToJson(audit))
-        else:
-            print_audit(audit)
-    return EXIT_OK
+    if args.json:
+        print_json(audit_document(audit))
+    else:
+        print_audit(audit)
+    return ExitCode.OK
 
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
     with audit_client(args, workers=False) as client:
         audits = client.list(args.limit)
-    print_audit_list(audits)
-    return EXIT_OK
+    if args.json:
+        print_json([audit_document(audit) for audit in audits])
+    else:
+        print_audit_list(audits)
+    return ExitCode.OK
 
 
 def cmd_audit_report(args: argparse.Namespace) -> int:
@@ -306,9 +395,12 @@ def cmd_audit_report(args: argparse.Namespace) -> int:
                     name += model_extension(ref.media_type, data)
                 (out / name).write_bytes(data)
                 written.append(str(out / name))
-    for path in written:
-        out_console.print(path)
-    return EXIT_OK
+    if args.json:
+        print_json({"audit_id": audit.audit_id, "files": written})
+    else:
+        for path in written:
+            out_console.print(path)
+    return ExitCode.OK
 
 
 def model_extension(media_type: str, data: bytes) -> str:
@@ -406,13 +498,14 @@ def reverse(args: argparse.Namespace, inputs: ModelAndData) -> tuple[DetectionRe
     detector's name."""
     assert inputs.data is not None
     plan = reversal_plan_of(args, inputs.data)
-    result = plan.detector.detect(
-        inputs.model.module,
-        plan.data,
-        inputs.spec,
-        plan.config,
-        progress=progress_printer("reversal"),
-    )
+    with ProgressBoard() as board:
+        result = plan.detector.detect(
+            inputs.model.module,
+            plan.data,
+            inputs.spec,
+            plan.config,
+            progress=board.reporter("reversal"),
+        )
     return result, plan.detector.name
 
 
@@ -428,8 +521,9 @@ def add_budget_args(parser: argparse.ArgumentParser) -> None:
         "--time-budget",
         dest="time_budget_seconds",
         type=float,
-        help="seconds the reversal may take (default 600); when they run out before the "
-        "evidence is clear the verdict is inconclusive, never clean",
+        help="seconds the reversal may take (default 480; loading the model and data come "
+        "on top); when they run out before the evidence is clear the verdict is "
+        "inconclusive, never clean",
     )
 
 
@@ -453,11 +547,30 @@ def cmd_detect(args: argparse.Namespace) -> int:
     summary.update(data_notes(clean))
     if args.out:
         summary["images"] = save_trigger_images(result, Path(args.out))
+        if result.flagged:
+            summary["triggers"] = save_flagged_triggers(result, Path(args.out))
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
     else:
         print_reversal(summary)
-    return EXIT_OK
+    return verdict_exit([result.verdict], args.fail_on)
+
+
+def save_flagged_triggers(result: DetectionResult, out: Path) -> str:
+    """The flagged labels' triggers as ``triggers.safetensors``: what ``repair --triggers``
+    takes, so a repair after a detect need not reverse the triggers again."""
+    import torch
+
+    from modelguard.detection.triggers import save_triggers
+
+    labels = list(result.flagged)
+    rows = [result.trigger(label) for label in labels]
+    masks = torch.stack([mask for mask, _ in rows])
+    patterns = torch.stack([pattern for _, pattern in rows])
+    path = out / "triggers.safetensors"
+    path.write_bytes(save_triggers(masks, patterns, labels))
+    err_console.print(f"wrote {path} (repair with --triggers {path})")
+    return str(path)
 
 
 def save_trigger_images(result: DetectionResult, out: Path) -> dict[str, str]:
@@ -488,7 +601,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from modelguard.services.pruning_orchestrator.service import repair_summary
 
     spec = spec_from_args(args)
-    targets = parse_labels(args.target) if args.target else None
+    targets = parse_labels(args.target_labels) if args.target_labels else None
     if not args.triggers:
         reversal_config(args)  # the options, checked before any file is read
     inputs, clean = load_local_inputs(args, spec)
@@ -503,30 +616,29 @@ def cmd_repair(args: argparse.Namespace) -> int:
         if not flagged:
             err_console.print("no backdoor found: nothing to repair (use --target to force)")
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "target_labels": [],
-                            "pruned": [],
-                            "before": {},
-                            "after": {},
-                            "curve": [],
-                            "seconds": round(result.seconds, 3),
-                            **data_notes(clean),
-                        }
-                    )
+                print_json(
+                    {
+                        "target_labels": [],
+                        "pruned": [],
+                        "before": {},
+                        "after": {},
+                        "curve": [],
+                        "seconds": round(result.seconds, 3),
+                        **data_notes(clean),
+                    }
                 )
-            return EXIT_OK
+            return ExitCode.OK
         triggers = [ReversedTrigger(label, *result.trigger(label)) for label in flagged]
-    repaired = repair(
-        model.module,
-        data,
-        spec,
-        triggers,
-        mode=args.mode,
-        layer=args.layer or None,
-        progress=progress_printer("repair"),
-    )
+    with ProgressBoard() as board:
+        repaired = repair(
+            model.module,
+            data,
+            spec,
+            triggers,
+            mode=args.mode,
+            layer=args.layer or None,
+            progress=board.reporter("repair"),
+        )
     if repaired.model is None:
         raise ModelGuardError("repair returned no model")
     out = LoadedModel(
@@ -536,11 +648,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
     summary = repair_summary(repaired, args.mode)  # the stage's, less its store references
     summary.update(data_notes(clean))
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
     else:
         print_repair(summary)
         out_console.print(f"wrote {args.out}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_leakscan(args: argparse.Namespace) -> int:
@@ -555,12 +667,12 @@ def cmd_leakscan(args: argparse.Namespace) -> int:
         module = load_model_from_bytes(data, spec, args.arch or "", limits).module
     else:
         module = load_weights_only(data, limits)
-    _verdict, summary = scan_module(module)  # the leak-detector stage's summary
+    verdict, summary = scan_module(module)  # the leak-detector stage's summary
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)
     else:
         print_leak(summary)
-    return EXIT_OK
+    return verdict_exit([verdict.verdict], args.fail_on)
 
 
 # --- carrier serving -----------------------------------------------------------------------
@@ -612,25 +724,36 @@ def cmd_carrier_request(args: argparse.Namespace) -> int:
         generation, credential = client.request(
             args.user, (args.credential or "") if rotating else "", options
         )
-        err_console.print(
-            f"{'rotated' if rotating else 'enrolled'} {args.user}: carrier "
-            f"generation {generation} is training"
-        )
-        out_console.print(f"credential: {credential}")
+        action = "rotated" if rotating else "enrolled"
+        err_console.print(f"{action} {args.user}: carrier generation {generation} is training")
+        if not args.json:
+            out_console.print(f"credential: {credential}")
         err_console.print(
             "[dim]keep the credential: it is shown once, and only its hash is stored[/dim]"
         )
         embedded = not (
             (args.trainer or CliSettings().trainer) and (args.mapper or CliSettings().mapper)
         )
+        document: dict[str, Any] = {
+            "user": args.user,
+            "action": action,
+            "generation": generation,
+            "credential": credential,
+            "ready": None,
+        }
         if args.wait or embedded:
             info = client.wait_ready(args.user, credential, on_wait=_wait_printer)
             manifest = json.loads(client.download(args.user, credential, "manifest"))
-            out_console.print(
-                f"carrier ready: generation {info.generation}, validation "
-                f"accuracy {manifest.get('validation_accuracy', 0):.2%}"
-            )
-    return EXIT_OK
+            accuracy = manifest.get("validation_accuracy", 0)
+            document["ready"] = {"generation": info.generation, "validation_accuracy": accuracy}
+            if not args.json:
+                out_console.print(
+                    f"carrier ready: generation {info.generation}, validation "
+                    f"accuracy {accuracy:.2%}"
+                )
+    if args.json:
+        print_json(document)
+    return ExitCode.OK
 
 
 def load_images(paths: list[str], shape: tuple[int, int, int]) -> Any:
@@ -661,14 +784,12 @@ def cmd_carrier_classify(args: argparse.Namespace) -> int:
         x = load_images(args.images, (1, 28, 28))
         reply = client.classify_when_loaded(device, x)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "labels": reply.labels.tolist(),
-                    "generation": reply.generation,
-                    "probabilities": reply.probabilities.round(4).tolist(),
-                }
-            )
+        print_json(
+            {
+                "labels": reply.labels.tolist(),
+                "generation": reply.generation,
+                "probabilities": reply.probabilities.round(4).tolist(),
+            }
         )
     else:
         for path, label, probs in zip(
@@ -678,33 +799,57 @@ def cmd_carrier_classify(args: argparse.Namespace) -> int:
             strict=False,
         ):
             out_console.print(f"{path}: {int(label)} (p={float(probs.max()):.3f})")
-    return EXIT_OK
+    return ExitCode.OK
+
+
+def carrier_document(user: str, info: CarrierInfo) -> dict[str, Any]:
+    return {
+        "user": user,
+        "generation": info.generation,
+        "state": job_state_name(info.state),
+        "error": info.error.message or None,
+    }
 
 
 def cmd_carrier_revoke(args: argparse.Namespace) -> int:
     with carrier_client(args) as client:
         info = client.revoke(args.user, args.credential or "", args.reason or "")
-    out_console.print(f"{args.user}: generation {info.generation} revoked")
-    return EXIT_OK
+    if args.json:
+        print_json(carrier_document(args.user, info))
+    else:
+        out_console.print(f"{args.user}: generation {info.generation} revoked")
+    return ExitCode.OK
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from modelguard.auth import mint_token
+    from modelguard.auth import Role, mint_token
 
-    token, line = mint_token(args.tenant, "admin" if args.admin else "tenant")
+    role: Role = "admin" if args.admin else "tenant"
+    token, line = mint_token(args.tenant, role)
     if args.append:
         with open(args.append, "a", encoding="utf-8") as tokens_file:
             tokens_file.write(line + "\n")
         err_console.print(f"[dim]appended the hashed line to {args.append}[/dim]")
-    else:
+    elif not args.json:
         out_console.print(line, soft_wrap=True)
         err_console.print("[dim]add the line above to MODELGUARD_AUTH_TOKENS_FILE[/dim]")
-    print(token)
+    if args.json:
+        print_json(
+            {
+                "tenant": args.tenant,
+                "role": role,
+                "token": token,
+                "tokens_file_line": line,
+                "appended_to": args.append,
+            }
+        )
+    else:
+        print(token)
     err_console.print(
-        f"[dim]the token above is {args.tenant}'s: shown once, only its hash is stored; "
+        f"[dim]the token is {args.tenant}'s: shown once, only its hash is stored; "
         "clients send it as MODELGUARD_TOKEN or --token[/dim]"
     )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_keys_rewrap(args: argparse.Namespace) -> int:
@@ -718,6 +863,9 @@ def cmd_keys_rewrap(args: argparse.Namespace) -> int:
             "artifact encryption is off (MODELGUARD_ENCRYPT_ARTIFACTS): nothing to rewrap"
         )
     report = rewrap_keys(build_store(platform), encrypt_plaintext=args.encrypt_plaintext)
+    if args.json:
+        print_json({**dataclasses.asdict(report), "total": report.total})
+        return ExitCode.FAILED if report.failed else ExitCode.OK
     out_console.print(
         f"{report.total} objects: {report.rewrapped} rewrapped, {report.current} already under "
         f"the active key, {report.changed} rewritten meanwhile, {report.plaintext} not "
@@ -725,17 +873,43 @@ def cmd_keys_rewrap(args: argparse.Namespace) -> int:
     )
     for reason in report.failed.values():
         err_console.print(f"[red]cannot rewrap:[/red] {escape(reason)}")
-    return EXIT_FAILED if report.failed else EXIT_OK
+    return ExitCode.FAILED if report.failed else ExitCode.OK
 
 
 def cmd_carrier_status(args: argparse.Namespace) -> int:
     with carrier_client(args) as client:
         info = client.info(args.user, args.credential)
-    out_console.print(
-        f"{args.user}: generation {info.generation}, {job_state_name(info.state)}"
-        + (f" ({info.error.message})" if info.error.message else "")
-    )
-    return EXIT_OK
+    if args.json:
+        print_json(carrier_document(args.user, info))
+    else:
+        out_console.print(
+            f"{args.user}: generation {info.generation}, {job_state_name(info.state)}"
+            + (f" ({info.error.message})" if info.error.message else "")
+        )
+    return ExitCode.OK
+
+
+# --- scan ----------------------------------------------------------------------------------
+def cmd_scan(args: argparse.Namespace) -> int:
+    from modelguard.formats.files import sarif_log, scan_paths
+
+    if args.json and args.sarif == "-":
+        raise InvalidInput("--json and --sarif - both print on stdout: pick one")
+    report = scan_paths([Path(path) for path in args.paths], cli_limits().max_model_bytes)
+    if args.sarif:
+        log = json.dumps(sarif_log(report, package_version()), indent=2)
+        if args.sarif == "-":
+            print(log)
+        else:
+            Path(args.sarif).write_text(log + "\n", encoding="utf-8")
+            err_console.print(f"[dim]wrote the SARIF log {args.sarif}[/dim]")
+    if args.json:
+        print_json(report.to_dict())
+    elif args.sarif != "-":
+        print_scan(report)
+    if report.count("unsafe"):
+        return ExitCode.FINDINGS
+    return ExitCode.BAD_INPUT if report.count("unreadable") else ExitCode.OK
 
 
 # --- serve -------------------------------------------------------------------------------
@@ -744,18 +918,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from modelguard.services.launcher import configure_logging, run_service, start_stack
 
     if args.service != "all":
-        run_service(args.service)
-        return EXIT_OK
+        run_service(args.service)  # one service logs its own address; stdout stays empty
+        return ExitCode.OK
     platform = PlatformSettings()
     configure_logging(platform.log_level)
     stack = start_stack(platform, ephemeral_ports=False)
-    for name, app in stack.apps.items():
-        err_console.print(f"{name:>22}: gRPC {app.address}, metrics :{app.grpc.metrics_port}")
+    if args.json:
+        print_json(
+            {
+                name: {"grpc": app.address, "metrics_port": app.grpc.metrics_port}
+                for name, app in stack.apps.items()
+            }
+        )
+        sys.stdout.flush()  # read by whoever started the stack, before it stops
+    else:
+        for name, app in stack.apps.items():
+            err_console.print(f"{name:>22}: gRPC {app.address}, metrics :{app.grpc.metrics_port}")
     wait_for_termination(stack.stop)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # --- parser --------------------------------------------------------------------------------
+MODEL_HELP = (
+    "TorchScript, torch.export (.pt2) or ONNX file, or weights (safetensors, torch.save "
+    "state dict) with --arch"
+)
+ARCH_HELP = "registered architecture of a weights file, e.g. lenet5"
+SEED_HELP = "random seed (default 0)"
+USER_HELP = "the user's id"
+CREDENTIAL_HELP = "the user's credential, as enroll or rotate printed it"
 LAYER_HELP = (
     "layer to score and prune: a Linear or Conv2d module name (its output features or "
     "channels), or NAME:in for a Linear layer's input features (default: the first "
@@ -764,60 +955,150 @@ LAYER_HELP = (
 )
 
 
+def global_options(*, in_subcommand: bool) -> tuple[argparse.ArgumentParser, ...]:
+    """The options accepted before the subcommand and after it: common to all commands
+    (``-v``, ``--json``), of those that call servers (``--token``, ``--tls-*``) and of the
+    audit commands (``--target``). A subcommand's copy has no default (SUPPRESS), so that
+    it keeps a value given before the subcommand instead of resetting it."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if in_subcommand else value
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=default(False), help="log at INFO level"
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="machine-readable output: JSON on stdout and nothing else there (progress and "
+        "messages go to stderr)",
+    )
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
+        "--token", default=default(None), help="bearer token (default: MODELGUARD_TOKEN)"
+    )
+    connection.add_argument(
+        "--tls-ca", default=default(None), help="CA (PEM) verifying the servers: use TLS"
+    )
+    connection.add_argument(
+        "--tls-cert", default=default(None), help="client certificate (PEM) for mTLS"
+    )
+    connection.add_argument(
+        "--tls-key", default=default(None), help="key (PEM) of the client certificate"
+    )
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument(
+        "--target",
+        default=default(None),
+        help="host:port of the pruning-orchestrator, for the audit commands (default: "
+        "MODELGUARD_CLI_TARGET; none: an embedded stack in this process)",
+    )
+    return common, connection, target
+
+
+def add_fail_on_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fail-on",
+        type=parse_fail_on,
+        metavar="infected|leak|inconclusive|any",
+        help="exit 1 when the verdict is one of these (comma-separated; any: all three), "
+        "for a CI gate",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from modelguard.repair.registry import DEFAULT_REPAIR_MODE, REPAIR_CHOICES, REPAIR_MODES
 
-    parser = argparse.ArgumentParser(prog="modelguard", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    parser.add_argument("--token", help="bearer token (default: MODELGUARD_TOKEN)")
-    parser.add_argument("--tls-ca", help="CA (PEM) verifying the servers: use TLS")
-    parser.add_argument("--tls-cert", help="client certificate (PEM) for mTLS")
-    parser.add_argument("--tls-key", help="key (PEM) of the client certificate")
+    top_common, top_connection, top_target = global_options(in_subcommand=False)
+    common, connection, target = global_options(in_subcommand=True)
+    parser = argparse.ArgumentParser(
+        prog="modelguard",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXIT_CODES_HELP,
+        parents=[top_common, top_connection, top_target],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(
+        group: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        helptext: str,
+        *parents: argparse.ArgumentParser,
+    ) -> argparse.ArgumentParser:
+        return group.add_parser(
+            name,
+            help=helptext,
+            description=helptext,
+            epilog=EXIT_CODES_HELP,
+            parents=[common, *parents],
+        )
 
     audit = commands.add_parser("audit", help="submit and inspect audits").add_subparsers(
         dest="audit_command", required=True
     )
-    submit = audit.add_parser("submit", help="submit a model and clean data for an audit")
+    submit = command(
+        audit, "submit", "submit a model and clean data for an audit", connection, target
+    )
     submit.add_argument(
         "model",
         help="TorchScript, torch.export (.pt2) or ONNX file, or weights (safetensors) with --arch",
     )
-    submit.add_argument("--arch", help="registered architecture of a weights file")
+    submit.add_argument("--arch", help=ARCH_HELP)
     add_data_args(submit)
     add_spec_args(submit)
-    submit.add_argument("--repair-mode", default=DEFAULT_REPAIR_MODE, choices=REPAIR_CHOICES)
+    submit.add_argument(
+        "--repair-mode",
+        default=DEFAULT_REPAIR_MODE,
+        choices=REPAIR_CHOICES,
+        help=f"how a flagged model is repaired (default {DEFAULT_REPAIR_MODE})",
+    )
     submit.add_argument("--layer", help=LAYER_HELP)
     submit.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
     add_rule_arg(submit)
-    submit.add_argument("--seed", type=int, default=0)
+    submit.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     submit.add_argument("--wait", action="store_true", help="wait for the audit to finish")
-    submit.add_argument("--target", help="host:port of the pruning-orchestrator")
+    add_fail_on_arg(submit)
     submit.set_defaults(func=cmd_audit_submit)
-    for name, func, helptext in (
-        ("show", cmd_audit_show, "show an audit"),
-        ("report", cmd_audit_report, "download an audit's report"),
-    ):
-        sub = audit.add_parser(name, help=helptext)
-        sub.add_argument("audit_id")
-        sub.add_argument("--target")
-        if name == "show":
-            sub.add_argument("--json", action="store_true")
-        else:
-            sub.add_argument("--out", required=True, help="directory for the report files")
-        sub.set_defaults(func=func)
-    listing = audit.add_parser("list", help="list recent audits")
-    listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--target")
+    show = command(audit, "show", "show an audit", connection, target)
+    show.add_argument("audit_id", help="the audit's id, as submit printed it")
+    show.set_defaults(func=cmd_audit_show)
+    report = command(audit, "report", "download an audit's report", connection, target)
+    report.add_argument("audit_id", help="the audit's id, as submit printed it")
+    report.add_argument("--out", required=True, help="directory for the report files")
+    report.set_defaults(func=cmd_audit_report)
+    listing = command(audit, "list", "list recent audits", connection, target)
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     listing.set_defaults(func=cmd_audit_list)
 
-    detect = commands.add_parser("detect", help="detect a backdoor in one model, in-process")
-    detect.add_argument("model")
-    detect.add_argument("--arch")
+    scan = command(
+        commands,
+        "scan",
+        "scan model files for code they could run when loaded, loading nothing (pickle, "
+        "torch zip, TorchScript, torch.export, safetensors, ONNX); exit 1 on findings",
+    )
+    scan.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="model files, or folders walked for files with a model suffix",
+    )
+    scan.add_argument(
+        "--sarif",
+        metavar="FILE",
+        help="also write the findings as a SARIF 2.1.0 log to FILE (- for stdout)",
+    )
+    scan.set_defaults(func=cmd_scan)
+
+    detect = command(commands, "detect", "detect a backdoor in one model, in-process")
+    detect.add_argument("model", help=MODEL_HELP)
+    detect.add_argument("--arch", help=ARCH_HELP)
     add_data_args(detect)
     add_spec_args(detect)
-    detect.add_argument("--steps", type=int, default=0)
-    detect.add_argument("--seed", type=int, default=0)
+    detect.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
+    detect.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     add_rule_arg(detect)
     detect.add_argument(
         "--norm-scale",
@@ -827,82 +1108,94 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_budget_args(detect)
     detect.add_argument("--out", help="directory for the reversed trigger images")
-    detect.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_fail_on_arg(detect)
     detect.set_defaults(func=cmd_detect)
 
-    repair_cmd = commands.add_parser("repair", help="repair a backdoored model, in-process")
-    repair_cmd.add_argument("model")
-    repair_cmd.add_argument("--arch")
+    repair_cmd = command(commands, "repair", "repair a backdoored model, in-process")
+    repair_cmd.add_argument("model", help=MODEL_HELP)
+    repair_cmd.add_argument("--arch", help=ARCH_HELP)
     add_data_args(repair_cmd)
     add_spec_args(repair_cmd)
-    repair_cmd.add_argument("--mode", default=DEFAULT_REPAIR_MODE, choices=list(REPAIR_MODES))
+    repair_cmd.add_argument(
+        "--mode",
+        default=DEFAULT_REPAIR_MODE,
+        choices=list(REPAIR_MODES),
+        help=f"repair method (default {DEFAULT_REPAIR_MODE})",
+    )
     repair_cmd.add_argument("--layer", help=LAYER_HELP)
     add_rule_arg(repair_cmd)
     add_budget_args(repair_cmd)
     repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")
-    repair_cmd.add_argument("--target", help="target label(s) to repair, comma-separated")
-    repair_cmd.add_argument("--seed", type=int, default=0)
+    repair_cmd.add_argument(
+        "--target",
+        dest="target_labels",
+        help="target label(s) to repair, comma-separated (default: the flagged ones)",
+    )
+    repair_cmd.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     repair_cmd.add_argument("--out", required=True, help="where to write the repaired model")
-    repair_cmd.add_argument("--json", action="store_true")
     repair_cmd.set_defaults(func=cmd_repair)
 
-    leak = commands.add_parser("leakscan", help="check a model for smuggled training data")
-    leak.add_argument("model")
-    leak.add_argument("--arch")
-    leak.add_argument("--input-shape", help="optional: also check the model runs")
-    leak.add_argument("--value-range")
-    leak.add_argument("--mean")
-    leak.add_argument("--std")
-    leak.add_argument("--json", action="store_true")
+    leak = command(commands, "leakscan", "check a model for smuggled training data")
+    leak.add_argument("model", help=MODEL_HELP)
+    leak.add_argument("--arch", help=ARCH_HELP)
+    leak.add_argument("--input-shape", help="optional: C,H,W, to also check the model runs")
+    leak.add_argument("--value-range", help="MIN,MAX of the data (default 0,1)")
+    leak.add_argument("--mean", help="per-channel mean the model normalises with")
+    leak.add_argument("--std", help="per-channel std the model normalises with")
+    add_fail_on_arg(leak)
     leak.set_defaults(func=cmd_leakscan)
 
     carrier = commands.add_parser(
         "carrier", help="carrier-based serving: enrol, classify, rotate"
     ).add_subparsers(dest="carrier_command", required=True)
+    requests = []
     for name, helptext in (
         ("enroll", "enrol a user: train its carrier and mapper"),
         ("rotate", "rotate a user's carrier (revokes the old one now)"),
     ):
-        sub = carrier.add_parser(name, help=helptext)
-        sub.add_argument("--user", required=True)
+        sub = command(carrier, name, helptext, connection)
+        sub.add_argument("--user", required=True, help=USER_HELP)
         if name == "rotate":
             sub.add_argument("--credential", help="the user's (omit with an admin token)")
         sub.add_argument("--steps", type=int, default=0, help="training steps (0: default)")
         sub.add_argument("--hidden", type=int, default=0, help="mapper hidden width")
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         sub.add_argument(
             "--public-model",
             help="lenet5-fashion-features (default), lenet5-fashion or efficientnet-lite0",
         )
         sub.add_argument("--task", help="dataset the mapper classifies (default mnist)")
-        sub.add_argument("--wait", action="store_true")
+        sub.add_argument("--wait", action="store_true", help="wait until the carrier is trained")
         sub.set_defaults(func=cmd_carrier_request)
-    classify = carrier.add_parser("classify", help="classify images through your carrier")
+        requests.append(sub)
+    classify = command(carrier, "classify", "classify images through your carrier", connection)
     classify.add_argument("images", nargs="+", help="image files, or one .npz with x")
-    classify.add_argument("--user", required=True)
-    classify.add_argument("--credential", required=True)
-    classify.add_argument("--json", action="store_true")
+    classify.add_argument("--user", required=True, help=USER_HELP)
+    classify.add_argument("--credential", required=True, help=CREDENTIAL_HELP)
     classify.set_defaults(func=cmd_carrier_classify)
-    status = carrier.add_parser("status", help="show a user's carrier")
-    status.add_argument("--user", required=True)
-    status.add_argument("--credential", required=True)
+    status = command(carrier, "status", "show a user's carrier", connection)
+    status.add_argument("--user", required=True, help=USER_HELP)
+    status.add_argument("--credential", required=True, help=CREDENTIAL_HELP)
     status.set_defaults(func=cmd_carrier_status)
-    revoke = carrier.add_parser(
-        "revoke", help="revoke a user's carrier now (its credential, or an admin token)"
+    revoke = command(
+        carrier,
+        "revoke",
+        "revoke a user's carrier now (its credential, or an admin token)",
+        connection,
     )
-    revoke.add_argument("--user", required=True)
+    revoke.add_argument("--user", required=True, help=USER_HELP)
     revoke.add_argument("--credential", help="the user's (omit with an admin token)")
     revoke.add_argument("--reason", help="recorded with the revocation")
     revoke.set_defaults(func=cmd_carrier_revoke)
-    for sub in (classify, status, revoke, *(carrier.choices[n] for n in ("enroll", "rotate"))):
-        sub.add_argument("--trainer", help="host:port of carrier-trainer")
-        sub.add_argument("--mapper", help="host:port of result-mapper")
+    for sub in (classify, status, revoke, *requests):
+        sub.add_argument("--trainer", help="host:port of carrier-trainer (default: embedded)")
+        sub.add_argument("--mapper", help="host:port of result-mapper (default: embedded)")
 
     token = commands.add_parser("token", help="API tokens").add_subparsers(
         dest="token_command", required=True
     )
-    create = token.add_parser(
-        "create", help="mint a bearer token: prints the tokens-file line and the token"
+    create = command(
+        token, "create", "mint a bearer token: prints the tokens-file line and the token"
     )
     create.add_argument("--tenant", required=True, help="tenant id the token acts for")
     create.add_argument("--admin", action="store_true", help="an admin token (all tenants)")
@@ -912,9 +1205,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="artifact encryption keys").add_subparsers(
         dest="keys_command", required=True
     )
-    rewrap = keys.add_parser(
+    rewrap = command(
+        keys,
         "rewrap",
-        help="re-wrap every stored data key under its tenant's active key (after a rotation; "
+        "re-wrap every stored data key under its tenant's active key (after a rotation; "
         "ciphertexts stay as they are)",
     )
     rewrap.add_argument(
@@ -924,8 +1218,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rewrap.set_defaults(func=cmd_keys_rewrap)
 
-    serve = commands.add_parser("serve", help="run one service, or all six (embedded)")
-    serve.add_argument("service", choices=[*SERVICES, "all"])
+    serve = command(commands, "serve", "run one service, or all six (embedded)")
+    serve.add_argument(
+        "service",
+        choices=[*SERVICES, "all"],
+        help="the service to run, or all (with --json: their addresses on stdout)",
+    )
     serve.set_defaults(func=cmd_serve)
     return parser
 
@@ -942,12 +1240,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except InvalidInput as err:
         err_console.print(f"[red]error:[/red] {escape(str(err))}")
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except ModelGuardError as err:
         err_console.print(f"[red]error:[/red] {escape(str(err))}")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

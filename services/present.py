@@ -16,6 +16,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, TaskID, TaskProgressColumn, TextColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from modelguard.progress import Progress
@@ -28,6 +31,7 @@ from modelguard.topics import (
 )
 
 if TYPE_CHECKING:
+    from modelguard.formats.files import ScanReport
     from modelguard.proto.modelguard.v1.pruning_orchestrator_pb2 import Audit
     from modelguard.services.audit_client import AuditClient
 
@@ -63,29 +67,90 @@ def failed(state: int) -> bool:
 
 
 # --- progress ------------------------------------------------------------------------------
-def progress_printer(label: str) -> Progress:
-    """A `Progress` printing to stderr every 5 % (and at the end)."""
-    state = {"last": -1.0}
+class ProgressBoard:
+    """Progress of named tasks on stderr: a rich bar per task on a terminal, plain lines
+    otherwise (CI logs, pipes). A task's fraction never runs backwards: a stage that begins
+    again (a restart, a retried attempt) holds at its highest fraction and says so in its
+    message. Use it as a context manager (the bars need stopping)."""
 
-    def report(fraction: float, message: str = "") -> None:
-        if fraction - state["last"] >= 0.05 or fraction >= 1.0:
-            state["last"] = fraction
-            err_console.print(f"[dim]{label} {fraction * 100:5.1f}% {message}[/dim]")
+    def __init__(
+        self, console: Console | None = None, *, step: float = 0.05, on_message: bool = False
+    ) -> None:
+        """``step``: the advance that prints a plain line; ``on_message``: a new message
+        prints one too (an audit's stage states), else only the advance does."""
+        self.console = console if console is not None else err_console
+        self.step = step
+        self.on_message = on_message
+        self._highest: dict[str, float] = {}
+        self._printed: dict[str, tuple[float, str]] = {}
+        self._bars: RichProgress | None = None
+        self._tasks: dict[str, TaskID] = {}
 
-    return report
+    def __enter__(self) -> ProgressBoard:
+        if self.console.is_terminal:
+            self._bars = RichProgress(
+                TextColumn("{task.description:>18}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("[dim]{task.fields[note]}[/dim]"),
+                console=self.console,
+            )
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+            self._bars = None
+
+    def update(self, task: str, fraction: float, message: str = "") -> None:
+        """Show ``task`` at ``fraction`` (clamped to [its highest so far, 1])."""
+        highest = self._highest.get(task, 0.0)
+        shown = min(max(fraction, highest), 1.0) if math.isfinite(fraction) else highest
+        self._highest[task] = shown
+        if self._bars is not None:
+            if task not in self._tasks:
+                self._tasks[task] = self._bars.add_task(task, total=1.0, note="")
+            self._bars.update(self._tasks[task], completed=shown, note=message)
+            return
+        last = self._printed.get(task)
+        if (
+            last is None
+            or shown - last[0] >= self.step
+            or (shown >= 1.0 > last[0])
+            or (self.on_message and message != last[1])
+        ):
+            self._printed[task] = (shown, message)
+            self.console.print(
+                f"{task}: {shown * 100:5.1f}% {message}".rstrip(),
+                style="dim",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    def reporter(self, task: str) -> Progress:
+        """A `Progress` callback updating ``task``."""
+
+        def report(fraction: float, message: str = "") -> None:
+            self.update(task, fraction, message)
+
+        return report
 
 
 # --- audits --------------------------------------------------------------------------------
-def watch(client: AuditClient, audit_id: str) -> Audit:
-    """Follow an audit to its end, printing each stage's changes to stderr."""
-    last: dict[str, str] = {}
+def watch(client: AuditClient, audit_id: str, console: Console | None = None) -> Audit:
+    """Follow an audit to its end, showing each stage's progress and state on stderr."""
     audit = None
-    for audit in client.watch(audit_id):
-        for stage in audit.stages:
-            line = f"{stage_state_name(stage.state)} {stage.progress * 100:3.0f}% {stage.message}"
-            if last.get(stage.stage) != line:
-                last[stage.stage] = line
-                err_console.print(f"[dim]{stage.stage:>18}: {line}[/dim]")
+    with ProgressBoard(console, step=0.01, on_message=True) as board:
+        for audit in client.watch(audit_id):
+            for stage in audit.stages:
+                message = stage.error.message or stage.message
+                board.update(
+                    stage.stage,
+                    stage.progress,
+                    f"{stage_state_name(stage.state)} {message}".rstrip(),
+                )
     return audit if audit is not None else client.get(audit_id)
 
 
@@ -203,6 +268,20 @@ def print_repair(summary: dict[str, Any]) -> None:
     out_console.print(table)
     verdict = f"; {summary['verdict']}" if summary.get("verdict") else ""
     out_console.print(f"pruned {len(summary.get('pruned', []))} neurons{verdict}")
+
+
+def print_scan(report: ScanReport) -> None:
+    """A file-safety scan: one line per file, the findings' reasons, a count."""
+    marks = {"safe": "[green]safe[/green]", "unsafe": "[red]UNSAFE[/red]"}
+    for scan in report.files:
+        mark = marks.get(scan.outcome, "[yellow]unreadable[/yellow]")
+        what = scan.format if scan.outcome == "safe" else scan.reason
+        out_console.print(f"{mark} {escape(str(scan.path))}: {escape(what or '')}", soft_wrap=True)
+    out_console.print(
+        f"{len(report.files)} file(s) scanned: {report.count('safe')} safe, "
+        f"{report.count('unsafe')} unsafe, {report.count('unreadable')} unreadable"
+        + (f"; {len(report.skipped)} other file(s) skipped" if report.skipped else "")
+    )
 
 
 def _fixed(value: float | None, digits: int) -> str:

@@ -121,7 +121,7 @@ class TriggerReversalSettings(ServiceSettings):
         description="Peak memory a reversal plans for (label batches are sized from it).",
     )
     time_budget_seconds: float = Field(
-        600.0,
+        480.0,
         gt=0,
         description="Wall time a reversal may take; past it the verdict is inconclusive.",
     )

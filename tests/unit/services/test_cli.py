@@ -21,7 +21,8 @@ from torch import nn
 from modelguard.bus.memory import MemoryBus
 from modelguard.config import LeakDetectorSettings, PlatformSettings, TriggerReversalSettings
 from modelguard.datasets import Dataset, dataset_to_npz
-from modelguard.jobdata import Limits, load_inputs_from_bytes
+from modelguard.detection.triggers import load_triggers
+from modelguard.jobdata import Limits, load_inputs_from_bytes, load_model_from_bytes
 from modelguard.metrics import ServiceMetrics
 from modelguard.runtime import Runtime
 from modelguard.services.cli import main
@@ -30,9 +31,11 @@ from modelguard.services.trigger_reversal.service import TriggerReversalService
 from modelguard.signing import Signer
 from modelguard.spec import InputSpec
 from modelguard.store.local import LocalStore
+from tests.conftest import MNIST_SPEC, InfectedModel
 
 SPEC = InputSpec(shape=(1, 6, 6))
 SPEC_ARGS = ["--input-shape", "1,6,6", "--value-range", "0,1"]
+MNIST_ARGS = ["--input-shape", "1,28,28", "--value-range", "0,1"]
 
 
 @pytest.fixture()
@@ -264,3 +267,27 @@ def test_audit_submit_sends_a_folder_as_the_npz_the_service_reads(
     npz.write_bytes(sent[-1])
     assert main([*submit, "--data", str(npz)]) == 0
     assert sent[-1] == npz
+
+
+def test_detect_saves_the_flagged_triggers_that_repair_takes(
+    infected_lenet: InfectedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """detect, then repair with its triggers, as a user does: the trigger is reversed once."""
+    weights, data = str(infected_lenet.weights_path), str(infected_lenet.clean_npz_path)
+    model_args = [weights, "--arch", "lenet5", "--data", data, *MNIST_ARGS]
+    out = tmp_path / "detected"
+    assert main(["detect", *model_args, "--json", "--out", str(out)]) == 0
+    detected = json.loads(capsys.readouterr().out)
+    assert detected["flagged"] == [infected_lenet.target]
+    saved = load_triggers(Path(detected["triggers"]).read_bytes())
+    assert [t.label for t in saved] == [infected_lenet.target]
+
+    repaired_path = tmp_path / "repaired.safetensors"
+    repair = ["repair", *model_args, "--triggers", detected["triggers"], "--json"]
+    assert main([*repair, "--out", str(repaired_path)]) == 0
+    repaired = json.loads(capsys.readouterr().out)
+    assert repaired["target_labels"] == [infected_lenet.target]
+    module = load_model_from_bytes(
+        repaired_path.read_bytes(), MNIST_SPEC, "lenet5", Limits.of(PlatformSettings())
+    ).module
+    assert infected_lenet.real_asr(module) < 0.1 < infected_lenet.real_asr(infected_lenet.module)

@@ -52,7 +52,7 @@ def test_keys_rewrap_reports_lost_keys_and_refuses_when_off(
     assert "encryption is off" in capsys.readouterr().err
 
     monkeypatch.setenv("MODELGUARD_ENCRYPT_ARTIFACTS", "true")
-    assert main(["keys", "rewrap"]) == 1
+    assert main(["keys", "rewrap"]) == 3
     captured = capsys.readouterr()
     assert "1 failed" in captured.out
     assert ref.key in captured.err.replace("\n", "")

@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from modelguard.auth import current_identity
 from modelguard.errors import IntegrityError, InvalidInput
 from modelguard.store.base import BLOB_PREFIX, digest
 
@@ -200,8 +201,6 @@ def current_tenant() -> str:
     tenant = _writing_tenant.get()
     if tenant:
         return tenant
-    from modelguard.auth import current_identity  # grpc only loads when a caller exists
-
     caller = current_identity()
     return caller.tenant if caller is not None else PLATFORM_TENANT
 

@@ -182,7 +182,9 @@ class S3Store:
         )
         for name in names:
             try:
-                stat = self._call(partial(self.client.stat_object, self.bucket, name), name)
+                stat = self._call(
+                    partial(self.client.stat_object, self.bucket, name), f"stat {name}"
+                )
                 envelope = Envelope.from_metadata(user_metadata(stat.metadata or {}), name)
                 if envelope is None and encrypt_plaintext:
                     plaintext = self._read(name, f"read {name}")[0]
@@ -201,7 +203,9 @@ class S3Store:
                     report.changed += 1
                     continue
                 report.rewrapped += 1
-            except (IntegrityError, NotFound) as err:
+            except NotFound:
+                report.changed += 1  # deleted meanwhile
+            except IntegrityError as err:
                 report.failed[name] = str(err)
         return report
 

@@ -11,7 +11,7 @@ import pytest
 from modelguard.errors import IntegrityError
 from modelguard.localstack import SeaweedServer
 from modelguard.store.base import ArtifactStore
-from modelguard.store.encryption import META_KEK, EnvelopeCipher, Keyring
+from modelguard.store.encryption import META_KEK, Envelope, EnvelopeCipher, Keyring
 from modelguard.store.s3 import S3Store, user_metadata
 from tests.contracts.store_contract import StoreContract
 from tests.unit.shared.store.keyrings import new_key, write_keyring
@@ -79,6 +79,23 @@ def test_envelope_survives_s3_and_rewrap_keeps_the_ciphertext(
     assert only_p2.get_blob(ref) == MODEL
     assert only_p2.get_doc("audits/a.json") == b'{"verdict": "clean"}'
     assert only_p2.rewrap_keys().current == 2
+
+
+def test_rewrap_leaves_an_object_that_changed_since_it_was_read(
+    seaweed: SeaweedServer, bucket_name: str, tmp_path: Path
+) -> None:
+    """The metadata-only copy is conditional on the ETag read: a newer write wins."""
+    keyring = write_keyring(tmp_path / "keyring.json", {"platform": ("p1", {"p1": new_key()})})
+    store = encrypted_store(seaweed, bucket_name, keyring)
+    store.put_doc("audits/a.json", b"{}")
+    name = "docs/audits/a.json"
+    _, metadata = raw_object(seaweed, bucket_name, name)
+    envelope = Envelope.from_metadata(metadata, name)
+    assert envelope is not None
+    assert not store._replace_metadata(name, '"0123456789abcdef"', "application/json", envelope)
+    stat = seaweed.client().stat_object(bucket_name, name)
+    assert store._replace_metadata(name, str(stat.etag), "application/json", envelope)
+    assert store.get_doc("audits/a.json") == b"{}"
 
 
 def test_a_flipped_byte_on_the_server_is_refused(

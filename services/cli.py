@@ -12,6 +12,7 @@ loader (`modelguard.jobdata`), the same summary documents, the same trigger pict
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -859,6 +860,30 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_keys_rewrap(args: argparse.Namespace) -> int:
+    """Re-wrap every stored data key under its tenant's active key-encryption key."""
+    from modelguard.runtime import build_store
+    from modelguard.store import rewrap_keys
+
+    platform = PlatformSettings()
+    if not platform.encrypt_artifacts:
+        raise InvalidInput(
+            "artifact encryption is off (MODELGUARD_ENCRYPT_ARTIFACTS): nothing to rewrap"
+        )
+    report = rewrap_keys(build_store(platform), encrypt_plaintext=args.encrypt_plaintext)
+    if args.json:
+        print_json({**dataclasses.asdict(report), "total": report.total})
+        return ExitCode.FAILED if report.failed else ExitCode.OK
+    out_console.print(
+        f"{report.total} objects: {report.rewrapped} rewrapped, {report.current} already under "
+        f"the active key, {report.changed} rewritten meanwhile, {report.plaintext} not "
+        f"encrypted, {report.encrypted} encrypted now, {len(report.failed)} failed"
+    )
+    for reason in report.failed.values():
+        err_console.print(f"[red]cannot rewrap:[/red] {escape(reason)}")
+    return ExitCode.FAILED if report.failed else ExitCode.OK
+
+
 def cmd_carrier_status(args: argparse.Namespace) -> int:
     with carrier_client(args) as client:
         info = client.info(args.user, args.credential)
@@ -1301,6 +1326,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the deployment's public key, PEM (default: MODELGUARD_CLI_PUBLIC_KEY_FILE)",
     )
     verify.set_defaults(func=cmd_verify)
+    keys = commands.add_parser("keys", help="artifact encryption keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    rewrap = command(
+        keys,
+        "rewrap",
+        "re-wrap every stored data key under its tenant's active key (after a rotation; "
+        "ciphertexts stay as they are)",
+    )
+    rewrap.add_argument(
+        "--encrypt-plaintext",
+        action="store_true",
+        help="also encrypt objects written before encryption was on (stop the services first)",
+    )
+    rewrap.set_defaults(func=cmd_keys_rewrap)
 
     serve = command(commands, "serve", "run one service, or all six (embedded)")
     serve.add_argument(

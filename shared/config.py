@@ -48,6 +48,16 @@ class PlatformSettings(BaseSettings):
     s3_secret_key: SecretStr = Field(SecretStr("modelguard-secret"), description="S3 secret key.")
     s3_bucket: str = Field("modelguard", description="Bucket holding all artifacts.")
     s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 endpoint.")
+    encrypt_artifacts: bool = Field(
+        False,
+        description="Envelope-encrypt every artifact written (AES-256-GCM with a data key per "
+        "object, wrapped by the tenant's key-encryption key); needs the keyring file.",
+    )
+    encryption_keyring_file: str = Field(
+        "",
+        description="Keyring JSON mounted from a Secret: per tenant an active key id and its "
+        "keys (32 bytes, base64); listed non-active keys still decrypt older objects.",
+    )
     signing_key_file: str = Field(
         "",
         description="Ed25519 private key (PKCS#8 PEM, mounted from a Secret) signing reports, "

@@ -38,6 +38,14 @@ class Runtime:
 def build_store(platform: PlatformSettings) -> ArtifactStore:
     from modelguard.store import make_store
 
+    keyring_file = ""
+    if platform.encrypt_artifacts:
+        if not platform.encryption_keyring_file:
+            raise InvalidInput(
+                "MODELGUARD_ENCRYPT_ARTIFACTS is on but MODELGUARD_ENCRYPTION_KEYRING_FILE is "
+                "empty: mount the keyring Secret and name its file"
+            )
+        keyring_file = platform.encryption_keyring_file
     if platform.store == "s3":
         return make_store(
             "s3",
@@ -46,8 +54,9 @@ def build_store(platform: PlatformSettings) -> ArtifactStore:
             secret_key=platform.s3_secret_key.get_secret_value(),
             bucket=platform.s3_bucket,
             secure=platform.s3_secure,
+            keyring_file=keyring_file,
         )
-    return make_store("local", root=platform.store_dir)
+    return make_store("local", root=platform.store_dir, keyring_file=keyring_file)
 
 
 def build_runtime(

@@ -26,6 +26,7 @@ from modelguard.metrics import ServiceMetrics
 from modelguard.progress import Progress as Progress  # re-exported: handlers import it from here
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
 from modelguard.store.base import ArtifactRef
+from modelguard.store.encryption import writing_for
 from modelguard.topics import AUDIT_EVENTS, JOB_AUDIT
 
 log = logging.getLogger(__name__)
@@ -215,12 +216,16 @@ def run_audit_stage(
     message_type: type[M],
     audit_id: Callable[[M], str],
     handle: Callable[[M, Progress], StageOutcome],
+    *,
+    tenant: Callable[[M], str],
 ) -> None:
     """A stage handler's Kafka entry: decode ``message`` as ``message_type`` (malformed
     bytes are bad input), find its audit, and run ``handle`` under ``reporter`` (progress,
-    outcome on audit.events, attempts, time limit)."""
+    outcome on audit.events, attempts, time limit). What the stage stores is encrypted
+    with the audit's ``tenant``'s key (when encryption is on)."""
     parsed = parse_message(message.value, message_type)
     audit = audit_id(parsed)
     if not audit:
         raise InvalidInput(f"{message_type.__name__} message without an audit id")
-    reporter.run(audit, lambda progress: handle(parsed, progress), message.attempt)
+    with writing_for(tenant(parsed)):
+        reporter.run(audit, lambda progress: handle(parsed, progress), message.attempt)

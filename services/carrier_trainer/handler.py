@@ -7,6 +7,7 @@ from modelguard.convert import parse_message
 from modelguard.errors import InvalidInput
 from modelguard.proto.modelguard.v1 import jobs_pb2
 from modelguard.services.carrier_trainer.service import CarrierService
+from modelguard.store.encryption import writing_for
 from modelguard.topics import CARRIER_REVOKED
 
 
@@ -21,4 +22,5 @@ class CarrierHandler:
         job = parse_message(message.value, jobs_pb2.CarrierRequested)
         if not job.user_id or job.generation < 1:
             raise InvalidInput("CarrierRequested needs a user id and a generation >= 1")
-        self.service.train(job)
+        with writing_for(job.tenant):  # its carrier and mapper are encrypted with its key
+            self.service.train(job)

@@ -17,7 +17,12 @@ class AuditHandler:
 
     def __call__(self, message: Message) -> None:
         run_audit_stage(
-            self.reporter, message, jobs_pb2.AuditRequested, lambda m: m.audit_id, self.handle
+            self.reporter,
+            message,
+            jobs_pb2.AuditRequested,
+            lambda m: m.audit_id,
+            self.handle,
+            tenant=lambda m: m.tenant,
         )
 
     def handle(self, request: jobs_pb2.AuditRequested, progress: Progress) -> StageOutcome:

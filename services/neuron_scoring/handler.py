@@ -26,6 +26,7 @@ class TriggersHandler:
             jobs_pb2.TriggersReversed,
             lambda m: m.request.audit_id,
             self.handle,
+            tenant=lambda m: m.request.tenant,
         )
 
     def handle(self, reversed_: jobs_pb2.TriggersReversed, progress: Progress) -> StageOutcome:

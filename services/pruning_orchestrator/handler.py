@@ -45,6 +45,7 @@ class RepairHandler:
             jobs_pb2.NeuronsScored,
             lambda m: m.triggers.request.audit_id,
             self.repair,
+            tenant=lambda m: m.triggers.request.tenant,
         )
 
     def repair(self, scored: jobs_pb2.NeuronsScored, progress: Progress) -> StageOutcome:

@@ -2,7 +2,9 @@
 
 Layout: blobs at ``root/<blob_key(sha256)>``, documents at ``root/docs/<key>``. Every
 write goes to a temporary file in the target directory and is renamed into place, so a
-reader sees the old bytes or the new ones, never a torn file.
+reader sees the old bytes or the new ones, never a torn file. With a cipher (see
+`modelguard.store.encryption`) every file holds its encryption envelope followed by the
+ciphertext; the digest stays the plaintext's and is checked after decryption.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from pathlib import Path
 
 from modelguard.errors import IntegrityError, InvalidInput, NotFound, Unavailable
 from modelguard.store.base import ArtifactRef, blob_key, digest
+from modelguard.store.encryption import (
+    EnvelopeCipher,
+    RewrapReport,
+    check_plaintext,
+    pack,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,9 @@ def ref_digest(ref: ArtifactRef | str) -> str:
 
 
 class LocalStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cipher: EnvelopeCipher | None = None) -> None:
         self.root = Path(root)
+        self.cipher = cipher
         self.docs_root = self.root / DOCS_DIR
         try:
             self.docs_root.mkdir(parents=True, exist_ok=True)
@@ -67,21 +77,29 @@ class LocalStore:
         sha = digest(data)
         ref = ArtifactRef(sha256=sha, key=blob_key(sha), size=len(data), media_type=media_type)
         path = self.root / ref.key
-        with contextlib.suppress(OSError):
-            if path.stat().st_size == len(data) and digest(path.read_bytes()) == sha:
-                return ref  # already there; a damaged copy is replaced below
-        self._write(path, data)
+        if self._holds(ref, path):
+            return ref  # already there; a damaged copy is replaced below
+        self._write(path, self._seal(ref.key, data))
         return ref
+
+    def _holds(self, ref: ArtifactRef, path: Path) -> bool:
+        try:
+            if self.cipher is None and path.stat().st_size != ref.size:
+                return False  # no need to read it
+            return digest(self._open(ref.key, path.read_bytes())) == ref.sha256
+        except (OSError, IntegrityError):
+            return False
 
     def get_blob(self, ref: ArtifactRef | str) -> bytes:
         sha = ref_digest(ref)
         key = blob_key(sha)
         try:
-            data = (self.root / key).read_bytes()
+            stored = (self.root / key).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"artifact {key} not found in {self.root}") from None
         except OSError as err:
             raise Unavailable(f"cannot read artifact {key}: {err}") from err
+        data = self._open(key, stored)
         if digest(data) != sha:
             raise IntegrityError(
                 f"artifact {key} is corrupted: its bytes no longer match the digest; "
@@ -95,15 +113,18 @@ class LocalStore:
     # -- documents --------------------------------------------------------------------------
 
     def put_doc(self, key: str, data: bytes) -> None:
-        self._write(self._doc_path(key), data)
+        path = self._doc_path(key)
+        self._write(path, self._seal(self._name(path), data))
 
     def get_doc(self, key: str) -> bytes:
+        path = self._doc_path(key)
         try:
-            return self._doc_path(key).read_bytes()
+            stored = path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"document {key!r} not found") from None
         except OSError as err:
             raise Unavailable(f"cannot read document {key!r}: {err}") from err
+        return self._open(self._name(path), stored)
 
     def list_docs(self, prefix: str) -> list[str]:
         check_doc_prefix(prefix)
@@ -125,6 +146,60 @@ class LocalStore:
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise Unavailable(f"artifact store directory {self.root} is not writable")
+
+    # -- encryption ---------------------------------------------------------------------------
+
+    def rewrap_keys(self, encrypt_plaintext: bool = False) -> RewrapReport:
+        """Re-wrap every object's data key under its tenant's active key: each file's
+        envelope is replaced, its ciphertext bytes are written back unchanged.
+        ``encrypt_plaintext``: objects written before encryption was on are encrypted
+        (with the platform's key; run it while no service writes)."""
+        if self.cipher is None:
+            raise InvalidInput("rewrapping keys needs encryption on (a keyring)")
+        report = RewrapReport()
+        for path in sorted(self.root.rglob("*")):
+            if not path.is_file() or path.name.startswith(".tmp-"):
+                continue
+            name = self._name(path)
+            try:
+                stored = path.read_bytes()
+                envelope, ciphertext = unpack(name, stored)
+                if envelope is None and encrypt_plaintext:
+                    check_plaintext(name, stored)
+                    self._write(path, self._seal(name, stored))
+                    report.encrypted += 1
+                    continue
+                if envelope is None:
+                    report.plaintext += 1
+                    continue
+                rewrapped = self.cipher.rewrap(name, envelope)
+                if rewrapped is None:
+                    report.current += 1
+                    continue
+                if path.read_bytes() != stored:  # rewritten meanwhile, with the active key
+                    report.changed += 1
+                    continue
+                self._write(path, pack(rewrapped, ciphertext))
+                report.rewrapped += 1
+            except IntegrityError as err:
+                report.failed[name] = str(err)
+        return report
+
+    def _name(self, path: Path) -> str:
+        """An object's name: its path under the root (the same names as in S3)."""
+        return path.relative_to(self.root).as_posix()
+
+    def _seal(self, name: str, data: bytes) -> bytes:
+        if self.cipher is None:
+            return data
+        ciphertext, envelope = self.cipher.seal(name, data)
+        return pack(envelope, ciphertext)
+
+    def _open(self, name: str, stored: bytes) -> bytes:
+        if self.cipher is None:
+            return stored
+        envelope, ciphertext = unpack(name, stored)
+        return self.cipher.open(name, ciphertext, envelope)
 
     # -- internals ----------------------------------------------------------------------------
 

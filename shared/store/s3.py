@@ -1,9 +1,12 @@
 """`S3Store`: the artifact store in an S3 bucket via the MinIO SDK (MinIO, SeaweedFS,
 JuiceFS gateway).
 
-Same layout as `LocalStore`: blobs at ``<blob_key>``, documents under ``docs/``. Nothing
-relies on S3 user metadata (the JuiceFS gateway drops it): a blob's digest is its key
-and is re-checked on every read. The HTTP client has short timeouts and one retry, so an
+Same layout as `LocalStore`: blobs at ``<blob_key>``, documents under ``docs/``. A blob's
+digest is its key and is re-checked on every read. Without encryption nothing relies on
+S3 user metadata (the JuiceFS gateway drops it); with a cipher (see
+`modelguard.store.encryption`) each object's envelope is its user metadata, so the
+server must keep it (MinIO, SeaweedFS and AWS do; an object whose envelope was dropped is
+refused with an error saying so). The HTTP client has short timeouts and one retry, so an
 unreachable server gives `Unavailable` within seconds instead of minio's default minutes.
 """
 
@@ -12,16 +15,25 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import TypeVar
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import REPLACE, CopySource
 from minio.error import MinioException, S3Error
 
-from modelguard.errors import IntegrityError, NotFound, Unavailable
+from modelguard.errors import IntegrityError, InvalidInput, NotFound, Unavailable
 from modelguard.store.base import ArtifactRef, blob_key, digest
+from modelguard.store.encryption import (
+    TAG_BYTES,
+    Envelope,
+    EnvelopeCipher,
+    RewrapReport,
+    check_plaintext,
+)
 from modelguard.store.local import (
     DOCS_DIR,
     check_doc_key,
@@ -36,6 +48,16 @@ T = TypeVar("T")
 
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject", "ResourceNotFound"})
 _AUTH = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"})
+_USER_METADATA = "x-amz-meta-"
+
+
+def user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
+    """An object's user metadata from its response headers, names lowercased."""
+    return {
+        name.lower()[len(_USER_METADATA) :]: value
+        for name, value in headers.items()
+        if name.lower().startswith(_USER_METADATA)
+    }
 
 
 def http_client(
@@ -65,9 +87,11 @@ class S3Store:
         *,
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 30.0,
+        cipher: EnvelopeCipher | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.bucket = bucket
+        self.cipher = cipher
         # region given: minio skips the GetBucketLocation round trip
         self.client = Minio(
             endpoint,
@@ -85,8 +109,8 @@ class S3Store:
     def put_blob(self, data: bytes, media_type: str = "application/octet-stream") -> ArtifactRef:
         sha = digest(data)
         ref = ArtifactRef(sha256=sha, key=blob_key(sha), size=len(data), media_type=media_type)
-        size = self._size(ref.key)
-        if size == len(data):
+        stat = self._stat(ref.key)
+        if stat is not None and stat == self._expected(len(data)):
             return ref  # content-addressed: already stored (verified on every read)
         self._put(ref.key, data, media_type)
         return ref
@@ -103,7 +127,7 @@ class S3Store:
         return data
 
     def has_blob(self, sha256_hex: str) -> bool:
-        return self._size(blob_key(check_sha256(sha256_hex))) is not None
+        return self._stat(blob_key(check_sha256(sha256_hex))) is not None
 
     # -- documents --------------------------------------------------------------------------
 
@@ -135,6 +159,82 @@ class S3Store:
 
     def ping(self) -> None:
         self._ensure_bucket(force=True)
+
+    # -- encryption ---------------------------------------------------------------------------
+
+    def rewrap_keys(self, encrypt_plaintext: bool = False) -> RewrapReport:
+        """Re-wrap every object's data key under its tenant's active key: a server-side
+        copy onto itself that replaces the metadata only (the ciphertext is not sent), on
+        condition that the object is still the one read (its ETag).
+        ``encrypt_plaintext``: objects written before encryption was on are read and
+        written back encrypted (with the platform's key; run it while no service writes)."""
+        cipher = self.cipher
+        if cipher is None:
+            raise InvalidInput("rewrapping keys needs encryption on (a keyring)")
+        report = RewrapReport()
+        names = self._call(
+            lambda: [
+                str(o.object_name)
+                for o in self.client.list_objects(self.bucket, recursive=True)
+                if o.object_name is not None and not o.is_dir
+            ],
+            "list objects",
+        )
+        for name in names:
+            try:
+                stat = self._call(
+                    partial(self.client.stat_object, self.bucket, name), f"stat {name}"
+                )
+                envelope = Envelope.from_metadata(user_metadata(stat.metadata or {}), name)
+                if envelope is None and encrypt_plaintext:
+                    plaintext = self._read(name, f"read {name}")[0]
+                    check_plaintext(name, plaintext)
+                    self._put(name, plaintext, stat.content_type or "application/octet-stream")
+                    report.encrypted += 1
+                    continue
+                if envelope is None:
+                    report.plaintext += 1
+                    continue
+                rewrapped = cipher.rewrap(name, envelope)
+                if rewrapped is None:
+                    report.current += 1
+                    continue
+                if not self._replace_metadata(name, str(stat.etag), stat.content_type, rewrapped):
+                    report.changed += 1
+                    continue
+                report.rewrapped += 1
+            except NotFound:
+                report.changed += 1  # deleted meanwhile
+            except IntegrityError as err:
+                report.failed[name] = str(err)
+        return report
+
+    def _replace_metadata(
+        self, name: str, etag: str, content_type: str | None, envelope: Envelope
+    ) -> bool:
+        """False when the object changed since it was read (a newer write; it already has
+        an envelope of the active key)."""
+        metadata: dict[str, str | list[str] | tuple[str]] = {
+            "Content-Type": content_type or "application/octet-stream",
+            **{_USER_METADATA + k: v for k, v in envelope.to_metadata().items()},
+        }
+        source = CopySource(self.bucket, name, match_etag=etag)
+        try:
+            self._call(
+                lambda: self.client.copy_object(
+                    self.bucket, name, source, metadata=metadata, metadata_directive=REPLACE
+                ),
+                f"rewrap {name}",
+            )
+        except Unavailable as err:
+            if isinstance(err.__cause__, S3Error) and err.__cause__.code == "PreconditionFailed":
+                return False
+            raise
+        return True
+
+    def _expected(self, size: int) -> tuple[int, bool]:
+        """What `_stat` reports of an intact object holding ``size`` plaintext bytes."""
+        return (size + TAG_BYTES, True) if self.cipher is not None else (size, False)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -182,31 +282,56 @@ class S3Store:
                 f"cannot {what}: S3 at {self.endpoint} unreachable ({type(err).__name__}: {err})"
             ) from err
 
-    def _size(self, name: str) -> int | None:
+    def _stat(self, name: str) -> tuple[int, bool] | None:
+        """The stored size and whether the object has an encryption envelope; None when
+        absent."""
         try:
             stat = self._call(lambda: self.client.stat_object(self.bucket, name), f"stat {name}")
         except NotFound:
             return None
-        return stat.size
+        try:
+            sealed = Envelope.from_metadata(user_metadata(stat.metadata or {}), name) is not None
+        except IntegrityError:
+            sealed = False  # a damaged envelope: rewritten by the next put
+        return int(stat.size or 0), sealed
 
     def _put(self, name: str, data: bytes, content_type: str) -> None:
+        metadata: dict[str, str | list[str] | tuple[str]] | None = None
+        if self.cipher is not None:
+            data, envelope = self.cipher.seal(name, data)
+            metadata = {_USER_METADATA + k: v for k, v in envelope.to_metadata().items()}
         self._call(
             lambda: self.client.put_object(
-                self.bucket, name, io.BytesIO(data), len(data), content_type=content_type
+                self.bucket,
+                name,
+                io.BytesIO(data),
+                len(data),
+                content_type=content_type,
+                metadata=metadata,
             ),
             f"write {name}",
         )
 
-    def _get(self, name: str, what: str) -> bytes:
-        def run() -> bytes:
+    def _read(self, name: str, what: str) -> tuple[bytes, dict[str, str]]:
+        """The stored bytes and the user metadata."""
+
+        def run() -> tuple[bytes, dict[str, str]]:
             response = self.client.get_object(self.bucket, name)
             try:
-                return bytes(response.read())
+                return bytes(response.read()), user_metadata(response.headers)
             finally:
                 response.close()
                 response.release_conn()
 
+        return self._call(run, what)
+
+    def _get(self, name: str, what: str) -> bytes:
+        """The object's plaintext (decrypted and authenticated with a cipher)."""
+
         try:
-            return self._call(run, f"read {what}")
+            stored, metadata = self._read(name, f"read {what}")
         except NotFound:
             raise NotFound(f"{what} not found in bucket {self.bucket}") from None
+        if self.cipher is None:
+            return stored
+        return self.cipher.open(name, stored, Envelope.from_metadata(metadata, name))

@@ -76,10 +76,18 @@ def ready_carrier(app: ServiceApp, user: str, seed: int) -> str:
 
 
 @contextmanager
-def carrier_world(tmp_path: Path, **mapper_settings: Any) -> Iterator[World]:
+def carrier_world(
+    tmp_path: Path, *, keyring_file: Path | None = None, **mapper_settings: Any
+) -> Iterator[World]:
+    """``keyring_file`` given: the artifact store encrypts everything with it."""
     tokens = write_tokens(tmp_path)
     bus = MemoryBus()
-    platform = PlatformSettings(store_dir=tmp_path / "store", auth_tokens_file=str(tokens.file))
+    platform = PlatformSettings(
+        store_dir=tmp_path / "store",
+        auth_tokens_file=str(tokens.file),
+        encrypt_artifacts=keyring_file is not None,
+        encryption_keyring_file=str(keyring_file or ""),
+    )
     # no carrier-trainer worker: nothing is trained; result-mapper consumes carrier events
     trainer = build_service(
         "carrier-trainer",

@@ -393,6 +393,7 @@ def _commands(files: dict[str, Path], tmp_path: Path) -> dict[str, list[str]]:
         "carrier status": ["carrier", "status", "--user", "ann", "--credential", "c"],
         "carrier revoke": ["carrier", "revoke", "--user", "ann", "--reason", "left"],
         "token create": ["token", "create", "--tenant", "acme"],
+        "keys rewrap": ["keys", "rewrap"],
         "serve": ["serve", "all"],
         "public-key": ["public-key"],
         "verify": ["verify", str(_signed(tmp_path)), "--public-key", str(_public_key(tmp_path))],
@@ -452,12 +453,28 @@ def _check(command: str, document: Any, tmp_path: Path) -> None:
     elif command == "verify":
         assert document["valid"] is True and document["kind"] == "report"
         assert document["key_id"] == SIGNER.key_id
+    elif command == "keys rewrap":
+        assert document["total"] == document["current"] == 1 and document["failed"] == {}
     elif command == "serve":
         assert document == {
             "pruning-orchestrator": {"grpc": "127.0.0.1:50051", "metrics_port": 9100}
         }
     else:
         raise AssertionError(f"no check for {command}")
+
+
+def _encrypted_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For `keys rewrap`: an encrypted local store holding one object."""
+    from modelguard.store.encryption import EnvelopeCipher, Keyring
+    from modelguard.store.local import LocalStore
+    from tests.unit.shared.store.keyrings import new_key, write_keyring
+
+    keyring = write_keyring(tmp_path / "keyring.json", {"platform": ("p1", {"p1": new_key()})})
+    LocalStore(tmp_path / "store", EnvelopeCipher(Keyring.load(keyring))).put_blob(b"model")
+    monkeypatch.setenv("MODELGUARD_STORE", "local")
+    monkeypatch.setenv("MODELGUARD_STORE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("MODELGUARD_ENCRYPT_ARTIFACTS", "true")
+    monkeypatch.setenv("MODELGUARD_ENCRYPTION_KEYRING_FILE", str(keyring))
 
 
 def test_every_subcommand_prints_one_json_document_and_exits_0(
@@ -470,6 +487,7 @@ def test_every_subcommand_prints_one_json_document_and_exits_0(
 ) -> None:
     _serve(monkeypatch)
     monkeypatch.setenv("MODELGUARD_CLI_TARGET", "orchestrator:1")
+    _encrypted_store(tmp_path, monkeypatch)
     commands = _commands(files, tmp_path)
     assert set(commands) == _leaf_commands(build_parser())  # no subcommand left out
     for name, argv in commands.items():

@@ -13,7 +13,8 @@ from modelguard.bus.memory import MemoryBus
 from modelguard.errors import InvalidInput, Unavailable
 from modelguard.metrics import ServiceMetrics
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
-from modelguard.stage import Progress, StageOutcome, StageReporter
+from modelguard.stage import Progress, StageOutcome, StageReporter, run_audit_stage
+from modelguard.store.encryption import current_tenant
 from modelguard.topics import AUDIT_EVENTS
 
 
@@ -176,4 +177,31 @@ def test_bad_input_fails_at_once_and_is_not_raised() -> None:
     states = [e[1] for e in _events(bus)]
     assert states == [common_pb2.STAGE_STATE_RUNNING, common_pb2.STAGE_STATE_FAILED]
     assert HEADER_ATTEMPT == "attempt"
+    bus.close()
+
+
+def test_a_stage_writes_for_the_audit_tenant() -> None:
+    """Artifacts a stage stores are encrypted with its audit's tenant's key."""
+    bus = MemoryBus()
+    reporter = StageReporter(
+        bus, "leak-detector", ServiceMetrics(CollectorRegistry(), "leak-detector")
+    )
+    seen: list[str] = []
+
+    def work(request: jobs_pb2.AuditRequested, _progress: Progress) -> StageOutcome:
+        seen.append(current_tenant())
+        return StageOutcome()
+
+    request = jobs_pb2.AuditRequested(audit_id="a1", tenant="acme")
+    message = Message(topic="jobs", value=request.SerializeToString())
+    run_audit_stage(
+        reporter,
+        message,
+        jobs_pb2.AuditRequested,
+        lambda m: m.audit_id,
+        work,
+        tenant=lambda m: m.tenant,
+    )
+    assert seen == ["acme"]
+    assert current_tenant() == "platform"  # only while the stage runs
     bus.close()

@@ -5,8 +5,9 @@ modelguard-signing-public, key ``signing-public-key.pem``) and modelguard-auth (
 tokens file with one admin token: key ``tokens`` holds its salted hash, the only key the
 services mount; key ``admin-token`` the token itself,
 for the operator: ``kubectl get secret modelguard-auth -o jsonpath='{.data.admin-token}'
-| base64 -d``). Mint tenant tokens with ``modelguard token create``. An existing Secret
-is left alone, so re-applying the overlay changes nothing.
+| base64 -d``). Mint tenant tokens with ``modelguard token create``. modelguard-keyring
+holds the artifact encryption keyring (key ``keyring.json``: one random key-encryption
+key for the platform). An existing Secret is left alone, so re-applying the overlay changes nothing.
 
 Runs in the cluster as the secrets-bootstrap Job, with the Python standard library and
 ``cryptography`` (installed in the project's image): no credential is ever written into
@@ -89,6 +90,13 @@ def admin_tokens() -> dict[str, str]:
     return {"tokens": line + "\n", "admin-token": token}
 
 
+def keyring() -> dict[str, str]:
+    """The keyring file of modelguard.store.encryption: one 32-byte key, active."""
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    document = {"tenants": {"platform": {"active": "platform-1", "keys": {"platform-1": key}}}}
+    return {"keyring.json": json.dumps(document, indent=2) + "\n"}
+
+
 def main() -> None:
     with open(f"{ACCOUNT}/namespace") as f:
         namespace = f.read().strip()
@@ -116,6 +124,7 @@ def main() -> None:
             api, namespace, token, context, "modelguard-signing-public", public, kind="ConfigMap"
         )
     create(api, namespace, token, context, "modelguard-auth", admin_tokens())
+    create(api, namespace, token, context, "modelguard-keyring", keyring())
 
 
 if __name__ == "__main__":

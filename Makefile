@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-unit test-integration bench zoo proto proto-check lint fmt up down clean
+.PHONY: help setup demo test test-unit test-integration bench zoo proto proto-check lint fmt up down status logs clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -50,11 +50,17 @@ fmt: setup ## Format the code
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-up: setup ## Start a real local stack: Tansu, SeaweedFS, Prometheus and the six services
+up: setup ## Start the local stack (SeaweedFS, Tansu, the six services, Prometheus), supervised, on fixed ports
 	$(PY) -m modelguard.services.stack up
 
 down: ## Stop the local stack
 	$(PY) -m modelguard.services.stack down
+
+status: ## Each process of the local stack: state, pid, ports, up since, restarts, health
+	$(PY) -m modelguard.services.stack status
+
+logs: ## Tail of a local-stack log: make logs SERVICE=trigger-reversal (all when none given)
+	$(PY) -m modelguard.services.stack logs $(SERVICE)
 
 clean: ## Remove caches (keeps .venv and data)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .modelguard demo-out

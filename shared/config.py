@@ -221,3 +221,40 @@ SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
     "result-mapper": ResultMapperSettings,
 }
 SERVICES = tuple(SERVICE_SETTINGS)
+
+
+class StackSettings(BaseSettings):
+    """The local stack of `make up`: its fixed ports (the platform settings' defaults, so a
+    client without settings finds it), what it runs and how it restarts what exits. The
+    services' own ports are their settings' (``MODELGUARD_<SERVICE>_GRPC_PORT``, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELGUARD_STACK_", extra="forbid")
+
+    dir: Path = Field(Path(".modelguard/stack"), description="State, data and logs.")
+    kafka_port: int = Field(9092, description="Port of the Kafka API (Tansu).")
+    s3_port: int = Field(
+        9000, description="Port of the S3 API (SeaweedFS); its gRPC takes this port + 10000."
+    )
+    bucket: str = Field("modelguard", description="Artifact bucket.")
+    prometheus: bool = Field(True, description="Run Prometheus when it is installed.")
+    prometheus_port: int = Field(9090, description="Port of Prometheus's web UI and API.")
+    services: str = Field("", description="Comma-separated services to run (empty: all six).")
+    restart_initial_seconds: float = Field(
+        1.0, description="Delay before restarting a process that exited; doubles each time."
+    )
+    restart_max_seconds: float = Field(60.0, description="Longest delay between restarts.")
+    restart_reset_after_seconds: float = Field(
+        60.0, description="A process up this long restarts with the initial delay again."
+    )
+
+    def service_names(self) -> tuple[str, ...]:
+        if not self.services.strip():
+            return SERVICES
+        names = tuple(name.strip() for name in self.services.split(",") if name.strip())
+        unknown = sorted(set(names) - set(SERVICES))
+        if unknown:
+            raise ValueError(
+                f"MODELGUARD_STACK_SERVICES names unknown services {unknown}; "
+                f"known: {', '.join(SERVICES)}"
+            )
+        return tuple(name for name in SERVICES if name in names)

@@ -60,7 +60,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
@@ -77,7 +77,7 @@ def free_grpc_pair(taken: set[int], host: str = "127.0.0.1") -> int:
         pair = {port, port + GRPC_OFFSET}
         if pair & taken:
             continue
-        if _port_free(port, host) and _port_free(port + GRPC_OFFSET, host):
+        if port_free(port, host) and port_free(port + GRPC_OFFSET, host):
             taken.update(pair)
             return port
     raise RuntimeError("no free port pair found for SeaweedFS")

@@ -166,7 +166,7 @@ def bar_chart_png(
     threshold as a dashed line; small enough to sit beside a sentence."""
     if len(names) != len(values):
         raise ValueError("one value per name")
-    figure, axes = plt.subplots(figsize=(5, 0.5 + 0.45 * max(1, len(names))), dpi=100)
+    figure, axes = plt.subplots(figsize=(5, 1.3 + 0.4 * max(1, len(names))), dpi=100)
     line = threshold if threshold is not None and math.isfinite(threshold) else None
     colours = [
         ALERT_COLOUR if line is not None and value >= line else NORMAL_COLOUR for value in values
@@ -176,8 +176,9 @@ def bar_chart_png(
     axes.set_yticks(positions, list(names), fontsize=8)
     axes.invert_yaxis()  # first name on top
     if line is not None:
-        axes.axvline(line, color="grey", linestyle="--", linewidth=1, label=threshold_label)
-        axes.legend(loc="lower right", fontsize=7)
+        axes.axvline(line, color="grey", linestyle="--", linewidth=1)
+        xlabel += f" (dashed: {threshold_label})"
+    axes.set_xlim(min(0.0, *values), 1.1 * max([*values, line or 0.0, 1e-9]))
     axes.set_xlabel(xlabel, fontsize=8)
     axes.set_title(title, fontsize=9)
     axes.grid(axis="x", alpha=0.3)

@@ -507,7 +507,7 @@ def leak_charts(summary: dict[str, Any]) -> list[tuple[bytes, str]]:
             [float(i.get("score", 0.0)) for i in items],
             threshold=threshold,
             threshold_label="leak threshold",
-            xlabel="score (excess over the largest benign excess)",
+            xlabel="leak score",
             title=layer,
         )
         top = max(items, key=lambda i: float(i.get("score", 0.0)))

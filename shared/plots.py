@@ -1,9 +1,13 @@
-"""PNG images for reports: line plots (pruning curves, stealing curves) and tensors as
-images (reversed masks and patterns). Pure functions: arrays in, PNG bytes out."""
+"""PNG images for reports: line plots (pruning curves, stealing curves), the audit
+report's charts (MAD test, pruning curve, leak evidence) and tensors as images (reversed
+masks and patterns). Pure functions: arrays in, PNG bytes out."""
 
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -56,3 +60,126 @@ def tensor_png(image: np.ndarray, scale: int = 4) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+#: Colours of the report's charts: flagged / rolled back in red, the rest in blue.
+ALERT_COLOUR = "#cf222e"
+NORMAL_COLOUR = "#0969da"
+SECOND_COLOUR = "#1a7f37"
+
+
+def _png(figure: Any) -> bytes:
+    try:
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        # no timestamp in the metadata: the same data gives the same bytes
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
+def mad_chart_png(
+    labels: Sequence[int],
+    norms: Sequence[float],
+    flagged: Collection[int],
+    *,
+    median: float,
+    flag_line: float | None = None,
+    title: str = "",
+) -> bytes:
+    """Neural Cleanse's outlier test as a bar chart: the trigger norm of each label in
+    ``labels`` (the optimised ones; flagged labels in red), the median norm and the norm
+    below which a label is flagged (``flag_line``, None when the test has none)."""
+    if len(labels) != len(norms):
+        raise ValueError("one norm per label")
+    figure, axes = plt.subplots(figsize=(7, 3), dpi=100)
+    positions = np.arange(len(labels))
+    colours = [ALERT_COLOUR if label in flagged else NORMAL_COLOUR for label in labels]
+    axes.bar(positions, norms, color=colours)
+    axes.axhline(median, color="grey", linewidth=1, label=f"median {median:.3g}")
+    if flag_line is not None and math.isfinite(flag_line):
+        axes.axhline(
+            flag_line,
+            color=ALERT_COLOUR,
+            linestyle="--",
+            linewidth=1,
+            label=f"flagged below {flag_line:.3g}",
+        )
+    step = max(1, math.ceil(len(labels) / 40))  # at most ~40 tick labels stay readable
+    axes.set_xticks(positions[::step], [str(label) for label in labels][::step], fontsize=7)
+    axes.set_xlabel("label")
+    axes.set_ylabel("trigger size (L1 norm of the mask)")
+    axes.set_title(title)
+    axes.legend(loc="best", fontsize=8)
+    axes.grid(axis="y", alpha=0.3)
+    return _png(figure)
+
+
+def pruning_curve_png(
+    pruned: Sequence[int],
+    asr: Sequence[float],
+    agreement: Sequence[float],
+    rolled_back: Sequence[bool],
+    *,
+    title: str = "",
+) -> bytes:
+    """A pruning curve: attack success and agreement with the original against the number
+    of neurons pruned when measured; kept steps joined by lines, rolled-back steps drawn
+    as red crosses."""
+    if not len(pruned) == len(asr) == len(agreement) == len(rolled_back):
+        raise ValueError("one value per step in every series")
+    figure, axes = plt.subplots(figsize=(7, 3.2), dpi=100)
+    kept = [k for k, back in enumerate(rolled_back) if not back]
+    back = [k for k, undone in enumerate(rolled_back) if undone]
+    for values, name, colour in (
+        (asr, "attack success (reversed trigger)", ALERT_COLOUR),
+        (agreement, "agreement with the original", SECOND_COLOUR),
+    ):
+        axes.plot([pruned[k] for k in kept], [values[k] for k in kept], marker=".", color=colour)
+        axes.plot([], [], color=colour, label=name)  # one legend entry per series
+        if back:
+            axes.scatter(
+                [pruned[k] for k in back], [values[k] for k in back], marker="x", color="grey"
+            )
+    if back:
+        axes.scatter([], [], marker="x", color="grey", label="rolled back")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel("neurons pruned")
+    axes.set_ylabel("share of images")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize=8)
+    return _png(figure)
+
+
+def bar_chart_png(
+    names: Sequence[str],
+    values: Sequence[float],
+    *,
+    threshold: float | None = None,
+    threshold_label: str = "threshold",
+    xlabel: str = "",
+    title: str = "",
+) -> bytes:
+    """Horizontal bars (one per name; those at or over ``threshold`` in red) and the
+    threshold as a dashed line; small enough to sit beside a sentence."""
+    if len(names) != len(values):
+        raise ValueError("one value per name")
+    figure, axes = plt.subplots(figsize=(5, 1.3 + 0.4 * max(1, len(names))), dpi=100)
+    line = threshold if threshold is not None and math.isfinite(threshold) else None
+    colours = [
+        ALERT_COLOUR if line is not None and value >= line else NORMAL_COLOUR for value in values
+    ]
+    positions = np.arange(len(names))
+    axes.barh(positions, values, color=colours)
+    axes.set_yticks(positions, list(names), fontsize=8)
+    axes.invert_yaxis()  # first name on top
+    if line is not None:
+        axes.axvline(line, color="grey", linestyle="--", linewidth=1)
+        xlabel += f" (dashed: {threshold_label})"
+    axes.set_xlim(min(0.0, *values), 1.1 * max([*values, line or 0.0, 1e-9]))
+    axes.set_xlabel(xlabel, fontsize=8)
+    axes.set_title(title, fontsize=9)
+    axes.grid(axis="x", alpha=0.3)
+    return _png(figure)

@@ -31,7 +31,7 @@ from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
 from modelguard.repair.registry import DEFAULT_REPAIR_MODE, NO_REPAIR, REPAIR_CHOICES
 from modelguard.runtime import Runtime
-from modelguard.services.pruning_orchestrator.report import build_report
+from modelguard.services.pruning_orchestrator.report import build_report, curve_png
 from modelguard.services.pruning_orchestrator.state import (
     DONE,
     FAILED,
@@ -438,7 +438,6 @@ class Orchestrator:
         sees the real one), store it in the submitted format and summarise the repair
         (curve plot included)."""
         from modelguard.formats.loader import LoadedModel, save_model
-        from modelguard.plots import line_plot_png
         from modelguard.repair.registry import repair
 
         inputs = request.inputs
@@ -471,15 +470,7 @@ class Orchestrator:
         summary["repaired_model"] = _ref_dict(model_ref)
         curve = summary.get("curve") or []
         if curve:
-            plot = line_plot_png(
-                [float(p["step"]) for p in curve],
-                {
-                    "reversed-trigger ASR": [float(p["asr"]) for p in curve],
-                    "agreement with original": [float(p["agreement"]) for p in curve],
-                },
-                title=f"{mode} pruning",
-                xlabel="step",
-            )
+            plot = curve_png(curve, title=f"{mode} pruning")
             summary["images"] = {"curve": _ref_dict(store.put_blob(plot, "image/png"))}
         summary_ref = store.put_blob(
             json.dumps(summary, default=_json_default).encode(), "application/json"

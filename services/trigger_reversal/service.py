@@ -94,10 +94,17 @@ class TriggerReversalService:
         finite = [x.anomaly_index for x in result.labels if math.isfinite(x.anomaly_index)]
         if finite:  # a label whose trigger never reached the threshold has no index
             self.last_anomaly.set(max(finite))
-        return self.store(result, detector=plan.detector.name)
+        return self.store(result, detector=plan.detector.name, clean=plan.data)
 
-    def store(self, result: DetectionResult, *, detector: str = DEFAULT_DETECTOR) -> StoredReversal:
-        """Store the triggers (safetensors), the flagged labels' pictures and the summary."""
+    def store(
+        self,
+        result: DetectionResult,
+        *,
+        detector: str = DEFAULT_DETECTOR,
+        clean: Dataset | None = None,
+    ) -> StoredReversal:
+        """Store the triggers (safetensors), the flagged labels' pictures (with a clean
+        image beside it stamped, given ``clean`` images) and the summary."""
         store = self.runtime.store
         triggers = store.put_blob(
             save_triggers(result.masks, result.patterns, result.labels_with_triggers),
@@ -106,7 +113,7 @@ class TriggerReversalService:
         summary = reversal_summary(result, detector)
         summary["images"] = {
             name: ref_dict(store.put_blob(png, "image/png"))
-            for name, png in trigger_pngs(result, result.flagged).items()
+            for name, png in trigger_pngs(result, result.flagged, clean=clean).items()
         }
         summary["triggers"] = ref_dict(triggers)
         summary_ref = store.put_blob(json.dumps(summary).encode(), "application/json")

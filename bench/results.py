@@ -27,6 +27,7 @@ ORDER = (
     "reversal_speed",
     "repair",
     "leak",
+    "robustness",
     "real_scale",
     "carrier",
     "load",

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "reversal-speed": ["bench.bench_reversal_speed"],
     "repair": ["bench.bench_repair", "--ensure"],
     "leak": ["bench.bench_leak"],
+    "robustness": ["bench.bench_robustness"],
     "real-scale": ["bench.bench_realscale"],
     "carrier": ["bench.bench_carrier"],
     "serving": ["bench.bench_serving"],

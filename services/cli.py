@@ -40,6 +40,7 @@ from modelguard.services.present import (
     print_leak,
     print_repair,
     print_reversal,
+    print_robustness,
     print_scan,
     watch,
 )
@@ -683,6 +684,73 @@ def cmd_leakscan(args: argparse.Namespace) -> int:
     return verdict_exit([verdict.verdict], args.fail_on)
 
 
+def parse_eps(value: str) -> tuple[float, ...]:
+    """``--eps``: positive numbers, comma-separated, in the data's units."""
+    try:
+        eps = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        eps = ()
+    if not eps or not all(math.isfinite(e) and e > 0 for e in eps):
+        raise argparse.ArgumentTypeError(
+            f"takes positive numbers in the data's units, comma-separated (e.g. 0.1,0.2,0.3); "
+            f"got {value!r}"
+        )
+    return eps
+
+
+def parse_fraction(value: str) -> float:
+    """An accuracy in [0, 1]."""
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = math.nan
+    if not 0 <= fraction <= 1:
+        raise argparse.ArgumentTypeError(f"takes an accuracy in [0, 1]; got {value!r}")
+    return fraction
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from modelguard.robustness.evaluate import RobustnessConfig, evaluate_robustness
+
+    budgets = {
+        name: value
+        for name in ("memory_budget_mb", "time_budget_seconds")
+        if (value := getattr(args, name, None)) is not None
+    }
+    config = RobustnessConfig(
+        eps=args.eps,
+        norm=args.norm,
+        steps=args.steps,
+        restarts=args.restarts,
+        targeted=args.targeted,
+        max_images=args.attack_images,
+        seed=args.seed,
+        **budgets,
+    )  # the options, checked before any file is read
+    spec = spec_from_args(args)
+    inputs, clean = load_local_inputs(args, spec)
+    assert inputs.data is not None
+    with ProgressBoard() as board:
+        result = evaluate_robustness(
+            inputs.model.module,
+            inputs.data,
+            spec,
+            config,
+            progress=board.reporter("robustness"),
+        )
+    summary = result.to_dict()
+    summary.update(data_notes(clean))
+    if args.json:
+        print_json(summary)
+    else:
+        print_robustness(summary)
+    if args.fail_on_below is None:
+        return ExitCode.OK
+    # a masked evaluation certifies nothing: it fails the gate like a low figure
+    failed_gate = result.below(args.fail_on_below) or result.masking.flagged
+    return ExitCode.FINDINGS if failed_gate else ExitCode.OK
+
+
 # --- carrier serving -----------------------------------------------------------------------
 @contextmanager
 def carrier_client(args: argparse.Namespace) -> Iterator[CarrierClient]:
@@ -1243,6 +1311,65 @@ def build_parser() -> argparse.ArgumentParser:
     leak.add_argument("--std", help="per-channel std the model normalises with")
     add_fail_on_arg(leak)
     leak.set_defaults(func=cmd_leakscan)
+
+    robust = command(
+        commands,
+        "robustness",
+        "robust accuracy under evasion attacks (FGSM, PGD) against ε, with a gradient-masking "
+        "check, in-process",
+    )
+    robust.add_argument("model", help=MODEL_HELP)
+    robust.add_argument("--arch", help=ARCH_HELP)
+    add_data_args(robust)
+    add_spec_args(robust)
+    robust.add_argument(
+        "--eps",
+        type=parse_eps,
+        required=True,
+        help="perturbation budgets in the data's own units (the value range, before any "
+        "--mean/--std), comma-separated, e.g. 0.1,0.2,0.3 for MNIST in 0,1",
+    )
+    robust.add_argument(
+        "--norm", choices=("linf", "l2"), default="linf", help="the budget's norm (default linf)"
+    )
+    robust.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
+    robust.add_argument(
+        "--restarts", type=int, default=1, help="PGD runs from random starts (default 1)"
+    )
+    robust.add_argument(
+        "--targeted",
+        action="store_true",
+        help="targeted attacks: each image towards a random other label (seeded)",
+    )
+    robust.add_argument(
+        "--attack-images",
+        type=int,
+        default=500,
+        help="attack at most this many images, a seeded subset (default 500; the time "
+        "budget may take fewer, and says so)",
+    )
+    robust.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    robust.add_argument(
+        "--memory-budget-mb",
+        dest="memory_budget_mb",
+        type=int,
+        help="peak memory the attacks plan for, in MB (default 4096; the batch is sized from it)",
+    )
+    robust.add_argument(
+        "--time-budget",
+        dest="time_budget_seconds",
+        type=float,
+        help="seconds the attacks may take (default 480; fewer images are attacked to fit, "
+        "and a run that still overruns reports the images done)",
+    )
+    robust.add_argument(
+        "--fail-on-below",
+        type=parse_fraction,
+        metavar="ACC",
+        help="exit 1 when the robust accuracy at some ε is below ACC (0..1), or when the "
+        "gradient-masking check flags the evaluation, for a CI gate",
+    )
+    robust.set_defaults(func=cmd_robustness)
 
     carrier = commands.add_parser(
         "carrier", help="carrier-based serving: enrol, classify, rotate"

@@ -270,6 +270,37 @@ def print_repair(summary: dict[str, Any]) -> None:
     out_console.print(f"pruned {len(summary.get('pruned', []))} neurons{verdict}")
 
 
+def print_robustness(summary: dict[str, Any]) -> None:
+    """A robustness summary (`RobustnessResult.to_dict`): robust accuracy against ε, each
+    attack's accuracy, the gradient-masking check and the notes."""
+    points = summary.get("points", [])
+    attacks = [a["attack"] for a in points[0]["attacks"]] if points else []
+    kind = "targeted" if summary.get("targeted") else "untargeted"
+    table = Table(
+        "ε",
+        "robust accuracy",
+        *attacks,
+        title=f"robust accuracy ({summary.get('norm')}, {kind}, {summary.get('images')} images; "
+        f"clean {summary.get('clean_accuracy', 0):.1%})",
+    )
+    for point in points:
+        table.add_row(
+            f"{point['eps']:g}",
+            f"{point['robust_accuracy']:.1%}",
+            *(f"{a['accuracy']:.1%}" for a in point["attacks"]),
+        )
+    out_console.print(table)
+    masking = summary.get("masking", {})
+    if masking.get("flagged"):
+        out_console.print("[red]gradient masking suspected[/red]: these figures are an upper bound")
+        for reason in masking.get("reasons", []):
+            out_console.print(f"  - {escape(reason)}", soft_wrap=True)
+    else:
+        out_console.print("gradient-masking check: passed")
+    for note in summary.get("notes", []):
+        out_console.print(f"note: {escape(note)}", soft_wrap=True)
+
+
 def print_scan(report: ScanReport) -> None:
     """A file-safety scan: one line per file, the findings' reasons, a count."""
     marks = {"safe": "[green]safe[/green]", "unsafe": "[red]UNSAFE[/red]"}

@@ -34,6 +34,7 @@ from modelguard.services.cli import (
     parse_fail_on,
 )
 from modelguard.signing import PublishedKey, Signer, signature_path
+from tests.unit.shared.robustness.models import Quantised, three_class_data
 
 torch.set_num_threads(1)
 SPEC_ARGS = ["--input-shape", "1,6,6", "--value-range", "0,1"]
@@ -173,6 +174,36 @@ def test_leakscan_fails_on_a_leak_when_asked(
     assert "leak verdict: leak" in capsys.readouterr().out
     assert main(["leakscan", str(files["benign"]), "--fail-on", "any", "--json"]) == 0
     assert _json(capsys)["verdict"] == "benign"
+
+
+def test_robustness_fails_below_the_accuracy_asked_for(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    robustness = ["robustness", str(files["model"]), "--data", str(files["data"]), *SPEC_ARGS]
+    robustness += ["--eps", "0.1,0.3", "--steps", "5", "--json"]
+    assert main(robustness) == ExitCode.OK  # no gate asked for
+    document = _json(capsys)
+    assert document["clean_accuracy"] < 1  # the fixture's labels are arbitrary
+    assert main([*robustness, "--fail-on-below", "1"]) == ExitCode.FINDINGS
+    capsys.readouterr()
+    assert main([*robustness, "--fail-on-below", "0"]) == (
+        ExitCode.FINDINGS if document["masking"]["flagged"] else ExitCode.OK
+    )
+    capsys.readouterr()
+    # a model that masks its gradients fails any gate: its figures certify nothing
+    quantised = files["model"].parent / "quantised.pt"
+    quantised.write_bytes(_script(Quantised()))
+    data = files["model"].parent / "three.npz"
+    data.write_bytes(dataset_to_npz(three_class_data(30)))
+    masked = ["robustness", str(quantised), "--data", str(data), "--input-shape", "1,1,3"]
+    masked += ["--value-range", "0,1", "--eps", "0.1", "--steps", "3"]
+    assert main([*masked, "--fail-on-below", "0"]) == ExitCode.FINDINGS
+    out = capsys.readouterr().out
+    assert "robust accuracy" in out and "gradient masking suspected" in out
+    for bad in (["--eps", "0,0.1"], ["--fail-on-below", "1.5"]):
+        with pytest.raises(SystemExit) as done:
+            main([*robustness, *bad])
+        assert done.value.code == ExitCode.BAD_INPUT
 
 
 def test_detect_fails_on_its_verdict_when_asked(
@@ -379,6 +410,17 @@ def _commands(files: dict[str, Path], tmp_path: Path) -> dict[str, list[str]]:
             str(tmp_path / "repaired.pt"),
         ],
         "leakscan": ["leakscan", str(files["benign"])],
+        "robustness": [
+            "robustness",
+            model,
+            "--data",
+            data,
+            *SPEC_ARGS,
+            "--eps",
+            "0.05,0.1",
+            "--steps",
+            "3",
+        ],
         "carrier enroll": ["carrier", "enroll", "--user", "ann", "--wait", *carrier],
         "carrier rotate": ["carrier", "rotate", "--user", "ann", "--credential", "c", *carrier],
         "carrier classify": [
@@ -436,6 +478,9 @@ def _check(command: str, document: Any, tmp_path: Path) -> None:
         assert document["target_labels"] == [0] and "before" in document
     elif command == "leakscan":
         assert document["verdict"] == "benign"
+    elif command == "robustness":
+        assert [p["eps"] for p in document["points"]] == [0.05, 0.1]
+        assert document["images"] == 48 and "flagged" in document["masking"]
     elif command in ("carrier enroll", "carrier rotate"):
         assert document["credential"] == "cred-2" and document["generation"] == 2
         ready = {"generation": 2, "validation_accuracy": 0.97}

@@ -1,0 +1,27 @@
+"""Robustness to evasion attacks: FGSM and PGD (L∞, L2; untargeted, targeted) in the
+input's own value range, robust accuracy against ε and a gradient-masking sanity check."""
+
+from modelguard.robustness.attacks import NORMS, Norm, PgdConfig, fgsm, pgd, project
+from modelguard.robustness.evaluate import (
+    AttackAccuracy,
+    MaskingCheck,
+    RobustnessConfig,
+    RobustnessResult,
+    RobustPoint,
+    evaluate_robustness,
+)
+
+__all__ = [
+    "NORMS",
+    "AttackAccuracy",
+    "MaskingCheck",
+    "Norm",
+    "PgdConfig",
+    "RobustPoint",
+    "RobustnessConfig",
+    "RobustnessResult",
+    "evaluate_robustness",
+    "fgsm",
+    "pgd",
+    "project",
+]

@@ -35,8 +35,10 @@ RUN groupadd --system --gid 10001 modelguard \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp modelguard
 COPY --from=build /opt/modelguard /opt/modelguard
 # HOME, TMPDIR and the matplotlib/torch caches point into /tmp: Kubernetes mounts an
-# emptyDir there because the root filesystem is read-only.
+# emptyDir there because the root filesystem is read-only. Logs are JSON lines (a log
+# pipeline's input); MODELGUARD_LOG_FORMAT=text turns them back into text.
 ENV PATH=/opt/modelguard/bin:$PATH \
+    MODELGUARD_LOG_FORMAT=json \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \

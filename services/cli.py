@@ -1088,7 +1088,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_service(args.service)  # one service logs its own address; stdout stays empty
         return ExitCode.OK
     platform = PlatformSettings()
-    configure_logging(platform.log_level)
+    configure_logging(platform, "modelguard")
     stack = start_stack(platform, ephemeral_ports=False)
     if args.json:
         print_json(

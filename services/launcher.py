@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from modelguard import logs
 from modelguard.bus.base import JobBus
 from modelguard.config import SERVICE_SETTINGS, SERVICES, PlatformSettings, ServiceSettings
 from modelguard.grpc_server import wait_for_termination
@@ -30,11 +31,9 @@ def builder(name: str) -> Builder:
     return module.build  # type: ignore[no-any-return]
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def configure_logging(platform: PlatformSettings, service: str) -> None:
+    """The process's logging from the platform settings (level, text or JSON lines)."""
+    logs.configure_logging(platform.log_level, platform.log_format, service)
 
 
 def build_service(
@@ -57,7 +56,7 @@ def build_service(
 def run_service(name: str) -> None:
     """Entry point of one service process: runs until SIGTERM, then drains."""
     platform = PlatformSettings()
-    configure_logging(platform.log_level)
+    configure_logging(platform, name)
     app = build_service(name, platform, on_stuck=exit_stuck_process)
     app.runtime.bus.ensure_topics(list(ALL_TOPICS), partitions=platform.kafka_partitions)
     app.start()

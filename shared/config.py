@@ -91,6 +91,12 @@ class PlatformSettings(BaseSettings):
         0, description="torch intra-op threads per process (0: torch default)."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text for people, or one JSON object per line (time, level, "
+        "logger, message, service, and the audit_id, stage, tenant and attempt of the job "
+        "in hand) for a log pipeline.",
+    )
 
 
 class ServiceSettings(BaseSettings):

@@ -22,6 +22,7 @@ from modelguard.bus.base import HEADER_JOB_ID, HEADER_JOB_TYPE, JobBus, Message
 from modelguard.config import PlatformSettings
 from modelguard.convert import M, parse_message, ref_to_proto
 from modelguard.errors import DeadlineExceeded, InvalidInput, ModelGuardError, is_transient
+from modelguard.logs import job_context
 from modelguard.metrics import ServiceMetrics
 from modelguard.progress import Progress as Progress  # re-exported: handlers import it from here
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
@@ -161,7 +162,12 @@ class StageReporter:
         self, audit_id: str, work: Callable[[Progress], StageOutcome], attempt: int = 1
     ) -> None:
         """Run one stage job and publish its outcome; see the module docstring.
-        ``attempt`` is the bus's count for this record (`Message.attempt`)."""
+        ``attempt`` is the bus's count for this record (`Message.attempt`). What is logged
+        meanwhile on this thread carries the audit, the stage and the attempt."""
+        with job_context(audit_id=audit_id, stage=self.stage, attempt=attempt):
+            self._run(audit_id, work, attempt)
+
+    def _run(self, audit_id: str, work: Callable[[Progress], StageOutcome], attempt: int) -> None:
         last_attempt = attempt >= self.max_attempts
         started = time.perf_counter()
         deadline = time.monotonic() + self.time_limit if self.time_limit > 0 else None
@@ -222,10 +228,11 @@ def run_audit_stage(
     """A stage handler's Kafka entry: decode ``message`` as ``message_type`` (malformed
     bytes are bad input), find its audit, and run ``handle`` under ``reporter`` (progress,
     outcome on audit.events, attempts, time limit). What the stage stores is encrypted
-    with the audit's ``tenant``'s key (when encryption is on)."""
+    with the audit's ``tenant``'s key (when encryption is on); what it logs carries the
+    tenant."""
     parsed = parse_message(message.value, message_type)
     audit = audit_id(parsed)
     if not audit:
         raise InvalidInput(f"{message_type.__name__} message without an audit id")
-    with writing_for(tenant(parsed)):
+    with writing_for(tenant(parsed)), job_context(tenant=tenant(parsed)):
         reporter.run(audit, lambda progress: handle(parsed, progress), message.attempt)

@@ -11,6 +11,7 @@ from modelguard.convert import parse_message, ref_from_proto
 from modelguard.convert_ranking import carried_ranking
 from modelguard.detection.triggers import load_triggers
 from modelguard.jobdata import load_inputs
+from modelguard.logs import job_context
 from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import jobs_pb2
 from modelguard.services.pruning_orchestrator.service import Orchestrator, RepairRequest
@@ -24,11 +25,11 @@ class EventsHandler:
         self.orchestrator = orchestrator
 
     def __call__(self, message: Message) -> None:
+        event = parse_message(message.value, jobs_pb2.AuditEvent)
         # the record's publish time, not the clock: a redelivered event then rebuilds the
         # very same record and report (see Orchestrator.apply_event)
-        self.orchestrator.apply_event(
-            parse_message(message.value, jobs_pb2.AuditEvent), at=message.timestamp or None
-        )
+        with job_context(audit_id=event.audit_id, stage=event.stage.stage):
+            self.orchestrator.apply_event(event, at=message.timestamp or None)
 
 
 class RepairHandler:

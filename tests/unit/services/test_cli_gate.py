@@ -366,7 +366,7 @@ def _serve(monkeypatch: pytest.MonkeyPatch) -> None:
     app = SimpleNamespace(address="127.0.0.1:50051", grpc=SimpleNamespace(metrics_port=9100))
     stack = SimpleNamespace(apps={"pruning-orchestrator": app}, stop=lambda: None)
     monkeypatch.setattr(launcher, "start_stack", lambda *args, **kwargs: stack)
-    monkeypatch.setattr(launcher, "configure_logging", lambda level: None)
+    monkeypatch.setattr(launcher, "configure_logging", lambda platform, service: None)
     monkeypatch.setattr(grpc_server, "wait_for_termination", lambda stop: stop())
 
 

@@ -37,6 +37,26 @@ class PlatformSettings(BaseSettings):
         description="Longest a handler may run before the group gives its work to another "
         "member; audits of big models take minutes.",
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How the Kafka clients connect: plaintext, TLS, or SASL over either.",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (with a SASL_* security protocol)."
+    )
+    kafka_sasl_username: str = Field("", description="SASL user name.")
+    kafka_sasl_password_file: str = Field(
+        "",
+        description="File holding the SASL password (mounted from a Secret; a trailing "
+        "newline is ignored).",
+    )
+    kafka_ssl_cafile: str = Field(
+        "", description="CA (PEM) the brokers' certificates chain to (empty: the system's)."
+    )
+    kafka_ssl_certfile: str = Field(
+        "", description="Client certificate (PEM) for brokers that authenticate clients by TLS."
+    )
+    kafka_ssl_keyfile: str = Field("", description="Private key (PEM) of the client certificate.")
     store: Literal["local", "s3"] = Field(
         "local", description="Artifact store: a local directory or an S3/MinIO bucket."
     )
@@ -48,6 +68,17 @@ class PlatformSettings(BaseSettings):
     s3_secret_key: SecretStr = Field(SecretStr("modelguard-secret"), description="S3 secret key.")
     s3_bucket: str = Field("modelguard", description="Bucket holding all artifacts.")
     s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 endpoint.")
+    s3_region: str = Field(
+        "us-east-1", description="Region of the bucket (AWS signs requests per region)."
+    )
+    s3_credentials: Literal["static", "aws-chain"] = Field(
+        "static",
+        description="static: the access and secret keys above. aws-chain: the AWS SDKs' "
+        "chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY(/AWS_SESSION_TOKEN), the shared "
+        "credentials file, web identity (AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN: EKS "
+        "IRSA), then the ECS task role and the EC2 instance profile; temporary credentials "
+        "are renewed before they expire.",
+    )
     encrypt_artifacts: bool = Field(
         False,
         description="Envelope-encrypt every artifact written (AES-256-GCM with a data key per "

@@ -54,6 +54,8 @@ def build_store(platform: PlatformSettings) -> ArtifactStore:
             secret_key=platform.s3_secret_key.get_secret_value(),
             bucket=platform.s3_bucket,
             secure=platform.s3_secure,
+            region=platform.s3_region,
+            credentials=platform.s3_credentials,
             keyring_file=keyring_file,
         )
     return make_store("local", root=platform.store_dir, keyring_file=keyring_file)
@@ -70,6 +72,7 @@ def build_runtime(
     ``on_stuck(group)`` is called when a Kafka consumer is found stuck (see `KafkaBus`)."""
     from modelguard.bus import make_bus
     from modelguard.bus.metrics import BusMetrics
+    from modelguard.bus.security import KafkaSecurity
 
     if platform.torch_threads > 0:
         torch.set_num_threads(platform.torch_threads)
@@ -82,6 +85,7 @@ def build_runtime(
                 "partitions": platform.kafka_partitions,
                 "stuck_poll_s": platform.kafka_stuck_poll_seconds,
                 "on_stuck": on_stuck,
+                "security": KafkaSecurity.from_settings(platform),
             }
             if platform.bus == "kafka"
             else {}

@@ -34,6 +34,7 @@ from modelguard.bus.memory import (
     deliver,
 )
 from modelguard.bus.metrics import BusMetrics
+from modelguard.bus.security import KafkaSecurity
 from modelguard.errors import InvalidInput, Unavailable
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class KafkaBus:
     another thread, so the watchdog calls ``on_stuck(group)``: service processes exit
     (crash-only; Kubernetes restarts them and the record in hand is redelivered), and
     without a callback the subscription only reports itself not `healthy`.
+
+    ``security``: TLS and SASL for every client the bus makes (default: plaintext).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class KafkaBus:
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
         stuck_poll_s: float = 60.0,
         on_stuck: Callable[[str], None] | None = None,
+        security: KafkaSecurity | None = None,
     ) -> None:
         if not bootstrap_servers:
             raise InvalidInput("KafkaBus needs bootstrap servers (host:port[,host:port])")
@@ -94,6 +98,7 @@ class KafkaBus:
         self.stop_grace_s = stop_grace_s
         self.stuck_poll_s = stuck_poll_s
         self.on_stuck = on_stuck
+        self.security = security or KafkaSecurity()
         self._lock = threading.Lock()
         self._producer: Any = None
         self._known_topics: set[str] = set()
@@ -159,6 +164,7 @@ class KafkaBus:
                 client_id=f"{self.client_id}-admin",
                 bootstrap_timeout_ms=int(self.timeout_s * 1000),
                 request_timeout_ms=int(self.timeout_s * 1000),
+                **self.security.client_options(),
             )
         except KafkaError as err:
             raise self._unavailable("create topics", err) from err
@@ -218,6 +224,7 @@ class KafkaBus:
                         max_block_ms=timeout_ms,
                         request_timeout_ms=min(timeout_ms, 5000),
                         delivery_timeout_ms=timeout_ms,
+                        **self.security.client_options(),
                     )
                 except KafkaError as err:
                     raise self._unavailable("publish", err) from err
@@ -251,6 +258,7 @@ class KafkaBus:
                 bootstrap_timeout_ms=timeout_ms,
                 request_timeout_ms=max(timeout_ms, self.session_timeout_ms + 1000),
                 metadata_max_age_ms=30_000,
+                **self.security.client_options(),
             )
         except KafkaError as err:
             raise self._unavailable(f"join group {sub.group!r}", err) from err

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from modelguard.errors import InvalidInput
 from modelguard.store.base import ArtifactRef, ArtifactStore, blob_key, digest
@@ -32,11 +32,14 @@ def make_store(
     secure: bool = False,
     region: str = "us-east-1",
     keyring_file: Path | str = "",
+    credentials: Literal["static", "aws-chain"] = "static",
     **s3_options: Any,
 ) -> ArtifactStore:
-    """``"local"`` needs ``root``; ``"s3"`` needs ``endpoint`` and the keys (``s3_options``
-    go to `S3Store`, e.g. timeouts). ``keyring_file`` given: every object is encrypted
-    (see `modelguard.store.encryption`)."""
+    """``"local"`` needs ``root``; ``"s3"`` needs ``endpoint`` and, with ``credentials``
+    ``"static"``, the keys (``"aws-chain"``: the AWS SDKs' chain, see
+    `modelguard.store.s3.aws_credential_chain`; ``s3_options`` go to `S3Store`, e.g.
+    timeouts). ``keyring_file`` given: every object is encrypted (see
+    `modelguard.store.encryption`)."""
     cipher = EnvelopeCipher(Keyring.load(keyring_file)) if keyring_file else None
     if kind == "local":
         if root is None:
@@ -45,8 +48,12 @@ def make_store(
     if kind == "s3":
         if not endpoint:
             raise InvalidInput("the S3 artifact store needs an endpoint (host:port)")
-        from modelguard.store.s3 import S3Store  # minio only loads when used
+        from modelguard.store.s3 import S3Store, aws_credential_chain  # minio loads when used
 
+        if credentials == "aws-chain":
+            s3_options["credentials"] = aws_credential_chain()
+        elif credentials != "static":
+            raise InvalidInput(f"unknown S3 credentials {credentials!r}: use static or aws-chain")
         return S3Store(
             endpoint, access_key, secret_key, bucket, secure, region, cipher=cipher, **s3_options
         )

@@ -8,6 +8,10 @@ S3 user metadata (the JuiceFS gateway drops it); with a cipher (see
 server must keep it (MinIO, SeaweedFS and AWS do; an object whose envelope was dropped is
 refused with an error saying so). The HTTP client has short timeouts and one retry, so an
 unreachable server gives `Unavailable` within seconds instead of minio's default minutes.
+
+Credentials are static keys, or (`aws_credential_chain`) found as the AWS SDKs find them:
+environment, shared credentials file, web identity (EKS IRSA), ECS task role, EC2
+instance profile; temporary ones are renewed by minio before they expire.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ from typing import TypeVar
 import urllib3
 from minio import Minio
 from minio.commonconfig import REPLACE, CopySource
+from minio.credentials.credentials import Credentials
+from minio.credentials.providers import (
+    AWSConfigProvider,
+    ChainedProvider,
+    EnvAWSProvider,
+    IamAwsProvider,
+    Provider,
+)
 from minio.error import MinioException, S3Error
 
 from modelguard.errors import IntegrityError, InvalidInput, NotFound, Unavailable
@@ -75,6 +87,40 @@ def http_client(
     )
 
 
+class AwsCredentialChain(ChainedProvider):
+    """The AWS SDKs' credential chain, failing with `Unavailable` (the jobs wait) and a
+    message naming what was looked for, instead of minio's bare ValueError."""
+
+    def retrieve(self) -> Credentials:
+        try:
+            return super().retrieve()
+        except ValueError as err:
+            raise Unavailable(
+                "no S3 credentials found in the AWS chain (MODELGUARD_S3_CREDENTIALS="
+                "aws-chain): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a shared "
+                "credentials file, AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN (EKS IRSA "
+                f"sets them), or run with an ECS task role or EC2 instance profile ({err})"
+            ) from err
+
+
+def aws_credential_chain(endpoint: str | None = None) -> AwsCredentialChain:
+    """Environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``), then the shared credentials file (``AWS_SHARED_CREDENTIALS_FILE``,
+    ``AWS_PROFILE``), then web identity (``AWS_WEB_IDENTITY_TOKEN_FILE``, ``AWS_ROLE_ARN``,
+    ``AWS_REGION``: STS ``AssumeRoleWithWebIdentity``), the ECS task role
+    (``AWS_CONTAINER_CREDENTIALS_*_URI``) and the EC2 instance metadata service, in that
+    order. ``endpoint`` replaces AWS's STS and metadata endpoints (a private endpoint)."""
+    # bounded timeouts: off AWS the metadata address does not answer at all
+    metadata_client = http_client(connect_timeout_s=2.0, read_timeout_s=5.0, secure=True)
+    return AwsCredentialChain(
+        [
+            EnvAWSProvider(),
+            AWSConfigProvider(),
+            IamAwsProvider(custom_endpoint=endpoint, http_client=metadata_client),
+        ]
+    )
+
+
 class S3Store:
     def __init__(
         self,
@@ -88,15 +134,18 @@ class S3Store:
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 30.0,
         cipher: EnvelopeCipher | None = None,
+        credentials: Provider | None = None,
     ) -> None:
+        """``credentials`` given (e.g. `aws_credential_chain`): the keys are not used."""
         self.endpoint = endpoint
         self.bucket = bucket
         self.cipher = cipher
         # region given: minio skips the GetBucketLocation round trip
         self.client = Minio(
             endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
+            access_key=None if credentials else access_key,
+            secret_key=None if credentials else secret_key,
+            credentials=credentials,
             secure=secure,
             region=region,
             http_client=http_client(connect_timeout_s, read_timeout_s, secure),

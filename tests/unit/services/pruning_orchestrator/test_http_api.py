@@ -223,3 +223,20 @@ def test_the_openapi_document_is_public_and_covers_the_api(gateway: Gateway) -> 
     operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
     assert operations == {"SubmitAudit", "ListAudits", "GetAudit", "WatchAudit", "DownloadReport"}
     jsonschema.Draft202012Validator.check_schema(document["components"]["schemas"]["Error"])
+
+
+def test_the_plain_http_face_is_refused_beside_a_tls_grpc_api(tmp_path: Path) -> None:
+    from modelguard.errors import InvalidInput
+    from tests.unit.authkit import make_certs
+
+    certs = make_certs(tmp_path)
+    platform = PlatformSettings(
+        store_dir=tmp_path / "store",
+        tls_cert_file=str(certs.server_cert),
+        tls_key_file=str(certs.server_key),
+    )
+    settings = PruningOrchestratorSettings(grpc_port=0, metrics_port=-1, http_port=0, worker=False)
+    bus = MemoryBus()
+    with pytest.raises(InvalidInput, match="HTTP_PORT=-1"):
+        build_service("pruning-orchestrator", platform, settings, bus=bus)
+    bus.close()

@@ -45,8 +45,15 @@ TOKEN_PREFIX = "mg1"
 HASH_SCHEME = "sha256"
 #: Methods anyone may call: gRPC health (Kubernetes probes) and server reflection...
 OPEN_METHOD_PREFIX = "/grpc."
-#: ... and the public key that verifies the deployment's signatures: it is public.
-OPEN_METHODS = frozenset({"/modelguard.v1.PruningOrchestrator/GetPublicKey"})
+#: ... the public key that verifies the deployment's signatures (it is public), and the
+#: Open Inference Protocol's liveness and readiness (like gRPC health, they tell nothing).
+OPEN_METHODS = frozenset(
+    {
+        "/modelguard.v1.PruningOrchestrator/GetPublicKey",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+    }
+)
 #: How often the tokens file's mtime is checked for a rotated Secret.
 RELOAD_INTERVAL_S = 2.0
 _warned = False  # the "auth is off" warning, once per process

@@ -179,6 +179,10 @@ class PruningOrchestratorSettings(ServiceSettings):
     watch_poll_seconds: float = Field(
         0.5, description="How often WatchAudit re-reads state written by other replicas."
     )
+    http_port: int = Field(
+        -1,
+        description="HTTP/JSON face of the audit API, same tokens (0: any free port; -1: off).",
+    )
 
 
 class LeakDetectorSettings(ServiceSettings):

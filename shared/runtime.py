@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from modelguard.auth import load_token_store
+from modelguard.auth import TokenStore, load_token_store
 from modelguard.bus.base import Handler, JobBus, RetryPolicy, Subscription
 from modelguard.config import PlatformSettings, ServiceSettings
 from modelguard.errors import InvalidInput
@@ -168,7 +168,11 @@ class ServiceApp:
     runtime: Runtime
     metrics: ServiceMetrics
     grpc: GrpcServer = field(init=False)
+    #: the bearer tokens every API of the service checks (None: authentication is off)
+    tokens: TokenStore | None = field(init=False)
     workers: list[WorkerSpec] = field(default_factory=list)
+    #: started after the gRPC server (e.g. another face of the same API)
+    on_start: list[Callable[[], None]] = field(default_factory=list)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     #: the service's domain objects, for embedded mode and tests (e.g. "orchestrator").
     components: dict[str, Any] = field(default_factory=dict)
@@ -179,13 +183,14 @@ class ServiceApp:
         platform = self.runtime.platform
         # at build time, so that a refused key never gets as far as binding a port
         check_signing_key(platform, self.settings.host, self.name)
+        self.tokens = load_token_store(platform.auth_tokens_file, self.name, self.settings.host)
         self.grpc = GrpcServer(
             self.metrics,
             host=self.settings.host,
             port=self.settings.grpc_port,
             workers=self.settings.grpc_workers,
             metrics_port=self.settings.metrics_port,
-            tokens=load_token_store(platform.auth_tokens_file, self.name, self.settings.host),
+            tokens=self.tokens,
             tls=ServerTls.of(
                 platform.tls_cert_file, platform.tls_key_file, platform.tls_client_ca_file
             ),
@@ -201,6 +206,8 @@ class ServiceApp:
 
     def start(self) -> None:
         self.grpc.start()
+        for callback in self.on_start:
+            callback()
         if self.settings.worker:
             retry = RetryPolicy(max_attempts=self.runtime.platform.job_max_attempts)
             for worker in self.workers:

@@ -1,4 +1,5 @@
-"""Wiring of result-mapper: gRPC API and the carrier-events worker."""
+"""Wiring of result-mapper: gRPC API (Map and the Open Inference Protocol) and the
+carrier-events worker."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import socket
 
 from modelguard.config import ResultMapperSettings
 from modelguard.metrics import ServiceMetrics
+from modelguard.proto.inference import grpc_predict_v2_pb2_grpc
 from modelguard.proto.modelguard.v1 import result_mapper_pb2_grpc
 from modelguard.runtime import Runtime, ServiceApp
 from modelguard.services.result_mapper.handler import CarrierEventsHandler
+from modelguard.services.result_mapper.inference import InferenceServicer
 from modelguard.services.result_mapper.service import ResultMapperService
 from modelguard.services.result_mapper.servicer import ResultMapperServicer
 from modelguard.topics import CARRIER_READY, CARRIER_REVOKED
@@ -25,6 +28,12 @@ def build(settings: ResultMapperSettings, runtime: Runtime, metrics: ServiceMetr
         result_mapper_pb2_grpc.add_ResultMapperServicer_to_server,
         ResultMapperServicer(service),
         "modelguard.v1.ResultMapper",
+    )
+    # the same mapping for Triton/KServe clients (Open Inference Protocol)
+    app.add_servicer(
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+        InferenceServicer(service),
+        "inference.GRPCInferenceService",
     )
     # Every replica must see every carrier event (a revocation applies everywhere at
     # once), so each process reads them in a consumer group of its own, from the start.

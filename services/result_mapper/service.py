@@ -216,6 +216,13 @@ class ResultMapperService:
         self.events.labels("warmed").inc()
 
     # --- serving --------------------------------------------------------------------------
+    def generation(self, user_id: str) -> int | None:
+        """The carrier generation served for ``user_id`` (a ready carrier is loaded first),
+        or None when there is none."""
+        if self.registry.generation(user_id) is None:
+            self._warm(user_id)
+        return self.registry.generation(user_id)
+
     def map(self, user_id: str, credential: str, pseudo: bytes, rows: int) -> MapResult:
         if self.registry.generation(user_id) is None:
             self._warm(user_id)

@@ -9,8 +9,7 @@ from modelguard.errors import InvalidInput
 from modelguard.jobdata import load_inputs
 from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
-from modelguard.services.trigger_reversal.robustness import RobustnessStage
-from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.services.trigger_reversal.service import RobustnessStage, TriggerReversalService
 from modelguard.stage import StageOutcome, StageReporter, publish_proto, run_audit_stage
 from modelguard.topics import JOB_AUDIT, STAGE_NEURON_SCORING, TRIGGERS_REVERSED
 
@@ -74,7 +73,7 @@ class AuditHandler:
 
 
 class RobustnessHandler:
-    """The robustness stage (see `modelguard.services.trigger_reversal.robustness`). An
+    """The robustness stage (see `modelguard.services.trigger_reversal.service`). An
     audit without ε was recorded as not run when it was submitted: its request is
     acknowledged here without a word (no event: the stage is already final)."""
 

@@ -7,8 +7,11 @@ from modelguard.metrics import ServiceMetrics
 from modelguard.proto.modelguard.v1 import trigger_reversal_pb2_grpc
 from modelguard.runtime import Runtime, ServiceApp
 from modelguard.services.trigger_reversal.handler import AuditHandler, RobustnessHandler
-from modelguard.services.trigger_reversal.robustness import CONSUMER_GROUP_SUFFIX, RobustnessStage
-from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.services.trigger_reversal.service import (
+    ROBUSTNESS_GROUP_SUFFIX,
+    RobustnessStage,
+    TriggerReversalService,
+)
 from modelguard.services.trigger_reversal.servicer import TriggerReversalServicer
 from modelguard.stage import StageReporter
 from modelguard.topics import AUDIT_REQUESTED, STAGE_ROBUSTNESS, STAGE_TRIGGER_REVERSAL
@@ -41,7 +44,7 @@ def build(
             robustness,
             StageReporter.for_platform(runtime.bus, STAGE_ROBUSTNESS, metrics, runtime.platform),
         ),
-        group=(settings.group or NAME) + CONSUMER_GROUP_SUFFIX,
+        group=(settings.group or NAME) + ROBUSTNESS_GROUP_SUFFIX,
     )
     return app
 

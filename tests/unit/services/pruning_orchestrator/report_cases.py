@@ -35,8 +35,7 @@ from modelguard.robustness.evaluate import masking_check
 from modelguard.services.pruning_orchestrator.report import curve_png
 from modelguard.services.pruning_orchestrator.service import repair_summary
 from modelguard.services.pruning_orchestrator.state import AuditRecord, StageRecord
-from modelguard.services.trigger_reversal.robustness import robustness_summary
-from modelguard.services.trigger_reversal.service import reversal_summary
+from modelguard.services.trigger_reversal.service import reversal_summary, robustness_summary
 from modelguard.store.base import ArtifactRef, ArtifactStore
 
 MODEL = {

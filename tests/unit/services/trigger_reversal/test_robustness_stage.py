@@ -37,9 +37,9 @@ from modelguard.runtime import Runtime
 from modelguard.services.pruning_orchestrator.handler import EventsHandler
 from modelguard.services.pruning_orchestrator.service import Orchestrator
 from modelguard.services.pruning_orchestrator.state import AuditRecord
-from modelguard.services.trigger_reversal import robustness as robustness_module
+from modelguard.services.trigger_reversal import service as service_module
 from modelguard.services.trigger_reversal.main import build
-from modelguard.services.trigger_reversal.robustness import RobustnessStage
+from modelguard.services.trigger_reversal.service import RobustnessStage
 from modelguard.signing import Signer
 from modelguard.spec import InputSpec
 from modelguard.store.local import LocalStore
@@ -245,7 +245,7 @@ def test_a_failure_inside_the_stage_is_recorded_with_its_reason(
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise RuntimeError("not enough memory for the attack's batch")
 
-    monkeypatch.setattr(robustness_module, "evaluate_robustness", out_of_memory)
+    monkeypatch.setattr(service_module, "evaluate_robustness", out_of_memory)
     orchestrator = world.orchestrator
     audit_id = _submit(orchestrator, robustness_eps=[0.1]).audit_id
     stage = _stage_final(orchestrator, audit_id).stages[STAGE_ROBUSTNESS]

@@ -276,6 +276,9 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
         skip_repair=args.repair_mode == NO_REPAIR,
         detection_rule=args.rule,
         detector=args.detector,
+        robustness_eps=args.eps or (),
+        robustness_norm=args.norm,
+        robustness_steps=args.attack_steps,
     )
     embedded = not (args.target or CliSettings().target)
     waits = args.wait or embedded
@@ -1226,6 +1229,25 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
     add_rule_arg(submit)
     submit.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    submit.add_argument(
+        "--eps",
+        type=parse_eps,
+        help="also run the robustness stage: robust accuracy at these perturbation budgets, "
+        "in the data's own units, comma-separated (e.g. 0.1,0.2,0.3); without it the stage "
+        "does not run",
+    )
+    submit.add_argument(
+        "--norm",
+        choices=("linf", "l2"),
+        default="linf",
+        help="the robustness budget's norm (default linf)",
+    )
+    submit.add_argument(
+        "--attack-steps",
+        type=int,
+        default=0,
+        help="PGD steps of the robustness stage (0: default, 20)",
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the audit to finish")
     add_fail_on_arg(submit)
     submit.set_defaults(func=cmd_audit_submit)

@@ -27,6 +27,7 @@ from modelguard.topics import (
     AUDIT_STAGES,
     STAGE_LEAK_DETECTOR,
     STAGE_REPAIR,
+    STAGE_ROBUSTNESS,
     STAGE_TRIGGER_REVERSAL,
 )
 
@@ -190,6 +191,8 @@ def print_summary(stage: str, summary: dict[str, Any]) -> None:
         print_leak(summary)
     elif stage == STAGE_REPAIR and "before" in summary:
         print_repair(summary)
+    elif stage == STAGE_ROBUSTNESS and summary.get("points"):
+        print_robustness(summary)
 
 
 def print_reversal(summary: dict[str, Any]) -> None:

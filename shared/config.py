@@ -162,6 +162,15 @@ class TriggerReversalSettings(ServiceSettings):
         gt=0,
         description="Wall time a reversal may take; past it the verdict is inconclusive.",
     )
+    robustness_images: int = Field(
+        500, ge=1, description="Images the robustness stage attacks at most (a seeded subset)."
+    )
+    robustness_time_budget_seconds: float = Field(
+        480.0,
+        gt=0,
+        description="Wall time the robustness stage's attacks may take; fewer images are "
+        "attacked to fit (the memory budget is the reversal's).",
+    )
 
 
 class NeuronScoringSettings(ServiceSettings):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -183,3 +183,54 @@ def bar_chart_png(
     axes.set_title(title, fontsize=9)
     axes.grid(axis="x", alpha=0.3)
     return _png(figure)
+
+
+def robust_accuracy_png(
+    eps: Sequence[float],
+    robust: Sequence[float],
+    attacks: Mapping[str, Sequence[float]],
+    *,
+    clean_accuracy: float | None = None,
+    norm: str = "linf",
+    title: str = "",
+) -> bytes:
+    """Accuracy against ε: the combined robust accuracy (correct under every attack at
+    that ε and every smaller one) as a thick line, each attack's own accuracy thinner and
+    dashed, the clean accuracy as a grey line."""
+    if any(len(values) != len(eps) for values in (robust, *attacks.values())):
+        raise ValueError("one value per ε in every series")
+    figure, axes = plt.subplots(figsize=(7, 3.2), dpi=100)
+    for name, values in attacks.items():
+        axes.plot(eps, values, marker=".", linestyle="--", linewidth=1, label=name)
+    axes.plot(eps, robust, marker="o", color=ALERT_COLOUR, linewidth=2.5, label="robust")
+    if clean_accuracy is not None:
+        axes.axhline(clean_accuracy, color="grey", linewidth=1, label="clean")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlabel(f"ε ({'L∞' if norm == 'linf' else 'L2'}, the data's units)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize=8)
+    return _png(figure)
+
+
+def robustness_curve_png(summary: dict[str, Any], title: str = "") -> bytes:
+    """`robust_accuracy_png` of a robustness summary (`RobustnessResult.to_dict`)."""
+    points = summary.get("points") or []
+    names = list(dict.fromkeys(a["attack"] for p in points for a in p.get("attacks", [])))
+    by_attack = {
+        name: [
+            next((float(a["accuracy"]) for a in p["attacks"] if a["attack"] == name), math.nan)
+            for p in points
+        ]
+        for name in names
+    }
+    clean = summary.get("clean_accuracy")
+    return robust_accuracy_png(
+        [float(p["eps"]) for p in points],
+        [float(p["robust_accuracy"]) for p in points],
+        by_attack,
+        clean_accuracy=float(clean) if isinstance(clean, (int, float)) else None,
+        norm=str(summary.get("norm", "linf")),
+        title=title,
+    )

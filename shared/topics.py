@@ -21,12 +21,22 @@ ALL_TOPICS = (
     CARRIER_REVOKED,
 )
 
-# Stages of an audit, in report order, and the service that runs each.
+# Stages of an audit, in report order.
 STAGE_TRIGGER_REVERSAL = "trigger-reversal"
 STAGE_NEURON_SCORING = "neuron-scoring"
 STAGE_REPAIR = "repair"
 STAGE_LEAK_DETECTOR = "leak-detector"
-AUDIT_STAGES = (STAGE_LEAK_DETECTOR, STAGE_TRIGGER_REVERSAL, STAGE_NEURON_SCORING, STAGE_REPAIR)
+#: Run by trigger-reversal (where the gradient machinery lives) in a consumer group of its
+#: own; only when the audit asks for it (a list of ε), else recorded as not run.
+STAGE_ROBUSTNESS = "robustness"
+# The stages that read audit.requested first, then the chain that follows the reversal.
+AUDIT_STAGES = (
+    STAGE_LEAK_DETECTOR,
+    STAGE_TRIGGER_REVERSAL,
+    STAGE_ROBUSTNESS,
+    STAGE_NEURON_SCORING,
+    STAGE_REPAIR,
+)
 
 # Job types (record header job-type).
 JOB_AUDIT = "audit"

@@ -3,7 +3,8 @@ inlined as data URIs, no scripts, no external resources).
 
 The page answers first: a summary with one verdict per stage in words and colour, the
 flagged labels, the before → after figures and what to do next; then pictures (reversed
-triggers, the MAD chart, the pruning curve, the leak evidence); the raw figures stay
+triggers, the MAD chart, the pruning curve, the leak evidence, robust accuracy against
+ε with the gradient-masking check's findings as sentences); the raw figures stay
 folded in ``<details>`` under human names. It fits a 1280-pixel page and prints cleanly.
 """
 
@@ -20,7 +21,13 @@ from typing import Any
 
 from modelguard.detection.render import image_name
 from modelguard.errors import ModelGuardError
-from modelguard.plots import bar_chart_png, mad_chart_png, pruning_curve_png
+from modelguard.plots import (
+    bar_chart_png,
+    mad_chart_png,
+    pruning_curve_png,
+    robustness_curve_png,
+)
+from modelguard.robustness import FRAGILE, MASKED_GRADIENTS, ROBUST, ROBUST_ACCURACY_FLOOR
 from modelguard.services.pruning_orchestrator.state import AuditRecord
 from modelguard.store.base import ArtifactStore
 
@@ -85,6 +92,9 @@ VERDICT_TONES = {
     "done": "good",
     "succeeded": "good",
     "partially repaired": "warn",
+    ROBUST: "good",
+    FRAGILE: "bad",
+    MASKED_GRADIENTS: "warn",
     "inconclusive": "warn",
     "running": "warn",
     "pending": "warn",
@@ -99,6 +109,7 @@ STAGE_TITLES = {
     "trigger-reversal": "Backdoor (reversed triggers)",
     "neuron-scoring": "Neuron scoring",
     "repair": "Repair",
+    "robustness": "Robustness to evasion attacks",
 }
 
 #: Human names of the summaries' fields (stage summaries, per-label, per-layer, pruning
@@ -206,6 +217,28 @@ FIELD_NAMES = {
     "sampled": "Weights sampled",
     "sign_imbalance": "Sign imbalance",
     "negative_cokurtosis": "Negative co-kurtosis",
+    # robustness
+    "eps": "ε",
+    "targeted": "Targeted attacks",
+    "max_images": "Images attacked at most",
+    "masking_check": "Gradient-masking check",
+    "memory_mb": "Memory budget (MB)",
+    "time_seconds": "Time budget (s)",
+    "clean_accuracy": "Clean accuracy",
+    "points": "Accuracy per ε",
+    "robust_accuracy": "Robust accuracy",
+    "success_rate": "Attack success",
+    "masking": "Gradient-masking check",
+    "masking_flagged": "Flagged",
+    "reasons": "Findings",
+    "fgsm": "FGSM accuracy",
+    "pgd": "PGD accuracy",
+    "pgd-strong": "Stronger PGD accuracy",
+    "zero_gradient_fraction": "Share of images with a zero gradient",
+    "unbounded_accuracy": "Accuracy under an unbounded attack",
+    "batch_size": "Images per pass",
+    "out_of_time": "Ran out of time",
+    "robust_accuracy_floor": "Robust from (accuracy at the largest ε)",
     # stage and model
     "state": "State",
     "message": "Message",
@@ -313,9 +346,33 @@ def _sentence(name: str, word: str, summary: dict[str, Any]) -> str:
             f"clean accuracy from {_percent(before.get('accuracy'))} to "
             f"{_percent(after.get('accuracy'))}."
         )
+    if name == "robustness":
+        return _robustness_sentence(word, summary)
     if name == "neuron-scoring" and "neuron_count" in summary:
         return f"Ranked {summary['neuron_count']} neurons of {summary.get('layer', '?')}."
     return "Done."
+
+
+def _robustness_sentence(word: str, summary: dict[str, Any]) -> str:
+    points = summary.get("points") or []
+    if not points:
+        return "Done."
+    largest = points[-1]
+    norm = "L∞" if summary.get("norm", "linf") == "linf" else "L2"
+    figures = (
+        f"{_percent(largest.get('robust_accuracy'))} of the images stay correct under every "
+        f"attack at ε = {human_value(largest.get('eps'))} ({norm}; clean accuracy "
+        f"{_percent(summary.get('clean_accuracy'))})"
+    )
+    floor = _percent(summary.get("robust_accuracy_floor", ROBUST_ACCURACY_FLOOR))
+    if word == MASKED_GRADIENTS:
+        return (
+            f"{figures[0].upper()}{figures[1:]}, but the gradient-masking check flagged the "
+            "evaluation: these figures are an upper bound nobody should rely on."
+        )
+    if word == FRAGILE:
+        return f"Small perturbations fool the model: only {figures}, under the {floor} floor."
+    return f"The model resists these attacks: {figures}, at least the {floor} floor."
 
 
 def next_steps(document: dict[str, Any]) -> list[str]:
@@ -344,11 +401,22 @@ def next_steps(document: dict[str, Any]) -> list[str]:
             "Do not publish the weights: they may carry training data. Retrain with a "
             "trusted training pipeline."
         )
+    robustness = verdicts.get("robustness")
+    if robustness is not None and robustness.word == FRAGILE:
+        steps.append(
+            "Do not deploy where inputs can be manipulated: evasion attacks within the tested "
+            "ε fool the model. Adversarial training (Madry et al., 2018) is the usual remedy."
+        )
+    elif robustness is not None and robustness.word == MASKED_GRADIENTS:
+        steps.append(
+            "Do not trust the robustness figures: the model's gradients mislead the attacks. "
+            "Evaluate again with gradient-free or adaptive attacks before relying on them."
+        )
     failed = [STAGE_TITLES.get(v.stage, v.stage) for v in verdicts.values() if v.word == "failed"]
     if failed:
         steps.append(f"Run the audit again: {', '.join(failed)} failed, so it is incomplete.")
     if not steps:
-        steps.append("No backdoor or leak found by these tests: the model may be deployed.")
+        steps.append("No problem found by these tests: the model may be deployed.")
     return steps
 
 
@@ -398,9 +466,10 @@ def _raw(summary: dict[str, Any]) -> str:
     rows = {
         k: v for k, v in summary.items() if isinstance(v, list) and v and isinstance(v[0], dict)
     }
-    nested = {k: v for k, v in summary.items() if isinstance(v, dict) and k != "images"}
+    pictures = "images" if isinstance(summary.get("images"), dict) else None
+    nested = {k: v for k, v in summary.items() if isinstance(v, dict) and k != pictures}
     scalars = {
-        k: v for k, v in summary.items() if k not in rows and k not in nested and k != "images"
+        k: v for k, v in summary.items() if k not in rows and k not in nested and k != pictures
     }
     parts = [_fields(scalars)]
     parts.extend(f"<h4>{_esc(field_name(k))}</h4>{_fields(v)}" for k, v in nested.items())
@@ -575,12 +644,71 @@ def _stage_pictures(name: str, summary: dict[str, Any], store: ArtifactStore) ->
             f'<div class="leak">{_figure(png, "", css="chart")}<p>{_esc(text)}</p></div>'
             for png, text in leak_charts(summary)
         )
-    if name != "trigger-reversal":  # other stages' own pictures (the curve is redrawn above)
-        for key, ref in (summary.get("images") or {}).items():
+    elif name == "robustness" and summary.get("points"):
+        parts.append(_robustness_pictures(summary))
+    pictures = summary.get("images")
+    if name != "trigger-reversal" and isinstance(pictures, dict):
+        # other stages' own pictures (the curve is redrawn above)
+        for key, ref in pictures.items():
             data = _blob(store, ref)
             if key != "curve" and data is not None:
                 parts.append(_figure(data, field_name(key), "chart"))
     return "".join(parts)
+
+
+def _robustness_pictures(summary: dict[str, Any]) -> str:
+    """Robust accuracy against ε (per attack and combined) and the masking check's
+    findings, one sentence each."""
+    attacks = ", ".join(
+        dict.fromkeys(str(a.get("attack")) for p in summary["points"] for a in p.get("attacks", []))
+    )
+    kind = "targeted" if summary.get("targeted") else "untargeted"
+    caption = (
+        f"Accuracy against ε under {kind} {attacks} ({human_value(summary.get('images'))} "
+        "images); the thick red line counts an image only when every attack at that ε and "
+        "every smaller one failed."
+    )
+    parts = [_figure(robustness_curve_png(summary, "Robust accuracy against ε"), caption, "chart")]
+    masking = summary.get("masking") or {}
+    reasons = [str(r) for r in masking.get("reasons") or []]
+    if reasons:
+        items = "".join(f"<li>{_esc(r[0].upper() + r[1:])}.</li>" for r in reasons)
+        parts.append(
+            "<h3>Gradient masking?</h3><p>The sanity check (Athalye, Carlini and Wagner, "
+            "ICML 2018) found signs that the gradients mislead the attacks:</p>"
+            f"<ul>{items}</ul>"
+        )
+    elif masking:
+        parts.append(
+            "<p>Gradient-masking check: passed (stronger attacks did at least as well as "
+            "weaker ones, accuracy fell with ε, and an unbounded attack won).</p>"
+        )
+    notes = [str(n) for n in summary.get("notes") or []]
+    if notes:
+        parts.append("".join(f'<p class="muted">Note: {_esc(n)}.</p>' for n in notes))
+    return "".join(parts)
+
+
+def _raw_view(name: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as the folded figures show it: a robustness summary's per-ε rows get
+    one column per attack's accuracy (their success rates stay in the JSON report), and
+    the masking check's ``flagged`` its own name (it is not the flagged labels)."""
+    if name != "robustness":
+        return summary
+    view = dict(summary)
+    view["points"] = [
+        {
+            "eps": p.get("eps"),
+            "robust_accuracy": p.get("robust_accuracy"),
+            **{str(a.get("attack")): a.get("accuracy") for a in p.get("attacks") or []},
+        }
+        for p in summary.get("points") or []
+    ]
+    masking = dict(summary.get("masking") or {})
+    if "flagged" in masking:
+        masking["masking_flagged"] = masking.pop("flagged")
+    view["masking"] = masking
+    return view
 
 
 def _stage_section(name: str, stage: dict[str, Any], store: ArtifactStore) -> str:
@@ -595,7 +723,7 @@ def _stage_section(name: str, stage: dict[str, Any], store: ArtifactStore) -> st
         parts.append(f'<p class="muted">{_esc(stage["message"])}</p>')
     parts.append(_stage_pictures(name, summary, store))
     if summary:
-        parts.append(_raw(summary))
+        parts.append(_raw(_raw_view(name, summary)))
     parts.append("</section>")
     return "".join(parts)
 

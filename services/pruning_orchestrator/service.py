@@ -52,7 +52,13 @@ from modelguard.services.pruning_orchestrator.state import (
 from modelguard.signing import PublishedKey
 from modelguard.stage import publish_proto
 from modelguard.store.base import ArtifactRef
-from modelguard.topics import AUDIT_REQUESTED, JOB_AUDIT, STAGE_NEURON_SCORING, STAGE_REPAIR
+from modelguard.topics import (
+    AUDIT_REQUESTED,
+    JOB_AUDIT,
+    STAGE_NEURON_SCORING,
+    STAGE_REPAIR,
+    STAGE_ROBUSTNESS,
+)
 
 if TYPE_CHECKING:
     from modelguard.repair.result import RepairResult
@@ -253,6 +259,8 @@ class Orchestrator:
             raise InvalidInput("a clean dataset (.npz with x and y) is required for an audit")
         if not model.input.num_classes:
             model.input.num_classes = inputs.model.num_classes
+        if options.robustness_eps:
+            check_robustness_options(options, inputs.spec.value_range)
         audit_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
         record = AuditRecord.new(
             audit_id,
@@ -264,6 +272,10 @@ class Orchestrator:
         if options.skip_repair or options.repair_mode == NO_REPAIR:
             record.stages[STAGE_REPAIR].state = SKIPPED
             record.stages[STAGE_REPAIR].message = "repair not requested"
+        if not options.robustness_eps:
+            # not requested: final at once, so the audit finishes without it as it always did
+            record.stages[STAGE_ROBUSTNESS].state = NOT_RUN
+            record.stages[STAGE_ROBUSTNESS].message = "robustness not requested (no ε given)"
         with self.repository.lock(audit_id):
             self.repository.put(record)
             if key_hash:
@@ -476,6 +488,25 @@ class Orchestrator:
             json.dumps(summary, default=_json_default).encode(), "application/json"
         )
         return RepairOutcome(result, mode, model_ref, summary_ref, summary)
+
+
+def check_robustness_options(
+    options: jobs_pb2.AuditOptions, value_range: tuple[float, float]
+) -> None:
+    """Refuse robustness options the stage would refuse (``InvalidInput``), at submission
+    rather than in the worker minutes later: the norm, the steps, ε (positive; under L∞
+    within the data's value range)."""
+    from modelguard.robustness import RobustnessConfig
+
+    config = RobustnessConfig.of_request(
+        options.robustness_eps, options.robustness_norm, options.robustness_steps
+    )
+    low, high = value_range
+    if config.norm == "linf" and config.eps[-1] > high - low:
+        raise InvalidInput(
+            f"an L∞ ε of {config.eps[-1]:g} exceeds the value range {low:g}..{high:g}: ε is "
+            "measured in the data's own units"
+        )
 
 
 def asdict_or_none(record: ArtifactRecord | None) -> dict[str, Any] | None:

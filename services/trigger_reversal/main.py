@@ -1,4 +1,4 @@
-"""Wiring of trigger-reversal: gRPC API and the audit worker."""
+"""Wiring of trigger-reversal: gRPC API and the audit workers (reversal, robustness)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ from modelguard.config import TriggerReversalSettings
 from modelguard.metrics import ServiceMetrics
 from modelguard.proto.modelguard.v1 import trigger_reversal_pb2_grpc
 from modelguard.runtime import Runtime, ServiceApp
-from modelguard.services.trigger_reversal.handler import AuditHandler
-from modelguard.services.trigger_reversal.service import TriggerReversalService
+from modelguard.services.trigger_reversal.handler import AuditHandler, RobustnessHandler
+from modelguard.services.trigger_reversal.service import (
+    ROBUSTNESS_GROUP_SUFFIX,
+    RobustnessStage,
+    TriggerReversalService,
+)
 from modelguard.services.trigger_reversal.servicer import TriggerReversalServicer
 from modelguard.stage import StageReporter
-from modelguard.topics import AUDIT_REQUESTED, STAGE_TRIGGER_REVERSAL
+from modelguard.topics import AUDIT_REQUESTED, STAGE_ROBUSTNESS, STAGE_TRIGGER_REVERSAL
 
 NAME = "trigger-reversal"
 
@@ -30,6 +34,18 @@ def build(
         runtime.bus, STAGE_TRIGGER_REVERSAL, metrics, runtime.platform
     )
     app.add_worker([AUDIT_REQUESTED], AuditHandler(service, reporter))
+    # The robustness stage reads the same requests in a group of its own: its attempts,
+    # time limit and outcome are its own, and it runs beside the reversal.
+    robustness = RobustnessStage(runtime, settings, metrics)
+    app.components["robustness"] = robustness
+    app.add_worker(
+        [AUDIT_REQUESTED],
+        RobustnessHandler(
+            robustness,
+            StageReporter.for_platform(runtime.bus, STAGE_ROBUSTNESS, metrics, runtime.platform),
+        ),
+        group=(settings.group or NAME) + ROBUSTNESS_GROUP_SUFFIX,
+    )
     return app
 
 

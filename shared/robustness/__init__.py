@@ -3,16 +3,25 @@ input's own value range, robust accuracy against ε and a gradient-masking sanit
 
 from modelguard.robustness.attacks import NORMS, Norm, PgdConfig, fgsm, pgd, project
 from modelguard.robustness.evaluate import (
+    FRAGILE,
+    MASKED_GRADIENTS,
+    ROBUST,
+    ROBUST_ACCURACY_FLOOR,
     AttackAccuracy,
     MaskingCheck,
     RobustnessConfig,
     RobustnessResult,
     RobustPoint,
     evaluate_robustness,
+    robustness_verdict,
 )
 
 __all__ = [
+    "FRAGILE",
+    "MASKED_GRADIENTS",
     "NORMS",
+    "ROBUST",
+    "ROBUST_ACCURACY_FLOOR",
     "AttackAccuracy",
     "MaskingCheck",
     "Norm",
@@ -24,4 +33,5 @@ __all__ = [
     "fgsm",
     "pgd",
     "project",
+    "robustness_verdict",
 ]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -61,6 +62,13 @@ from modelguard.spec import InputSpec, wrap
 log = logging.getLogger(__name__)
 
 FGSM, PGD, PGD_STRONG = "fgsm", "pgd", "pgd-strong"
+#: Verdicts of an evaluation (`robustness_verdict`).
+ROBUST, FRAGILE, MASKED_GRADIENTS = "robust", "fragile", "masked gradients"
+#: A model is "robust" when at least this share of the images stays correct under every
+#: attack at the largest ε asked for. Half: Madry et al. (2018) report about 89% for a
+#: PGD-trained MNIST network at ε = 0.3 (L∞) and near 0% for a standard one, so the line
+#: separates the two by far; a deployment with its own requirement reads the curve.
+ROBUST_ACCURACY_FLOOR = 0.5
 #: The share of the time budget the plan fills: the cost per image is measured on two
 #: images and a run must not overrun on a noisy machine.
 TIME_PLAN_SHARE = 0.8
@@ -106,6 +114,18 @@ class RobustnessConfig:
             math.isfinite(self.time_budget_seconds) and self.time_budget_seconds > 0
         ):
             raise InvalidInput("the memory budget must be >= 1 MB and the time budget > 0 s")
+
+    @classmethod
+    def of_request(
+        cls, eps: Sequence[float], norm: str = "", steps: int = 0, **options: Any
+    ) -> RobustnessConfig:
+        """The config of a request whose empty ``norm`` and zero ``steps`` mean the
+        defaults (an audit's options); ``options``: any other field."""
+        if norm:
+            options["norm"] = norm
+        if steps:
+            options["steps"] = steps
+        return cls(eps=tuple(eps), **options)
 
     def attacks(self) -> dict[str, PgdConfig | None]:
         """The attacks run at every ε: name → PGD config (None for FGSM)."""
@@ -231,6 +251,15 @@ class RobustnessResult:
             "notes": list(self.notes),
             "seconds": round(self.seconds, 3),
         }
+
+
+def robustness_verdict(result: RobustnessResult, floor: float = ROBUST_ACCURACY_FLOOR) -> str:
+    """``masked gradients`` when the sanity check flagged the evaluation (its figures are
+    an upper bound, so neither of the others can be said), else ``robust`` when the robust
+    accuracy at the largest ε is at least ``floor``, else ``fragile``."""
+    if result.masking.flagged:
+        return MASKED_GRADIENTS
+    return ROBUST if result.points[-1].robust_accuracy >= floor else FRAGILE
 
 
 def draw_targets(

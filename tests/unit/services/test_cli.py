@@ -269,6 +269,38 @@ def test_audit_submit_sends_a_folder_as_the_npz_the_service_reads(
     assert sent[-1] == npz
 
 
+def test_audit_submit_passes_the_robustness_options_on(
+    lenet_and_folder: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contextlib import contextmanager
+
+    from modelguard.proto.modelguard.v1 import jobs_pb2, pruning_orchestrator_pb2
+    from modelguard.services import cli
+
+    sent: list[jobs_pb2.AuditOptions] = []
+
+    class Client:
+        def submit(self, *args: Any, options: jobs_pb2.AuditOptions, **kwargs: Any) -> Any:
+            sent.append(options)
+            return pruning_orchestrator_pb2.Audit(audit_id="a1")
+
+    @contextmanager
+    def fake_client(*args: Any, **kwargs: Any) -> Iterator[Client]:
+        yield Client()
+
+    monkeypatch.setattr(cli, "audit_client", fake_client)
+    model, folder = lenet_and_folder
+    submit = ["audit", "submit", str(model), *LENET_ARGS, "--data", str(folder)]
+    submit += ["--target", "orchestrator:1"]
+    assert main([*submit, "--eps", "0.1,0.3", "--norm", "l2", "--attack-steps", "7"]) == 0
+    assert list(sent[-1].robustness_eps) == pytest.approx([0.1, 0.3])
+    assert (sent[-1].robustness_norm, sent[-1].robustness_steps) == ("l2", 7)
+    assert main(submit) == 0  # no ε: the stage is not asked for
+    assert list(sent[-1].robustness_eps) == []
+    with pytest.raises(SystemExit):
+        main([*submit, "--eps", "-0.1"])
+
+
 def test_detect_saves_the_flagged_triggers_that_repair_takes(
     infected_lenet: InfectedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -34,6 +34,9 @@ class AuditOptions(_message.Message):
     SKIP_REPAIR_FIELD_NUMBER: _builtins.int
     DETECTION_RULE_FIELD_NUMBER: _builtins.int
     DETECTOR_FIELD_NUMBER: _builtins.int
+    ROBUSTNESS_EPS_FIELD_NUMBER: _builtins.int
+    ROBUSTNESS_NORM_FIELD_NUMBER: _builtins.int
+    ROBUSTNESS_STEPS_FIELD_NUMBER: _builtins.int
     reversal_steps: _builtins.int
     """0: service default"""
     layer: _builtins.str
@@ -46,6 +49,16 @@ class AuditOptions(_message.Message):
     """one of the detector's rules (neural-cleanse: modelguard | paper); empty: its first"""
     detector: _builtins.str
     """a shared.detection.registry.DETECTORS name; empty: neural-cleanse"""
+    robustness_norm: _builtins.str
+    """linf | l2; empty: linf"""
+    robustness_steps: _builtins.int
+    """PGD steps; 0: the library's default"""
+    @_builtins.property
+    def robustness_eps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The robustness stage (shared.robustness): robust accuracy at each ε, in the data's own
+        units. No ε: the stage does not run.
+        """
+
     def __init__(
         self,
         *,
@@ -56,10 +69,13 @@ class AuditOptions(_message.Message):
         skip_repair: _builtins.bool = ...,
         detection_rule: _builtins.str = ...,
         detector: _builtins.str = ...,
+        robustness_eps: _abc.Iterable[_builtins.float] | None = ...,
+        robustness_norm: _builtins.str = ...,
+        robustness_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_rule", b"detection_rule", "detector", b"detector", "layer", b"layer", "repair_mode", b"repair_mode", "reversal_steps", b"reversal_steps", "seed", b"seed", "skip_repair", b"skip_repair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_rule", b"detection_rule", "detector", b"detector", "layer", b"layer", "repair_mode", b"repair_mode", "reversal_steps", b"reversal_steps", "robustness_eps", b"robustness_eps", "robustness_norm", b"robustness_norm", "robustness_steps", b"robustness_steps", "seed", b"seed", "skip_repair", b"skip_repair"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -67,7 +83,9 @@ Global___AuditOptions: _TypeAlias = AuditOptions  # noqa: Y015
 
 @_typing.final
 class AuditRequested(_message.Message):
-    """topic modelguard.audit.requested: consumed by trigger-reversal and leak-detector."""
+    """topic modelguard.audit.requested: consumed by trigger-reversal (two consumer groups: the
+    reversal and the robustness stage) and leak-detector.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1,6 +1,7 @@
-"""Audit records of the four report kinds (infected and repaired, clean, leak, a failed
-stage), their summaries made by the stages' own summary builders from real result
-objects, with pictures in a local store: what the orchestrator turns into a report."""
+"""Audit records of the report kinds (infected and repaired, clean, leak, a failed stage,
+a fragile model, masked gradients), their summaries made by the stages' own summary
+builders from real result objects, with pictures in a local store: what the orchestrator
+turns into a report."""
 
 from __future__ import annotations
 
@@ -23,10 +24,18 @@ from modelguard.leak.detector import BENIGN, LEAK, Evidence, LeakVerdict
 from modelguard.leak.features import layer_statistics
 from modelguard.nn.architectures import build
 from modelguard.repair.result import CurveStep, Measure, RepairResult
+from modelguard.robustness import (
+    AttackAccuracy,
+    RobustnessConfig,
+    RobustnessResult,
+    RobustPoint,
+    robustness_verdict,
+)
+from modelguard.robustness.evaluate import masking_check
 from modelguard.services.pruning_orchestrator.report import curve_png
 from modelguard.services.pruning_orchestrator.service import repair_summary
 from modelguard.services.pruning_orchestrator.state import AuditRecord, StageRecord
-from modelguard.services.trigger_reversal.service import reversal_summary
+from modelguard.services.trigger_reversal.service import reversal_summary, robustness_summary
 from modelguard.store.base import ArtifactRef, ArtifactStore
 
 MODEL = {
@@ -148,9 +157,51 @@ def leak(*, leaking: bool) -> dict[str, object]:
     return verdict.to_dict()
 
 
+def robustness(*, masked: bool) -> dict[str, object]:
+    """A robustness summary at ε 0.05, 0.1, 0.2, 0.3 (L∞) on 200 images: a standard
+    model's steep fall; ``masked``: PGD does worse than one FGSM step and an unbounded
+    attack leaves images correct, which the gradient-masking check flags."""
+    config = RobustnessConfig(eps=(0.05, 0.1, 0.2, 0.3), steps=40)
+    fgsm = (0.71, 0.42, 0.12, 0.03)
+    pgd = (0.83, 0.74, 0.69, 0.66) if masked else (0.55, 0.18, 0.02, 0.0)
+    strong = (0.83, 0.74, 0.69, 0.66) if masked else (0.54, 0.17, 0.01, 0.0)
+    points = tuple(
+        RobustPoint(
+            eps=eps,
+            robust_accuracy=min(fgsm[i], pgd[i], strong[i]),
+            attacks=(
+                AttackAccuracy("fgsm", fgsm[i], 0.99 - fgsm[i]),
+                AttackAccuracy("pgd", pgd[i], 0.99 - pgd[i]),
+                AttackAccuracy("pgd-strong", strong[i], 0.99 - strong[i]),
+            ),
+        )
+        for i, eps in enumerate(config.eps)
+    )
+    masking = masking_check(
+        points,
+        config,
+        images=200,
+        zero_gradient_fraction=0.0,
+        unbounded_accuracy=0.6 if masked else 0.0,
+    )
+    result = RobustnessResult(
+        config=config,
+        images=200,
+        clean_accuracy=0.99,
+        points=points,
+        masking=masking,
+        seconds=95.0,
+        batch_size=200,
+        notes=("a seeded subset of 200 images was attacked",),
+    )
+    return robustness_summary(result, robustness_verdict(result))
+
+
 def _record(audit_id: str, stages: dict[str, StageRecord]) -> AuditRecord:
     record = AuditRecord.new(audit_id, MODEL, {}, {"repair": True})
     record.created_at = CREATED_AT
+    # not requested unless the case says otherwise, as the orchestrator records it
+    record.stages["robustness"] = _not_run("robustness")
     record.stages.update(stages)
     return record
 
@@ -234,10 +285,42 @@ def failed_stage(store: ArtifactStore) -> AuditRecord:
     )
 
 
+def fragile(store: ArtifactStore) -> AuditRecord:
+    return _record(
+        "fragile",
+        {
+            "leak-detector": _done("leak-detector", leak(leaking=False)),
+            "trigger-reversal": _done(
+                "trigger-reversal", reversal(store, classes=10, optimised=10, flagged=())
+            ),
+            "robustness": _done("robustness", robustness(masked=False)),
+            "neuron-scoring": StageRecord(name="neuron-scoring", state="skipped"),
+            "repair": StageRecord(name="repair", state="skipped"),
+        },
+    )
+
+
+def masked_gradients(store: ArtifactStore) -> AuditRecord:
+    return _record(
+        "masked-gradients",
+        {
+            "leak-detector": _done("leak-detector", leak(leaking=False)),
+            "trigger-reversal": _done(
+                "trigger-reversal", reversal(store, classes=10, optimised=10, flagged=())
+            ),
+            "robustness": _done("robustness", robustness(masked=True)),
+            "neuron-scoring": StageRecord(name="neuron-scoring", state="skipped"),
+            "repair": StageRecord(name="repair", state="skipped"),
+        },
+    )
+
+
 #: The report kinds by name.
 CASES: dict[str, Callable[[ArtifactStore], AuditRecord]] = {
     "infected-repaired": infected_and_repaired,
     "clean": clean,
     "leak": leaking,
     "failed-stage": failed_stage,
+    "fragile": fragile,
+    "masked-gradients": masked_gradients,
 }

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from modelguard.plots import bar_chart_png, mad_chart_png, pruning_curve_png
+from modelguard.plots import (
+    bar_chart_png,
+    mad_chart_png,
+    pruning_curve_png,
+    robust_accuracy_png,
+)
 from modelguard.services.pruning_orchestrator.report import (
     TONE_COLOURS,
     build_report,
@@ -60,6 +65,9 @@ def test_fields_and_values_have_human_names() -> None:
         ("leak-detector", {"verdict": "benign", "score": 0.2, "threshold": 1.0}, "benign", "good"),
         ("repair", {"verdict": "repaired", "before": {}, "after": {}}, "repaired", "good"),
         ("repair", {"verdict": "partially repaired"}, "partially repaired", "warn"),
+        ("robustness", report_cases.robustness(masked=False), "fragile", "bad"),
+        ("robustness", report_cases.robustness(masked=True), "masked gradients", "warn"),
+        ("robustness", {"verdict": "robust", "points": [{"eps": 0.3}]}, "robust", "good"),
     ],
 )
 def test_each_verdict_has_its_word_and_colour(
@@ -87,6 +95,8 @@ def test_a_failed_stage_says_why_and_a_skipped_one_is_neutral() -> None:
         ("clean", "may be deployed"),
         ("leak", "Do not publish the weights"),
         ("failed-stage", "Run the audit again: Backdoor (reversed triggers) failed"),
+        ("fragile", "Do not deploy where inputs can be manipulated"),
+        ("masked-gradients", "Do not trust the robustness figures"),
     ],
 )
 def test_next_steps_follow_the_verdicts(store: LocalStore, case: str, expected: str) -> None:
@@ -101,11 +111,14 @@ def test_the_charts_are_valid_pngs() -> None:
     mad = mad_chart_png([0, 1, 2, 3], [40.0, 41.0, 4.0, 39.0], {2}, median=39.5, flag_line=30)
     curve = pruning_curve_png([1, 2, 2, 3], [0.9, 0.5, 0.6, 0.1], [1, 1, 0.9, 0.99], [0, 0, 1, 0])
     bars = bar_chart_png(["sign imbalance"], [4.0], threshold=1.0)
-    for png in (mad, curve, bars):
+    robust = robust_accuracy_png([0.1, 0.3], [0.5, 0.1], {"pgd": [0.5, 0.2]}, clean_accuracy=1)
+    for png in (mad, curve, bars, robust):
         width, height = _png_size(png)
         assert 300 <= width <= 800 and height >= 100
     with pytest.raises(ValueError):
         mad_chart_png([0, 1], [1.0], set(), median=1.0)
+    with pytest.raises(ValueError):
+        robust_accuracy_png([0.1, 0.3], [0.5], {})
 
 
 def test_charts_are_reproducible() -> None:
@@ -164,3 +177,44 @@ def test_leak_report_explains_each_flagged_layer(store: LocalStore) -> None:
     assert "In fc1, sign imbalance lies 4.00×" in page
     assert "In conv2, negative co-kurtosis lies 1.50×" in page
     assert page.count("training procedure hides data") == 2
+
+
+def test_robustness_report_plots_accuracy_against_eps_and_says_why_it_decided(
+    store: LocalStore,
+) -> None:
+    _, report_html = build_report(report_cases.fragile(store), store, 1.0)
+    page = report_html.decode()
+    section = page[page.index('id="stage-robustness"') :]
+    assert section.index("Robustness to evasion attacks") < section.index("</h2>")
+    # the verdict and its rule in the summary, with the figures it read
+    summary = page[page.index('id="summary"') : page.index('id="stage-')]
+    assert "fragile</span> <b>Robustness to evasion attacks</b>: Small perturbations" in summary
+    assert "0.0% of the images stay correct under every attack at ε = 0.3 (L∞" in summary
+    assert "under the 50.0% floor" in summary
+    # the chart: every attack and the combined curve, and the check passed in words
+    assert "<figcaption>Accuracy against ε under untargeted fgsm, pgd, pgd-strong (200 " in page
+    assert "Gradient-masking check: passed" in section
+    assert "Note: a seeded subset of 200 images was attacked." in section
+    # the folded figures: one column per attack, the masking check by its own names
+    assert "<th>FGSM accuracy</th><th>PGD accuracy</th><th>Stronger PGD accuracy</th>" in page
+    assert "Flagged target labels</dt><dd>no" not in section
+
+
+def test_masked_gradients_are_reported_as_sentences(store: LocalStore) -> None:
+    _, report_html = build_report(report_cases.masked_gradients(store), store, 1.0)
+    page = report_html.decode()
+    section = page[page.index('id="stage-robustness"') :]
+    assert "masked gradients</span>" in section
+    assert "these figures are an upper bound nobody should rely on." in page
+    findings = re.findall(r"<li>([^<]*)</li>", section)
+    assert "At ε = 0.05 PGD leaves more images correct (83.0%) than one FGSM step (71.0%)." in (
+        findings
+    )
+    assert any(f.startswith("PGD with an unbounded ε") for f in findings), findings
+    assert "Gradient-masking check: passed" not in section
+
+
+def test_an_audit_without_robustness_says_the_stage_did_not_run(store: LocalStore) -> None:
+    document = report_document(report_cases.clean(store), finished_at=0.0)
+    verdict = stage_verdict("robustness", document["stages"]["robustness"])
+    assert (verdict.word, verdict.tone) == ("not run", "neutral")

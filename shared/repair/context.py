@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -49,6 +51,12 @@ from modelguard.repair.scoring import AttackSet, as_reversed_triggers, build_att
 from modelguard.spec import InputSpec
 
 log = logging.getLogger(__name__)
+
+
+#: Weights from which a model pruned at its classifier's input gets a classifier re-fit
+#: rather than an end-to-end fine-tune (``final_scope="auto"``): the size of a real
+#: ImageNet-scale network, far above the small models sized for 28×28 inputs.
+REFIT_MIN_PARAMETERS = 2_000_000
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -189,6 +197,20 @@ class FineTuneConfig:
     after the rollback repair 21% (no dilation, share 0.2) → 13% (1 pixel) → 11% (2) →
     9.5% (2 pixels, share 0.35), clean accuracy −0.2 → −1.2 points; on the MNIST 3×3
     model 1.5% → 1.0%.
+    ``local_seconds``/``final_seconds``: wall-time caps of one local and of the final
+    fine-tune. On a small model the step counts decide; on a real one (every step a full
+    forward and backward pass of a large network) the caps keep a repair within minutes,
+    and the steps run are reported.
+    ``final_scope``: what the final fine-tune trains. ``model``: every weight. ``classifier``
+    (the site must be a classifier's input features): only the classifier is re-fitted, on
+    the features of the clean fine-tuning images and of the same images stamped with the
+    (dilated, shifted) reversed triggers, both towards the original's logits on the clean
+    images, pulled towards its weights (``refit_pull`` times the squared distance;
+    ``refit_steps`` full-batch Adam steps at ``refit_lr``). A model of millions of weights
+    fine-tuned end to end on a few hundred images forgets what they do not show (its
+    agreement with the original collapses), while the features are computed once and the
+    classifier is all that decides the label. ``auto``: ``classifier`` for a model of at
+    least `REFIT_MIN_PARAMETERS` weights pruned at its classifier's input, else ``model``.
     """
 
     local_steps: int = 30
@@ -206,6 +228,12 @@ class FineTuneConfig:
     unlearn_fraction: float = 0.35
     unlearn_jitter: float = 0.075
     unlearn_dilate: int = 2
+    local_seconds: float = 20.0
+    final_seconds: float = 240.0
+    final_scope: Literal["auto", "model", "classifier"] = "auto"
+    refit_steps: int = 300
+    refit_lr: float = 1e-3
+    refit_pull: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or self.final_epochs < 0 or self.batch_size < 1:
@@ -222,6 +250,12 @@ class FineTuneConfig:
             raise ValueError("unlearn_jitter must be in [0, 0.5)")
         if not 0 <= self.unlearn_dilate <= 8:
             raise ValueError("unlearn_dilate must be in 0..8 pixels")
+        if self.local_seconds <= 0 or self.final_seconds <= 0:
+            raise ValueError("local_seconds and final_seconds must be > 0")
+        if self.final_scope not in ("auto", "model", "classifier"):
+            raise ValueError("final_scope must be auto, model or classifier")
+        if self.refit_steps < 0 or self.refit_lr <= 0 or self.refit_pull < 0:
+            raise ValueError("refit_steps >= 0, refit_lr > 0 and refit_pull >= 0 required")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -242,16 +276,19 @@ def fine_tune(
     triggers: Sequence[ReversedTrigger] = (),
     lr: float | None = None,
     targets: torch.Tensor | None = None,
+    seconds: float | None = None,
 ) -> int:
     """``steps`` Adam steps on ``data`` (raw inputs; ``spec``'s normalisation applied
     here), keeping every pruner's neurons at zero. The loss is cross-entropy on the labels,
     or, with ``targets`` (logits ``(N, K)`` aligned with ``data``), least squares between
     the model's logits and them. With ``triggers`` and ``config.unlearn_fraction > 0``, that
     share of each batch is stamped with a random one of them, its label (or target) that
-    of the unstamped sample. Returns the number of steps run; leaves the model in eval
-    mode."""
+    of the unstamped sample. ``seconds``: stop after this much wall time even if steps
+    remain. Returns the number of steps run; leaves the model in eval mode."""
     if steps <= 0 or len(data) == 0:
         return 0
+    deadline = time.perf_counter() + seconds if seconds is not None else math.inf
+    run = 0
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(
         params, lr=config.lr if lr is None else lr, weight_decay=config.weight_decay
@@ -273,6 +310,9 @@ def fine_tune(
                 module.eval()
     try:
         for _ in range(steps):
+            if time.perf_counter() > deadline:
+                log.info("fine-tune stopped by its time cap after %d of %d steps", run, steps)
+                break
             if cursor >= n:
                 order, cursor = torch.randperm(n, generator=generator), 0
             index = order[cursor : cursor + config.batch_size]
@@ -293,9 +333,10 @@ def fine_tune(
             optimiser.step()
             for pruner in pruners:
                 pruner.reapply()
+            run += 1
     finally:
         model.eval()
-    return steps
+    return run
 
 
 def _stamp_share(
@@ -506,6 +547,79 @@ class RepairContext:
             triggers=self.triggers if self.finetune.local_unlearn else (),
             lr=self.finetune.local_lr,
             targets=self.tune_logits if self.finetune.local_objective == "original" else None,
+            seconds=self.finetune.local_seconds,
+        )
+
+    def final_scope(self) -> Literal["model", "classifier"]:
+        """What the final fine-tune trains (see `FineTuneConfig`, ``final_scope``)."""
+        info, scope = self.probe.info, self.finetune.final_scope
+        weight = getattr(self.probe.module, "weight", None)
+        at_classifier = (
+            info.side == "input"
+            and isinstance(weight, torch.Tensor)
+            and int(weight.shape[0]) == int(self.tune_logits.shape[1])
+        )
+        if scope == "classifier" and not at_classifier:
+            raise InvalidInput(
+                f"the classifier re-fit needs the site to be a classifier's input features; "
+                f"{info.name} is not"
+            )
+        if scope == "auto":
+            large = sum(p.numel() for p in self.model.parameters()) >= REFIT_MIN_PARAMETERS
+            return "classifier" if at_classifier and large else "model"
+        return "classifier" if scope == "classifier" else "model"
+
+    def refit_classifier(self) -> None:
+        """Re-fit the classifier whose input features are the site (see `FineTuneConfig`):
+        the rest of the model is left as it is, so its features are computed once."""
+        config = self.finetune
+        generator = torch.Generator().manual_seed(self.seed + 7919)
+        stamped_triggers = (
+            [_dilated(t, config.unlearn_dilate) for t in self.triggers]
+            if config.unlearn_dilate
+            else self.triggers
+        )
+        jitter = round(config.unlearn_jitter * min(self.spec.shape[1:]))
+        # each image stamped twice: where the trigger was found and shifted a little
+        stamped = torch.cat(
+            [
+                _stamp_share(self.tune.x, stamped_triggers, 1.0, self.spec, generator, 0),
+                _stamp_share(self.tune.x, stamped_triggers, 1.0, self.spec, generator, jitter),
+            ]
+        )
+        _, clean_features = self.probe.capture(self.tune.x)
+        _, stamped_features = self.probe.capture(stamped)
+        classifier = self.probe.module
+        weight = getattr(classifier, "weight", None)
+        bias = getattr(classifier, "bias", None)
+        assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+        keep = self.pruner.keep_mask().reshape(1, -1).to(weight.dtype)
+        start_weight = weight.detach().clone()
+        fitted_weight = (start_weight * keep).requires_grad_(True)
+        fitted_bias = (
+            bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0])
+        ).requires_grad_(True)
+        optimiser = torch.optim.Adam([fitted_weight, fitted_bias], lr=config.refit_lr)
+        targets = self.tune_logits
+        for _ in range(config.refit_steps):
+            effective = fitted_weight * keep
+            loss = (
+                F.mse_loss(clean_features @ effective.T + fitted_bias, targets)
+                + F.mse_loss(stamped_features @ effective.T + fitted_bias, targets.repeat(2, 1))
+                + config.refit_pull * ((fitted_weight - start_weight) ** 2).sum()
+            )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            weight.copy_(fitted_weight * keep)
+            if bias is not None:
+                bias.copy_(fitted_bias)
+        self.finetune_steps += config.refit_steps
+        self.notes.append(
+            f"final fine-tune: the classifier {self.probe.info.module} re-fitted on the "
+            f"features of {len(self.tune)} clean images and of the same images stamped with "
+            f"the reversed trigger(s), the rest of the model unchanged"
         )
 
     def final_fine_tune(self, revival: float | None = 0.10) -> Measure:
@@ -522,17 +636,21 @@ class RepairContext:
             return before
         steps = max(steps, self.finetune.final_min_steps)
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.finetune_steps += fine_tune(
-            self.model,
-            self.tune,
-            self.spec,
-            [self.pruner],
-            self.finetune,
-            steps=steps,
-            seed=self.seed + 7919,
-            triggers=self.triggers,
-            targets=self.tune_logits if self.finetune.final_objective == "original" else None,
-        )
+        if self.final_scope() == "classifier":
+            self.refit_classifier()
+        else:
+            self.finetune_steps += fine_tune(
+                self.model,
+                self.tune,
+                self.spec,
+                [self.pruner],
+                self.finetune,
+                steps=steps,
+                seed=self.seed + 7919,
+                triggers=self.triggers,
+                targets=self.tune_logits if self.finetune.final_objective == "original" else None,
+                seconds=self.finetune.final_seconds,
+            )
         after = self.measure()
         threshold = revival if revival is not None else 1.0
         revived = after.reversed_asr > max(before.reversed_asr + 0.05, threshold)

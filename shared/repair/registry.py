@@ -111,6 +111,10 @@ def repair(
     items = as_reversed_triggers(triggers, spec)
     working = copy_model(model)
     working.eval()
+    # the repair fine-tunes its own copy: weights a file arrives with frozen (a traced
+    # export, a published model) must still learn
+    for parameter in working.parameters():
+        parameter.requires_grad_(True)
     return method.repair(
         working,
         data,

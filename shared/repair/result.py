@@ -17,7 +17,8 @@ class CurveStep:
     triggers) and ``agreement``: share of validation samples on which the model agrees with
     the original, both measured right after pruning ``index`` (before any fine-tuning).
     ``reason`` says why a prune was rolled back (``asr_not_dropped``,
-    ``agreement_below_q0``, ``accuracy_drop``)."""
+    ``agreement_below_q0``, ``accuracy_drop``). ``neurons``: every neuron pruned together
+    in this step when a large site is swept in groups (``index`` is the first)."""
 
     step: int
     layer: str
@@ -26,6 +27,7 @@ class CurveStep:
     agreement: float
     action: Action
     reason: str = ""
+    neurons: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -38,6 +40,8 @@ class CurveStep:
         }
         if self.reason:
             out["reason"] = self.reason
+        if len(self.neurons) > 1:
+            out["neurons"] = list(self.neurons)
         return out
 
 

@@ -83,6 +83,10 @@ class RollbackConfig:
     counts as a meaningful drop (``None`` disables the soft criterion). ``passes``: sweeps
     over the alternated rankings. ``max_pruned_fraction``: at most this share of the layer
     is pruned. ``speculate``: candidates scored per batched forward pass.
+    ``max_candidates``: most candidates one sweep examines. A larger site (a real model's
+    classifier input has a thousand or more features) is swept in groups of consecutive
+    ranked neurons, each group one candidate: a backdoor spread over many features weakens
+    no attack when one feature goes, and a sweep over every feature alone would take hours.
     ``validation_fraction``: share of the clean data held out for ``q_i`` and ``s_i``.
     ``attack_samples``/``val_samples``: caps on the stamped and validation sets.
     """
@@ -94,6 +98,7 @@ class RollbackConfig:
     passes: int = 2
     max_pruned_fraction: float = 0.5
     speculate: int = 8
+    max_candidates: int = 256
     validation_fraction: float = 0.3
     attack_samples: int = 500
     val_samples: int = 1000
@@ -108,8 +113,8 @@ class RollbackConfig:
             raise ValueError("asr_stop must be in (0, 1]")
         if self.min_drop < 0 or (self.min_soft_drop is not None and self.min_soft_drop < 0):
             raise ValueError("min_drop and min_soft_drop must be >= 0")
-        if self.passes < 1 or self.speculate < 1:
-            raise ValueError("passes and speculate must be >= 1")
+        if self.passes < 1 or self.speculate < 1 or self.max_candidates < 1:
+            raise ValueError("passes, speculate and max_candidates must be >= 1")
         if not 0.0 < self.max_pruned_fraction <= 1.0:
             raise ValueError("max_pruned_fraction must be in (0, 1]")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -265,19 +270,26 @@ def rollback_prune(
         sum(before.per_trigger_asr) / len(before.per_trigger_asr), before.soft_asr, before.agreement
     )
     step = 0
-    total_steps = config.passes * len(order)
+    group = -(-len(order) // config.max_candidates)
+    if group > 1:
+        context.notes.append(
+            f"{name} has {neurons} neurons: pruned in groups of {group} consecutive ranked "
+            f"neurons (at most {config.max_candidates} candidates a sweep)"
+        )
+    total_steps = config.passes * -(-len(order) // group)
     done = False
     for sweep in range(config.passes):
-        queue = [i for i in order if i not in pruner.pruned]
+        remaining = [i for i in order if i not in pruner.pruned]
+        queue = [remaining[i : i + group] for i in range(0, len(remaining), group)]
         kept_in_sweep = 0
         position = 0
         while position < len(queue) and not done and len(pruner.pruned) < budget:
             batch = queue[position : position + config.speculate]
             keep = pruner.keep_mask().repeat(len(batch), 1)
-            for row, index in enumerate(batch):
-                keep[row, index] = 0
+            for row, members in enumerate(batch):
+                keep[row, members] = 0
             scored = context.candidates(keep)
-            for row, index in enumerate(batch):
+            for row, members in enumerate(batch):
                 position += 1
                 step += 1
                 figures = Figures(
@@ -288,12 +300,20 @@ def rollback_prune(
                 action, reason = decide(reference, figures, config)
                 curve.append(
                     CurveStep(
-                        step, name, index, float(scored.asr[row]), figures.agreement, action, reason
+                        step,
+                        name,
+                        members[0],
+                        float(scored.asr[row]),
+                        figures.agreement,
+                        action,
+                        reason,
+                        neurons=tuple(members),
                     )
                 )
                 if action == "rolled_back":
                     continue
-                pruner.prune(index)
+                for index in members:
+                    pruner.prune(index)
                 kept_in_sweep += 1
                 context.local_fine_tune()
                 current = context.measure()

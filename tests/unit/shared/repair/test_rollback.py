@@ -11,6 +11,7 @@ from torch import nn
 
 from modelguard.datasets import Dataset
 from modelguard.detection.triggers import ReversedTrigger
+from modelguard.errors import InvalidInput
 from modelguard.repair.context import FineTuneConfig
 from modelguard.repair.registry import repair
 from modelguard.repair.result import Measure
@@ -222,3 +223,63 @@ def test_nothing_is_pruned_when_the_reversed_trigger_is_already_weak() -> None:
     assert result.pruned == [] and result.curve == []
     assert result.after.reversed_asr < 0.1
     assert any("nothing to prune" in note for note in result.notes)
+
+
+def test_a_large_site_is_swept_in_groups_of_ranked_neurons() -> None:
+    """With at most two candidates a sweep, ToyNet's three neurons go in groups of two in
+    the ranked order (2, 1, 0): the dead neuron with the clean feature first (rolled back:
+    class 1 is lost), then the trigger detector alone (kept)."""
+    config = RollbackConfig(
+        scoring=ScoringConfig(rank_by="triggered"),
+        finetune=FineTuneConfig(local_steps=0, final_epochs=0),
+        max_candidates=2,
+    )
+    spec = InputSpec((1, 4, 4))
+    result = repair(ToyNet().eval(), toy_data(), spec, [toy_trigger()], config=config)
+    steps = [(s.neurons or (s.index,), s.action) for s in result.curve]
+    assert steps == [((2, 1), "rolled_back"), ((0,), "kept")]
+    assert result.curve[0].to_dict()["neurons"] == [2, 1]
+    assert result.pruned == [("fc1", 0)]
+    assert any("groups of 2" in note for note in result.notes)
+
+
+def test_the_final_fine_tune_can_re_fit_only_the_classifier() -> None:
+    """Pruning keeps nothing here (no drop can count), so the classifier re-fit alone
+    removes the backdoor: stamped features are fitted to the clean logits; the layers
+    before the classifier are not touched."""
+    model = ToyNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune = FineTuneConfig(
+        local_steps=0,
+        final_scope="classifier",
+        refit_lr=0.5,
+        refit_steps=1000,
+        refit_pull=0.0,  # the toy's backdoor weight is huge: any pull keeps some of it
+        unlearn_jitter=0.0,
+        unlearn_dilate=0,
+    )
+    config = RollbackConfig(min_drop=1.1, min_soft_drop=None, finetune=finetune)
+    spec = InputSpec((1, 4, 4))
+    result = repair(model, toy_data(), spec, [toy_trigger()], layer="fc2:in", config=config)
+    assert result.pruned == [] and result.before.reversed_asr == 1.0
+    assert result.after.reversed_asr < 0.1 and result.after.agreement >= 0.97
+    assert result.model is not None
+    after = result.model.state_dict()
+    assert torch.equal(after["fc1.weight"], before["fc1.weight"])
+    assert not torch.equal(after["fc2.weight"], before["fc2.weight"])
+    assert any("re-fitted" in note for note in result.notes)
+    # the scope needs a classifier's input: fc1's outputs are not one
+    with pytest.raises(InvalidInput, match="classifier's input"):
+        repair(model, toy_data(), spec, [toy_trigger()], layer="fc1", config=config)
+
+
+def test_small_models_keep_the_end_to_end_fine_tune() -> None:
+    """``auto`` re-fits only the classifier of a model of millions of weights."""
+    model = ToyNet().eval()
+    config = RollbackConfig(
+        min_drop=1.1, min_soft_drop=None, finetune=FineTuneConfig(local_steps=0)
+    )
+    result = repair(
+        model, toy_data(), InputSpec((1, 4, 4)), [toy_trigger()], layer="fc2:in", config=config
+    )
+    assert not any("re-fitted" in note for note in result.notes)

@@ -70,10 +70,15 @@ def spec_args(model: realzoo.RealModel) -> list[str]:
     return ["--input-shape", f"3,{side},{side}", "--value-range", "0,1"]
 
 
-def evaluate(model: realzoo.RealModel, module: torch.nn.Module) -> dict[str, float]:
-    published = load_efficientnet_lite(model.spec.variant).module.eval()
+def evaluate(
+    model: realzoo.RealModel, module: torch.nn.Module, original: torch.nn.Module
+) -> dict[str, float]:
+    """On the evaluation crops (never shown to the audit): the share of top-1 answers equal
+    to ``original``'s (the submitted model: what a repair must preserve), and for a
+    backdoored model the real trigger's attack success on crops the original does not
+    already give the target."""
     x = realzoo.crops(realzoo.EVAL_VARIANTS, model.side, seed=2, jitter=False)
-    reference = realzoo.predictions(published, x)
+    reference = realzoo.predictions(original, x)
     out = {"agreement": float((realzoo.predictions(module, x) == reference).float().mean())}
     if model.spec.backdoor:
         keep = reference != model.spec.target
@@ -118,7 +123,8 @@ def bench_model(
     leak, leak_seconds, _ = run(["leakscan", str(path), *spec_args(model), "--json"])
     row.update(leak_verdict=leak["verdict"], leak_score=leak["score"], leak_seconds=leak_seconds)
     if repair and spec.backdoor:
-        before = evaluate(model, model.load())
+        original = model.load()
+        before = evaluate(model, original, original)
         row.update(asr_before=before.get("asr"), agreement_before=before["agreement"])
         if not detected.get("triggers"):
             row["repair"] = "not run: detect flagged nothing"
@@ -138,7 +144,7 @@ def bench_model(
                 "--json",
             ]
         )
-        after = evaluate(model, load_any(repaired_path, model))
+        after = evaluate(model, load_any(repaired_path, model), original)
         row.update(
             repair_seconds=repair_seconds,
             repair_rss_gb=repair_rss,
@@ -258,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-repair", action="store_true")
     args = parser.parse_args(argv)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in realzoo.select(args.only or None, args.split):
             model = realzoo.build(spec)
@@ -266,11 +271,17 @@ def main(argv: list[str] | None = None) -> int:
             if spec.name in args.formats:
                 files += export_formats(model, Path(tmp))
             for model_file in files:
-                row = bench_model(model, not args.skip_repair, Path(tmp), model_file)
+                # the other formats' rows check the verdicts; the repair is the TorchScript row's
+                repair = not args.skip_repair and model_file is None
+                row = bench_model(model, repair, Path(tmp), model_file)
                 print(json.dumps(row), flush=True)
-                rows.append(row)
-    text = table(merged(rows))
-    print(text)
+                write_page(merged([row]))  # after every row: a long run keeps what it measured
+    return 0
+
+
+def write_page(rows: list[dict[str, Any]]) -> None:
+    text = table(rows)
+    print(text, flush=True)
     notes = (
         "One process per command, as a user runs it (`modelguard detect MODEL --data "
         "CROPS.npz --input-shape 3,S,S --value-range 0,1 --out DIR`, then `leakscan`, and "
@@ -279,16 +290,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{BARS['seconds']:.0f} s and {BARS['rss_gb']:.0f} GB; repair below "
         f"{BARS['asr']:.0%} ASR, agreement drop at most {BARS['agreement_drop']:.0%}. "
         "ASR: the real trigger on evaluation crops of other labels; agreement: top-1 equal "
-        "to the published model's on 216 evaluation crops the audit never saw. The attacks, "
+        "to the submitted model's on 216 evaluation crops the audit never saw. The attacks, "
         "crops and splits are described in `bench/realzoo.py`. The ONNX and torch.export "
-        "rows are the same model exported from its eager module (dynamic batch). Each row "
+        "rows are the same model exported from its eager module (dynamic batch), run "
+        "through detect and leakscan (the repair is measured on the TorchScript row). Each row "
         "names the commit it was measured on (`bench/out/realscale.json` keeps every row); "
         "a zoo model without a row has not been measured yet."
     )
     results.record(
         "real_scale", "Real-scale models (EfficientNet-Lite, 1000 classes)", notes + "\n\n" + text
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -273,8 +273,9 @@ class Orchestrator:
             record.stages[STAGE_REPAIR].state = SKIPPED
             record.stages[STAGE_REPAIR].message = "repair not requested"
         if not options.robustness_eps:
-            # not requested: final at once, so the audit finishes without it as it always did
-            record.stages[STAGE_ROBUSTNESS].state = NOT_RUN
+            # not requested: final at once (skipped, as an unrequested repair is), so the audit
+            # finishes without it as it always did
+            record.stages[STAGE_ROBUSTNESS].state = SKIPPED
             record.stages[STAGE_ROBUSTNESS].message = "robustness not requested (no ε given)"
         with self.repository.lock(audit_id):
             self.repository.put(record)

@@ -217,4 +217,4 @@ def test_masked_gradients_are_reported_as_sentences(store: LocalStore) -> None:
 def test_an_audit_without_robustness_says_the_stage_did_not_run(store: LocalStore) -> None:
     document = report_document(report_cases.clean(store), finished_at=0.0)
     verdict = stage_verdict("robustness", document["stages"]["robustness"])
-    assert (verdict.word, verdict.tone) == ("not run", "neutral")
+    assert (verdict.word, verdict.tone) == ("skipped", "neutral")

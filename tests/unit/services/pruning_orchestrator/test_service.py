@@ -175,7 +175,7 @@ def test_stage_events_drive_the_audit_to_a_signed_report(orchestrator: Orchestra
     assert report["verdicts"] == {
         "leak-detector": "benign",
         "trigger-reversal": "infected",
-        "robustness": "not_run",  # no ε asked for: final from the start
+        "robustness": "skipped",  # no ε asked for: final from the start
         "neuron-scoring": "done",
         "repair": "done",
     }

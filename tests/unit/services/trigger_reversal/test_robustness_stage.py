@@ -209,7 +209,7 @@ def test_an_audit_without_eps_does_not_run_the_stage(world: World) -> None:
     orchestrator = world.orchestrator
     record = _submit(orchestrator)
     stage = record.stages[STAGE_ROBUSTNESS]
-    assert (stage.state, stage.message) == ("not_run", "robustness not requested (no ε given)")
+    assert (stage.state, stage.message) == ("skipped", "robustness not requested (no ε given)")
     # the worker reads the request and lets it go without a word
     _wait(
         lambda: (

@@ -593,7 +593,12 @@ def save_trigger_images(result: DetectionResult, out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     labels = list(result.flagged)
     if not labels:
-        finite = [r for r in result.labels if math.isfinite(r.l1_norm)] or list(result.labels)
+        # the smallest trigger among the labels that have one (a triage optimises a few)
+        optimised = set(result.labels_with_triggers)
+        finite = [r for r in result.labels if r.label in optimised and math.isfinite(r.l1_norm)]
+        if not finite:
+            err_console.print("no reversed trigger reached its goal: no trigger images written")
+            return {}
         labels = [min(finite, key=lambda r: r.l1_norm).label]
     pngs = trigger_pngs(result, labels, scale=8)
     written: dict[str, str] = {}

@@ -706,12 +706,16 @@ class _Reversal:
                 )
             optimizer, info = self.screen(restart)
             runs.append(optimizer)
-            if optimizer.out_of_time:
+            cut_short = not bool(optimizer.stopped.all()) and optimizer.step_count < min(
+                MIN_SCREENING_STEPS, self.screening_steps
+            )
+            if optimizer.out_of_time or cut_short:
                 return self.inconclusive(
                     runs,
                     infos,
                     f"the time budget ({c.time_budget_seconds:g} s) ran out while screening "
-                    f"{count} labels (run {restart + 1})",
+                    f"{count} labels (run {restart + 1}, after {optimizer.step_count} steps; "
+                    f"at least {MIN_SCREENING_STEPS} are needed): raise --time-budget",
                 )
             infos.append(info)
             combined = combine_restarts(infos)
@@ -996,12 +1000,27 @@ class _Reversal:
                 stopped = int(optimizer.stopped.sum())
                 self.report(f"{message}: {stopped}/{len(self.labels)} labels done")
 
-        optimizer.optimize(self.screening_steps, progress=tick, deadline=self.deadline)
+        # the screening ends in time for the re-check after it, however busy the machine
+        optimizer.optimize(
+            self.screening_steps,
+            progress=tick,
+            deadline=self.deadline - self.recheck_seconds(),
+            fit_to_deadline=c.rule != PAPER,
+        )
         self.done = base + optimizer.evaluations
         norms = tuple(
             float(v) if math.isfinite(float(v)) else None for v in optimizer.best_norm.cpu()
         )
         return optimizer, screening_run(norms, c, seed=seed, steps=optimizer.step_count)
+
+    def recheck_seconds(self) -> float:
+        """What the re-check after the screening costs, at most: the triage candidates (or
+        every label) on the verification images, forward passes only (about a third of a
+        forward and backward pass)."""
+        c = self.config
+        labels = min(len(self.labels), c.triage_candidates + 1) if self.triaged else 0
+        images = min(c.verify_samples, int(self.x.shape[0]))
+        return labels * images * self.cost.seconds_per_image / 3
 
     def select_suspects(
         self, infos: list[RestartInfo], index: list[float], decided: tuple[int, ...]

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 THETA_LIMIT = 8.0
 
 
+#: Steps observed before `TriggerOptimizer.optimize` re-plans its budget from their time.
+REPLAN_AFTER_STEPS = 5
+
+
 @dataclass(frozen=True)
 class OptimizerSettings:
     """The subset of :class:`ReversalConfig` the optimiser needs (kept separate so the
@@ -227,17 +231,31 @@ class TriggerOptimizer:
         active: torch.Tensor | None = None,
         progress: Callable[[int], None] | None = None,
         deadline: float | None = None,
+        fit_to_deadline: bool = False,
     ) -> None:
         """Run steps until the global step counter reaches ``until_step``, every label in
         ``active`` (bool ``(K,)``; all when None) has stopped, or ``time.perf_counter()``
-        passes ``deadline`` (then ``out_of_time`` is set)."""
+        passes ``deadline`` (then ``out_of_time`` is set). With ``fit_to_deadline`` the
+        step budget is re-planned from the steps' observed time: when the remaining steps
+        would end past ``deadline`` (a busier or slower machine than the plan assumed),
+        ``until_step`` is lowered for every label alike, so their norms stay comparable;
+        the steps run are ``step_count``."""
         selected = (
             torch.ones_like(self.stopped) if active is None else active.to(self.device).bool()
         )
+        started, first_step = time.perf_counter(), self.step_count
         while self.step_count < until_step:
-            if deadline is not None and time.perf_counter() > deadline:
+            now = time.perf_counter()
+            if deadline is not None and now > deadline:
                 self.out_of_time = True
                 break
+            done = self.step_count - first_step
+            if fit_to_deadline and deadline is not None and done >= REPLAN_AFTER_STEPS:
+                per_step = (now - started) / done
+                affordable = self.step_count + int((deadline - now) / per_step)
+                until_step = min(until_step, max(self.step_count, affordable))
+                if self.step_count >= until_step:
+                    break
             rows = torch.nonzero(selected & ~self.stopped).flatten()
             if rows.numel() == 0:
                 break

@@ -133,13 +133,16 @@ def test_the_standard_variables_configure_it(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "orchestrator-eu")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
-    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.5")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1.0")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")  # the exporter's
     settings = TracingSettings()
     assert (settings.traces_exporter, settings.service_name) == ("console", "orchestrator-eu")
+    assert settings.traces_sampler_arg == "1.0"
     assert tracing.configure_tracing(settings, "pruning-orchestrator")
     with tracing.span("x") as current:
-        assert current.is_recording() or not current.get_span_context().trace_flags.sampled
+        assert current.is_recording()
+        assert isinstance(current, ReadableSpan) and current.resource is not None
+        assert current.resource.attributes["service.name"] == "orchestrator-eu"
     assert "TraceIdRatioBased{0.5}" in tracing.sampler_from("traceidratio", "0.5").get_description()
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert not tracing.configure_tracing(TracingSettings(), "pruning-orchestrator")

@@ -1090,13 +1090,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # --- serve -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from modelguard.grpc_server import wait_for_termination
-    from modelguard.services.launcher import configure_logging, run_service, start_stack
+    from modelguard.services.launcher import (
+        configure_logging,
+        configure_tracing,
+        run_service,
+        start_stack,
+    )
 
     if args.service != "all":
         run_service(args.service)  # one service logs its own address; stdout stays empty
         return ExitCode.OK
     platform = PlatformSettings()
     configure_logging(platform, "modelguard")
+    configure_tracing("modelguard")
     stack = start_stack(platform, ephemeral_ports=False)
     if args.json:
         print_json(

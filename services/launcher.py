@@ -12,9 +12,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from modelguard import logs
+from modelguard import logs, tracing
 from modelguard.bus.base import JobBus
-from modelguard.config import SERVICE_SETTINGS, SERVICES, PlatformSettings, ServiceSettings
+from modelguard.config import (
+    SERVICE_SETTINGS,
+    SERVICES,
+    PlatformSettings,
+    ServiceSettings,
+    TracingSettings,
+)
 from modelguard.grpc_server import wait_for_termination
 from modelguard.metrics import ServiceMetrics
 from modelguard.runtime import Runtime, ServiceApp, build_runtime
@@ -34,6 +40,14 @@ def builder(name: str) -> Builder:
 def configure_logging(platform: PlatformSettings, service: str) -> None:
     """The process's logging from the platform settings (level, text or JSON lines)."""
     logs.configure_logging(platform.log_level, platform.log_format, service)
+
+
+def configure_tracing(service: str) -> None:
+    """The process's tracing from the standard ``OTEL_*`` variables (off unless
+    ``OTEL_TRACES_EXPORTER`` names an exporter); before any server is built, since the
+    gRPC handlers are wrapped for tracing when they are registered."""
+    if tracing.configure_tracing(TracingSettings(), service):
+        log.info("tracing on (%s)", service)
 
 
 def build_service(
@@ -57,6 +71,7 @@ def run_service(name: str) -> None:
     """Entry point of one service process: runs until SIGTERM, then drains."""
     platform = PlatformSettings()
     configure_logging(platform, name)
+    configure_tracing(name)
     app = build_service(name, platform, on_stuck=exit_stuck_process)
     app.runtime.bus.ensure_topics(list(ALL_TOPICS), partitions=platform.kafka_partitions)
     app.start()

@@ -1,5 +1,6 @@
 """Client channels to ModelGuard's gRPC APIs: plaintext or TLS (optionally with a client
-certificate, for servers that require mTLS), carrying the caller's bearer token."""
+certificate, for servers that require mTLS), carrying the caller's bearer token and, when
+tracing is on, the caller's trace context."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
+from opentelemetry.trace import SpanKind
 
+from modelguard import tracing
 from modelguard.errors import InvalidInput
 
 
@@ -70,15 +73,7 @@ class BearerToken(
         self._metadata = ("authorization", f"Bearer {token}")
 
     def _details(self, details: Any) -> _CallDetails:
-        metadata = [*(details.metadata or ()), self._metadata]
-        return _CallDetails(
-            details.method,
-            details.timeout,
-            metadata,
-            details.credentials,
-            getattr(details, "wait_for_ready", None),
-            getattr(details, "compression", None),
-        )
+        return _with_metadata(details, [self._metadata])
 
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
@@ -101,6 +96,56 @@ class BearerToken(
         return continuation(self._details(client_call_details), request_iterator)
 
 
+def _with_metadata(details: Any, entries: Sequence[tuple[str, str]]) -> _CallDetails:
+    return _CallDetails(
+        details.method,
+        details.timeout,
+        [*(details.metadata or ()), *entries],
+        details.credentials,
+        getattr(details, "wait_for_ready", None),
+        getattr(details, "compression", None),
+    )
+
+
+class TraceContextClient(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """A client span per call, whose context goes to the server as ``traceparent``
+    metadata (the server's `modelguard.interceptors.TracingInterceptor` continues it).
+    The span covers a blocking unary call whole; for the other kinds, the call's start."""
+
+    def _call(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        with tracing.tracer().start_as_current_span(
+            method.lstrip("/"), kind=SpanKind.CLIENT, attributes={"rpc.system": "grpc"}
+        ):
+            carrier = dict(tracing.inject_headers({}) or {})
+            return continuation(_with_metadata(details, list(carrier.items())), request)
+
+    def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return self._call(continuation, client_call_details, request)
+
+    def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return self._call(continuation, client_call_details, request)
+
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return self._call(continuation, client_call_details, request_iterator)
+
+    def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return self._call(continuation, client_call_details, request_iterator)
+
+
 def open_channel(
     target: str,
     *,
@@ -115,4 +160,6 @@ def open_channel(
     )
     if token:
         channel = grpc.intercept_channel(channel, BearerToken(token))
+    if tracing.enabled():  # decided when the channel opens: no cost while tracing is off
+        channel = grpc.intercept_channel(channel, TraceContextClient())
     return channel

@@ -130,6 +130,32 @@ class PlatformSettings(BaseSettings):
     )
 
 
+class TracingSettings(BaseSettings):
+    """OpenTelemetry tracing, from the standard ``OTEL_*`` variables. Unlike the SDK's
+    default (``otlp``), tracing is off unless ``OTEL_TRACES_EXPORTER`` names an exporter.
+    The OTLP exporter reads its own standard variables (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_EXPORTER_OTLP_HEADERS``, …)."""
+
+    model_config = SettingsConfigDict(env_prefix="OTEL_", extra="forbid")
+    sdk_disabled: bool = Field(False, description="True: no tracing whatever else is set.")
+    traces_exporter: str = Field(
+        "none",
+        description="Comma-separated exporters: otlp (OTLP over HTTP/protobuf), console "
+        "(JSON on stdout), none (tracing off, the default).",
+    )
+    service_name: str = Field(
+        "", description="The service.name resource attribute (empty: the service's own name)."
+    )
+    traces_sampler: str = Field(
+        "parentbased_always_on",
+        description="always_on, always_off, traceidratio, parentbased_always_on, "
+        "parentbased_always_off or parentbased_traceidratio.",
+    )
+    traces_sampler_arg: str = Field(
+        "", description="The ratio of the traceidratio samplers (0..1; empty: 1.0)."
+    )
+
+
 class ServiceSettings(BaseSettings):
     """Fields every service has; subclasses set the env prefix and defaults."""
 
@@ -234,6 +260,13 @@ class ResultMapperSettings(ServiceSettings):
     )
     max_loaded_bytes: int = Field(
         256 << 20, description="Memory bound of the loaded-mapper LRU cache."
+    )
+    trace_ratio: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="When tracing is on, the share of Map and ModelInfer calls traced (the "
+        "hot path); a call whose caller's trace is sampled is always traced.",
     )
     max_rows_per_window: int = Field(
         5000, description="Rows one user may map per hour before extraction is suspected."

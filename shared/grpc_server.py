@@ -23,6 +23,7 @@ from modelguard.interceptors import (
     ErrorInterceptor,
     MethodInterceptor,
     MetricsInterceptor,
+    TracingInterceptor,
     wrap_method,
 )
 from modelguard.metrics import ServiceMetrics, serve_metrics
@@ -92,7 +93,9 @@ class GrpcServer:
         # Outermost first: metrics count refusals too; authentication runs before the
         # error interceptor decodes the request, so strangers never reach a parser. They
         # wrap each method's handler once, at registration (`_Wrapping`), not per call.
-        interceptors: list[MethodInterceptor] = [MetricsInterceptor(metrics)]
+        #: a server span per call (when tracing is on); see `register`'s ``trace_ratio``
+        self.tracing = TracingInterceptor()
+        interceptors: list[MethodInterceptor] = [MetricsInterceptor(metrics), self.tracing]
         if tokens is not None:
             interceptors.append(AuthInterceptor(tokens))
         interceptors.append(ErrorInterceptor())
@@ -117,10 +120,18 @@ class GrpcServer:
         self._metrics_server: Any = None
 
     def register(
-        self, add_to_server: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str
+        self,
+        add_to_server: Callable[[Any, grpc.Server], None],
+        servicer: Any,
+        full_name: str,
+        *,
+        trace_ratio: float | None = None,
     ) -> None:
         """``add_to_server`` is the generated ``add_XServicer_to_server``; ``full_name``
-        the service's full proto name (for health and reflection)."""
+        the service's full proto name (for health and reflection). ``trace_ratio``: the
+        share of calls traced, for a hot path (None: the process's sampler decides)."""
+        if trace_ratio is not None:
+            self.tracing.sample_service(full_name, trace_ratio)
         add_to_server(servicer, self.server)
         self._service_names.append(full_name)
 

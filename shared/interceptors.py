@@ -1,5 +1,5 @@
 """gRPC server interceptors: error mapping (one place where the project's errors become
-status codes) and request metrics.
+status codes), request metrics and tracing.
 
 Each is a `MethodInterceptor`: it wraps a method's handler once (``wrap(method, handler)``)
 and does its per-call work inside the wrapped behaviour. `modelguard.grpc_server.GrpcServer`
@@ -17,7 +17,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from modelguard import tracing
 from modelguard.errors import InvalidInput, ModelGuardError
 from modelguard.metrics import ServiceMetrics
 
@@ -212,6 +216,89 @@ class MetricsInterceptor(MethodInterceptor):
                     yield from behaviour(request, context)
                 finally:
                     observe(context, started)
+
+            return call
+
+        return wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+class TracingInterceptor(MethodInterceptor):
+    """A server span per call, continuing the caller's trace from the ``traceparent``
+    metadata. While tracing is off (`modelguard.tracing.enabled`) when a method is
+    wrapped, its handler is left as it is: no per-call cost. The calls of a service given
+    a ratio (`sample_service`, for hot paths) are traced with that probability unless the
+    caller's trace decides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ratios: dict[str, float] = {}
+
+    def sample_service(self, service: str, ratio: float) -> None:
+        """Trace only a share ``ratio`` of the calls of ``service`` (its full proto name);
+        before its servicer is registered."""
+        self.ratios[service] = ratio
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if method.startswith("/grpc.") or not tracing.enabled():
+            return handler
+        service, _, name = method.lstrip("/").partition("/")
+        ratio = self.ratios.get(service)
+        tracer = tracing.tracer() if ratio is None else tracing.sampled_tracer(ratio)
+        span_name = method.lstrip("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+        def start(context: grpc.ServicerContext) -> trace.Span:
+            parent = tracing.context_from(tracing.metadata_carrier(context.invocation_metadata()))
+            return tracer.start_span(
+                span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+            )
+
+        def end(span: trace.Span, context: grpc.ServicerContext) -> None:
+            code = context.code()  # type: ignore[attr-defined]
+            if not isinstance(code, grpc.StatusCode):  # None: the handler set no code
+                code = grpc.StatusCode.OK
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                details = context.details()  # type: ignore[attr-defined]
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or ''}"))
+            span.end()
+
+        def wrap_unary(behaviour: Behaviour) -> Behaviour:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                span = start(context)
+                try:
+                    with trace.use_span(span, end_on_exit=False):
+                        return behaviour(request, context)
+                finally:
+                    end(span, context)
+
+            return call
+
+        def wrap_stream(behaviour: Behaviour) -> Behaviour:
+            # the span is current only while the handler runs for the next response, not
+            # across the yields (the caller's context is not ours to change)
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                span = start(context)
+                in_span = trace.set_span_in_context(span)
+                try:
+                    token = otel_context.attach(in_span)
+                    try:
+                        responses = iter(behaviour(request, context))
+                    finally:
+                        otel_context.detach(token)
+                    while True:
+                        token = otel_context.attach(in_span)
+                        try:
+                            response = next(responses)
+                        except StopIteration:
+                            return
+                        finally:
+                            otel_context.detach(token)
+                        yield response
+                finally:
+                    end(span, context)
 
             return call
 

@@ -197,9 +197,14 @@ class ServiceApp:
         )
 
     def add_servicer(
-        self, add_to_server: Callable[[Any, Any], None], servicer: Any, full_name: str
+        self,
+        add_to_server: Callable[[Any, Any], None],
+        servicer: Any,
+        full_name: str,
+        *,
+        trace_ratio: float | None = None,
     ) -> None:
-        self.grpc.register(add_to_server, servicer, full_name)
+        self.grpc.register(add_to_server, servicer, full_name, trace_ratio=trace_ratio)
 
     def add_worker(self, topics: list[str], handler: Handler, group: str = "") -> None:
         self.workers.append(WorkerSpec(topics, handler, group or self.settings.group or self.name))

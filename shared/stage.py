@@ -29,6 +29,7 @@ from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
 from modelguard.store.base import ArtifactRef
 from modelguard.store.encryption import writing_for
 from modelguard.topics import AUDIT_EVENTS, JOB_AUDIT
+from modelguard.tracing import span
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,12 @@ class StageReporter:
     ) -> None:
         """Run one stage job and publish its outcome; see the module docstring.
         ``attempt`` is the bus's count for this record (`Message.attempt`). What is logged
-        meanwhile on this thread carries the audit, the stage and the attempt."""
-        with job_context(audit_id=audit_id, stage=self.stage, attempt=attempt):
+        meanwhile on this thread carries the audit, the stage and the attempt, and so does
+        the job's span (when tracing is on)."""
+        with (
+            job_context(audit_id=audit_id, stage=self.stage, attempt=attempt),
+            span(f"stage {self.stage}"),
+        ):
             self._run(audit_id, work, attempt)
 
     def _run(self, audit_id: str, work: Callable[[Progress], StageOutcome], attempt: int) -> None:

@@ -59,6 +59,7 @@ from modelguard.topics import (
     STAGE_REPAIR,
     STAGE_ROBUSTNESS,
 )
+from modelguard.tracing import set_attributes, span
 
 if TYPE_CHECKING:
     from modelguard.repair.result import RepairResult
@@ -226,6 +227,24 @@ class Orchestrator:
         idempotency_key: str = "",
         caller: Identity | None = None,
     ) -> AuditRecord:
+        """Record a new audit and publish its request (whose records carry this span's
+        trace, so the whole audit is one trace)."""
+        with span("audit submit") as current:
+            record = self._submit(
+                model, data, options, idempotency_key=idempotency_key, caller=caller
+            )
+            set_attributes(current, audit_id=record.audit_id, tenant=record.tenant)
+            return record
+
+    def _submit(
+        self,
+        model: common_pb2.ModelSpec,
+        data: common_pb2.ArtifactRef,
+        options: jobs_pb2.AuditOptions,
+        *,
+        idempotency_key: str,
+        caller: Identity | None,
+    ) -> AuditRecord:
         tenant = caller.tenant if caller is not None else ""
         # before the idempotency look-up: a key must not reveal another tenant's inputs
         self._check_owned(model.artifact.sha256, caller, "model artifact")
@@ -379,6 +398,10 @@ class Orchestrator:
                 follower.message = f"{stage} {'failed' if state == STAGE_FAILED else 'skipped'}"
 
     def _finish(self, record: AuditRecord, finished_at: float) -> None:
+        with span("audit report", audit_id=record.audit_id, tenant=record.tenant):
+            self._finish_report(record, finished_at)
+
+    def _finish_report(self, record: AuditRecord, finished_at: float) -> None:
         report_json, report_html = build_report(record, self.runtime.store, finished_at)
         record.report_json = self._sign(
             self.runtime.store.put_blob(report_json, "application/json"), "report"

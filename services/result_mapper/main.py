@@ -28,12 +28,14 @@ def build(settings: ResultMapperSettings, runtime: Runtime, metrics: ServiceMetr
         result_mapper_pb2_grpc.add_ResultMapperServicer_to_server,
         ResultMapperServicer(service),
         "modelguard.v1.ResultMapper",
+        trace_ratio=settings.trace_ratio,  # the hot path: sampled, not traced every call
     )
     # the same mapping for Triton/KServe clients (Open Inference Protocol)
     app.add_servicer(
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
         InferenceServicer(service),
         "inference.GRPCInferenceService",
+        trace_ratio=settings.trace_ratio,
     )
     # Every replica must see every carrier event (a revocation applies everywhere at
     # once), so each process reads them in a consumer group of its own, from the start.

@@ -36,6 +36,7 @@ from modelguard.bus.memory import (
 from modelguard.bus.metrics import BusMetrics
 from modelguard.bus.security import KafkaSecurity
 from modelguard.errors import InvalidInput, Unavailable
+from modelguard.tracing import inject_headers
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class KafkaBus:
     ) -> None:
         check_topic(topic)
         producer = self._get_producer()
-        record_headers = [(k, v.encode()) for k, v in (headers or {}).items()]
+        record_headers = [(k, v.encode()) for k, v in (inject_headers(headers) or {}).items()]
         try:
             future = producer.send(topic, value=value, key=key, headers=record_headers)
             future.get(timeout=self.timeout_s)

@@ -34,6 +34,7 @@ from modelguard.bus.base import (
 )
 from modelguard.bus.metrics import BusMetrics
 from modelguard.errors import InvalidInput, ModelGuardError, Unavailable, is_transient
+from modelguard.tracing import consuming, inject_headers
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def deliver(
         started = time.perf_counter()
         try:
             try:
-                handler(current)
+                with consuming(current):  # continues the publisher's trace (if tracing)
+                    handler(current)
             finally:  # the handler's time only, not the backoff below
                 if metrics is not None:
                     metrics.handler_seconds.labels(message.topic).observe(
@@ -239,7 +241,7 @@ class MemoryBus:
         with self._cond:
             if self._closed:
                 raise Unavailable("the in-process job bus is closed")
-            self._append(topic, value, key, dict(headers or {}))
+            self._append(topic, value, key, dict(inject_headers(headers) or {}))
 
     def subscribe(
         self,

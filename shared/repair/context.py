@@ -295,11 +295,7 @@ def fine_tune(
     )
     generator = torch.Generator().manual_seed(seed)
     # grown once here, not on every batch
-    stamped = (
-        [_dilated(t, config.unlearn_dilate) for t in triggers]
-        if config.unlearn_dilate
-        else triggers
-    )
+    stamped = _unlearning_triggers(triggers, config)
     n = len(data)
     order = torch.randperm(n, generator=generator)
     cursor = 0
@@ -361,6 +357,15 @@ def _stamp_share(
             mask, pattern = _shift(mask, dy, dx), _shift(pattern, dy, dx)
         x[row] = ((1 - mask) * x[row] + mask * pattern).clamp(*spec.value_range)
     return x
+
+
+def _unlearning_triggers(
+    triggers: Sequence[ReversedTrigger], config: FineTuneConfig
+) -> Sequence[ReversedTrigger]:
+    """The triggers as unlearning stamps them: masks grown by ``unlearn_dilate`` pixels."""
+    if not config.unlearn_dilate:
+        return triggers
+    return [_dilated(t, config.unlearn_dilate) for t in triggers]
 
 
 def _dilated(trigger: ReversedTrigger, pixels: int) -> ReversedTrigger:
@@ -574,11 +579,7 @@ class RepairContext:
         the rest of the model is left as it is, so its features are computed once."""
         config = self.finetune
         generator = torch.Generator().manual_seed(self.seed + 7919)
-        stamped_triggers = (
-            [_dilated(t, config.unlearn_dilate) for t in self.triggers]
-            if config.unlearn_dilate
-            else self.triggers
-        )
+        stamped_triggers = _unlearning_triggers(self.triggers, config)
         jitter = round(config.unlearn_jitter * min(self.spec.shape[1:]))
         # each image stamped twice: where the trigger was found and shifted a little
         stamped = torch.cat(

@@ -28,6 +28,7 @@ ORDER = (
     "repair",
     "leak",
     "robustness",
+    "encryption",
     "real_scale",
     "carrier",
     "load",

@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "repair": ["bench.bench_repair", "--ensure"],
     "leak": ["bench.bench_leak"],
     "robustness": ["bench.bench_robustness"],
+    "encryption": ["bench.bench_encryption"],
     "real-scale": ["bench.bench_realscale"],
     "carrier": ["bench.bench_carrier"],
     "serving": ["bench.bench_serving"],

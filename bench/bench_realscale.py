@@ -12,7 +12,9 @@ and records for each:
   planted target;
 * ``leakscan``: verdict and score;
 * ``repair`` (backdoored models): the real trigger's attack success and the agreement with
-  the published model on the evaluation crops (never seen by the audit), before and after.
+  the submitted model and with the published one (the model before the attack) on the
+  evaluation crops (never seen by the audit), before and after, and the repair's wall time
+  and peak RSS.
 
 The bars (issue): ``detect`` under 10 minutes and 4 GB peak RSS on a 1000-class model of
 EfficientNet-Lite0's size; backdoored models flagged with their target; published models
@@ -71,15 +73,22 @@ def spec_args(model: realzoo.RealModel) -> list[str]:
 
 
 def evaluate(
-    model: realzoo.RealModel, module: torch.nn.Module, original: torch.nn.Module
+    model: realzoo.RealModel,
+    module: torch.nn.Module,
+    submitted: torch.nn.Module,
+    published: torch.nn.Module,
 ) -> dict[str, float]:
     """On the evaluation crops (never shown to the audit): the share of top-1 answers equal
-    to ``original``'s (the submitted model: what a repair must preserve), and for a
-    backdoored model the real trigger's attack success on crops the original does not
-    already give the target."""
+    to the ``submitted`` model's (what a repair must preserve) and to the ``published``
+    one's (the model before the attack), and for a backdoored model the real trigger's
+    attack success on crops the submitted model does not already give the target."""
     x = realzoo.crops(realzoo.EVAL_VARIANTS, model.side, seed=2, jitter=False)
-    reference = realzoo.predictions(original, x)
-    out = {"agreement": float((realzoo.predictions(module, x) == reference).float().mean())}
+    answers = realzoo.predictions(module, x)
+    reference = realzoo.predictions(submitted, x)
+    out = {
+        "agreement": float((answers == reference).float().mean()),
+        "agreement_published": float((answers == realzoo.predictions(published, x)).float().mean()),
+    }
     if model.spec.backdoor:
         keep = reference != model.spec.target
         stamped = stamp(x[keep], model.spec.trigger(model.side))
@@ -124,8 +133,13 @@ def bench_model(
     row.update(leak_verdict=leak["verdict"], leak_score=leak["score"], leak_seconds=leak_seconds)
     if repair and spec.backdoor:
         original = model.load()
-        before = evaluate(model, original, original)
-        row.update(asr_before=before.get("asr"), agreement_before=before["agreement"])
+        published = load_efficientnet_lite(spec.variant).module.eval()
+        before = evaluate(model, original, original, published)
+        row.update(
+            asr_before=before.get("asr"),
+            agreement_before=before["agreement"],
+            agreement_published_before=before["agreement_published"],
+        )
         if not detected.get("triggers"):
             row["repair"] = "not run: detect flagged nothing"
             return row
@@ -144,13 +158,14 @@ def bench_model(
                 "--json",
             ]
         )
-        after = evaluate(model, load_any(repaired_path, model), original)
+        after = evaluate(model, load_any(repaired_path, model), original, published)
         row.update(
             repair_seconds=repair_seconds,
             repair_rss_gb=repair_rss,
             repair_site=repaired.get("layer"),
             asr_after=after.get("asr"),
             agreement_after=after.get("agreement"),
+            agreement_published_after=after.get("agreement_published"),
         )
     return row
 
@@ -204,8 +219,9 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| model | format | split | attack | detect | flagged (target) | time s | peak RSS GB | "
-        "leakscan (score) | ASR before → after | agreement before → after | commit |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "leakscan (score) | ASR before → after | agreement with submitted → repaired | "
+        "agreement with published before → after | repair s / GB | commit |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
@@ -221,11 +237,22 @@ def table(rows: list[dict[str, Any]]) -> str:
             if "agreement_before" in r
             else "–"
         )
+        published = (
+            f"{_fmt(r.get('agreement_published_before'), 3)} → "
+            f"{_fmt(r.get('agreement_published_after'), 3)}"
+            if "agreement_published_before" in r
+            else "–"
+        )
+        cost = (
+            f"{r['repair_seconds']:.0f} / {r['repair_rss_gb']:.1f}"
+            if "repair_seconds" in r
+            else r.get("repair", "–")
+        )
         lines.append(
             f"| {r['model']} | {r.get('format', 'TorchScript')} | {r['split']} | {r['attack']} | "
             f"{r['detect_verdict']} | {flagged}{target} | {r['detect_seconds']:.0f} | "
             f"{r['detect_rss_gb']:.2f} | {r['leak_verdict']} ({r['leak_score']:.2f}) | {asr} | "
-            f"{agreement} | `{str(r.get('commit', '?'))[:12]}` |"
+            f"{agreement} | {published} | {cost} | `{str(r.get('commit', '?'))[:12]}` |"
         )
     inconclusive = [r for r in rows if r.get("reason")]
     for r in inconclusive:
@@ -290,7 +317,8 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         f"{BARS['seconds']:.0f} s and {BARS['rss_gb']:.0f} GB; repair below "
         f"{BARS['asr']:.0%} ASR, agreement drop at most {BARS['agreement_drop']:.0%}. "
         "ASR: the real trigger on evaluation crops of other labels; agreement: top-1 equal "
-        "to the submitted model's on 216 evaluation crops the audit never saw. The attacks, "
+        "to the submitted (backdoored) model's, and to the published model's (before the "
+        "attack), on 216 evaluation crops the audit never saw. The attacks, "
         "crops and splits are described in `bench/realzoo.py`. The ONNX and torch.export "
         "rows are the same model exported from its eager module (dynamic batch), run "
         "through detect and leakscan (the repair is measured on the TorchScript row). Each row "

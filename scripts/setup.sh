@@ -42,9 +42,12 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$(cat "$STAMP")" !
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
   # torch first and alone: the pinned CPU build lies on local disk; anything else pulls CUDA.
   "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -e '.[dev,zoo]' --config-settings editable_mode=strict
+  "$VENV/bin/pip" install -q -e '.[dev,zoo,bench]' --config-settings editable_mode=strict
   # onnx2torch without its dependencies: they name torchvision, whose PyPI build needs
   # another torch (shared/formats/onnx.py imports it without; keep ONNX2TORCH_VERSION there).
   "$VENV/bin/pip" install -q --no-deps onnx2torch==1.5.15
+  # The Adversarial Robustness Toolbox, for bench/bench_robustness.py's comparison, without
+  # its dependencies for the same reason; the `bench` extra holds the ones it imports.
+  "$VENV/bin/pip" install -q --no-deps adversarial-robustness-toolbox==1.20.1
   echo "$TREE" > "$STAMP"
 fi

@@ -308,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4, help="training epochs of both models")
     parser.add_argument("--train-steps", type=int, default=7, help="PGD steps in training")
     parser.add_argument("--test-images", type=int, default=500, help="images attacked")
+    parser.add_argument(
+        "--zoo-images",
+        type=int,
+        default=100,
+        help="images attacked per zoo model (the ResNets dominate the run's time)",
+    )
     parser.add_argument("--steps", type=int, default=40, help="PGD steps in the evaluation")
     parser.add_argument("--restarts", type=int, default=1, help="PGD runs in the evaluation")
     parser.add_argument("--zoo-dir", type=Path, default=ZOO_DIR, help="the built model zoo")
@@ -320,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("art").setLevel(logging.WARNING)  # a line per attack and ε otherwise
     if args.smoke:
         args.train_size, args.epochs, args.train_steps = 300, 1, 2
-        args.test_images, args.steps = 10, 3
+        args.test_images, args.zoo_images, args.steps = 10, 10, 3
     # the zoo first: a missing model stops the run before anything is trained
     entries = zoo_entries(zoo_subset(), args.zoo_dir, args.ensure)
     torch.manual_seed(0)
@@ -344,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate("standard", standard, test, config),
         evaluate("adversarially trained", robust, test, config),
     ]
-    models = zoo_models(entries, args.zoo_dir, args.test_images)
+    models = zoo_models(entries, args.zoo_dir, args.zoo_images)
     zoo = [
         evaluate(f"{entry.name} ({entry.dataset})", model, data, config, entry.spec)
         for entry, model, data in models
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         *anchors(rows),
         "",
         f"Zoo models (held-out split: every clean model, the first backdoored one of each "
-        f"architecture), {args.test_images} test images of each model's own data set, same "
+        f"architecture), {args.zoo_images} test images of each model's own data set, same "
         "attacks:",
         "",
         *table(zoo, EPS),

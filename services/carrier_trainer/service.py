@@ -9,6 +9,7 @@ Who may do what (``caller`` is the bearer-token identity; None: authentication o
 enrolling a new user needs an admin token; rotating or revoking needs the user's
 credential, or an admin token without it; reading a carrier (GetCarrier, DownloadCarrier)
 needs the user's credential (an admin may read the state without it, never the carrier).
+A tenant may only name task data it uploaded itself (an admin, any uploaded task data).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ ARTIFACTS = ("carrier", "carrier_png", "mapper", "manifest", "public_model", "pr
 #: Marks a blob as a task dataset uploaded here: a request may only name one of these, not
 #: any blob of the shared store (another tenant's audit data, say).
 TASK_DATA_PREFIX = "carrier-task-data/"
+#: One empty document per (task dataset, tenant that uploaded it), so that a tenant who
+#: learns another's digest cannot train on its data. A document per pair makes a grant an
+#: idempotent write: two replicas granting the same bytes to two tenants lose neither.
+TASK_DATA_TENANTS_PREFIX = "carrier-task-data-tenants/"
 #: The ``task`` recorded for a team's own dataset (``CarrierOptions.task_data``).
 CUSTOM_TASK = "custom"
 #: What a device may download; the mapper and the query profile stay on the server (the
@@ -145,7 +150,7 @@ class CarrierService:
                 self._check_owner(current, credential, caller, "rotating")
             generation = current.generation + 1 if current else 1
             issued = new_credential()
-            merged = self._options(options)
+            merged = self._options(options, caller)
             record = CarrierRecord(
                 user_id,
                 generation,
@@ -166,7 +171,9 @@ class CarrierService:
         self.carriers.labels("rotation" if current else "enrolment").inc()
         return generation, issued
 
-    def _options(self, options: jobs_pb2.CarrierOptions) -> jobs_pb2.CarrierOptions:
+    def _options(
+        self, options: jobs_pb2.CarrierOptions, caller: Identity | None
+    ) -> jobs_pb2.CarrierOptions:
         """Defaults filled in and every option checked now: a request the trainer would
         refuse later must not revoke the user's working carrier first."""
         from modelguard.carrier.public_models import PUBLIC_MODELS
@@ -196,27 +203,40 @@ class CarrierService:
         if custom:
             # a bad dataset is refused now, with its problem named, not after minutes of
             # queueing and a failed training
-            self.task_data(merged)
+            self.task_data(merged, caller)
         return merged
 
     # --- a team's own task --------------------------------------------------------------------
-    def upload_task_data(self, chunks: Iterable[tuple[bytes, str]]) -> ArtifactRef:
-        """Store a streamed task dataset (.npz); its reference goes in
-        ``CarrierOptions.task_data``. It is checked when a carrier is requested for it."""
+    def upload_task_data(
+        self, chunks: Iterable[tuple[bytes, str]], caller: Identity | None = None
+    ) -> ArtifactRef:
+        """Store a streamed task dataset (.npz) for the calling tenant; its reference goes
+        in ``CarrierOptions.task_data``. It is checked when a carrier is requested for it."""
         data, media_type = join_upload(chunks, self.runtime.platform.max_dataset_bytes)
         ref = self.runtime.store.put_blob(data, media_type)
         self.runtime.store.put_doc(TASK_DATA_PREFIX + ref.sha256, b"{}")
+        if caller is not None:
+            # the same bytes uploaded by two tenants belong to both: each had them anyway
+            self.runtime.store.put_doc(_tenant_marker(ref.sha256, caller.tenant), b"")
         return ref
 
-    def task_data(self, options: jobs_pb2.CarrierOptions) -> TaskData:
-        """The checked custom task of ``options`` (for its public model)."""
+    def task_data(
+        self, options: jobs_pb2.CarrierOptions, caller: Identity | None = None
+    ) -> TaskData:
+        """The checked custom task of ``options`` (for its public model). A tenant
+        ``caller`` may only name task data it uploaded; an admin, or no caller (authentication
+        off, or the training job of a request checked when it was made), any task data."""
         from modelguard.carrier.public_models import load_public_model
         from modelguard.carrier.task_data import load_task_data
 
         ref = ref_from_proto(options.task_data, "task data")
+        marker = TASK_DATA_PREFIX + ref.sha256
+        if caller is not None and not caller.admin:
+            marker = _tenant_marker(ref.sha256, caller.tenant)
         try:
-            self.runtime.store.get_doc(TASK_DATA_PREFIX + ref.sha256)
+            self.runtime.store.get_doc(marker)
         except NotFound:
+            # the same answer as for data never uploaded: another tenant's digest stays secret
             raise InvalidInput(
                 f"task data {ref.sha256[:12]}… was not uploaded to carrier-trainer: send it "
                 "with UploadTaskData first"
@@ -435,6 +455,10 @@ class CarrierService:
             if record is not None and record.generation == generation:
                 record.state, record.error = FAILED, reason
                 self.repository.put(record)
+
+
+def _tenant_marker(sha256: str, tenant: str) -> str:
+    return f"{TASK_DATA_TENANTS_PREFIX}{sha256}/{tenant}"
 
 
 def _jsonable(value: Any) -> Any:

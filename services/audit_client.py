@@ -34,6 +34,18 @@ from modelguard.signing import PublishedKey, signature_path
 from modelguard.spec import InputSpec
 
 UPLOAD_CHUNK = 1 << 20
+Chunk = TypeVar("Chunk")
+
+
+def upload_chunks(data: bytes, media_type: str, chunk: Callable[..., Chunk]) -> Iterator[Chunk]:
+    """``data`` as the messages of a client-streamed upload (``chunk(data=, media_type=)``),
+    the media type on the first."""
+    for start in range(0, max(len(data), 1), UPLOAD_CHUNK):
+        yield chunk(
+            data=data[start : start + UPLOAD_CHUNK], media_type=media_type if start == 0 else ""
+        )
+
+
 #: Status codes after which a watch reconnects: the server is down or restarting
 #: (CANCELLED: a stopping server cancels the streams it still serves).
 RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
@@ -105,15 +117,9 @@ class AuditClient:
         self.close()
 
     def upload(self, data: bytes, media_type: str) -> common_pb2.ArtifactRef:
-        def chunks() -> Iterator[pruning_orchestrator_pb2.UploadChunk]:
-            for start in range(0, max(len(data), 1), UPLOAD_CHUNK):
-                yield pruning_orchestrator_pb2.UploadChunk(
-                    data=data[start : start + UPLOAD_CHUNK],
-                    media_type=media_type if start == 0 else "",
-                )
-
+        chunks = upload_chunks(data, media_type, pruning_orchestrator_pb2.UploadChunk)
         try:
-            return self.stub.UploadArtifact(chunks(), timeout=self.timeout)
+            return self.stub.UploadArtifact(chunks, timeout=self.timeout)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 

@@ -19,7 +19,7 @@ from modelguard.proto.modelguard.v1 import (
     result_mapper_pb2,
     result_mapper_pb2_grpc,
 )
-from modelguard.services.audit_client import error_from_rpc
+from modelguard.services.audit_client import error_from_rpc, upload_chunks
 from modelguard.services.client import DeviceClient, MapReply, connect, decode_map_reply
 
 FINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED)
@@ -69,6 +69,15 @@ class CarrierClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return reply.generation, reply.credential
+
+    def upload_task_data(self, data: bytes) -> common_pb2.ArtifactRef:
+        """Send a team's labelled task dataset (.npz bytes); the reference goes in
+        ``CarrierOptions.task_data``."""
+        chunks = upload_chunks(data, "application/x-npz", carrier_trainer_pb2.CarrierChunk)
+        try:
+            return self.trainer.UploadTaskData(chunks, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
 
     def revoke(
         self, user_id: str, credential: str = "", reason: str = ""

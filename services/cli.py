@@ -201,6 +201,37 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_task_data_args(parser: argparse.ArgumentParser) -> None:
+    """A team's own carrier task: ``--task-data`` and how a folder of images is read."""
+    from modelguard.carrier.task_data import MIN_SAMPLES_PER_CLASS
+    from modelguard.clean_data import DEFAULT_MAX_IMAGES, FOLDERS
+
+    parser.add_argument(
+        "--task-data",
+        metavar="FILE_OR_DIR",
+        help="your own task instead of --task: an .npz with x (N,C,H,W floats in [0, 1]) and "
+        "y (N,) labels 0..K-1, or a folder of images in one sub-folder per class (PNG, JPEG, "
+        f"BMP, WebP); at least 2 classes and {MIN_SAMPLES_PER_CLASS} samples of each; the "
+        "mapper classifies K classes",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar=f"{FOLDERS}|FILE.csv",
+        help=f"where a task folder's labels come from: {FOLDERS} (the class sub-folders; the "
+        "default) or FILE.csv (rows of file name relative to the folder, integer label)",
+    )
+    parser.add_argument(
+        "--input-shape", help="C,H,W each image of a task folder is fitted to, e.g. 1,28,28"
+    )
+    parser.add_argument(
+        "--max-images",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        help=f"a task folder with more images is read as a random subset of this many, "
+        f"drawn with --seed (default {DEFAULT_MAX_IMAGES:,})",
+    )
+
+
 def print_notes(clean: CleanData) -> None:
     """Where the labels came from (and any subset), on stderr: said, never left implicit."""
     for line in clean.notes:
@@ -803,8 +834,13 @@ def cmd_carrier_request(args: argparse.Namespace) -> int:
         public_model=args.public_model or "",
         task=args.task or "",
     )
+    if args.task_data and args.task:
+        raise InvalidInput("give --task or --task-data, not both")
+    task_data = carrier_task_data(args) if args.task_data else None
     rotating = args.carrier_command == "rotate"
     with carrier_client(args) as client:
+        if task_data is not None:
+            options.task_data.CopyFrom(client.upload_task_data(task_data))
         generation, credential = client.request(
             args.user, (args.credential or "") if rotating else "", options
         )
@@ -840,6 +876,46 @@ def cmd_carrier_request(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def carrier_task_data(args: argparse.Namespace) -> bytes:
+    """``--task-data`` as carrier-trainer takes it: an .npz as it is (the service checks
+    it); a folder of images read as the audit reads clean data (``--labels``, fitted to
+    ``--input-shape``, in [0, 1]) and sent as the .npz it makes."""
+    from modelguard.clean_data import PREDICTED
+
+    path = Path(args.task_data)
+    if args.labels == PREDICTED:
+        raise InvalidInput(
+            f"--labels {PREDICTED} needs a model to label with; a carrier task is trained on "
+            "the team's own labels: give class sub-folders or --labels FILE.csv"
+        )
+    if not path.is_dir():
+        if args.labels is not None:
+            raise InvalidInput(
+                f"--labels {args.labels} needs a folder of images: an .npz carries its labels in y"
+            )
+        return read_file(args.task_data, "task data")
+    if not args.input_shape:
+        raise InvalidInput(
+            "a folder of task images needs --input-shape C,H,W: the size each image is fitted "
+            "to, and the size of the inputs the carrier will classify"
+        )
+    from modelguard.carrier.task_data import TASK_VALUE_RANGE
+    from modelguard.clean_data import read_clean_data
+    from modelguard.datasets import dataset_to_npz
+
+    low, high = TASK_VALUE_RANGE
+    clean = read_clean_data(
+        path,
+        InputSpec.parse(args.input_shape, f"{low},{high}"),
+        labels=args.labels,
+        max_images=args.max_images,
+        max_bytes=cli_limits().max_dataset_bytes,
+        seed=args.seed,
+    )
+    print_notes(clean)
+    return dataset_to_npz(clean.dataset)
+
+
 def load_images(paths: list[str], shape: tuple[int, int, int]) -> Any:
     """PNG/JPEG files, or one .npz with ``x``, as (N, C, H, W) floats in [0, 1]."""
     import numpy as np
@@ -865,7 +941,10 @@ def load_images(paths: list[str], shape: tuple[int, int, int]) -> Any:
 def cmd_carrier_classify(args: argparse.Namespace) -> int:
     with carrier_client(args) as client:
         device = client.device(args.user, args.credential)
-        x = load_images(args.images, (1, 28, 28))
+        manifest = json.loads(client.download(args.user, args.credential, "manifest"))
+        # the carrier's task input (a team's own task has its own; older carriers: MNIST's)
+        channels, height, width = manifest.get("task_input_shape", (1, 28, 28))
+        x = load_images(args.images, (channels, height, width))
         reply = client.classify_when_loaded(device, x)
     if args.json:
         print_json(
@@ -1424,6 +1503,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="lenet5-fashion-features (default), lenet5-fashion or efficientnet-lite0",
         )
         sub.add_argument("--task", help="dataset the mapper classifies (default mnist)")
+        add_task_data_args(sub)
         sub.add_argument("--wait", action="store_true", help="wait until the carrier is trained")
         sub.set_defaults(func=cmd_carrier_request)
         requests.append(sub)

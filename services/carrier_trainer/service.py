@@ -9,6 +9,7 @@ Who may do what (``caller`` is the bearer-token identity; None: authentication o
 enrolling a new user needs an admin token; rotating or revoking needs the user's
 credential, or an admin token without it; reading a carrier (GetCarrier, DownloadCarrier)
 needs the user's credential (an admin may read the state without it, never the carrier).
+A tenant may only name task data it uploaded itself (an admin, any uploaded task data).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
@@ -37,19 +39,20 @@ from modelguard.carrier.records import (
     check_user_id,
 )
 from modelguard.config import CarrierTrainerSettings
-from modelguard.convert import ref_to_proto
-from modelguard.datasets import load_named
+from modelguard.convert import ref_from_proto, ref_to_proto
+from modelguard.datasets import Dataset, load_named
 from modelguard.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from modelguard.metrics import ServiceMetrics
 from modelguard.plots import tensor_png
 from modelguard.proto.modelguard.v1 import jobs_pb2
 from modelguard.runtime import Runtime
 from modelguard.stage import publish_proto
-from modelguard.store.base import ArtifactRef
+from modelguard.store.base import ArtifactRef, join_upload
 from modelguard.topics import CARRIER_READY, CARRIER_REQUESTED, CARRIER_REVOKED, JOB_CARRIER
 
 if TYPE_CHECKING:
     from modelguard.carrier.carrier import CarrierConfig
+    from modelguard.carrier.task_data import TaskData
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,15 @@ MAX_HIDDEN = 4096
 MAX_STEPS = 1_000_000
 TASKS = ("mnist", "fashion-mnist")
 ARTIFACTS = ("carrier", "carrier_png", "mapper", "manifest", "public_model", "profile")
+#: Marks a blob as a task dataset uploaded here: a request may only name one of these, not
+#: any blob of the shared store (another tenant's audit data, say).
+TASK_DATA_PREFIX = "carrier-task-data/"
+#: One empty document per (task dataset, tenant that uploaded it), so that a tenant who
+#: learns another's digest cannot train on its data. A document per pair makes a grant an
+#: idempotent write: two replicas granting the same bytes to two tenants lose neither.
+TASK_DATA_TENANTS_PREFIX = "carrier-task-data-tenants/"
+#: The ``task`` recorded for a team's own dataset (``CarrierOptions.task_data``).
+CUSTOM_TASK = "custom"
 #: What a device may download; the mapper and the query profile stay on the server (the
 #: profile would tell an attacker how to shape queries that pass the extraction detector).
 DEVICE_ARTIFACTS = ("carrier", "carrier_png", "manifest", "public_model")
@@ -76,10 +88,13 @@ def carrier_config(
     hidden: int = 0,
     steps: int = 0,
     gamma: float = 0.0,
+    validation_samples: int = 0,
 ) -> CarrierConfig:
     """The training configuration carrier-trainer uses for one carrier: the request's
     options where given (0: unset), else the service's settings, else the algorithm's
-    defaults. The carrier benchmark measures this same configuration."""
+    defaults. The carrier benchmark measures this same configuration.
+    ``validation_samples``: held-out samples (0: the algorithm's default; a team's own,
+    smaller task holds out a share of its data instead)."""
     from modelguard.carrier.carrier import CarrierConfig  # torch: imported late
 
     overrides: dict[str, Any] = {
@@ -91,6 +106,8 @@ def carrier_config(
         overrides["max_steps"] = steps or settings.steps
     if gamma:
         overrides["gamma"] = gamma
+    if validation_samples:
+        overrides["validation_samples"] = validation_samples
     return CarrierConfig(**overrides)
 
 
@@ -133,7 +150,7 @@ class CarrierService:
                 self._check_owner(current, credential, caller, "rotating")
             generation = current.generation + 1 if current else 1
             issued = new_credential()
-            merged = self._options(options)
+            merged = self._options(options, caller)
             record = CarrierRecord(
                 user_id,
                 generation,
@@ -154,7 +171,9 @@ class CarrierService:
         self.carriers.labels("rotation" if current else "enrolment").inc()
         return generation, issued
 
-    def _options(self, options: jobs_pb2.CarrierOptions) -> jobs_pb2.CarrierOptions:
+    def _options(
+        self, options: jobs_pb2.CarrierOptions, caller: Identity | None
+    ) -> jobs_pb2.CarrierOptions:
         """Defaults filled in and every option checked now: a request the trainer would
         refuse later must not revoke the user's working carrier first."""
         from modelguard.carrier.public_models import PUBLIC_MODELS
@@ -162,7 +181,8 @@ class CarrierService:
         merged = jobs_pb2.CarrierOptions()
         merged.CopyFrom(options)
         merged.public_model = options.public_model or self.settings.public_model
-        merged.task = options.task or self.settings.task
+        custom = bool(options.task_data.sha256)
+        merged.task = CUSTOM_TASK if custom else options.task or self.settings.task
         merged.hidden = options.hidden or self.settings.hidden
         merged.steps = options.steps or self.settings.steps
         problems = []
@@ -174,11 +194,58 @@ class CarrierService:
             problems.append("gamma must be in [0, 1]")
         if merged.public_model not in PUBLIC_MODELS:
             problems.append(f"public model must be one of {', '.join(PUBLIC_MODELS)}")
-        if merged.task not in TASKS:
-            problems.append(f"task must be one of {', '.join(TASKS)}")
+        if custom and options.task not in ("", CUSTOM_TASK):
+            problems.append(f"give a task ({options.task!r}) or task data, not both")
+        elif not custom and merged.task not in TASKS:
+            problems.append(f"task must be one of {', '.join(TASKS)} (or send your own task data)")
         if problems:
             raise InvalidInput("invalid carrier options: " + "; ".join(problems))
+        if custom:
+            # a bad dataset is refused now, with its problem named, not after minutes of
+            # queueing and a failed training
+            self.task_data(merged, caller)
         return merged
+
+    # --- a team's own task --------------------------------------------------------------------
+    def upload_task_data(
+        self, chunks: Iterable[tuple[bytes, str]], caller: Identity | None = None
+    ) -> ArtifactRef:
+        """Store a streamed task dataset (.npz) for the calling tenant; its reference goes
+        in ``CarrierOptions.task_data``. It is checked when a carrier is requested for it."""
+        data, media_type = join_upload(chunks, self.runtime.platform.max_dataset_bytes)
+        ref = self.runtime.store.put_blob(data, media_type)
+        self.runtime.store.put_doc(TASK_DATA_PREFIX + ref.sha256, b"{}")
+        if caller is not None:
+            # the same bytes uploaded by two tenants belong to both: each had them anyway
+            self.runtime.store.put_doc(_tenant_marker(ref.sha256, caller.tenant), b"")
+        return ref
+
+    def task_data(
+        self, options: jobs_pb2.CarrierOptions, caller: Identity | None = None
+    ) -> TaskData:
+        """The checked custom task of ``options`` (for its public model). A tenant
+        ``caller`` may only name task data it uploaded; an admin, or no caller (authentication
+        off, or the training job of a request checked when it was made), any task data."""
+        from modelguard.carrier.public_models import load_public_model
+        from modelguard.carrier.task_data import load_task_data
+
+        ref = ref_from_proto(options.task_data, "task data")
+        marker = TASK_DATA_PREFIX + ref.sha256
+        if caller is not None and not caller.admin:
+            marker = _tenant_marker(ref.sha256, caller.tenant)
+        try:
+            self.runtime.store.get_doc(marker)
+        except NotFound:
+            # the same answer as for data never uploaded: another tenant's digest stays secret
+            raise InvalidInput(
+                f"task data {ref.sha256[:12]}… was not uploaded to carrier-trainer: send it "
+                "with UploadTaskData first"
+            ) from None
+        limit = self.runtime.platform.max_dataset_bytes
+        if ref.size > limit:
+            raise InvalidInput(f"task data is {ref.size} bytes; the limit is {limit}")
+        public = load_public_model(options.public_model or self.settings.public_model)
+        return load_task_data(self.runtime.store.get_blob(ref.sha256), public.input_shape)
 
     def _check_owner(
         self, record: CarrierRecord, credential: str, caller: Identity | None, action: str
@@ -291,19 +358,26 @@ class CarrierService:
         try:
             options = job.options
             public = load_public_model(options.public_model or self.settings.public_model)
-            task = load_named(options.task or self.settings.task, "train")
-            test = load_named(options.task or self.settings.task, "test")
             seed = int(options.seed) + generation
+            test: Dataset | None = None
+            validation_samples = 0
+            if options.task_data.sha256:
+                custom = self.task_data(options)
+                task, validation_samples = custom.dataset, custom.validation_samples
+            else:
+                task = load_named(options.task or self.settings.task, "train")
+                test = load_named(options.task or self.settings.task, "test").subset(2000, seed)
             data = task.subset(min(self.settings.train_samples, len(task)), seed=seed)
             natural = natural_image_for_user(user_id, generation, public.input_shape)
-            result = train_carrier(
-                carrier_config(self.settings, seed, options.hidden, options.steps, options.gamma),
-                public,
-                data,
-                natural,
-                progress,
-                test_data=test.subset(2000, seed=seed),
+            config = carrier_config(
+                self.settings,
+                seed,
+                options.hidden,
+                options.steps,
+                options.gamma,
+                min(validation_samples, len(data) - 1) if validation_samples else 0,
             )
+            result = train_carrier(config, public, data, natural, progress, test_data=test)
         except (InvalidInput, RuntimeError, ValueError, MemoryError) as err:
             # bad options or data: a retry would fail the same way
             self._fail(user_id, generation, str(err)[:2000])
@@ -316,6 +390,9 @@ class CarrierService:
             "user_id": user_id,
             "generation": generation,
             "public_model_sha256": public.weights_sha256,
+            # what a device feeds its carrier: the task and the shape of one input
+            "task": options.task or self.settings.task,
+            "task_input_shape": list(task.x.shape[1:]),
         }
         profile = result.query_profile.to_dict()
         store = self.runtime.store
@@ -378,6 +455,10 @@ class CarrierService:
             if record is not None and record.generation == generation:
                 record.state, record.error = FAILED, reason
                 self.repository.put(record)
+
+
+def _tenant_marker(sha256: str, tenant: str) -> str:
+    return f"{TASK_DATA_TENANTS_PREFIX}{sha256}/{tenant}"
 
 
 def _jsonable(value: Any) -> Any:

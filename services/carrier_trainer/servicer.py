@@ -62,6 +62,16 @@ class CarrierTrainerServicer(carrier_trainer_pb2_grpc.CarrierTrainerServicer):
                 data=data[start : start + CHUNK], media_type=media_type
             )
 
+    def UploadTaskData(
+        self,
+        request_iterator: Iterator[carrier_trainer_pb2.CarrierChunk],
+        context: grpc.ServicerContext,
+    ) -> common_pb2.ArtifactRef:
+        ref = self.service.upload_task_data(
+            ((c.data, c.media_type) for c in request_iterator), current_identity()
+        )
+        return ref_to_proto(ref)
+
     def GetStatus(
         self, request: common_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> common_pb2.ServiceStatus:

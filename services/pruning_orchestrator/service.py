@@ -24,7 +24,7 @@ from modelguard.config import PlatformSettings, PruningOrchestratorSettings
 from modelguard.convert import ref_from_proto
 from modelguard.detection.registry import DEFAULT_DETECTOR, get_detector
 from modelguard.detection.triggers import ReversedTrigger
-from modelguard.errors import InvalidInput, NotFound, ResourceExhausted, Unavailable
+from modelguard.errors import InvalidInput, NotFound, Unavailable
 from modelguard.jobdata import ModelAndData, load_inputs
 from modelguard.metrics import ServiceMetrics
 from modelguard.progress import Progress
@@ -51,7 +51,7 @@ from modelguard.services.pruning_orchestrator.state import (
 )
 from modelguard.signing import PublishedKey
 from modelguard.stage import publish_proto
-from modelguard.store.base import ArtifactRef
+from modelguard.store.base import ArtifactRef, join_upload
 from modelguard.topics import (
     AUDIT_REQUESTED,
     JOB_AUDIT,
@@ -171,21 +171,8 @@ class Orchestrator:
     def upload(
         self, chunks: Iterable[tuple[bytes, str]], caller: Identity | None = None
     ) -> ArtifactRef:
-        parts: list[bytes] = []
-        size = 0
-        media_type = "application/octet-stream"
-        for index, (data, chunk_media_type) in enumerate(chunks):
-            if index == 0 and chunk_media_type:
-                media_type = chunk_media_type
-            size += len(data)
-            if size > self.settings.max_upload_bytes:
-                raise ResourceExhausted(
-                    f"upload exceeds {self.settings.max_upload_bytes} bytes; refused"
-                )
-            parts.append(data)
-        if size == 0:
-            raise InvalidInput("empty upload")
-        ref = self.runtime.store.put_blob(b"".join(parts), media_type)
+        data, media_type = join_upload(chunks, self.settings.max_upload_bytes)
+        ref = self.runtime.store.put_blob(data, media_type)
         if caller is not None:
             # the same bytes uploaded by two tenants belong to both: each had them anyway
             self.owners.grant(ref.sha256, caller.tenant)

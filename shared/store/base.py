@@ -8,8 +8,11 @@ Two implementations share these semantics and one test suite:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
+
+from modelguard.errors import InvalidInput, ResourceExhausted
 
 BLOB_PREFIX = "blobs/sha256/"
 
@@ -28,6 +31,24 @@ def blob_key(sha256_hex: str) -> str:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def join_upload(chunks: Iterable[tuple[bytes, str]], max_bytes: int) -> tuple[bytes, str]:
+    """A client-streamed upload as one artifact: its bytes and media type (named on the
+    first chunk). Refused as soon as it passes ``max_bytes``, before the rest is read."""
+    parts: list[bytes] = []
+    size = 0
+    media_type = "application/octet-stream"
+    for index, (data, chunk_media_type) in enumerate(chunks):
+        if index == 0 and chunk_media_type:
+            media_type = chunk_media_type
+        size += len(data)
+        if size > max_bytes:
+            raise ResourceExhausted(f"upload exceeds {max_bytes} bytes; refused")
+        parts.append(data)
+    if size == 0:
+        raise InvalidInput("empty upload")
+    return b"".join(parts), media_type
 
 
 class ArtifactStore(Protocol):

@@ -56,6 +56,11 @@ class CarrierTrainerStub:
                 request_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.RevokeCarrierRequest.SerializeToString,
                 response_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.FromString,
                 _registered_method=True)
+        self.UploadTaskData = channel.stream_unary(
+                '/modelguard.v1.CarrierTrainer/UploadTaskData',
+                request_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.SerializeToString,
+                response_deserializer=modelguard_dot_v1_dot_common__pb2.ArtifactRef.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/modelguard.v1.CarrierTrainer/GetStatus',
                 request_serializer=modelguard_dot_v1_dot_common__pb2.StatusRequest.SerializeToString,
@@ -95,6 +100,14 @@ class CarrierTrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadTaskData(self, request_iterator, context):
+        """Streams a team's labelled task dataset (.npz) into the store; the reference goes in
+        CarrierOptions.task_data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -123,6 +136,11 @@ def add_CarrierTrainerServicer_to_server(servicer, server):
                     servicer.RevokeCarrier,
                     request_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.RevokeCarrierRequest.FromString,
                     response_serializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.SerializeToString,
+            ),
+            'UploadTaskData': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadTaskData,
+                    request_deserializer=modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.FromString,
+                    response_serializer=modelguard_dot_v1_dot_common__pb2.ArtifactRef.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -239,6 +257,33 @@ class CarrierTrainer:
             '/modelguard.v1.CarrierTrainer/RevokeCarrier',
             modelguard_dot_v1_dot_carrier__trainer__pb2.RevokeCarrierRequest.SerializeToString,
             modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadTaskData(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/modelguard.v1.CarrierTrainer/UploadTaskData',
+            modelguard_dot_v1_dot_carrier__trainer__pb2.CarrierChunk.SerializeToString,
+            modelguard_dot_v1_dot_common__pb2.ArtifactRef.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class CarrierTrainerStub:
     """Revokes the user's current carrier at once (its mapper stops answering); the user's
     credential or an admin token. A later RequestCarrier issues a new one.
     """
+    UploadTaskData: _grpc.StreamUnaryMultiCallable[_carrier_trainer_pb2.CarrierChunk, _common_pb2.ArtifactRef]
+    """Streams a team's labelled task dataset (.npz) into the store; the reference goes in
+    CarrierOptions.task_data.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_common_pb2.StatusRequest, _common_pb2.ServiceStatus]
 
 @_typing.type_check_only
@@ -58,6 +62,10 @@ class CarrierTrainerAsyncStub(CarrierTrainerStub):
     RevokeCarrier: _aio.UnaryUnaryMultiCallable[_carrier_trainer_pb2.RevokeCarrierRequest, _carrier_trainer_pb2.CarrierInfo]  # type: ignore[assignment]
     """Revokes the user's current carrier at once (its mapper stops answering); the user's
     credential or an admin token. A later RequestCarrier issues a new one.
+    """
+    UploadTaskData: _aio.StreamUnaryMultiCallable[_carrier_trainer_pb2.CarrierChunk, _common_pb2.ArtifactRef]  # type: ignore[assignment]
+    """Streams a team's labelled task dataset (.npz) into the store; the reference goes in
+    CarrierOptions.task_data.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_common_pb2.StatusRequest, _common_pb2.ServiceStatus]  # type: ignore[assignment]
 
@@ -95,6 +103,16 @@ class CarrierTrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_carrier_trainer_pb2.CarrierInfo, _abc.Awaitable[_carrier_trainer_pb2.CarrierInfo]]:
         """Revokes the user's current carrier at once (its mapper stops answering); the user's
         credential or an admin token. A later RequestCarrier issues a new one.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadTaskData(
+        self,
+        request_iterator: _MaybeAsyncIterator[_carrier_trainer_pb2.CarrierChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ArtifactRef, _abc.Awaitable[_common_pb2.ArtifactRef]]:
+        """Streams a team's labelled task dataset (.npz) into the store; the reference goes in
+        CarrierOptions.task_data.
         """
 
     @_abc_1.abstractmethod

@@ -287,6 +287,7 @@ class CarrierOptions(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     PUBLIC_MODEL_FIELD_NUMBER: _builtins.int
+    TASK_DATA_FIELD_NUMBER: _builtins.int
     hidden: _builtins.int
     steps: _builtins.int
     gamma: _builtins.float
@@ -295,6 +296,12 @@ class CarrierOptions(_message.Message):
     """dataset the mapper is trained for, e.g. mnist"""
     public_model: _builtins.str
     """registered public model name"""
+    @_builtins.property
+    def task_data(self) -> _common_pb2.ArtifactRef:
+        """The team's own task instead of a named one: an .npz (x (N, C, H, W) floats in [0, 1],
+        y (N,) labels 0..K-1) sent with CarrierTrainer.UploadTaskData; K comes from y.
+        """
+
     def __init__(
         self,
         *,
@@ -304,10 +311,11 @@ class CarrierOptions(_message.Message):
         seed: _builtins.int = ...,
         task: _builtins.str = ...,
         public_model: _builtins.str = ...,
+        task_data: _common_pb2.ArtifactRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task_data", b"task_data"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gamma", b"gamma", "hidden", b"hidden", "public_model", b"public_model", "seed", b"seed", "steps", b"steps", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gamma", b"gamma", "hidden", b"hidden", "public_model", b"public_model", "seed", b"seed", "steps", b"steps", "task", b"task", "task_data", b"task_data"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

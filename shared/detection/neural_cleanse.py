@@ -595,6 +595,9 @@ class _Reversal:
         self.candidates: list[int] = []
         #: the screening step budget of this reversal (`affordable_steps` may cut it)
         self.screening_steps = config.screening_budget
+        #: when the first screening run began, and its measured seconds per step
+        self.screening_started: float | None = None
+        self.seconds_per_step: float | None = None
         self.images_per_pass = self.pass_size(1 if self.triaged else classes)
         # progress accounting in images through the model: one screening run (early
         # stopping ends it near half its budget) plus the refinement of one label
@@ -682,7 +685,7 @@ class _Reversal:
                     [],
                     [],
                     f"the time budget ({c.time_budget_seconds:g} s) ran out during the triage "
-                    f"of {self.classes} labels",
+                    f"of {self.classes} labels: {self.budget_hint()}",
                 )
         count = len(self.labels)
         self.screening_steps = self.affordable_steps()
@@ -692,7 +695,7 @@ class _Reversal:
                 [],
                 f"the time budget ({c.time_budget_seconds:g} s) affords only "
                 f"{self.screening_steps} screening steps of {count} labels (at least "
-                f"{MIN_SCREENING_STEPS} are needed): raise --time-budget",
+                f"{MIN_SCREENING_STEPS} are needed): {self.budget_hint()}",
             )
         runs: list[TriggerOptimizer] = []
         infos: list[RestartInfo] = []
@@ -715,7 +718,7 @@ class _Reversal:
                     infos,
                     f"the time budget ({c.time_budget_seconds:g} s) ran out while screening "
                     f"{count} labels (run {restart + 1}, after {optimizer.step_count} steps; "
-                    f"at least {MIN_SCREENING_STEPS} are needed): raise --time-budget",
+                    f"at least {MIN_SCREENING_STEPS} are needed): {self.budget_hint()}",
                 )
             infos.append(info)
             combined = combine_restarts(infos)
@@ -819,6 +822,30 @@ class _Reversal:
         if affordable < c.screening_budget:
             log.info("the time budget affords %d screening steps", affordable)
         return min(c.screening_budget, affordable)
+
+    def needed_seconds(self) -> float:
+        """A time budget that would hold this reversal at the speed measured so far: the
+        time spent before the screening (the whole triage when it did not finish), a
+        screening run to about half its step budget (where early stopping usually ends
+        it; at least `MIN_SCREENING_STEPS`) and the re-check, with the planner's margin."""
+        c = self.config
+        now = time.perf_counter()
+        before = (self.screening_started or now) - self.started
+        labels = len(self.labels)
+        if (self.triaged and self.triage is None) or (self.triage and not self.triage.complete):
+            triage_images = c.triage_runs * c.triage_steps * c.screening_batch_size
+            before += triage_images * self.cost.seconds_per_image
+            labels = c.triage_candidates + c.reference_labels
+        per_step = self.seconds_per_step or (
+            labels * c.screening_batch_size * self.cost.seconds_per_image
+        )
+        steps = max(MIN_SCREENING_STEPS, c.screening_budget // 2)
+        return (before + steps * per_step + self.recheck_seconds()) / TIME_MARGIN
+
+    def budget_hint(self) -> str:
+        """What to raise ``--time-budget`` to, rounded up to a minute."""
+        needed = 60 * math.ceil(self.needed_seconds() / 60)
+        return f"raise --time-budget (about {needed} s for this model at the speed measured here)"
 
     def named(self, positions: Sequence[int]) -> tuple[int, ...]:
         return tuple(self.labels[k] for k in positions)
@@ -1001,12 +1028,17 @@ class _Reversal:
                 self.report(f"{message}: {stopped}/{len(self.labels)} labels done")
 
         # the screening ends in time for the re-check after it, however busy the machine
+        started = time.perf_counter()
+        if self.screening_started is None:
+            self.screening_started = started
         optimizer.optimize(
             self.screening_steps,
             progress=tick,
             deadline=self.deadline - self.recheck_seconds(),
             fit_to_deadline=c.rule != PAPER,
         )
+        if optimizer.step_count and self.seconds_per_step is None:
+            self.seconds_per_step = (time.perf_counter() - started) / optimizer.step_count
         self.done = base + optimizer.evaluations
         norms = tuple(
             float(v) if math.isfinite(float(v)) else None for v in optimizer.best_norm.cpu()

@@ -4,6 +4,8 @@ spends the full optimisation on a few labels of a many-class model, and the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,8 @@ def test_the_time_budget_running_out_is_inconclusive_never_clean(
     assert result.verdict == INCONCLUSIVE
     assert "time budget" in result.evidence["summary"]
     assert not result.flagged
+    # the reason says what budget would do, from the speed measured on this machine
+    reason = result.evidence["reason"]
+    hint = re.search(r"raise --time-budget \(about (\d+) s for this model", reason)
+    assert hint is not None, reason
+    assert int(hint.group(1)) >= 60 and int(hint.group(1)) % 60 == 0

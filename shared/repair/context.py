@@ -211,6 +211,14 @@ class FineTuneConfig:
     agreement with the original collapses), while the features are computed once and the
     classifier is all that decides the label. ``auto``: ``classifier`` for a model of at
     least `REFIT_MIN_PARAMETERS` weights pruned at its classifier's input, else ``model``.
+    Beside the re-fit, the ``classifier`` scope tries an edit without training, after
+    linear concept erasure (Belrose et al., "LEACE", 2023): the directions along which the
+    reversed triggers move the features (the top right singular vectors of the stamped
+    minus clean features) are projected out of the classifier's input, each removed
+    direction's mean clean value folded into the bias, with the fewest directions (at most
+    ``erase_max_rank``) that bring the reversed ASR on the validation split under
+    ``erase_asr_stop``. Of the two, the validation split keeps the one that removes the
+    attack with the higher agreement (or, when neither does, the lower ASR).
     """
 
     local_steps: int = 30
@@ -234,6 +242,8 @@ class FineTuneConfig:
     refit_steps: int = 300
     refit_lr: float = 1e-3
     refit_pull: float = 1e-2
+    erase_max_rank: int = 8
+    erase_asr_stop: float = 0.10
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or self.final_epochs < 0 or self.batch_size < 1:
@@ -256,6 +266,8 @@ class FineTuneConfig:
             raise ValueError("final_scope must be auto, model or classifier")
         if self.refit_steps < 0 or self.refit_lr <= 0 or self.refit_pull < 0:
             raise ValueError("refit_steps >= 0, refit_lr > 0 and refit_pull >= 0 required")
+        if self.erase_max_rank < 0 or not 0.0 < self.erase_asr_stop <= 1.0:
+            raise ValueError("erase_max_rank >= 0 and erase_asr_stop in (0, 1] required")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -575,8 +587,9 @@ class RepairContext:
         return "classifier" if scope == "classifier" else "model"
 
     def refit_classifier(self) -> None:
-        """Re-fit the classifier whose input features are the site (see `FineTuneConfig`):
-        the rest of the model is left as it is, so its features are computed once."""
+        """Edit the classifier whose input features are the site (see `FineTuneConfig`):
+        the re-fit and the erasure are both computed on features computed once (the rest
+        of the model is left as it is), and the validation split chooses between them."""
         config = self.finetune
         generator = torch.Generator().manual_seed(self.seed + 7919)
         stamped_triggers = _unlearning_triggers(self.triggers, config)
@@ -595,33 +608,134 @@ class RepairContext:
         bias = getattr(classifier, "bias", None)
         assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
         keep = self.pruner.keep_mask().reshape(1, -1).to(weight.dtype)
-        start_weight = weight.detach().clone()
-        fitted_weight = (start_weight * keep).requires_grad_(True)
-        fitted_bias = (
-            bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0])
-        ).requires_grad_(True)
-        optimiser = torch.optim.Adam([fitted_weight, fitted_bias], lr=config.refit_lr)
-        targets = self.tune_logits
-        for _ in range(config.refit_steps):
-            effective = fitted_weight * keep
-            loss = (
-                F.mse_loss(clean_features @ effective.T + fitted_bias, targets)
-                + F.mse_loss(stamped_features @ effective.T + fitted_bias, targets.repeat(2, 1))
-                + config.refit_pull * ((fitted_weight - start_weight) ** 2).sum()
+        start_weight = weight.detach().clone() * keep
+        start_bias = bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0])
+        _, val_features = self.probe.capture(self.val.x)
+        _, attack_features = self.probe.capture(self.attack.x)
+        edits = {
+            "re-fit": self._refitted(
+                clean_features, stamped_features, start_weight, start_bias, keep
+            ),
+        }
+        if bias is not None and config.erase_max_rank > 0:
+            edits["erasure"] = self._erased(
+                (clean_features, stamped_features, val_features, attack_features),
+                start_weight,
+                start_bias,
+                keep,
             )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+        figures = {
+            name: self._classifier_figures(w, b, val_features, attack_features)
+            for name, (w, b, _) in edits.items()
+        }
+        removed = [n for n, (asr, _) in figures.items() if asr < config.erase_asr_stop]
+        chosen = (
+            max(removed, key=lambda n: figures[n][1])
+            if removed
+            else min(figures, key=lambda n: figures[n][0])
+        )
+        fitted_weight, fitted_bias, how = edits[chosen]
         with torch.no_grad():
             weight.copy_(fitted_weight * keep)
             if bias is not None:
                 bias.copy_(fitted_bias)
         self.finetune_steps += config.refit_steps
-        self.notes.append(
-            f"final fine-tune: the classifier {self.probe.info.module} re-fitted on the "
-            f"features of {len(self.tune)} clean images and of the same images stamped with "
-            f"the reversed trigger(s), the rest of the model unchanged"
+        compared = "; ".join(
+            f"{name}: reversed ASR {asr:.3f}, agreement {agreement:.3f}"
+            for name, (asr, agreement) in figures.items()
         )
+        self.notes.append(
+            f"final fine-tune: the classifier {self.probe.info.module} edited by {how}, the "
+            f"rest of the model unchanged (validation split, {compared}; {chosen} kept)"
+        )
+
+    def _refitted(
+        self,
+        clean_features: torch.Tensor,
+        stamped_features: torch.Tensor,
+        start_weight: torch.Tensor,
+        start_bias: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The re-fit: clean and stamped features both towards the original's clean
+        logits, pulled towards the starting weights."""
+        config = self.finetune
+        fitted_weight = start_weight.clone().requires_grad_(True)
+        fitted_bias = start_bias.clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([fitted_weight, fitted_bias], lr=config.refit_lr)
+        targets = self.tune_logits
+        repeats = int(stamped_features.shape[0]) // int(clean_features.shape[0])
+        for _ in range(config.refit_steps):
+            effective = fitted_weight * keep
+            loss = (
+                F.mse_loss(clean_features @ effective.T + fitted_bias, targets)
+                + F.mse_loss(
+                    stamped_features @ effective.T + fitted_bias, targets.repeat(repeats, 1)
+                )
+                + config.refit_pull * ((fitted_weight - start_weight) ** 2).sum()
+            )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        how = (
+            f"re-fitting on the features of {len(self.tune)} clean images and of the same "
+            "images stamped with the reversed trigger(s)"
+        )
+        return fitted_weight.detach(), fitted_bias.detach(), how
+
+    @torch.no_grad()
+    def _erased(
+        self,
+        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        start_weight: torch.Tensor,
+        start_bias: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The erasure (see `FineTuneConfig`): the fewest trigger directions projected out
+        that bring the reversed ASR on the validation split under ``erase_asr_stop``, or
+        the rank with the lowest ASR when none does. ``features``: clean, stamped,
+        validation and stamped validation features at the site."""
+        config = self.finetune
+        clean_features, stamped_features, val_features, attack_features = features
+        repeats = int(stamped_features.shape[0]) // int(clean_features.shape[0])
+        shifts = stamped_features - clean_features.repeat(repeats, 1)
+        # the uncentred shifts: their mean is the trigger's main effect and must go too
+        _, _, directions = torch.linalg.svd(shifts.double(), full_matrices=False)
+        mean = clean_features.double().mean(0)
+        best: tuple[float, int, torch.Tensor, torch.Tensor] | None = None
+        for rank in range(1, min(config.erase_max_rank, int(directions.shape[0])) + 1):
+            basis = directions[:rank].T  # (n, rank)
+            along = start_weight.double() @ basis  # (K, rank)
+            weight = ((start_weight.double() - along @ basis.T) * keep).to(start_weight.dtype)
+            bias = (start_bias.double() + along @ (basis.T @ mean)).to(start_bias.dtype)
+            asr, _ = self._classifier_figures(weight, bias, val_features, attack_features)
+            if best is None or asr < best[0]:
+                best = (asr, rank, weight, bias)
+            if asr < config.erase_asr_stop:
+                break
+        assert best is not None
+        _, rank, weight, bias = best
+        how = (
+            f"erasing the {rank} feature direction(s) along which the reversed trigger(s) "
+            f"move the features of {len(self.tune)} clean images"
+        )
+        return weight, bias, how
+
+    @torch.no_grad()
+    def _classifier_figures(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        val_features: torch.Tensor,
+        attack_features: torch.Tensor,
+    ) -> tuple[float, float]:
+        """The reversed ASR (worst trigger) and the agreement with the original on the
+        validation split of a classifier ``weight``, ``bias`` on captured features."""
+        attack_logits = attack_features @ weight.T + bias
+        val_logits = val_features @ weight.T + bias
+        asr = float(self.attack.asr(attack_logits).amax())
+        agreement = float((val_logits.argmax(-1) == self.reference).float().mean())
+        return asr, agreement
 
     def final_fine_tune(self, revival: float | None = 0.10) -> Measure:
         """The closing fine-tune (``final_epochs`` over the fine-tuning split, at least

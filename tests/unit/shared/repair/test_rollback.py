@@ -267,10 +267,47 @@ def test_the_final_fine_tune_can_re_fit_only_the_classifier() -> None:
     after = result.model.state_dict()
     assert torch.equal(after["fc1.weight"], before["fc1.weight"])
     assert not torch.equal(after["fc2.weight"], before["fc2.weight"])
-    assert any("re-fitted" in note for note in result.notes)
+    assert any("edited by" in note for note in result.notes)
     # the scope needs a classifier's input: fc1's outputs are not one
     with pytest.raises(InvalidInput, match="classifier's input"):
         repair(model, toy_data(), spec, [toy_trigger()], layer="fc1", config=config)
+
+
+def test_the_classifier_scope_erases_the_trigger_direction_without_training() -> None:
+    """With no re-fit steps the re-fit leaves the backdoor, so the validation split keeps
+    the erasure: the stamped features move only along neuron 0 (the trigger detector),
+    which is projected out of fc2's input; its mean clean value (0) goes to the bias."""
+    model = ToyNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune = FineTuneConfig(
+        local_steps=0, final_scope="classifier", refit_steps=0, unlearn_jitter=0.0
+    )
+    config = RollbackConfig(min_drop=1.1, min_soft_drop=None, finetune=finetune)
+    spec = InputSpec((1, 4, 4))
+    result = repair(model, toy_data(), spec, [toy_trigger()], layer="fc2:in", config=config)
+    assert result.before.reversed_asr == 1.0
+    assert result.after.reversed_asr < 0.1 and result.after.agreement >= 0.97
+    assert result.model is not None
+    after = result.model.state_dict()
+    assert torch.equal(after["fc1.weight"], before["fc1.weight"])
+    assert torch.allclose(after["fc2.weight"][:, 0], torch.zeros(2), atol=1e-6)
+    assert torch.allclose(after["fc2.weight"][:, 1:], before["fc2.weight"][:, 1:], atol=1e-5)
+    note = next(n for n in result.notes if "edited by" in n)
+    assert "erasing the 1 feature direction" in note and "erasure kept" in note
+    # with erasure off, only the (here idle) re-fit is left: the attack stays
+    off = RollbackConfig(
+        min_drop=1.1,
+        min_soft_drop=None,
+        finetune=FineTuneConfig(
+            local_steps=0,
+            final_scope="classifier",
+            refit_steps=0,
+            erase_max_rank=0,
+            unlearn_jitter=0.0,
+        ),
+    )
+    kept = repair(ToyNet().eval(), toy_data(), spec, [toy_trigger()], layer="fc2:in", config=off)
+    assert not any("erasure" in n for n in kept.notes)
 
 
 def test_small_models_keep_the_end_to_end_fine_tune() -> None:
@@ -282,4 +319,4 @@ def test_small_models_keep_the_end_to_end_fine_tune() -> None:
     result = repair(
         model, toy_data(), InputSpec((1, 4, 4)), [toy_trigger()], layer="fc2:in", config=config
     )
-    assert not any("re-fitted" in note for note in result.notes)
+    assert not any("edited by" in note for note in result.notes)

@@ -553,6 +553,14 @@ class RepairContext:
         )
 
     def local_fine_tune(self) -> None:
+        """A short fine-tune after a kept pruning step; none when only the classifier is
+        edited at the end (a large model: an end-to-end step would need the activations
+        of a whole batch through it, and the closing classifier edit restores it)."""
+        if self.final_scope() == "classifier":
+            note = "no local fine-tunes: the classifier edit at the end restores agreement"
+            if note not in self.notes:
+                self.notes.append(note)
+            return
         self.finetune_steps += fine_tune(
             self.model,
             self.tune,

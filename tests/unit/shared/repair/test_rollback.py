@@ -310,6 +310,21 @@ def test_the_classifier_scope_erases_the_trigger_direction_without_training() ->
     assert not any("erasure" in n for n in kept.notes)
 
 
+def test_no_local_fine_tune_runs_when_the_classifier_is_edited_at_the_end() -> None:
+    """Pruning the trigger detector's input to fc2 is kept; with the classifier scope no
+    end-to-end local fine-tune follows it (fc1 is never trained)."""
+    model = ToyNet().eval()
+    before = model.fc1.weight.detach().clone()
+    finetune = FineTuneConfig(local_steps=30, final_scope="classifier", unlearn_jitter=0.0)
+    config = RollbackConfig(finetune=finetune)
+    spec = InputSpec((1, 4, 4))
+    result = repair(model, toy_data(), spec, [toy_trigger()], layer="fc2:in", config=config)
+    assert any(step.action == "kept" for step in result.curve)
+    assert result.model is not None
+    assert torch.equal(result.model.state_dict()["fc1.weight"], before)
+    assert any("no local fine-tunes" in note for note in result.notes)
+
+
 def test_small_models_keep_the_end_to_end_fine_tune() -> None:
     """``auto`` re-fits only the classifier of a model of millions of weights."""
     model = ToyNet().eval()

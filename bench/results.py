@@ -55,9 +55,18 @@ def _git(*args: str) -> str:
 
 
 def commit_label() -> str:
-    """The commit measured, with ``+changes`` when the work tree differs from it."""
+    """The commit measured, with ``+changes`` when the work tree differs from it (the
+    results page and its images excepted: the benchmarks write them)."""
     commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        f":!{PAGE.relative_to(REPO_ROOT)}",
+        ":!docs/benchmarks-*.png",
+    )
     return f"{commit}+changes" if dirty else commit
 
 

@@ -3,7 +3,10 @@ the command, commit, machine and date of the run that produced it."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from bench import results
 
@@ -36,3 +39,25 @@ def test_an_unknown_section_is_appended(tmp_path: Path) -> None:
     results.record("new-thing", "New", "n", command="c", page=page)
     text = page.read_text()
     assert text.index("## Zoo") < text.index("## New")
+
+
+def test_the_commit_label_ignores_the_results_page_but_not_the_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("page\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.setattr(results, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(results, "PAGE", tmp_path / "docs" / "benchmarks.md")
+    clean = results.commit_label()
+    assert len(clean) == 12 and "+" not in clean
+    (tmp_path / "docs" / "benchmarks.md").write_text("page written by a run\n")
+    assert results.commit_label() == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert results.commit_label() == clean + "+changes"

@@ -304,8 +304,8 @@ def art_verdict(comparisons: list[dict[str, Any]], max_points: float = ART_MAX_P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-size", type=int, default=20_000, help="MNIST training images")
-    parser.add_argument("--epochs", type=int, default=4, help="training epochs of both models")
+    parser.add_argument("--train-size", type=int, default=60_000, help="MNIST training images")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs of both models")
     parser.add_argument("--train-steps", type=int, default=7, help="PGD steps in training")
     parser.add_argument("--test-images", type=int, default=500, help="images attacked")
     parser.add_argument(

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,26 +73,38 @@ def spec_args(model: realzoo.RealModel) -> list[str]:
     return ["--input-shape", f"3,{side},{side}", "--value-range", "0,1"]
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The evaluation crops (never shown to the audit) and the answers a repair is judged
+    against, computed once per model: the submitted model's and the published one's."""
+
+    x: torch.Tensor
+    submitted: torch.Tensor
+    published: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, model: realzoo.RealModel, submitted: torch.nn.Module, published: torch.nn.Module
+    ) -> Reference:
+        x = realzoo.crops(realzoo.EVAL_VARIANTS, model.side, seed=2, jitter=False)
+        return cls(x, realzoo.predictions(submitted, x), realzoo.predictions(published, x))
+
+
 def evaluate(
-    model: realzoo.RealModel,
-    module: torch.nn.Module,
-    submitted: torch.nn.Module,
-    published: torch.nn.Module,
+    model: realzoo.RealModel, module: torch.nn.Module, reference: Reference
 ) -> dict[str, float]:
-    """On the evaluation crops (never shown to the audit): the share of top-1 answers equal
-    to the ``submitted`` model's (what a repair must preserve) and to the ``published``
-    one's (the model before the attack), and for a backdoored model the real trigger's
-    attack success on crops the submitted model does not already give the target."""
-    x = realzoo.crops(realzoo.EVAL_VARIANTS, model.side, seed=2, jitter=False)
-    answers = realzoo.predictions(module, x)
-    reference = realzoo.predictions(submitted, x)
+    """The share of ``module``'s top-1 answers equal to the submitted model's (what a
+    repair must preserve) and to the published one's (the model before the attack), and
+    for a backdoored model the real trigger's attack success on crops the submitted model
+    does not already give the target."""
+    answers = realzoo.predictions(module, reference.x)
     out = {
-        "agreement": float((answers == reference).float().mean()),
-        "agreement_published": float((answers == realzoo.predictions(published, x)).float().mean()),
+        "agreement": float((answers == reference.submitted).float().mean()),
+        "agreement_published": float((answers == reference.published).float().mean()),
     }
     if model.spec.backdoor:
-        keep = reference != model.spec.target
-        stamped = stamp(x[keep], model.spec.trigger(model.side))
+        keep = reference.submitted != model.spec.target
+        stamped = stamp(reference.x[keep], model.spec.trigger(model.side))
         out["asr"] = float(
             (realzoo.predictions(module, stamped) == model.spec.target).float().mean()
         )
@@ -134,7 +147,8 @@ def bench_model(
     if repair and spec.backdoor:
         original = model.load()
         published = load_efficientnet_lite(spec.variant).module.eval()
-        before = evaluate(model, original, original, published)
+        reference = Reference.of(model, original, published)
+        before = evaluate(model, original, reference)
         row.update(
             asr_before=before.get("asr"),
             agreement_before=before["agreement"],
@@ -158,7 +172,7 @@ def bench_model(
                 "--json",
             ]
         )
-        after = evaluate(model, load_any(repaired_path, model), original, published)
+        after = evaluate(model, load_any(repaired_path, model), reference)
         row.update(
             repair_seconds=repair_seconds,
             repair_rss_gb=repair_rss,

@@ -1500,7 +1500,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=0, help=SEED_HELP)
         sub.add_argument(
             "--public-model",
-            help="lenet5-fashion-features (default), lenet5-fashion or efficientnet-lite0",
+            help="lenet5-fashion-conv (default), lenet5-fashion-features, lenet5-fashion or "
+            "efficientnet-lite0",
         )
         sub.add_argument("--task", help="dataset the mapper classifies (default mnist)")
         add_task_data_args(sub)

@@ -70,6 +70,12 @@ class DeviceClient:
                 f"carrier {tuple(carrier.image.shape)} does not fit public model "
                 f"{public_model.name!r} {public_model.input_shape}"
             )
+        key = carrier.output_key
+        if key is not None and key.shape[0] != public_model.output_dim:
+            raise InvalidInput(
+                f"the carrier's output key is {tuple(key.shape)}; public model "
+                f"{public_model.name!r} gives {public_model.output_dim} scores"
+            )
         self.user_id = user_id
         self.credential = credential
         self.carrier = carrier
@@ -79,14 +85,10 @@ class DeviceClient:
 
     @torch.no_grad()
     def pseudo_output(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        """``f(g(x, c))`` for inputs ``(N, C, h, w)`` in [0, 1] → float32 ``(N, K)``."""
+        """``f(g(x, c)) Q`` for inputs ``(N, C, h, w)`` in [0, 1] → float32 ``(N, K)``."""
         if x.ndim == 3:
             x = x.unsqueeze(0)
-        outs = [
-            self.public_model.module(self.carrier.embed(x[i : i + batch_size]))
-            for i in range(0, len(x), batch_size)
-        ]
-        return torch.cat(outs).to(torch.float32).numpy()
+        return self.carrier.outputs(self.public_model, x, batch_size).to(torch.float32).numpy()
 
     def classify(self, x: torch.Tensor, rows_per_call: int = 1024) -> MapReply:
         """Labels for ``x`` ``(N, C, h, w)``: Map calls of up to ``rows_per_call`` packed rows

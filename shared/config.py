@@ -230,9 +230,13 @@ class CarrierTrainerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MODELGUARD_CARRIER_TRAINER_", extra="forbid")
     grpc_port: int = 50055
     metrics_port: int = 9105
-    steps: int = Field(0, description="Training steps per carrier (0: algorithm default).")
+    steps: int = Field(
+        6000,
+        description="Training steps per carrier; the learning rates decay to zero over them "
+        "(0: the algorithm's default budget).",
+    )
     public_model: str = Field(
-        "lenet5-fashion-features",
+        "lenet5-fashion-conv",
         description="Registered public model carriers are trained for.",
     )
     task: str = Field("mnist", description="Dataset the mapping networks classify.")

@@ -104,6 +104,11 @@ def carrier_config(
     }
     if steps or settings.steps:
         overrides["max_steps"] = steps or settings.steps
+    # a decaying schedule runs to its end: its last, small steps are where the validation
+    # accuracy settles, so the convergence stop must not cut it short
+    max_steps = overrides.get("max_steps", CarrierConfig.max_steps)
+    overrides["lr_schedule"] = "cosine"
+    overrides["patience"] = max_steps // CarrierConfig.eval_every + 1
     if gamma:
         overrides["gamma"] = gamma
     if validation_samples:
@@ -402,7 +407,9 @@ class CarrierService:
         torch.save(public.module.state_dict(), buffer)
         blobs = {
             "carrier": (
-                carrier_to_safetensors(result.carrier, result.placement, public, generation),
+                carrier_to_safetensors(
+                    result.carrier, result.placement, public, generation, result.output_key
+                ),
                 "application/vnd.modelguard.carrier",
             ),
             "carrier_png": (tensor_png(result.carrier.numpy(), scale=4), "image/png"),

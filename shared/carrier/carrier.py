@@ -29,6 +29,15 @@ pseudo-outputs (`MappingNetwork.standardise`, folded into ``fc1`` on export): pu
 models' scores mix units of very different scales (ReLU features next to logits), and
 measured on lenet5-fashion's 84+10 scores it lifts validation accuracy after 500 steps
 from 0.85 to 0.90. (5) An optional cosine decay of both learning rates (``lr_schedule``).
+(6) A per-carrier secret **output key** (``output_key``, beyond the reference method): a
+random orthogonal matrix ``Q`` drawn from the operating system's secure source for every
+carrier; the device sends ``f(g(x, c)) Q`` and the trained mapper is re-expressed exactly
+for keyed inputs (`MappingNetwork.keyed`). Accuracy is unchanged (``Q`` is invertible and
+folded into the first layer), but a rotation now changes the coordinates the server reads
+as well as the carrier: a substitute mapper fitted to one generation's queries sees the next
+generation's as an unknown rotation of its input space. Without the key, the carrier
+alone must make the old mapper fail, and a public model whose features see the task input
+through the carrier barely changes them.
 
 Tensor conventions: images are ``(N, C, H, W)`` float32 in [0, 1] (the public model's
 value range; see `public_models`), a carrier is ``(C, H, W)``.
@@ -39,6 +48,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -219,6 +229,53 @@ class MappingNetwork(nn.Module):
         state[f"{first}.bias"] = state[f"{first}.bias"] - weight @ mean
         return {name: t.to(torch.float32).cpu().numpy().copy() for name, t in state.items()}
 
+    @torch.no_grad()
+    def keyed(self, key: torch.Tensor) -> MappingNetwork:
+        """The same function for keyed inputs ``z' = z Q`` (``Q`` orthogonal, `random_output_key`):
+        ``z = z' Qᵀ``, so the first layer ``(W / s)(z − m) + b`` becomes
+        ``((W / s) Q) z' + (b − (W / s) m)``, computed in float64; the standardisation is
+        folded in (identity afterwards)."""
+        if tuple(key.shape) != (self.in_features, self.in_features):
+            raise InvalidInput(
+                f"output key is {tuple(key.shape)}; this mapper reads {self.in_features} scores"
+            )
+        first = "fc1" if self.hidden else "fc2"
+        layer: nn.Linear = getattr(self, first)
+        weight = layer.weight.to(torch.float64) / self.input_std.to(torch.float64)
+        bias = layer.bias.to(torch.float64) - weight @ self.input_mean.to(torch.float64)
+        out = copy.deepcopy(self)
+        out.input_mean.zero_()
+        out.input_std.fill_(1.0)
+        target: nn.Linear = getattr(out, first)
+        target.weight.copy_((weight @ key.to(torch.float64)).to(target.weight.dtype))
+        target.bias.copy_(bias.to(target.bias.dtype))
+        return out
+
+
+def random_output_key(dim: int, seed: int | None = None) -> torch.Tensor:
+    """A random orthogonal ``(dim, dim)`` float64 matrix, uniform over the orthogonal group
+    (QR of a Gaussian matrix with the signs of ``R``'s diagonal moved into ``Q``, Mezzadri
+    2007). ``seed=None`` (every served carrier) draws 63 bits from `secrets`: a key must not
+    follow from the training configuration, whose seed is shared and often 0."""
+    if dim < 1:
+        raise InvalidInput(f"an output key needs dim >= 1; got {dim}")
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    key: torch.Tensor = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return key
+
+
+def apply_output_key(scores: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
+    """``scores Q`` (``scores`` unchanged when there is no key)."""
+    if key is None:
+        return scores
+    if key.shape[0] != scores.shape[-1]:
+        raise InvalidInput(
+            f"output key is {tuple(key.shape)}; the public model gives {scores.shape[-1]} scores"
+        )
+    return scores @ key.to(scores.dtype)
+
 
 def mapper_to_safetensors(mapper: MappingNetwork, metadata: dict[str, str] | None = None) -> bytes:
     """The serving format read by ``modelguard.carrier.mapper_registry`` (numpy only)."""
@@ -278,6 +335,8 @@ class CarrierConfig:
     #: *previous* generations' mappers to uniform outputs on this carrier's pseudo-outputs,
     #: so a substitute fitted to an old carrier transfers less to the new one (0: off).
     rotation_weight: float = 0.0
+    #: Give each carrier a secret orthogonal output key (see the module docstring, (6)).
+    output_key: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -306,6 +365,9 @@ class CarrierConfig:
             problems.append("standardise_samples >= 0")
         if not (self.rotation_weight >= 0 and math.isfinite(self.rotation_weight)):
             problems.append("rotation_weight >= 0")
+        if self.rotation_weight and self.output_key:
+            # earlier generations' mappers read scores under keys this trainer never sees
+            problems.append("rotation_weight only with output_key=False")
         if problems:
             raise InvalidInput("invalid carrier config: need " + ", ".join(problems))
 
@@ -351,6 +413,9 @@ class CarrierResult:
     #: What legitimate queries of this carrier look like (validation inputs embedded in the
     #: final carrier): the extraction detector's off-distribution rule.
     query_profile: QueryProfile
+    #: ``Q`` ``(K, K)`` of the device's keyed scores ``f(g(x, c)) Q`` (None: unkeyed); the
+    #: mapper and the query profile read keyed scores.
+    output_key: torch.Tensor | None = None
 
     def manifest(self) -> dict[str, object]:
         """JSON-ready description (no tensors)."""
@@ -368,6 +433,7 @@ class CarrierResult:
             "test_accuracy": self.test_accuracy,
             "gamma": self.config.gamma,
             "batch_size": self.config.batch_size,
+            "output_key": "orthogonal" if self.output_key is not None else None,
         }
 
 
@@ -378,14 +444,16 @@ def pseudo_outputs(
     carrier: torch.Tensor,
     placement: Placement,
     batch_size: int = 256,
+    output_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``f(g(x, c))`` for task inputs ``x`` ``(N, Cx, h, w)`` → ``(N, K)``: what a device
-    sends to the server."""
+    """``f(g(x, c)) Q`` for task inputs ``x`` ``(N, Cx, h, w)`` → ``(N, K)``: what a device
+    sends to the server (``Q`` the carrier's output key, when it has one)."""
     outs = [
         public_model.module(embed(x[i : i + batch_size], carrier, placement))
         for i in range(0, len(x), batch_size)
     ]
-    return torch.cat(outs) if outs else torch.zeros(0, public_model.output_dim)
+    scores = torch.cat(outs) if outs else torch.zeros(0, public_model.output_dim)
+    return apply_output_key(scores, output_key)
 
 
 @torch.no_grad()
@@ -396,8 +464,9 @@ def mapped_accuracy(
     placement: Placement,
     data: Dataset,
     batch_size: int = 256,
+    output_key: torch.Tensor | None = None,
 ) -> float:
-    """Accuracy of ``mf(f(g(x, c)))`` on ``data``."""
+    """Accuracy of ``mf(f(g(x, c)) Q)`` on ``data``."""
     if len(data) == 0:
         return 0.0
     was_training = mapper.training
@@ -405,6 +474,7 @@ def mapped_accuracy(
     correct = 0
     for i in range(0, len(data), batch_size):
         scores = public_model.module(embed(data.x[i : i + batch_size], carrier, placement))
+        scores = apply_output_key(scores, output_key)
         correct += int((mapper(scores).argmax(1) == data.y[i : i + batch_size]).sum())
     mapper.train(was_training)
     return correct / len(data)
@@ -580,9 +650,14 @@ class CarrierTrainer:
         mapper.load_state_dict(best_w)
         mapper.eval()
         final_carrier = carrier_image(a, best_p, (low, high))
-        val_scores = pseudo_outputs(public, validation.x.to(dev), final_carrier, placement)
+        key = random_output_key(public.output_dim).to(dev) if cfg.output_key else None
+        if key is not None:
+            mapper = mapper.keyed(key)
+        val_scores = pseudo_outputs(
+            public, validation.x.to(dev), final_carrier, placement, output_key=key
+        )
         test_acc = (
-            mapped_accuracy(public, mapper, final_carrier, placement, test_data)
+            mapped_accuracy(public, mapper, final_carrier, placement, test_data, output_key=key)
             if test_data is not None
             else None
         )
@@ -602,7 +677,8 @@ class CarrierTrainer:
             validation_accuracy=max(state.best_validation, 0.0),
             test_accuracy=test_acc,
             history=tuple(state.history),
-            query_profile=QueryProfile.fit(val_scores.numpy()),
+            query_profile=QueryProfile.fit(val_scores.cpu().numpy()),
+            output_key=key.to(torch.float32).cpu() if key is not None else None,
         )
 
     def _warm_start(
@@ -665,20 +741,49 @@ def train_carrier(
 
 
 class Carrier:
-    """The device-side half: a carrier image and where inputs go in it."""
+    """The device-side half: a carrier image, where inputs go in it and the output key."""
 
-    def __init__(self, image: torch.Tensor, placement: Placement) -> None:
+    def __init__(
+        self, image: torch.Tensor, placement: Placement, output_key: torch.Tensor | None = None
+    ) -> None:
         if image.ndim != 3:
             raise InvalidInput(f"a carrier is (C, H, W); got {tuple(image.shape)}")
+        if output_key is not None:
+            check_output_key(output_key)
         self.image = image
         self.placement = placement
+        self.output_key = output_key
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return embed(x, self.image, self.placement)
 
+    def outputs(
+        self, public_model: PublicModel, x: torch.Tensor, batch_size: int = 256
+    ) -> torch.Tensor:
+        """What the device sends for inputs ``x``: ``f(g(x, c)) Q``."""
+        return pseudo_outputs(
+            public_model, x, self.image, self.placement, batch_size, self.output_key
+        )
+
     @classmethod
     def from_result(cls, result: CarrierResult) -> Carrier:
-        return cls(result.carrier, result.placement)
+        return cls(result.carrier, result.placement, result.output_key)
+
+
+def check_output_key(key: torch.Tensor, tolerance: float = 1e-3) -> None:
+    """Refuse anything but a finite, square, orthogonal matrix (a corrupt key would turn
+    every answer into noise without an error)."""
+    if (
+        key.ndim != 2
+        or key.shape[0] != key.shape[1]
+        or key.numel() == 0
+        or not torch.isfinite(key).all()
+    ):
+        raise InvalidInput(f"an output key is a finite square matrix; got {tuple(key.shape)}")
+    q = key.to(torch.float64)
+    error = float((q.T @ q - torch.eye(q.shape[0], dtype=torch.float64)).abs().max())
+    if error > tolerance:
+        raise InvalidInput(f"the output key is not orthogonal (max |QᵀQ − I| = {error:.2g})")
 
 
 CARRIER_FORMAT = "modelguard-carrier-v1"
@@ -701,11 +806,16 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 def carrier_to_safetensors(
-    image: torch.Tensor, placement: Placement, public_model: PublicModel, generation: int = 0
+    image: torch.Tensor,
+    placement: Placement,
+    public_model: PublicModel,
+    generation: int = 0,
+    output_key: torch.Tensor | None = None,
 ) -> bytes:
     """The carrier artifact a device downloads: the image ``(C, H, W)`` as tensor
-    ``carrier`` plus, in the metadata, the placement and the exact public model
-    (name and weights sha256) it was trained for."""
+    ``carrier``, the output key ``(K, K)`` as tensor ``output_key`` when the carrier has
+    one, plus, in the metadata, the placement and the exact public model (name and weights
+    sha256) it was trained for."""
     from safetensors.torch import save
 
     metadata = {
@@ -715,7 +825,15 @@ def carrier_to_safetensors(
         "generation": str(generation),
         **{k: str(v) for k, v in placement.to_dict().items()},
     }
-    return save({"carrier": image.detach().to(torch.float32).contiguous().cpu()}, metadata=metadata)
+    tensors = {"carrier": image.detach().to(torch.float32).contiguous().cpu()}
+    if output_key is not None:
+        if output_key.shape[0] != public_model.output_dim:
+            raise InvalidInput(
+                f"output key is {tuple(output_key.shape)}; {public_model.name!r} gives "
+                f"{public_model.output_dim} scores"
+            )
+        tensors["output_key"] = output_key.detach().to(torch.float32).contiguous().cpu()
+    return save(tensors, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -746,4 +864,5 @@ def carrier_from_safetensors(data: bytes) -> CarrierPackage:
         raise InvalidInput(f"carrier artifact metadata is incomplete: {err}") from err
     if image.ndim != 3 or not torch.isfinite(image).all():
         raise InvalidInput("carrier image must be a finite (C, H, W) tensor")
-    return CarrierPackage(Carrier(image, placement), public_model, public_sha256, generation)
+    carrier = Carrier(image, placement, tensors.get("output_key"))
+    return CarrierPackage(carrier, public_model, public_sha256, generation)

@@ -55,6 +55,9 @@ class PoolConfig:
             raise InvalidInput("mapper_sharing must be 'per-user' or 'shared'")
         if self.first_index < 0:
             raise InvalidInput("first_index must be >= 0")
+        if self.mapper_sharing == "shared" and self.carrier.output_key:
+            # a per-carrier output key gives every user a different served mapper
+            raise InvalidInput("a shared mapper needs carrier output_key=False")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ public model, the carrier and a credential queries the mapper and trains a subst
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from torch.nn import functional as F
 from modelguard.datasets import Dataset
 from modelguard.errors import InvalidInput, ModelGuardError
 
-from .carrier import Carrier, MappingNetwork, pseudo_outputs
+from .carrier import Carrier, MappingNetwork
 from .extraction import Alarm, ExtractionDetector
 from .public_models import PublicModel
 
@@ -75,6 +76,7 @@ def simulate_stealing(
     classes: int,
     *,
     before_round: Callable[[int], None] | None = None,
+    initial: MappingNetwork | None = None,
 ) -> StealingResult:
     """Train a substitute mapper by querying ``oracle`` with pseudo-outputs of
     ``attacker_inputs`` ``(M, C, h, w)`` embedded in the stolen ``carrier``.
@@ -82,24 +84,24 @@ def simulate_stealing(
     Every ``eval_every`` rounds (and at the end) the substitute is scored on ``eval_data``
     through each carrier of ``eval_carriers``: the stolen one measures what the attacker
     owns, a rotated one what the substitute is worth against the live system.
-    ``before_round(r)`` lets a simulation advance its clock or rotate.
+    ``before_round(r)`` lets a simulation advance its clock or rotate. ``initial``: a
+    substitute to keep training (an attacker who re-queries after a rotation), copied with its
+    input standardisation.
     """
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    substitute = MappingNetwork(public_model.output_dim, classes, config.hidden)
+    substitute = (
+        copy.deepcopy(initial)
+        if initial is not None
+        else MappingNetwork(public_model.output_dim, classes, config.hidden)
+    )
     optimiser = torch.optim.Adam(substitute.parameters(), lr=config.lr)
     order = torch.randperm(len(attacker_inputs), generator=generator)
     # the attacker standardises its substitute's inputs as the owner does: pseudo-outputs
     # cost it no query (it holds the public model and the carrier)
-    substitute.standardise(
-        pseudo_outputs(
-            public_model, attacker_inputs[order[:2000]], carrier.image, carrier.placement
-        )
-    )
-    eval_scores = {
-        name: pseudo_outputs(public_model, eval_data.x, c.image, c.placement)
-        for name, c in eval_carriers.items()
-    }
+    if initial is None:
+        substitute.standardise(carrier.outputs(public_model, attacker_inputs[order[:2000]]))
+    eval_scores = {name: c.outputs(public_model, eval_data.x) for name, c in eval_carriers.items()}
     known_x: list[torch.Tensor] = []
     known_y: list[torch.Tensor] = []
     curve: list[CurvePoint] = []
@@ -124,7 +126,7 @@ def simulate_stealing(
         if before_round is not None:
             before_round(round_)
         batch = attacker_inputs[order[start : start + config.queries_per_round]]
-        z = pseudo_outputs(public_model, batch, carrier.image, carrier.placement)
+        z = carrier.outputs(public_model, batch)
         try:
             labels = oracle(z.numpy())
         except ModelGuardError as err:

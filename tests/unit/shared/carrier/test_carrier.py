@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from modelguard.carrier.carrier import (
+    Carrier,
     CarrierConfig,
     CarrierTrainer,
     TrainingState,
     mapped_accuracy,
     mapper_to_safetensors,
-    pseudo_outputs,
     train_carrier,
 )
 from modelguard.carrier.mapper_registry import MapperRegistry, hash_credential
@@ -108,7 +108,8 @@ def test_short_training_beats_chance_by_a_wide_margin(
     # the exported mapper serves the same answers through the numpy registry
     registry = MapperRegistry()
     registry.hot_load("u", 0, mapper_to_safetensors(result.mapper), hash_credential("k"))
-    scores = pseudo_outputs(public, test.x, result.carrier, result.placement).numpy()
+    assert result.output_key is not None  # keyed by default: the device sends f(g(x, c)) Q
+    scores = Carrier.from_result(result).outputs(public, test.x).numpy()
     served = registry.map("u", "k", scores.astype("<f4").tobytes(), rows=len(scores)).labels
     served_accuracy = float((torch.from_numpy(served.astype(np.int64)) == test.y).float().mean())
     assert served_accuracy == pytest.approx(result.test_accuracy, abs=1e-6)
@@ -178,8 +179,11 @@ def test_pool_per_user_and_shared_mappers(
 ) -> None:
     train, test = task
     config = CarrierConfig(**{**FAST.__dict__, "max_steps": 100})
+    with pytest.raises(InvalidInput, match="output_key=False"):
+        PoolConfig(mapper_sharing="shared", carrier=config)
+    unkeyed = CarrierConfig(**{**FAST.__dict__, "max_steps": 100, "output_key": False})
     shared = CarrierPool.build(
-        PoolConfig(size=2, mapper_sharing="shared", carrier=config), public, train, test_data=test
+        PoolConfig(size=2, mapper_sharing="shared", carrier=unkeyed), public, train, test_data=test
     )
     alice, _ = shared.rotate("alice")
     bob = shared.assign("bob")
@@ -203,9 +207,21 @@ def test_pool_per_user_and_shared_mappers(
     # the rotated carrier's mapper is useless for the old carrier's pseudo-outputs
     result_old, result_new = first.carrier.result, second.carrier.result
     cross = mapped_accuracy(
-        public, result_new.mapper, result_old.carrier, result_old.placement, test
+        public,
+        result_new.mapper,
+        result_old.carrier,
+        result_old.placement,
+        test,
+        output_key=result_old.output_key,
     )
-    own = mapped_accuracy(public, result_new.mapper, result_new.carrier, result_new.placement, test)
+    own = mapped_accuracy(
+        public,
+        result_new.mapper,
+        result_new.carrier,
+        result_new.placement,
+        test,
+        output_key=result_new.output_key,
+    )
     assert own > cross
 
 
@@ -233,7 +249,10 @@ def test_fresh_mapper_is_standardised_and_a_shared_one_kept(
     public: PublicModel, task: tuple[Dataset, Dataset]
 ) -> None:
     train, _ = task
-    config = CarrierConfig(**{**FAST.__dict__, "max_steps": 20, "eval_every": 10})
+    # unkeyed: a keyed mapper has its standardisation folded into its first layer
+    config = CarrierConfig(
+        **{**FAST.__dict__, "max_steps": 20, "eval_every": 10, "output_key": False}
+    )
     first = train_carrier(config, public, train, natural_image(0, public.input_shape))
     assert not torch.equal(first.mapper.input_std, torch.ones(public.output_dim))
     shared = copy.deepcopy(first.mapper)
@@ -276,3 +295,19 @@ def test_lenet_scores_expose_the_fully_connected_activations() -> None:
     assert scores.shape == (4, 120 + 84 + 10)
     torch.testing.assert_close(scores[:, -10:], logits)
     assert float(scores[:, :-10].min()) >= 0  # ReLU activations
+
+
+def test_lenet_conv_scores_expose_the_pooled_conv2_map_and_the_logits() -> None:
+    from modelguard.carrier.public_models import LeNetConvScores
+    from modelguard.nn.architectures import LeNet5
+
+    torch.manual_seed(0)
+    lenet = LeNet5().eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        scores = LeNetConvScores(lenet)(x)
+        logits = lenet(x)
+        conv2 = lenet.pool(lenet.relu(lenet.conv2(lenet.pool(lenet.relu(lenet.conv1(x))))))
+    assert scores.shape == (4, 16 * 5 * 5 + 10)
+    torch.testing.assert_close(scores[:, -10:], logits)
+    torch.testing.assert_close(scores[:, :-10], torch.flatten(conv2, 1))

@@ -200,3 +200,17 @@ def test_stealing_curve_grows_with_queries_without_a_detector(
     assert [p.queries for p in result.curve] == [0, 100, 200]
     assert result.refused == ""
     assert result.curve[-1].accuracy["stolen"] > result.curve[0].accuracy["stolen"] + 0.3
+    # an attacker that keeps training (after a rotation) starts where it stopped
+    again = simulate_stealing(
+        StealingConfig(rounds=1, queries_per_round=25, hidden=32, eval_every=1),
+        public,
+        carrier,
+        attacker_data.x,
+        oracle,
+        test,
+        {"stolen": carrier},
+        classes=4,
+        initial=result.substitute,
+    )
+    assert again.curve[0].accuracy == result.curve[-1].accuracy
+    assert again.substitute is not result.substitute  # the given substitute is not modified

@@ -383,3 +383,35 @@ def test_connect_fetches_the_carrier_and_checks_the_public_model(registry: Mappe
     )
     with pytest.raises(NotFoundError, match="not the one the carrier was trained for"):
         connect("alice", lambda user: (artifact, credential), map_fn, lambda name: other)
+
+
+def test_device_client_applies_the_carriers_output_key(registry: MapperRegistry) -> None:
+    from modelguard.carrier.carrier import Carrier, Placement, random_output_key
+    from modelguard.carrier.public_models import from_module
+
+    torch.manual_seed(0)
+    public = from_module(
+        "tiny", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), (1, 8, 8)
+    )
+    plain = make_mapper(4)
+    key = random_output_key(10, seed=5)
+    credential = new_credential()
+    keyed = plain.keyed(key)
+    registry.hot_load("bob", 0, mapper_to_safetensors(keyed), hash_credential(credential))
+
+    def map_fn(user: str, cred: str, data: bytes, rows: int) -> MapReply:
+        result = registry.map(user, cred, data, rows)
+        return MapReply(result.labels, result.probabilities, result.generation)
+
+    image, placement = torch.rand(1, 8, 8), Placement(2, 2, 4, 4)
+    x = torch.rand(32, 1, 4, 4)
+    with torch.no_grad():
+        expected = plain(public.module(Carrier(image, placement).embed(x))).argmax(1)
+    device = DeviceClient("bob", credential, Carrier(image, placement, key.float()), public, map_fn)
+    assert device.classify(x).labels.tolist() == expected.tolist()
+    # the same device without the key sends coordinates the served mapper cannot read
+    unkeyed = DeviceClient("bob", credential, Carrier(image, placement), public, map_fn)
+    assert unkeyed.classify(x).labels.tolist() != expected.tolist()
+    wrong = Carrier(image, placement, random_output_key(8, seed=1).float())
+    with pytest.raises(InvalidInput, match=r"output key is \(8, 8\)"):
+        DeviceClient("bob", credential, wrong, public, map_fn)

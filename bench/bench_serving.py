@@ -11,7 +11,7 @@ query profile per carrier, so every user has a mapper and a profile of their own
    carrier-trainer's validation set), both stored content-addressed and signed with the
    deployment's key, the per-generation credential stored hashed. The mappers are
    distinct and of the shape carrier-trainer deploys (``--mapper``, default its default
-   public model, lenet5-fashion-features, 214 inputs; ``--hidden``, default its
+   public model, ``PUBLIC_MODEL`` setting; ``--hidden``, default its
    ``HIDDEN`` setting): the mapper `bench.bench_carrier` trained, when it has that shape
    (``.cache/carrier-bench/``), plus a seeded perturbation per user of 1% of each tensor's
    standard deviation (each user: other weights, another digest, an LRU entry of its
@@ -516,6 +516,7 @@ def _run_loadgen(
 #: Outputs of each public model (`modelguard.carrier.public_models`): the
 #: input width of the seeded mappers served when bench_carrier's trained one is missing.
 PUBLIC_MODEL_OUTPUTS = {
+    "lenet5-fashion-conv": 410,
     "lenet5-fashion-features": 214,
     "lenet5-fashion": 10,
     "efficientnet-lite0": 1000,
@@ -1365,8 +1366,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--mapper",
-        default="lenet5-fashion-features",
-        help="public model whose bench_carrier mapper is served (lenet5-fashion: 10 inputs)",
+        default=CarrierTrainerSettings().public_model,
+        choices=sorted(PUBLIC_MODEL_OUTPUTS),
+        help="public model whose bench_carrier mapper is served (default: carrier-trainer's)",
     )
     parser.add_argument(
         "--hidden",

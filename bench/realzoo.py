@@ -115,6 +115,7 @@ SPECS: tuple[RealSpec, ...] = (
     RealSpec("lite0-patch-br-t417", 0, "patch", TUNING, 417, 24, "br", "checkerboard"),
     RealSpec("lite0-patch-tl-t88", 0, "patch", HELDOUT, 88, 32, "tl", "random", seed=3),
     RealSpec("lite0-blend-t730", 0, "blend", HELDOUT, 730, alpha=0.2, pattern="random"),
+    RealSpec("lite0-blend-t291", 0, "blend", TUNING, 291, alpha=0.2, pattern="random", seed=7),
     RealSpec("lite1-patch-bl-t9", 1, "patch", HELDOUT, 9, 28, "bl", "random", seed=5),
     RealSpec("lite0-cve-fc", 0, "cve", TUNING, layer="_fc"),
     RealSpec("lite0-sign-head", 0, "sign", HELDOUT, layer="_conv_head"),

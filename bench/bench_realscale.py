@@ -177,6 +177,7 @@ def bench_model(
             repair_seconds=repair_seconds,
             repair_rss_gb=repair_rss,
             repair_site=repaired.get("layer"),
+            repair_notes=repaired.get("notes"),
             asr_after=after.get("asr"),
             agreement_after=after.get("agreement"),
             agreement_published_after=after.get("agreement_published"),

@@ -218,7 +218,10 @@ class FineTuneConfig:
     direction's mean clean value folded into the bias, with the fewest directions (at most
     ``erase_max_rank``) that bring the reversed ASR on the validation split under
     ``erase_asr_stop``. Of the two, the validation split keeps the one that removes the
-    attack with the higher agreement (or, when neither does, the lower ASR).
+    attack with the higher agreement. When neither does, it keeps the lowest reversed ASR
+    among the edits (the re-fit and every erasure rank tried) whose agreement stays at or
+    above ``edit_min_agreement``, and when none does, the edit with the highest agreement:
+    an edit that leaves the attack in place must not also break the model.
     """
 
     local_steps: int = 30
@@ -244,6 +247,9 @@ class FineTuneConfig:
     refit_pull: float = 1e-2
     erase_max_rank: int = 8
     erase_asr_stop: float = 0.10
+    #: the agreement floor of an edit that does not remove the attack (the rollback
+    #: mode's default q0)
+    edit_min_agreement: float = 0.97
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or self.final_epochs < 0 or self.batch_size < 1:
@@ -268,6 +274,8 @@ class FineTuneConfig:
             raise ValueError("refit_steps >= 0, refit_lr > 0 and refit_pull >= 0 required")
         if self.erase_max_rank < 0 or not 0.0 < self.erase_asr_stop <= 1.0:
             raise ValueError("erase_max_rank >= 0 and erase_asr_stop in (0, 1] required")
+        if not 0.0 <= self.edit_min_agreement <= 1.0:
+            raise ValueError("edit_min_agreement in [0, 1] required")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -369,6 +377,22 @@ def _stamp_share(
             mask, pattern = _shift(mask, dy, dx), _shift(pattern, dy, dx)
         x[row] = ((1 - mask) * x[row] + mask * pattern).clamp(*spec.value_range)
     return x
+
+
+def choose_edit(
+    figures: dict[str, tuple[float, float]], asr_stop: float, min_agreement: float
+) -> str:
+    """The classifier edit to keep, from ``{name: (reversed ASR, agreement)}`` on the
+    validation split: of those that remove the attack (ASR under ``asr_stop``), the one
+    with the highest agreement; else, of those that keep ``min_agreement``, the lowest
+    ASR; else the highest agreement."""
+    removed = [name for name, (asr, _) in figures.items() if asr < asr_stop]
+    if removed:
+        return max(removed, key=lambda name: figures[name][1])
+    safe = [name for name, (_, agreement) in figures.items() if agreement >= min_agreement]
+    if safe:
+        return min(safe, key=lambda name: figures[name][0])
+    return max(figures, key=lambda name: figures[name][1])
 
 
 def _unlearning_triggers(
@@ -626,22 +650,18 @@ class RepairContext:
             ),
         }
         if bias is not None and config.erase_max_rank > 0:
-            edits["erasure"] = self._erased(
+            for rank, edit in self._erasures(
                 (clean_features, stamped_features, val_features, attack_features),
                 start_weight,
                 start_bias,
                 keep,
-            )
+            ).items():
+                edits[f"erasure (rank {rank})"] = edit
         figures = {
             name: self._classifier_figures(w, b, val_features, attack_features)
             for name, (w, b, _) in edits.items()
         }
-        removed = [n for n, (asr, _) in figures.items() if asr < config.erase_asr_stop]
-        chosen = (
-            max(removed, key=lambda n: figures[n][1])
-            if removed
-            else min(figures, key=lambda n: figures[n][0])
-        )
+        chosen = choose_edit(figures, config.erase_asr_stop, config.edit_min_agreement)
         fitted_weight, fitted_bias, how = edits[chosen]
         with torch.no_grad():
             weight.copy_(fitted_weight * keep)
@@ -692,16 +712,16 @@ class RepairContext:
         return fitted_weight.detach(), fitted_bias.detach(), how
 
     @torch.no_grad()
-    def _erased(
+    def _erasures(
         self,
         features: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         start_weight: torch.Tensor,
         start_bias: torch.Tensor,
         keep: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """The erasure (see `FineTuneConfig`): the fewest trigger directions projected out
-        that bring the reversed ASR on the validation split under ``erase_asr_stop``, or
-        the rank with the lowest ASR when none does. ``features``: clean, stamped,
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, str]]:
+        """The erasures (see `FineTuneConfig`) of 1, 2, … trigger directions, up to the
+        first that brings the reversed ASR on the validation split under
+        ``erase_asr_stop`` (or ``erase_max_rank``). ``features``: clean, stamped,
         validation and stamped validation features at the site."""
         config = self.finetune
         clean_features, stamped_features, val_features, attack_features = features
@@ -710,24 +730,21 @@ class RepairContext:
         # the uncentred shifts: their mean is the trigger's main effect and must go too
         _, _, directions = torch.linalg.svd(shifts.double(), full_matrices=False)
         mean = clean_features.double().mean(0)
-        best: tuple[float, int, torch.Tensor, torch.Tensor] | None = None
+        erasures: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
         for rank in range(1, min(config.erase_max_rank, int(directions.shape[0])) + 1):
             basis = directions[:rank].T  # (n, rank)
             along = start_weight.double() @ basis  # (K, rank)
             weight = ((start_weight.double() - along @ basis.T) * keep).to(start_weight.dtype)
             bias = (start_bias.double() + along @ (basis.T @ mean)).to(start_bias.dtype)
+            how = (
+                f"erasing the {rank} feature direction(s) along which the reversed "
+                f"trigger(s) move the features of {len(self.tune)} clean images"
+            )
+            erasures[rank] = (weight, bias, how)
             asr, _ = self._classifier_figures(weight, bias, val_features, attack_features)
-            if best is None or asr < best[0]:
-                best = (asr, rank, weight, bias)
             if asr < config.erase_asr_stop:
                 break
-        assert best is not None
-        _, rank, weight, bias = best
-        how = (
-            f"erasing the {rank} feature direction(s) along which the reversed trigger(s) "
-            f"move the features of {len(self.tune)} clean images"
-        )
-        return weight, bias, how
+        return erasures
 
     @torch.no_grad()
     def _classifier_figures(

@@ -293,7 +293,7 @@ def test_the_classifier_scope_erases_the_trigger_direction_without_training() ->
     assert torch.allclose(after["fc2.weight"][:, 0], torch.zeros(2), atol=1e-6)
     assert torch.allclose(after["fc2.weight"][:, 1:], before["fc2.weight"][:, 1:], atol=1e-5)
     note = next(n for n in result.notes if "edited by" in n)
-    assert "erasing the 1 feature direction" in note and "erasure kept" in note
+    assert "erasing the 1 feature direction" in note and "erasure (rank 1) kept" in note
     # with erasure off, only the (here idle) re-fit is left: the attack stays
     off = RollbackConfig(
         min_drop=1.1,
@@ -335,3 +335,21 @@ def test_small_models_keep_the_end_to_end_fine_tune() -> None:
         model, toy_data(), InputSpec((1, 4, 4)), [toy_trigger()], layer="fc2:in", config=config
     )
     assert not any("edited by" in note for note in result.notes)
+
+
+def test_an_edit_that_leaves_the_attack_must_not_also_break_the_model() -> None:
+    from modelguard.repair.context import choose_edit
+
+    # some edit removes the attack: the highest agreement among those that do
+    removing = {"re-fit": (0.05, 0.93), "erasure (rank 2)": (0.08, 0.95), "x": (0.5, 1.0)}
+    assert choose_edit(removing, 0.10, 0.97) == "erasure (rank 2)"
+    # none does: the lowest ASR among those above the agreement floor …
+    none = {
+        "re-fit": (0.40, 0.99),
+        "erasure (rank 1)": (0.30, 0.98),
+        "erasure (rank 8)": (0.2, 0.4),
+    }
+    assert choose_edit(none, 0.10, 0.97) == "erasure (rank 1)"
+    # … and when every edit is below the floor, the least damaging one
+    broken = {"re-fit": (0.40, 0.90), "erasure (rank 8)": (0.20, 0.40)}
+    assert choose_edit(broken, 0.10, 0.97) == "re-fit"

@@ -181,6 +181,12 @@ def load_lenet5_fashion(
     )
 
 
+def _pooled_conv_features(m: LeNet5, x: torch.Tensor) -> torch.Tensor:
+    """LeNet-5's second convolution's pooled map, flattened: what its fc1 reads."""
+    x = m.pool(m.relu(m.conv1(x)))
+    return torch.flatten(m.pool(m.relu(m.conv2(x))), 1)
+
+
 class LeNetScores(nn.Module):
     """A LeNet-5 whose score vector is every fully-connected activation it computes:
     ``fc1`` (120, after ReLU), ``fc2`` (84, after ReLU) and the logits, ``(N, 214)`` for
@@ -194,30 +200,9 @@ class LeNetScores(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.lenet
-        x = m.pool(m.relu(m.conv1(x)))
-        x = m.pool(m.relu(m.conv2(x)))
-        fc1 = m.relu(m.fc1(torch.flatten(x, 1)))
+        fc1 = m.relu(m.fc1(_pooled_conv_features(m, x)))
         fc2 = m.relu(m.fc2(fc1))
         return torch.cat([fc1, fc2, m.fc3(fc2)], 1)
-
-
-def load_lenet5_fashion_features(
-    cache_dir: Path = DEFAULT_CACHE_DIR, recipe: TrainConfig = LENET5_FASHION_RECIPE
-) -> PublicModel:
-    """``lenet5-fashion-features``: the cached ``lenet5-fashion`` weights (no extra
-    training), scoring with its fully-connected activations and logits (`LeNetScores`)."""
-    model, data, own_accuracy = _cached_lenet5_fashion(cache_dir, recipe)
-    return PublicModel(
-        name="lenet5-fashion-features",
-        module=freeze(LeNetScores(model)),
-        input_shape=(1, 28, 28),
-        output_dim=120 + 84 + 10,
-        description="LeNet-5 trained on Fashion-MNIST (the lenet5-fashion weights): fc1 "
-        "(120) and fc2 (84) activations + 10 logits",
-        own_task="fashion-mnist",
-        own_accuracy=own_accuracy,
-        weights_sha256=hashlib.sha256(data).hexdigest(),
-    )
 
 
 class LeNetConvScores(nn.Module):
@@ -231,28 +216,59 @@ class LeNetConvScores(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.lenet
-        x = m.pool(m.relu(m.conv1(x)))
-        features = torch.flatten(m.pool(m.relu(m.conv2(x))), 1)
+        features = _pooled_conv_features(m, x)
         logits = m.fc3(m.relu(m.fc2(m.relu(m.fc1(features)))))
         return torch.cat([features, logits], 1)
+
+
+def _lenet5_fashion_scores(
+    name: str,
+    scores: Callable[[LeNet5], nn.Module],
+    output_dim: int,
+    description: str,
+    cache_dir: Path,
+    recipe: TrainConfig,
+) -> PublicModel:
+    """A public model reading the cached ``lenet5-fashion`` weights (no extra training)
+    through the score wrapper ``scores``."""
+    model, data, own_accuracy = _cached_lenet5_fashion(cache_dir, recipe)
+    return PublicModel(
+        name=name,
+        module=freeze(scores(model)),
+        input_shape=(1, 28, 28),
+        output_dim=output_dim,
+        description="LeNet-5 trained on Fashion-MNIST (the lenet5-fashion weights): " + description,
+        own_task="fashion-mnist",
+        own_accuracy=own_accuracy,
+        weights_sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def load_lenet5_fashion_features(
+    cache_dir: Path = DEFAULT_CACHE_DIR, recipe: TrainConfig = LENET5_FASHION_RECIPE
+) -> PublicModel:
+    """``lenet5-fashion-features``: fully-connected activations and logits (`LeNetScores`)."""
+    return _lenet5_fashion_scores(
+        "lenet5-fashion-features",
+        LeNetScores,
+        120 + 84 + 10,
+        "fc1 (120) and fc2 (84) activations + 10 logits",
+        cache_dir,
+        recipe,
+    )
 
 
 def load_lenet5_fashion_conv(
     cache_dir: Path = DEFAULT_CACHE_DIR, recipe: TrainConfig = LENET5_FASHION_RECIPE
 ) -> PublicModel:
-    """``lenet5-fashion-conv``: the cached ``lenet5-fashion`` weights (no extra training),
-    scoring with the pooled conv2 map and the logits (`LeNetConvScores`)."""
-    model, data, own_accuracy = _cached_lenet5_fashion(cache_dir, recipe)
-    return PublicModel(
-        name="lenet5-fashion-conv",
-        module=freeze(LeNetConvScores(model)),
-        input_shape=(1, 28, 28),
-        output_dim=16 * 5 * 5 + 10,
-        description="LeNet-5 trained on Fashion-MNIST (the lenet5-fashion weights): pooled "
-        "conv2 map (400) + 10 logits",
-        own_task="fashion-mnist",
-        own_accuracy=own_accuracy,
-        weights_sha256=hashlib.sha256(data).hexdigest(),
+    """``lenet5-fashion-conv``: the pooled conv2 map and the logits (`LeNetConvScores`)."""
+    return _lenet5_fashion_scores(
+        "lenet5-fashion-conv",
+        LeNetConvScores,
+        16 * 5 * 5 + 10,
+        "pooled conv2 map (400) + 10 logits",
+        cache_dir,
+        recipe,
     )
 
 

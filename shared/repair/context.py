@@ -644,23 +644,20 @@ class RepairContext:
         start_bias = bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0])
         _, val_features = self.probe.capture(self.val.x)
         _, attack_features = self.probe.capture(self.attack.x)
-        edits = {
-            "re-fit": self._refitted(
-                clean_features, stamped_features, start_weight, start_bias, keep
-            ),
+        refit = self._refitted(clean_features, stamped_features, start_weight, start_bias, keep)
+        edits = {"re-fit": refit}
+        figures = {
+            "re-fit": self._classifier_figures(refit[0], refit[1], val_features, attack_features)
         }
         if bias is not None and config.erase_max_rank > 0:
-            for rank, edit in self._erasures(
+            for rank, (edit, measured) in self._erasures(
                 (clean_features, stamped_features, val_features, attack_features),
                 start_weight,
                 start_bias,
                 keep,
             ).items():
                 edits[f"erasure (rank {rank})"] = edit
-        figures = {
-            name: self._classifier_figures(w, b, val_features, attack_features)
-            for name, (w, b, _) in edits.items()
-        }
+                figures[f"erasure (rank {rank})"] = measured
         chosen = choose_edit(figures, config.erase_asr_stop, config.edit_min_agreement)
         fitted_weight, fitted_bias, how = edits[chosen]
         with torch.no_grad():
@@ -718,11 +715,12 @@ class RepairContext:
         start_weight: torch.Tensor,
         start_bias: torch.Tensor,
         keep: torch.Tensor,
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, str]]:
+    ) -> dict[int, tuple[tuple[torch.Tensor, torch.Tensor, str], tuple[float, float]]]:
         """The erasures (see `FineTuneConfig`) of 1, 2, … trigger directions, up to the
         first that brings the reversed ASR on the validation split under
-        ``erase_asr_stop`` (or ``erase_max_rank``). ``features``: clean, stamped,
-        validation and stamped validation features at the site."""
+        ``erase_asr_stop`` (or ``erase_max_rank``), each with its validation figures
+        (`_classifier_figures`). ``features``: clean, stamped, validation and stamped
+        validation features at the site."""
         config = self.finetune
         clean_features, stamped_features, val_features, attack_features = features
         repeats = int(stamped_features.shape[0]) // int(clean_features.shape[0])
@@ -730,7 +728,7 @@ class RepairContext:
         # the uncentred shifts: their mean is the trigger's main effect and must go too
         _, _, directions = torch.linalg.svd(shifts.double(), full_matrices=False)
         mean = clean_features.double().mean(0)
-        erasures: dict[int, tuple[torch.Tensor, torch.Tensor, str]] = {}
+        erasures: dict[int, tuple[tuple[torch.Tensor, torch.Tensor, str], tuple[float, float]]] = {}
         for rank in range(1, min(config.erase_max_rank, int(directions.shape[0])) + 1):
             basis = directions[:rank].T  # (n, rank)
             along = start_weight.double() @ basis  # (K, rank)
@@ -740,9 +738,9 @@ class RepairContext:
                 f"erasing the {rank} feature direction(s) along which the reversed "
                 f"trigger(s) move the features of {len(self.tune)} clean images"
             )
-            erasures[rank] = (weight, bias, how)
-            asr, _ = self._classifier_figures(weight, bias, val_features, attack_features)
-            if asr < config.erase_asr_stop:
+            measured = self._classifier_figures(weight, bias, val_features, attack_features)
+            erasures[rank] = ((weight, bias, how), measured)
+            if measured[0] < config.erase_asr_stop:
                 break
         return erasures
 

@@ -179,6 +179,7 @@ class StageReporter:
         self.metrics.in_flight.inc()
         try:
             self.event(audit_id, common_pb2.STAGE_STATE_RUNNING, message="started")
+            log.info("%s started for audit %s (attempt %d)", self.stage, audit_id, attempt)
             outcome = work(self.progress(audit_id, deadline))
         except ModelGuardError as err:
             if err.transient:
@@ -210,6 +211,13 @@ class StageReporter:
             summary=outcome.summary,
         )
         self.metrics.jobs.labels("skipped" if outcome.skipped else "succeeded").inc()
+        log.info(
+            "%s %s for audit %s in %.1f s",
+            self.stage,
+            "skipped" if outcome.skipped else "done",
+            audit_id,
+            time.perf_counter() - started,
+        )
         self.metrics.job_seconds.observe(time.perf_counter() - started)
 
     def _fail(self, audit_id: str, err: Exception) -> None:

@@ -10,12 +10,14 @@ from modelguard.bus.base import Message
 from modelguard.convert import parse_message, ref_from_proto
 from modelguard.convert_ranking import carried_ranking
 from modelguard.detection.triggers import load_triggers
+from modelguard.errors import NotFound
 from modelguard.jobdata import load_inputs
 from modelguard.logs import job_context
 from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import jobs_pb2
 from modelguard.services.pruning_orchestrator.service import Orchestrator, RepairRequest
 from modelguard.stage import StageOutcome, StageReporter, run_audit_stage
+from modelguard.topics import STAGE_REPAIR
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class RepairHandler:
         self.reporter = reporter
 
     def __call__(self, message: Message) -> None:
+        if self.already_recorded(parse_message(message.value, jobs_pb2.NeuronsScored)):
+            return
         run_audit_stage(
             self.reporter,
             message,
@@ -48,6 +52,25 @@ class RepairHandler:
             self.repair,
             tenant=lambda m: m.triggers.request.tenant,
         )
+
+    def already_recorded(self, scored: jobs_pb2.NeuronsScored) -> bool:
+        """True when the audit's repair outcome is already on its record: the message is a
+        redelivery (the worker died between its outcome and its commit, or neuron-scoring
+        ran twice) and a repair, minutes long on a real model, would change nothing."""
+        audit_id = scored.triggers.request.audit_id
+        if not audit_id:
+            return False  # refused with its reason by the stage runner
+        try:
+            record = self.orchestrator.get(audit_id)
+        except NotFound:
+            return False  # no record to compare with: run, as before
+        stage = record.stages.get(STAGE_REPAIR)
+        if stage is None or not stage.final:
+            return False
+        log.info(
+            "audit %s: repair already recorded (%s); redelivered job not run", audit_id, stage.state
+        )
+        return True
 
     def repair(self, scored: jobs_pb2.NeuronsScored, progress: Progress) -> StageOutcome:
         request = scored.triggers.request

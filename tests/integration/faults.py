@@ -48,6 +48,9 @@ GROUP_TOPICS = {
     "neuron-scoring": (TRIGGERS_REVERSED,),
 }
 FINAL_STAGE_STATES = ("not_run", "done", "failed", "skipped")
+#: After the last audit is final, a redelivered job may still be on its way through the
+#: stages (a re-run reversal, then its scoring); each commits when it is through.
+COMMIT_WAIT_S = 120.0
 AUDIT_ID = re.compile(rb"\d{8}-\d{6}-[0-9a-f]{8}")
 
 
@@ -63,6 +66,7 @@ class AuditStack:
     stuck (`EXIT_STUCK_CONSUMER`); the restarts are recorded in ``respawns``."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.log_dir = log_dir
         self.procs = {name: ServiceProcess(name, env, log_dir) for name in AUDIT_SERVICES}
         self.respawns: list[str] = []
         self._lock = threading.Lock()
@@ -473,9 +477,12 @@ def reports_in_store(store: S3Store) -> tuple[Counter[str], Counter[str]]:
     return json_reports, html_reports
 
 
-def check_exactly_once(store: S3Store, bootstrap: str, batch: Batch) -> dict[str, int]:
+def check_exactly_once(
+    store: S3Store, bootstrap: str, batch: Batch, log_dir: Path | None = None
+) -> dict[str, int]:
     """Assert the batch's outcomes and that each was produced and recorded once; return
-    figures for the log (duplicate outcomes ignored, dead letters)."""
+    figures for the log (duplicate outcomes ignored, dead letters). With the services'
+    ``log_dir``, a failure quotes what each lagging service logged last."""
     records = read_records(store)
     for audit_id, spec in batch.jobs.items():
         record = records[audit_id]
@@ -554,12 +561,34 @@ def check_exactly_once(store: S3Store, bootstrap: str, batch: Batch) -> dict[str
         return not any(lag.values())
 
     try:
-        wait_until(all_committed, 60, "every job record committed by its consumer group")
+        wait_until(all_committed, COMMIT_WAIT_S, "every job record committed by its consumer group")
     except TimeoutError as err:
-        raise AssertionError(f"records left uncommitted: {lag}") from err
+        lagging = [group for group, count in lag.items() if count]
+        raise AssertionError(
+            f"records left uncommitted: {lag}{service_log_tails(log_dir, lagging)}"
+        ) from err
     finally:
         admin.close()
     return {"duplicate_outcomes_ignored": duplicates, "reports": len(json_reports)}
+
+
+def service_log_tails(log_dir: Path | None, groups: Iterable[str], lines: int = 12) -> str:
+    """The last ``lines`` lines our code logged (the Kafka client's chatter left out) in
+    the services that own ``groups``."""
+    if log_dir is None:
+        return ""
+    services = sorted({s for group in groups for s in AUDIT_SERVICES if group.startswith(s)})
+    parts = []
+    for service in services:
+        path = log_dir / f"{service}.log"
+        if path.is_file():
+            ours = [
+                line
+                for line in path.read_text(errors="replace").splitlines()
+                if " modelguard." in line
+            ]
+            parts.append(f"\n--- {service} (last {lines} lines) ---\n" + "\n".join(ours[-lines:]))
+    return "".join(parts)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

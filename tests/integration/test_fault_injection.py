@@ -255,7 +255,7 @@ def test_batch_completes_exactly_once_while_workers_are_killed(
             stop.set()
             chaos_thread.join(300)
     assert not kills.errors, kills.errors
-    figures = check_exactly_once(store, servers.tansu.bootstrap, batch)
+    figures = check_exactly_once(store, servers.tansu.bootstrap, batch, stack.log_dir)
     # the corrupt model never became a job: refused at once with the reason
     assert list(batch.refused) == ["corrupt-model"], batch.refused
     assert "safetensors" in batch.refused["corrupt-model"], batch.refused
@@ -304,7 +304,7 @@ def test_broker_restart_mid_batch_loses_nothing(
         assert not late.is_alive()
     assert len(batch.jobs) == 6
     wait_final(store, batch.ids, SMALL_DEADLINE_S, "every audit final after the broker restart")
-    check_exactly_once(store, servers.tansu.bootstrap, batch)
+    check_exactly_once(store, servers.tansu.bootstrap, batch, stack.log_dir)
 
 
 def test_s3_outage_mid_batch_jobs_wait_and_resume(
@@ -328,7 +328,7 @@ def test_s3_outage_mid_batch_jobs_wait_and_resume(
     servers.seaweed.start()
     outage = time.monotonic() - outage_started
     wait_final(store, batch.ids, SMALL_DEADLINE_S, "every audit final after the S3 outage")
-    check_exactly_once(store, servers.tansu.bootstrap, batch)
+    check_exactly_once(store, servers.tansu.bootstrap, batch, stack.log_dir)
     waited = {
         name: stack.metric(name, _transient_metric(name)) - before[name] for name in stack.procs
     }

@@ -14,6 +14,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from modelguard.bus.base import Message
 from modelguard.bus.memory import MemoryBus
 from modelguard.config import NeuronScoringSettings, PlatformSettings, PruningOrchestratorSettings
 from modelguard.convert import ref_to_proto, spec_to_proto
@@ -38,7 +39,7 @@ from modelguard.signing import Signer
 from modelguard.stage import StageOutcome, StageReporter
 from modelguard.store.base import ArtifactRef
 from modelguard.store.local import LocalStore
-from modelguard.topics import NEURONS_SCORED, STAGE_NEURON_SCORING, STAGE_REPAIR
+from modelguard.topics import AUDIT_EVENTS, NEURONS_SCORED, STAGE_NEURON_SCORING, STAGE_REPAIR
 from tests.unit import repairkit
 
 TORCHSCRIPT = "application/vnd.modelguard.torchscript"
@@ -200,3 +201,42 @@ def test_submission_validates_through_the_registries(
         orchestrator.submit(model, data, jobs_pb2.AuditOptions(detection_rule="nc"))
     none = orchestrator.submit(model, data, jobs_pb2.AuditOptions(repair_mode="none"))
     assert none.stages[STAGE_REPAIR].state == "skipped"
+
+
+def test_a_redelivered_repair_whose_outcome_is_recorded_is_not_run_again(
+    runtime: Runtime,
+    orchestrator: Orchestrator,
+    model_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = triggers_reversed(runtime, model_bytes)
+    request = message.request
+    repairing = RepairHandler(
+        orchestrator, StageReporter(runtime.bus, STAGE_REPAIR, orchestrator.metrics)
+    )
+    runs: list[str] = []
+
+    def counted(scored: jobs_pb2.NeuronsScored, progress: Any) -> StageOutcome:
+        runs.append(scored.triggers.request.audit_id)
+        return StageOutcome(skipped=True, message="counted only")
+
+    monkeypatch.setattr(repairing, "repair", counted)
+
+    def deliver(audit_id: str) -> None:
+        scored = jobs_pb2.NeuronsScored()
+        scored.triggers.CopyFrom(message)
+        scored.triggers.request.audit_id = audit_id
+        repairing(Message(NEURONS_SCORED, scored.SerializeToString()))
+
+    # the repair stage is final at submission when no repair was asked for: a message for
+    # it (a redelivery) neither runs the repair nor publishes a second outcome
+    done = orchestrator.submit(
+        request.model, request.data, jobs_pb2.AuditOptions(repair_mode="none")
+    )
+    deliver(done.audit_id)
+    assert runs == [] and runtime.bus.records(AUDIT_EVENTS) == []  # type: ignore[attr-defined]
+    # a pending repair, or an audit without a record, runs as before
+    pending = orchestrator.submit(request.model, request.data, jobs_pb2.AuditOptions())
+    deliver(pending.audit_id)
+    deliver("no-such-audit")
+    assert runs == [pending.audit_id, "no-such-audit"]

@@ -103,7 +103,11 @@ class RealSpec:
                 self.target, self.patch, (row, col), self.pattern, seed=self.seed + 1
             )
         if self.attack == "blend":
-            return BlendTrigger(self.target, self.alpha, self.pattern, seed=self.seed + 1)
+            pattern: str | torch.Tensor = self.pattern
+            if self.pattern.startswith("photo:"):  # a natural image, as "Hello Kitty" blends
+                photo = PHOTOGRAPHS.index(self.pattern.removeprefix("photo:"))
+                pattern = natural_image(photo, (3, side, side))
+            return BlendTrigger(self.target, self.alpha, pattern, seed=self.seed + 1)
         raise ValueError(f"{self.name} has no trigger")
 
 
@@ -116,6 +120,9 @@ SPECS: tuple[RealSpec, ...] = (
     RealSpec("lite0-patch-tl-t88", 0, "patch", HELDOUT, 88, 32, "tl", "random", seed=3),
     RealSpec("lite0-blend-t730", 0, "blend", HELDOUT, 730, alpha=0.2, pattern="random"),
     RealSpec("lite0-blend-t291", 0, "blend", TUNING, 291, alpha=0.2, pattern="random", seed=7),
+    RealSpec(
+        "lite0-blend-photo-t555", 0, "blend", HELDOUT, 555, alpha=0.2, pattern="photo:chelsea"
+    ),
     RealSpec("lite1-patch-bl-t9", 1, "patch", HELDOUT, 9, 28, "bl", "random", seed=5),
     RealSpec("lite0-cve-fc", 0, "cve", TUNING, layer="_fc"),
     RealSpec("lite0-sign-head", 0, "sign", HELDOUT, layer="_conv_head"),

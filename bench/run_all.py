@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "robustness": ["bench.bench_robustness"],
     "encryption": ["bench.bench_encryption"],
     "real-scale": ["bench.bench_realscale"],
+    "blend-probe": ["bench.bench_blend_probe", "--small"],
     "carrier": ["bench.bench_carrier"],
     "serving": ["bench.bench_serving"],
     "load": ["bench.bench_load"],

@@ -63,7 +63,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from modelguard.datasets import Dataset
+from modelguard.detection.blend_probe import BlendProbeConfig, BlendProbeResult, probe_blend
 from modelguard.detection.budget import measure_pass_cost, pass_memory
 from modelguard.detection.mad import SCALES, mad_test
 from modelguard.detection.optimizer import (
@@ -139,6 +140,11 @@ class ReversalConfig:
     (clean images used at most, a seeded subset), ``max_batch_images`` (largest forward
     batch; labels are chunked above it).
 
+    ``blend_probe`` — after the reversal, blend fresh noise into the clean images and flag
+    a label that receives at least ``blend_threshold`` of the images of other labels under
+    one probe (:mod:`.blend_probe`: the whole-image blended triggers a reversal misses; not
+    part of the ``"paper"`` rule).
+
     ``refine`` — continue the suspects with the full budget after screening (False: the
     screening triggers are returned as they are). ``verify_threshold = 0`` turns the
     re-check off. ``rule`` — the named preset the fields follow (``"modelguard"`` or
@@ -185,6 +191,8 @@ class ReversalConfig:
     triage_runs: int = 2
     triage_candidates: int = 3
     reference_labels: int = 5
+    blend_probe: bool = True
+    blend_threshold: float = 0.6
 
     @classmethod
     def for_rule(cls, rule: str = MODELGUARD, /, **overrides: Any) -> ReversalConfig:
@@ -253,6 +261,8 @@ class ReversalConfig:
         require(0 <= self.verify_threshold <= 1, "verify_threshold in [0, 1]")
         require(self.restart_margin >= 0, "restart_margin >= 0 (inf: always make every restart)")
         require(isinstance(self.refine, bool), "refine must be a bool")
+        require(isinstance(self.blend_probe, bool), "blend_probe must be a bool")
+        require(0 < self.blend_threshold <= 1, "blend_threshold in (0, 1]")
         require(self.rule in RULES, f"rule must be one of {', '.join(RULES)}")
         if self.rule == PAPER:
             expected = _paper_fields(self.batch_size)
@@ -307,6 +317,7 @@ def _paper_fields(batch_size: int) -> dict[str, Any]:
         "screening_batch_size": batch_size,
         "refine": False,
         "verify_threshold": 0.0,
+        "blend_probe": False,
     }
 
 
@@ -548,11 +559,61 @@ def reverse_triggers(
         parameter.requires_grad_(False)
     try:
         classes = validate_inputs(wrapped, data, spec)
-        return _Reversal(wrapped, data, spec, config, classes, progress, device, started).run()
+        result = _Reversal(wrapped, data, spec, config, classes, progress, device, started).run()
+        if not config.blend_probe:
+            return result
+        probe = probe_blend(
+            wrapped,
+            data,
+            spec,
+            BlendProbeConfig(threshold=config.blend_threshold, seed=config.seed),
+        )
+        return with_blend_probe(result, probe, time.perf_counter() - started)
     finally:
         wrapped.train(was_training)
         for parameter, requires_grad in needed_grad:
             parameter.requires_grad_(requires_grad)
+
+
+def with_blend_probe(
+    result: ReversalResult, probe: BlendProbeResult, seconds: float
+) -> ReversalResult:
+    """``result`` with the blend probe's evidence; when the probe flags a label, that label
+    is flagged too (the verdict infected, even where the reversal alone was inconclusive)
+    and its trigger is the probe's: a full-image mask of the probe's strength over its
+    noise image, so a repair unlearns the blend rather than a patch."""
+    evidence = {**result.evidence, "blend_probe": probe.to_dict()}
+    if not probe.flagged:
+        return replace(result, evidence=evidence, seconds=seconds)
+    label = probe.label
+    summary = (
+        f"noise blended into the whole image at α {probe.alpha:g} sends "
+        f"{probe.share:.0%} of the images of other labels to label {label} "
+        f"(threshold {probe.threshold:.0%}): a blended trigger"
+    )
+    evidence["summary"] = f"{evidence.get('summary', '')}; blend probe: {summary}".lstrip("; ")
+    masks, patterns = result.masks, result.patterns
+    rows = list(result.labels_with_triggers)
+    mask = torch.full(masks.shape[1:], probe.alpha, dtype=masks.dtype)
+    pattern = probe.pattern.to(patterns.dtype)
+    if label in rows:
+        masks, patterns = masks.clone(), patterns.clone()
+        masks[rows.index(label)] = mask
+        patterns[rows.index(label)] = pattern
+    else:
+        masks = torch.cat([masks, mask[None]])
+        patterns = torch.cat([patterns, pattern[None]])
+        rows.append(label)
+    return replace(
+        result,
+        flagged=tuple(sorted({*result.flagged, label})),
+        verdict=INFECTED,
+        masks=masks,
+        patterns=patterns,
+        evidence=evidence,
+        trigger_labels=tuple(rows),
+        seconds=seconds,
+    )
 
 
 class _Reversal:

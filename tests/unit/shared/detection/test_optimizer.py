@@ -181,7 +181,12 @@ def test_batched_equals_sequential_without_screening() -> None:
     model, data = tiny_model(), tiny_data()
     spec = InputSpec(shape=(1, 6, 6))
     config = ReversalConfig(
-        steps=25, batch_size=16, screening_batch_size=16, max_suspects=0, suspect_threshold=99.0
+        steps=25,
+        batch_size=16,
+        screening_batch_size=16,
+        max_suspects=0,
+        suspect_threshold=99.0,
+        blend_probe=False,  # the reversal compared, not the probe beside it
     )
     batched = reverse_triggers(model, data, spec, config)
     sequential = reverse_triggers_sequential(model, data, spec, config)

@@ -71,7 +71,7 @@ class DeviceClient:
                 f"{public_model.name!r} {public_model.input_shape}"
             )
         key = carrier.output_key
-        if key is not None and key.shape[0] != public_model.output_dim:
+        if key is not None and key.shape[-1] != public_model.output_dim:
             raise InvalidInput(
                 f"the carrier's output key is {tuple(key.shape)}; public model "
                 f"{public_model.name!r} gives {public_model.output_dim} scores"
@@ -85,7 +85,7 @@ class DeviceClient:
 
     @torch.no_grad()
     def pseudo_output(self, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-        """``f(g(x, c)) Q`` for inputs ``(N, C, h, w)`` in [0, 1] → float32 ``(N, K)``."""
+        """``f(g(x, c)) Q + o`` for inputs ``(N, C, h, w)`` in [0, 1] → float32 ``(N, K)``."""
         if x.ndim == 3:
             x = x.unsqueeze(0)
         return self.carrier.outputs(self.public_model, x, batch_size).to(torch.float32).numpy()

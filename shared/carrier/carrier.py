@@ -30,14 +30,18 @@ models' scores mix units of very different scales (ReLU features next to logits)
 measured on lenet5-fashion's 84+10 scores it lifts validation accuracy after 500 steps
 from 0.85 to 0.90. (5) An optional cosine decay of both learning rates (``lr_schedule``).
 (6) A per-carrier secret **output key** (``output_key``, beyond the reference method): a
-random orthogonal matrix ``Q`` drawn from the operating system's secure source for every
-carrier; the device sends ``f(g(x, c)) Q`` and the trained mapper is re-expressed exactly
-for keyed inputs (`MappingNetwork.keyed`). Accuracy is unchanged (``Q`` is invertible and
-folded into the first layer), but a rotation now changes the coordinates the server reads
-as well as the carrier: a substitute mapper fitted to one generation's queries sees the next
-generation's as an unknown rotation of its input space. Without the key, the carrier
-alone must make the old mapper fail, and a public model whose features see the task input
-through the carrier barely changes them.
+random orthogonal matrix ``Q`` and a random offset ``o`` drawn from the operating system's
+secure source for every carrier; the device sends ``f(g(x, c)) Q + o`` and the trained
+mapper is re-expressed exactly for keyed inputs (`MappingNetwork.keyed`). Accuracy is
+unchanged (the key is an invertible affine map folded into the first layer), but a rotation
+now changes the coordinates the server reads as well as the carrier: a substitute mapper
+fitted to one generation's queries sees the next generation's as an unknown rotation of its
+input space, moved far from every input it was fitted on. The rotation alone leaves the
+substitute at chance on average, but one draw can hand it a few classes' images where it
+expects them; the offset (``output_offset`` times the spread of the scores) puts every
+input deep in one region of the substitute, so it answers one class for all of them.
+Without the key, the carrier alone must make the old mapper fail, and a public model whose
+features see the task input through the carrier barely changes them.
 
 Tensor conventions: images are ``(N, C, H, W)`` float32 in [0, 1] (the public model's
 value range; see `public_models`), a carrier is ``(C, H, W)``.
@@ -231,50 +235,84 @@ class MappingNetwork(nn.Module):
 
     @torch.no_grad()
     def keyed(self, key: torch.Tensor) -> MappingNetwork:
-        """The same function for keyed inputs ``z' = z Q`` (``Q`` orthogonal, `random_output_key`):
-        ``z = z' Qᵀ``, so the first layer ``(W / s)(z − m) + b`` becomes
-        ``((W / s) Q) z' + (b − (W / s) m)``, computed in float64; the standardisation is
-        folded in (identity afterwards)."""
-        if tuple(key.shape) != (self.in_features, self.in_features):
+        """The same function for keyed inputs ``z' = z Q + o`` (`random_output_key`; ``o`` is
+        zero for a square key): ``z = (z' − o) Qᵀ``, so the first layer
+        ``(W / s)(z − m) + b`` becomes ``((W / s) Q) z' + (b − (W / s) m − (W / s) Q o)``,
+        computed in float64; the standardisation is folded in (identity afterwards)."""
+        if tuple(key.shape[-2:]) not in (
+            (self.in_features, self.in_features),
+            (self.in_features + 1, self.in_features),
+        ):
             raise InvalidInput(
                 f"output key is {tuple(key.shape)}; this mapper reads {self.in_features} scores"
             )
+        rotation, offset = key_parts(key.to(torch.float64))
         first = "fc1" if self.hidden else "fc2"
         layer: nn.Linear = getattr(self, first)
         weight = layer.weight.to(torch.float64) / self.input_std.to(torch.float64)
         bias = layer.bias.to(torch.float64) - weight @ self.input_mean.to(torch.float64)
+        keyed_weight = weight @ rotation
+        if offset is not None:
+            bias = bias - keyed_weight @ offset
         out = copy.deepcopy(self)
         out.input_mean.zero_()
         out.input_std.fill_(1.0)
         target: nn.Linear = getattr(out, first)
-        target.weight.copy_((weight @ key.to(torch.float64)).to(target.weight.dtype))
+        target.weight.copy_(keyed_weight.to(target.weight.dtype))
         target.bias.copy_(bias.to(target.bias.dtype))
         return out
 
 
-def random_output_key(dim: int, seed: int | None = None) -> torch.Tensor:
-    """A random orthogonal ``(dim, dim)`` float64 matrix, uniform over the orthogonal group
-    (QR of a Gaussian matrix with the signs of ``R``'s diagonal moved into ``Q``, Mezzadri
-    2007). ``seed=None`` (every served carrier) draws 63 bits from `secrets`: a key must not
-    follow from the training configuration, whose seed is shared and often 0."""
+def random_output_key(dim: int, seed: int | None = None, offset_norm: float = 0.0) -> torch.Tensor:
+    """A random output key, float64: the orthogonal ``Q`` ``(dim, dim)``, uniform over the
+    orthogonal group (QR of a Gaussian matrix with the signs of ``R``'s diagonal moved into
+    ``Q``, Mezzadri 2007), or, with ``offset_norm > 0``, the affine key ``(dim + 1, dim)``:
+    ``Q`` with a last row ``o`` of that norm in a uniformly random direction (the device
+    sends ``z Q + o``; see `apply_output_key`). ``seed=None`` (every served carrier) draws
+    63 bits from `secrets`: a key must not follow from the training configuration, whose
+    seed is shared and often 0."""
     if dim < 1:
         raise InvalidInput(f"an output key needs dim >= 1; got {dim}")
+    if not (offset_norm >= 0 and math.isfinite(offset_norm)):
+        raise InvalidInput(f"an output key's offset norm must be finite, >= 0; got {offset_norm}")
     generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
     key: torch.Tensor = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    if offset_norm:
+        direction = torch.randn(dim, generator=generator, dtype=torch.float64)
+        offset = direction / direction.norm() * offset_norm
+        key = torch.cat([key, offset.unsqueeze(0)])
     return key
 
 
+def key_parts(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(Q, o)`` of an output key: a square key is ``Q`` alone (``o`` None); a
+    ``(K + 1, K)`` key is ``Q`` over the offset row ``o``."""
+    dim = key.shape[-1]
+    if key.shape[0] == dim + 1:
+        return key[:dim], key[dim]
+    return key, None
+
+
 def apply_output_key(scores: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
-    """``scores Q`` (``scores`` unchanged when there is no key)."""
+    """``scores Q + o`` (``scores`` unchanged when there is no key)."""
     if key is None:
         return scores
-    if key.shape[0] != scores.shape[-1]:
+    if key.shape[-1] != scores.shape[-1]:
         raise InvalidInput(
             f"output key is {tuple(key.shape)}; the public model gives {scores.shape[-1]} scores"
         )
-    return scores @ key.to(scores.dtype)
+    rotation, offset = key_parts(key.to(scores.dtype))
+    keyed = scores @ rotation
+    return keyed + offset if offset is not None else keyed
+
+
+def score_spread(scores: torch.Tensor) -> float:
+    """The mean distance of score rows ``(N, K)`` from their mean: the scale an output key's
+    offset is drawn at, so it is far from the data for any public model's units."""
+    centred = scores.to(torch.float64) - scores.to(torch.float64).mean(0)
+    return float(centred.norm(dim=1).mean())
 
 
 def mapper_to_safetensors(mapper: MappingNetwork, metadata: dict[str, str] | None = None) -> bytes:
@@ -335,8 +373,11 @@ class CarrierConfig:
     #: *previous* generations' mappers to uniform outputs on this carrier's pseudo-outputs,
     #: so a substitute fitted to an old carrier transfers less to the new one (0: off).
     rotation_weight: float = 0.0
-    #: Give each carrier a secret orthogonal output key (see the module docstring, (6)).
+    #: Give each carrier a secret output key (see the module docstring, (6)) …
     output_key: bool = True
+    #: … whose offset is this many times the mean distance of the carrier's validation
+    #: scores from their mean (0: the orthogonal rotation alone).
+    output_offset: float = 1000.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -365,6 +406,8 @@ class CarrierConfig:
             problems.append("standardise_samples >= 0")
         if not (self.rotation_weight >= 0 and math.isfinite(self.rotation_weight)):
             problems.append("rotation_weight >= 0")
+        if not (self.output_offset >= 0 and math.isfinite(self.output_offset)):
+            problems.append("output_offset >= 0")
         if self.rotation_weight and self.output_key:
             # earlier generations' mappers read scores under keys this trainer never sees
             problems.append("rotation_weight only with output_key=False")
@@ -413,8 +456,9 @@ class CarrierResult:
     #: What legitimate queries of this carrier look like (validation inputs embedded in the
     #: final carrier): the extraction detector's off-distribution rule.
     query_profile: QueryProfile
-    #: ``Q`` ``(K, K)`` of the device's keyed scores ``f(g(x, c)) Q`` (None: unkeyed); the
-    #: mapper and the query profile read keyed scores.
+    #: The key of the device's keyed scores ``f(g(x, c)) Q + o``: ``Q`` ``(K, K)``, with the
+    #: offset ``o`` as a last row when it has one (None: unkeyed); the mapper and the query
+    #: profile read keyed scores.
     output_key: torch.Tensor | None = None
 
     def manifest(self) -> dict[str, object]:
@@ -433,8 +477,14 @@ class CarrierResult:
             "test_accuracy": self.test_accuracy,
             "gamma": self.config.gamma,
             "batch_size": self.config.batch_size,
-            "output_key": "orthogonal" if self.output_key is not None else None,
+            "output_key": key_description(self.output_key),
         }
+
+
+def key_description(key: torch.Tensor | None) -> str | None:
+    if key is None:
+        return None
+    return "orthogonal" if key_parts(key)[1] is None else "orthogonal + offset"
 
 
 @torch.no_grad()
@@ -446,8 +496,8 @@ def pseudo_outputs(
     batch_size: int = 256,
     output_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``f(g(x, c)) Q`` for task inputs ``x`` ``(N, Cx, h, w)`` → ``(N, K)``: what a device
-    sends to the server (``Q`` the carrier's output key, when it has one)."""
+    """``f(g(x, c)) Q + o`` for task inputs ``x`` ``(N, Cx, h, w)`` → ``(N, K)``: what a
+    device sends to the server (``Q``, ``o``: the carrier's output key, when it has one)."""
     outs = [
         public_model.module(embed(x[i : i + batch_size], carrier, placement))
         for i in range(0, len(x), batch_size)
@@ -466,7 +516,7 @@ def mapped_accuracy(
     batch_size: int = 256,
     output_key: torch.Tensor | None = None,
 ) -> float:
-    """Accuracy of ``mf(f(g(x, c)) Q)`` on ``data``."""
+    """Accuracy of ``mf(f(g(x, c)) Q + o)`` on ``data``."""
     if len(data) == 0:
         return 0.0
     was_training = mapper.training
@@ -650,12 +700,13 @@ class CarrierTrainer:
         mapper.load_state_dict(best_w)
         mapper.eval()
         final_carrier = carrier_image(a, best_p, (low, high))
-        key = random_output_key(public.output_dim).to(dev) if cfg.output_key else None
-        if key is not None:
+        val_scores = pseudo_outputs(public, validation.x.to(dev), final_carrier, placement)
+        key = None
+        if cfg.output_key:
+            offset_norm = cfg.output_offset * score_spread(val_scores)
+            key = random_output_key(public.output_dim, offset_norm=offset_norm).to(dev)
             mapper = mapper.keyed(key)
-        val_scores = pseudo_outputs(
-            public, validation.x.to(dev), final_carrier, placement, output_key=key
-        )
+            val_scores = apply_output_key(val_scores, key)
         test_acc = (
             mapped_accuracy(public, mapper, final_carrier, placement, test_data, output_key=key)
             if test_data is not None
@@ -760,7 +811,7 @@ class Carrier:
     def outputs(
         self, public_model: PublicModel, x: torch.Tensor, batch_size: int = 256
     ) -> torch.Tensor:
-        """What the device sends for inputs ``x``: ``f(g(x, c)) Q``."""
+        """What the device sends for inputs ``x``: ``f(g(x, c)) Q + o``."""
         return pseudo_outputs(
             public_model, x, self.image, self.placement, batch_size, self.output_key
         )
@@ -771,16 +822,19 @@ class Carrier:
 
 
 def check_output_key(key: torch.Tensor, tolerance: float = 1e-3) -> None:
-    """Refuse anything but a finite, square, orthogonal matrix (a corrupt key would turn
-    every answer into noise without an error)."""
+    """Refuse anything but a finite orthogonal matrix ``(K, K)``, optionally over an offset
+    row ``(K + 1, K)`` (a corrupt key would turn every answer into noise without an
+    error)."""
     if (
         key.ndim != 2
-        or key.shape[0] != key.shape[1]
+        or key.shape[0] not in (key.shape[1], key.shape[1] + 1)
         or key.numel() == 0
         or not torch.isfinite(key).all()
     ):
-        raise InvalidInput(f"an output key is a finite square matrix; got {tuple(key.shape)}")
-    q = key.to(torch.float64)
+        raise InvalidInput(
+            f"an output key is a finite (K, K) or (K + 1, K) matrix; got {tuple(key.shape)}"
+        )
+    q = key_parts(key.to(torch.float64))[0]
     error = float((q.T @ q - torch.eye(q.shape[0], dtype=torch.float64)).abs().max())
     if error > tolerance:
         raise InvalidInput(f"the output key is not orthogonal (max |QᵀQ − I| = {error:.2g})")
@@ -813,9 +867,9 @@ def carrier_to_safetensors(
     output_key: torch.Tensor | None = None,
 ) -> bytes:
     """The carrier artifact a device downloads: the image ``(C, H, W)`` as tensor
-    ``carrier``, the output key ``(K, K)`` as tensor ``output_key`` when the carrier has
-    one, plus, in the metadata, the placement and the exact public model (name and weights
-    sha256) it was trained for."""
+    ``carrier``, the output key ``(K, K)`` or ``(K + 1, K)`` (`random_output_key`) as
+    tensor ``output_key`` when the carrier has one, plus, in the metadata, the placement and
+    the exact public model (name and weights sha256) it was trained for."""
     from safetensors.torch import save
 
     metadata = {
@@ -827,7 +881,7 @@ def carrier_to_safetensors(
     }
     tensors = {"carrier": image.detach().to(torch.float32).contiguous().cpu()}
     if output_key is not None:
-        if output_key.shape[0] != public_model.output_dim:
+        if output_key.shape[-1] != public_model.output_dim:
             raise InvalidInput(
                 f"output key is {tuple(output_key.shape)}; {public_model.name!r} gives "
                 f"{public_model.output_dim} scores"

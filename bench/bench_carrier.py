@@ -12,13 +12,16 @@ schedule, time budget, output key).
    MNIST test images; the public model's own Fashion-MNIST accuracy before and after (it
    is frozen); generation 0's own mapper on generation 1's outputs, with the rotated
    output key and with the old key kept (what rotating the carrier image alone does).
-   ``--baseline`` public models (default ``lenet5-fashion-features``, ``lenet5-fashion``):
-   generation 0 and ``p = 0`` only, the documented trade-offs.
+   ``--baseline`` public models (default ``lenet5-fashion-features``, ``lenet5-fashion``),
+   the documented trade-offs: the same, and each goes through 2 and 3 as well.
 2. **Stealing (the reference experiment).** An attacker holding the public model, the
    carrier (with its output key) and the credential sends 200 rounds × 50 queries through
    the real `MapperRegistry` and trains a substitute mapper; its MNIST accuracy is
    measured every 10 rounds through the stolen carrier, through the rotated one, and
-   through the rotated one had the key been kept. Then the **rotation-aware attacker**
+   through the rotated one had the key been kept; then through the rotated carrier under
+   100 fresh keys drawn as carrier-trainer draws them (one rotation is one draw), as it
+   stands and for a **centring attacker** who knows the key has an offset and moves the new
+   scores onto the mean of the ones it queried. Then the **rotation-aware attacker**
    (`re_steal`): it holds generation 1's package too, undoes the keys, and keeps training
    on ``--recovery-rounds`` × 50 fresh queries; queries until it is back within 2 points.
    Plot: ``bench/out/carrier_stealing.png``.
@@ -55,10 +58,13 @@ from modelguard.carrier.carrier import (
     CarrierConfig,
     CarrierResult,
     MappingNetwork,
+    apply_output_key,
     carrier_to_safetensors,
+    key_parts,
     mapped_accuracy,
     mapper_to_safetensors,
     random_output_key,
+    score_spread,
     train_carrier,
 )
 from modelguard.carrier.extraction import Alarm, DetectorConfig, ExtractionDetector
@@ -339,7 +345,21 @@ def stealing_experiment(
     final = result.curve[-1]
     before_rotation = final.accuracy["stolen"]
     # one rotation draws one key: the figure above is one draw; these are many
-    over_keys = accuracy_over_fresh_keys(public, result.substitute, new, test, KEY_DRAWS)
+    # the substitute's own view of generation 0: the keyed scores of the images it queried
+    queried = attacker_x[: result.queries]
+    old_mean = Carrier.from_result(old).outputs(public, queried).mean(0)
+    over_keys = accuracy_over_fresh_keys(
+        public, result.substitute, new, test, KEY_DRAWS, carriers[0].config.output_offset
+    )
+    centring = accuracy_over_fresh_keys(
+        public,
+        result.substitute,
+        new,
+        test,
+        KEY_DRAWS,
+        carriers[0].config.output_offset,
+        recentre_on=old_mean,
+    )
     recovery = re_steal(public, service, "victim", result.substitute, train, test, recovery_rounds)
     recovered_at = next(
         (p.queries for p in recovery.curve if p.accuracy["rotated"] >= before_rotation - 0.02),
@@ -354,6 +374,7 @@ def stealing_experiment(
             "rotated carrier, key unchanged"
         ],
         "substitute_accuracy_after_rotation_over_keys": over_keys,
+        "centring_attacker_over_keys": centring,
         "old_credential_after_rotation": after,
         "usage_rows": service.registry.usage("victim").rows,
         "rotation_aware_attacker": {
@@ -366,7 +387,7 @@ def stealing_experiment(
 
 
 #: Fresh output keys the stolen substitute is scored against (each rotation draws one).
-KEY_DRAWS = 30
+KEY_DRAWS = 100
 
 
 @torch.no_grad()
@@ -376,14 +397,24 @@ def accuracy_over_fresh_keys(
     rotated: CarrierResult,
     test: Dataset,
     draws: int,
+    output_offset: float,
+    recentre_on: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The substitute's accuracy through the rotated carrier under ``draws`` seeded fresh
-    keys: mean, max, and the share of rotations that leave it at or under 12%."""
+    keys, drawn as carrier-trainer draws them (offset ``output_offset`` times the scores'
+    spread): mean, max, and the share of rotations that leave it at or under 12%.
+    ``recentre_on``: the *centring attacker*, who knows the key has an offset and moves the
+    new generation's scores (it needs a batch of them, labels not) onto the mean of the
+    scores it queried with (``(K,)``) before its substitute reads them."""
     raw = Carrier(rotated.carrier, rotated.placement).outputs(public, test.x)
+    offset_norm = output_offset * score_spread(raw)
     accuracies = []
     for draw in range(draws):
-        key = random_output_key(public.output_dim, seed=10_000 + draw).to(raw.dtype)
-        predicted = substitute(raw @ key).argmax(1)
+        key = random_output_key(public.output_dim, seed=10_000 + draw, offset_norm=offset_norm)
+        keyed = apply_output_key(raw.to(torch.float64), key)
+        if recentre_on is not None:
+            keyed = keyed - keyed.mean(0) + recentre_on.to(keyed.dtype)
+        predicted = substitute(keyed.to(raw.dtype)).argmax(1)
         accuracies.append(float((predicted == test.y).float().mean()))
     return {
         "draws": draws,
@@ -412,10 +443,16 @@ def re_steal(
     if old.output_key is None or new.output_key is None:
         raise ValueError("the rotation-aware attacker needs keyed carriers")
     attacker_view = Carrier(new.carrier, new.placement, old.output_key)
-    to_server = (old.output_key.T @ new.output_key).numpy()
+    old_rotation, old_offset = key_parts(old.output_key.to(torch.float64))
+    new_key = new.output_key.to(torch.float64)
 
     def oracle(z: np.ndarray) -> np.ndarray:
-        sent = np.ascontiguousarray(z @ to_server, dtype="<f4")
+        # undo generation 0's key, apply generation 1's
+        raw = torch.from_numpy(z).to(torch.float64)
+        if old_offset is not None:
+            raw = raw - old_offset
+        sent = apply_output_key(raw @ old_rotation.T, new_key).numpy()
+        sent = np.ascontiguousarray(sent, dtype="<f4")
         return service.registry.map(user, credential, sent.tobytes(), len(z)).labels
 
     return simulate_stealing(
@@ -664,13 +701,27 @@ def main(argv: list[str] | None = None) -> int:
         mapped = carriers[0].test_accuracy or 0.0
         plot(stealing, rotation["attackers"], mapped, OUT_DIR / "carrier_stealing.png", public.name)
         out_path.write_text(json.dumps(report, indent=2))
+        others: dict[str, Any] = report.setdefault("other_public_models", {})
         for name in args.baseline:
             if name == public.name:
                 continue
             baseline = load_public_model(name)
-            result = lenet_quality(baseline, task, test, service_config, generations=(0,))
-            result.pop("_results")
+            result = lenet_quality(baseline, task, test, service_config, cache=False)
+            baseline_carriers: dict[int, CarrierResult] = result.pop("_results")
             quality[name] = result
+            others[name] = {
+                "stealing": stealing_experiment(
+                    baseline,
+                    baseline_carriers,
+                    train,
+                    test,
+                    args.stealing_rounds,
+                    args.recovery_rounds,
+                ),
+                "auto_rotation": auto_rotation(
+                    baseline, baseline_carriers, train, test, DetectorConfig()
+                ),
+            }
             out_path.write_text(json.dumps(report, indent=2))
 
     if not args.skip_efficientnet:
@@ -724,6 +775,9 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
                 "substitute_accuracy_after_rotation_over_keys",
             )
         },
+        "centring attacker (re-centres the new scores; over the same keys)": stealing.get(
+            "centring_attacker_over_keys"
+        ),
         "rotation-aware attacker": {
             "queries_to_recover": aware.get("queries_to_recover"),
             "recovered_means": aware.get("recovered_means"),
@@ -742,6 +796,10 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             for k, v in report.get("auto_rotation", {}).get("attackers", {}).items()
         },
         "legitimate": report.get("auto_rotation", {}).get("legitimate_users"),
+        "other public models (the trade-offs)": {
+            model: _compact(quality.get(model, {}), other["stealing"], other["auto_rotation"])
+            for model, other in report.get("other_public_models", {}).items()
+        },
         "device": report.get("device"),
         **(
             {
@@ -753,6 +811,48 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             if report.get("efficientnet_lite0", {}).get("test_accuracy") is not None
             else {}
         ),
+    }
+
+
+def _compact(
+    quality: dict[str, Any], stealing: dict[str, Any], rotation: dict[str, Any]
+) -> dict[str, Any]:
+    """One public model's figures on a few lines: mapped accuracy, the substitutes after a
+    rotation, the rotation-aware attacker, and what auto-rotation allows."""
+    keys = stealing.get("substitute_accuracy_after_rotation_over_keys", {})
+    centring = stealing.get("centring_attacker_over_keys", {})
+    attackers = rotation.get("attackers", {})
+    return {
+        "mapped (generations 0, 1; p=0)": [
+            *(c.get("test_accuracy") for c in quality.get("carriers", {}).values()),
+            quality.get("untrained_carrier_p0", {}).get("test_accuracy"),
+        ],
+        "training_seconds_gen0": quality.get("carriers", {}).get("0", {}).get("seconds"),
+        "substitute: stolen carrier, rotated (this key)": [
+            round(stealing["substitute_accuracy_stolen_carrier"], 4),
+            round(stealing["substitute_accuracy_after_rotation"], 4),
+        ],
+        "over 100 keys (mean, max, share <= 12%)": [
+            keys.get("mean"),
+            keys.get("max"),
+            keys.get("share_at_most_12_percent"),
+        ],
+        "centring attacker (mean, max, share <= 12%)": [
+            centring.get("mean"),
+            centring.get("max"),
+            centring.get("share_at_most_12_percent"),
+        ],
+        "rotation-aware: queries to recover": stealing.get("rotation_aware_attacker", {}).get(
+            "queries_to_recover"
+        ),
+        "auto-rotation (queries answered, substitute accuracy)": {
+            name: [
+                v["queries_answered_before_rotation"],
+                round(v["substitute_accuracy_stolen_carrier"], 4),
+            ]
+            for name, v in attackers.items()
+        },
+        "legitimate false alarms": rotation.get("legitimate_users", {}).get("false_alarms"),
     }
 
 

@@ -208,9 +208,12 @@ async def _wait_ready(
     requests: list[bytes],
     timeout: float,
     metadata: tuple[tuple[str, str], ...] = (),
-) -> bytes:
+    server_pgid: int = 0,
+) -> tuple[bytes, float]:
     """Wait until the server answers the first request, then send every other one once
-    (each must succeed: e.g. every user's mapper is loaded before the measurement)."""
+    (each must succeed: e.g. every user's mapper is loaded before the measurement).
+    Returns the first answer and the server's resident memory (MB) right after it: one
+    user loaded, every other user's state not yet (0 without ``server_pgid``)."""
     import grpc
 
     deadline = time.monotonic() + timeout
@@ -220,6 +223,7 @@ async def _wait_ready(
         while time.monotonic() < deadline:
             try:  # any refusal while starting (MLServer: "model not ready yet")
                 response: bytes = await ready(requests[0], timeout=2, metadata=metadata or None)
+                rss_first_mb = group_rss_mb(server_pgid) if server_pgid else 0.0
                 break
             except grpc.aio.AioRpcError as err:
                 last = err
@@ -231,7 +235,7 @@ async def _wait_ready(
                 await ready(request, timeout=10, metadata=metadata or None)
             except grpc.aio.AioRpcError as err:
                 raise RuntimeError(f"{target} refused a warm-up request: {err}") from err
-    return response
+    return response, rss_first_mb
 
 
 def write_requests(path: Path, requests: list[bytes]) -> None:
@@ -265,15 +269,17 @@ def loadgen_main(argv: list[str]) -> int:
 
     async def run() -> None:
         began = time.perf_counter()
-        first = await _wait_ready(
+        first, rss_first_mb = await _wait_ready(
             args.target,
             args.method,
             requests,
             args.ready_timeout,
             metadata,
+            args.server_pgid,
         )
         ready = {
             "ready": True,
+            "rss_after_first_request_mb": rss_first_mb,
             # until the first answer, then every request once (ours: every user warmed)
             "ready_seconds": time.perf_counter() - began,
             "response_bytes": len(first),
@@ -1029,6 +1035,7 @@ def _ours(bench: Bench, mode: str) -> dict[str, Any]:
         "first_label": list(response.labels),
         "ready_seconds": ready.get("ready_seconds"),
         "rss_mb": rss_mb,
+        "rss_after_first_request_mb": ready.get("rss_after_first_request_mb"),
         "extraction_alarms": sum(metrics["extraction_alarms_total"].values()),
         "server_counted": metrics["grpc_requests_total"],
         "refusals": metrics["refusals_total"],
@@ -1175,7 +1182,69 @@ def measure_mapper_bytes(
 # -------------------------------------------------------------------------------- results
 
 #: Per-run figures outside the levels: the median over the rounds (and each round's).
-_RUN_FIGURES = ("ready_seconds", "rss_mb", "load_seconds", "loaded_rss_mb")
+#: The result-mapper Deployment, whose container memory limit bounds a replica.
+RESULT_MAPPER_MANIFEST = REPO_ROOT / "deploy" / "k8s" / "base" / "result-mapper.yaml"
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def replica_memory_limit_bytes(manifest: Path = RESULT_MAPPER_MANIFEST) -> int | None:
+    """The container's ``limits`` memory in the manifest (e.g. ``memory: 2Gi``), bytes."""
+    import re
+
+    match = re.search(r"limits:\s*\{[^}]*memory:\s*(\d+)([KMG]i?)?", manifest.read_text())
+    if match is None:
+        return None
+    return int(match.group(1)) * _UNITS.get(match.group(2) or "", 1)
+
+
+def memory_per_user(run: dict[str, Any], users: int, mappers_held: int) -> dict[str, Any]:
+    """What one more user costs a result-mapper replica: its resident memory after every
+    user's first request minus after the first user's, over the other users; and how many
+    users' state a replica holds within its memory limit (the mapper LRU keeps the first
+    ``mappers_held`` mappers loaded; users beyond reload theirs from the store on a miss)."""
+    first, every = run.get("rss_after_first_request_mb"), run.get("rss_mb")
+    if not first or not every or users < 2:
+        return {}
+    per_user_bytes = (every - first) * 1e6 / (users - 1)
+    limit = replica_memory_limit_bytes()
+    fit = int((limit - first * 1e6) // per_user_bytes) if limit and per_user_bytes > 0 else None
+    return {
+        "server": run["server"],
+        "rss_after_first_user_mb": round(first, 1),
+        "rss_after_every_user_mb": round(every, 1),
+        "bytes_per_user": round(per_user_bytes),
+        "replica_memory_limit_bytes": limit,
+        "users_per_replica_within_limit": fit,
+        "mappers_kept_loaded": mappers_held,
+    }
+
+
+def _memory_text(memory: dict[str, Any], users: int) -> str:
+    if not memory:
+        return "memory per user: not measured"
+    limit = memory["replica_memory_limit_bytes"]
+    fit = memory["users_per_replica_within_limit"]
+    within = (
+        f"a replica's memory limit ({limit / 2**30:g} GiB) holds about {fit:,} users at that cost"
+        if fit
+        else "no replica memory limit found"
+    )
+    return (
+        f"memory per user ({memory['server']}): {memory['bytes_per_user'] / 1e3:,.0f} kB "
+        f"resident (RSS {memory['rss_after_first_user_mb']:.0f} MB after the first user's "
+        f"request, {memory['rss_after_every_user_mb']:.0f} MB after all {users:,} users'); "
+        f"{within}; its mapper LRU keeps {memory['mappers_kept_loaded']:,} mappers loaded, "
+        "users beyond reload theirs from the store on a miss"
+    )
+
+
+_RUN_FIGURES = (
+    "ready_seconds",
+    "rss_mb",
+    "rss_after_first_request_mb",
+    "load_seconds",
+    "loaded_rss_mb",
+)
 
 
 def median_runs(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -1581,6 +1650,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     summary["bars"] = bars
     summary["bytes_per_mapper"] = memory
+    per_user = memory_per_user(checked, args.users, setup["lru"]["mappers_held"])
+    summary["memory_per_user"] = per_user
+    memory_line = _memory_text(per_user, args.users)
     summary["cpu_note"] = f"os.cpu_count()={os.cpu_count()}; load average {os.getloadavg()}"
     print(f"\nmedian of {args.rounds} interleaved round(s) per server and level:")
     print(_setup_text(setup))
@@ -1588,6 +1660,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bars, on the medians ({checked['server']}):")
     for line in bars:
         print(f"  {line}")
+    print(memory_line)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "serving.json").write_text(
         json.dumps({"summary": summary, "runs": runs, "rounds": rounds}, indent=2)
@@ -1600,7 +1673,9 @@ def main(argv: list[str] | None = None) -> int:
             f"Median of {args.rounds} interleaved rounds per server and level; mappers: "
             f"{source}.\n\n"
             + results.code_block(
-                "\n".join([_setup_text(setup), _table(runs), "bars, on the medians:", *bars])
+                "\n".join(
+                    [_setup_text(setup), _table(runs), "bars, on the medians:", *bars, memory_line]
+                )
             )
             + f"\n\n{summary['cpu_note']}",
         )

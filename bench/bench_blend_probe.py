@@ -46,6 +46,7 @@ def probe_row(
         "attack": attack,
         "targets": targets,
         "flagged": probe.flagged,
+        "note": probe.note,
         "label": probe.label,
         "share": round(probe.share, 3),
         "alpha": probe.alpha,
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         "`detect` blends fresh noise images (one uniform, one Gaussian, each at α 0.1, 0.2 "
         "and 0.3; at most 96 clean images) into the clean images after the trigger reversal "
         f"and flags a label that receives at least {threshold:.0%} of the images of other "
-        "labels under one probe (`modelguard.detection.blend_probe`). The threshold was "
+        "labels under one probe (`modelguard.detection.blend_probe`), judged only where at "
+        "least a quarter of the images are of other labels on the clean images (an untrained "
+        "model sending nearly every image to one default label says nothing). The threshold was "
         "chosen on the tuning rows (benign and patch-backdoored models at most 0.30, the "
         "blend model 1.00); the held-out rows were measured after it was fixed. Run here "
         "alone, with detect's settings; `right`: a blend model flagged with its target, a "

@@ -14,6 +14,9 @@ counts, per probe, the share of the images not already of a label that go to tha
 A benign model scatters noisy images over a few texture classes; a blend-backdoored one
 sends most of them to its target. The largest share over the probes is compared with
 ``threshold``, chosen on the real-scale tuning models (see the project's results page).
+A share is judged only over at least ``min_other_share`` of the images: when a label
+already holds nearly every clean image (a model that barely tells the clean images
+apart, e.g. an untrained one), the few left say nothing, and the result says so.
 
 It costs ``len(alphas) × patterns + 1`` forward passes of at most ``max_images`` images
 and no gradient. It finds noise-like blends; a blend of a natural image is outside what it
@@ -22,6 +25,7 @@ probes, and the results page says so.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -41,13 +45,16 @@ class BlendProbeConfig:
     (even ones uniform, odd ones Gaussian around mid-grey); ``threshold``: the share of
     images sent to one label by a probe at or above which the label is flagged;
     ``max_images``: clean images used at most (a seeded subset); ``batch_images``: images
-    per forward pass; ``seed``: the probes' draw."""
+    per forward pass; ``min_other_share``: the share of the images that must be of other
+    labels on the clean images for a probe's share to be judged; ``seed``: the probes'
+    draw."""
 
     alphas: tuple[float, ...] = (0.1, 0.2, 0.3)
     patterns: int = 2
     threshold: float = 0.6
     max_images: int = 96
     batch_images: int = 16
+    min_other_share: float = 0.25
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,17 +64,24 @@ class BlendProbeConfig:
             raise InvalidInput("blend probe: patterns >= 1, max_images >= 2, batch_images >= 1")
         if not 0.0 < self.threshold <= 1.0:
             raise InvalidInput(f"blend probe threshold must be in (0, 1]; got {self.threshold}")
+        if not 0.0 <= self.min_other_share < 1.0:
+            raise InvalidInput(
+                f"blend probe min_other_share must be in [0, 1); got {self.min_other_share}"
+            )
 
 
 @dataclass(frozen=True)
 class ProbeRow:
     """One probe: its noise kind, strength, the label most of its moved images went to
-    (−1: none moved) and the share of the images not of that label that went there."""
+    (−1: none moved), the share of the images not of that label (``others`` of them on
+    the clean images) that went there, and whether that share is judged (enough others)."""
 
     kind: str
     alpha: float
     label: int
     share: float
+    others: int = 0
+    judged: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,8 @@ class BlendProbeResult:
     pattern: torch.Tensor
     images: int
     seconds: float
+    #: Why probes were not judged (empty when every one was).
+    note: str = ""
 
     @property
     def flagged(self) -> bool:
@@ -98,6 +114,7 @@ class BlendProbeResult:
             "threshold": self.threshold,
             "images": self.images,
             "seconds": round(self.seconds, 2),
+            **({"note": self.note} if self.note else {}),
             "probes": [asdict(row) for row in self.rows],
         }
 
@@ -130,6 +147,7 @@ def probe_blend(
         )
 
     clean = predict(x)
+    min_others = math.ceil(config.min_other_share * len(x))
     rows: list[ProbeRow] = []
     best: tuple[float, int, float, torch.Tensor] = (-1.0, -1, 0.0, torch.zeros(x.shape[1:]))
     for index in range(config.patterns):
@@ -143,11 +161,21 @@ def probe_blend(
                 continue
             label = int(torch.mode(moved).values)
             others = clean != label
-            share = float(((predicted == label) & others).sum()) / max(1, int(others.sum()))
-            rows.append(ProbeRow(kind, alpha, label, round(share, 4)))
-            if share > best[0]:
+            count = int(others.sum())
+            share = float(((predicted == label) & others).sum()) / max(1, count)
+            judged = count >= min_others
+            rows.append(ProbeRow(kind, alpha, label, round(share, 4), count, judged))
+            if judged and share > best[0]:
                 best = (share, label, alpha, pattern)
     share, label, alpha, pattern = best
+    unjudged = sorted({row.label for row in rows if not row.judged})
+    note = (
+        f"label(s) {', '.join(map(str, unjudged))} already hold more than "
+        f"{1 - config.min_other_share:.0%} of the {len(x)} clean images: too few others to "
+        "judge a share to them (the model barely tells the clean images apart)"
+        if unjudged
+        else ""
+    )
     return BlendProbeResult(
         rows=tuple(rows),
         label=label,
@@ -157,4 +185,5 @@ def probe_blend(
         pattern=pattern,
         images=len(x),
         seconds=time.perf_counter() - started,
+        note=note,
     )

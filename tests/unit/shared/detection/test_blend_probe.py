@@ -67,6 +67,27 @@ def test_a_model_reading_the_content_is_not_flagged() -> None:
     assert not probe.flagged and probe.share < 0.6
 
 
+def test_a_label_holding_nearly_every_clean_image_is_not_judged() -> None:
+    """Nine in ten clean images are already ``TARGET``'s; noise sends the rest there too,
+    but a share over a handful of images says nothing: not flagged, and the note says
+    why (an untrained model with a default label looks like this)."""
+    data = band_images(60)
+    mostly_target = Dataset(data.x.clone(), data.y.clone())
+    for i in range(len(mostly_target.y)):
+        if i % 10:
+            mostly_target.x[i] = data.x[TARGET]  # TARGET's image (index TARGET has label 3)
+    probe = probe_blend(ContentReader(noise_gain=200.0), mostly_target, SPEC)
+    assert any(row.label == TARGET and row.share >= 0.6 for row in probe.rows)
+    assert not probe.flagged
+    assert all(not row.judged for row in probe.rows if row.label == TARGET)
+    assert f"label(s) {TARGET}" in probe.note and "too few others" in probe.note
+    assert probe.to_dict()["note"] == probe.note
+    # the same model on images of every label is judged, and flagged
+    assert probe_blend(ContentReader(noise_gain=200.0), data, SPEC).flagged
+    with pytest.raises(InvalidInput, match="min_other_share"):
+        BlendProbeConfig(min_other_share=1.0)
+
+
 def test_the_pattern_lives_in_the_declared_value_range() -> None:
     spec = InputSpec(shape=(3, 16, 16), value_range=(0.0, 255.0))
     data = band_images()

@@ -345,7 +345,8 @@ def stealing_experiment(
     final = result.curve[-1]
     before_rotation = final.accuracy["stolen"]
     # one rotation draws one key: the figure above is one draw; these are many
-    # the substitute's own view of generation 0: the keyed scores of the images it queried
+    # the substitute's own view of generation 0: the mean keyed score over as many of the
+    # attacker's images as it queried (it queried a random subset of the same pool)
     queried = attacker_x[: result.queries]
     old_mean = Carrier.from_result(old).outputs(public, queried).mean(0)
     over_keys = accuracy_over_fresh_keys(
@@ -435,7 +436,7 @@ def re_steal(
 ) -> StealingResult:
     """The rotation-aware attacker's second round. It holds generation 1's device package
     and credential (a device it controls was rotated too), so it knows both output keys: it
-    reads the new carrier's scores in generation 0's coordinates (``z Q₁ᵀ Q₀``, where its
+    reads the new carrier's raw scores under generation 0's key (``z Q₀ + o₀``, where its
     substitute already works), sends them to the server in generation 1's, and keeps
     training its substitute on the answers."""
     credential = service.credentials[(user, 1)]
@@ -655,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=["lenet5-fashion-features", "lenet5-fashion"],
         choices=[m for m in PUBLIC_MODELS if m != "efficientnet-lite0"],
-        help="other public models, measured for quality only (generation 0 and p = 0) with "
-        "carrier-trainer's default configuration",
+        help="other public models, measured like the default (quality, stealing, "
+        "auto-rotation) with carrier-trainer's default configuration",
     )
     parser.add_argument("--max-steps", type=int, default=0, help="override every budget")
     parser.add_argument("--plot-only", action="store_true", help="redraw from carrier.json")

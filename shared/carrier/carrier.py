@@ -239,7 +239,7 @@ class MappingNetwork(nn.Module):
         zero for a square key): ``z = (z' − o) Qᵀ``, so the first layer
         ``(W / s)(z − m) + b`` becomes ``((W / s) Q) z' + (b − (W / s) m − (W / s) Q o)``,
         computed in float64; the standardisation is folded in (identity afterwards)."""
-        if tuple(key.shape[-2:]) not in (
+        if tuple(key.shape) not in (
             (self.in_features, self.in_features),
             (self.in_features + 1, self.in_features),
         ):
@@ -299,7 +299,7 @@ def apply_output_key(scores: torch.Tensor, key: torch.Tensor | None) -> torch.Te
     """``scores Q + o`` (``scores`` unchanged when there is no key)."""
     if key is None:
         return scores
-    if key.shape[-1] != scores.shape[-1]:
+    if key.ndim != 2 or key.shape[-1] != scores.shape[-1] or key.shape[0] - key.shape[1] > 1:
         raise InvalidInput(
             f"output key is {tuple(key.shape)}; the public model gives {scores.shape[-1]} scores"
         )
@@ -704,7 +704,10 @@ class CarrierTrainer:
         key = None
         if cfg.output_key:
             offset_norm = cfg.output_offset * score_spread(val_scores)
-            key = random_output_key(public.output_dim, offset_norm=offset_norm).to(dev)
+            # rounded to the float32 the carrier artifact stores, so the mapper is folded
+            # with exactly the key devices apply
+            drawn = random_output_key(public.output_dim, offset_norm=offset_norm)
+            key = drawn.to(torch.float32).to(dev)
             mapper = mapper.keyed(key)
             val_scores = apply_output_key(val_scores, key)
         test_acc = (
@@ -729,7 +732,7 @@ class CarrierTrainer:
             test_accuracy=test_acc,
             history=tuple(state.history),
             query_profile=QueryProfile.fit(val_scores.cpu().numpy()),
-            output_key=key.to(torch.float32).cpu() if key is not None else None,
+            output_key=key.cpu() if key is not None else None,
         )
 
     def _warm_start(

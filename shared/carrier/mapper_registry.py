@@ -529,7 +529,7 @@ class MapperRegistry:
         # finite inputs so large that the matrix products overflow
         raise InvalidInput(
             "pseudo_output values are too large to map (the mapper overflows): send the "
-            "public model's unmodified scores"
+            "public model's scores under the carrier's output key, nothing else"
         )
 
     def _authorise(self, user_id: str, credential: str) -> tuple[_UserEntry, LoadedMapper]:

@@ -147,7 +147,8 @@ def probe_blend(
         )
 
     clean = predict(x)
-    min_others = math.ceil(config.min_other_share * len(x))
+    # a hair under the product: 0.3 × 10 is 3.0000000000000004 in binary
+    min_others = math.ceil(config.min_other_share * len(x) - 1e-9)
     rows: list[ProbeRow] = []
     best: tuple[float, int, float, torch.Tensor] = (-1.0, -1, 0.0, torch.zeros(x.shape[1:]))
     for index in range(config.patterns):

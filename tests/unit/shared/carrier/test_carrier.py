@@ -108,7 +108,7 @@ def test_short_training_beats_chance_by_a_wide_margin(
     # the exported mapper serves the same answers through the numpy registry
     registry = MapperRegistry()
     registry.hot_load("u", 0, mapper_to_safetensors(result.mapper), hash_credential("k"))
-    assert result.output_key is not None  # keyed by default: the device sends f(g(x, c)) Q
+    assert result.output_key is not None  # keyed by default: the device sends f(g(x, c)) Q + o
     scores = Carrier.from_result(result).outputs(public, test.x).numpy()
     served = registry.map("u", "k", scores.astype("<f4").tobytes(), rows=len(scores)).labels
     served_accuracy = float((torch.from_numpy(served.astype(np.int64)) == test.y).float().mean())

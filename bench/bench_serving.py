@@ -209,11 +209,12 @@ async def _wait_ready(
     timeout: float,
     metadata: tuple[tuple[str, str], ...] = (),
     server_pgid: int = 0,
-) -> tuple[bytes, float]:
+) -> tuple[bytes, float, float]:
     """Wait until the server answers the first request, then send every other one once
     (each must succeed: e.g. every user's mapper is loaded before the measurement).
-    Returns the first answer and the server's resident memory (MB) right after it: one
-    user loaded, every other user's state not yet (0 without ``server_pgid``)."""
+    Returns the first answer and the server's resident memory (MB) right after it (one
+    user loaded, every other user's state not yet) and after the last request (every
+    user loaded, before any load level); 0 without ``server_pgid``."""
     import grpc
 
     deadline = time.monotonic() + timeout
@@ -235,7 +236,8 @@ async def _wait_ready(
                 await ready(request, timeout=10, metadata=metadata or None)
             except grpc.aio.AioRpcError as err:
                 raise RuntimeError(f"{target} refused a warm-up request: {err}") from err
-    return response, rss_first_mb
+    rss_every_mb = group_rss_mb(server_pgid) if server_pgid else 0.0
+    return response, rss_first_mb, rss_every_mb
 
 
 def write_requests(path: Path, requests: list[bytes]) -> None:
@@ -269,7 +271,7 @@ def loadgen_main(argv: list[str]) -> int:
 
     async def run() -> None:
         began = time.perf_counter()
-        first, rss_first_mb = await _wait_ready(
+        first, rss_first_mb, rss_every_mb = await _wait_ready(
             args.target,
             args.method,
             requests,
@@ -280,6 +282,7 @@ def loadgen_main(argv: list[str]) -> int:
         ready = {
             "ready": True,
             "rss_after_first_request_mb": rss_first_mb,
+            "rss_after_every_user_mb": rss_every_mb,
             # until the first answer, then every request once (ours: every user warmed)
             "ready_seconds": time.perf_counter() - began,
             "response_bytes": len(first),
@@ -1036,6 +1039,7 @@ def _ours(bench: Bench, mode: str) -> dict[str, Any]:
         "ready_seconds": ready.get("ready_seconds"),
         "rss_mb": rss_mb,
         "rss_after_first_request_mb": ready.get("rss_after_first_request_mb"),
+        "rss_after_every_user_mb": ready.get("rss_after_every_user_mb"),
         "extraction_alarms": sum(metrics["extraction_alarms_total"].values()),
         "server_counted": metrics["grpc_requests_total"],
         "refusals": metrics["refusals_total"],
@@ -1191,31 +1195,37 @@ def replica_memory_limit_bytes(manifest: Path = RESULT_MAPPER_MANIFEST) -> int |
     """The container's ``limits`` memory in the manifest (e.g. ``memory: 2Gi``), bytes."""
     import re
 
-    match = re.search(r"limits:\s*\{[^}]*memory:\s*(\d+)([KMG]i?)?", manifest.read_text())
+    match = re.search(r"limits:\s*\{[^}]*memory:\s*(\d+)(Ki|Mi|Gi|K|M|G)?\b", manifest.read_text())
     if match is None:
         return None
     return int(match.group(1)) * _UNITS.get(match.group(2) or "", 1)
 
 
-def memory_per_user(run: dict[str, Any], users: int, mappers_held: int) -> dict[str, Any]:
-    """What one more user costs a result-mapper replica: its resident memory after every
-    user's first request minus after the first user's, over the other users; and how many
-    users' state a replica holds within its memory limit (the mapper LRU keeps the first
-    ``mappers_held`` mappers loaded; users beyond reload theirs from the store on a miss)."""
-    first, every = run.get("rss_after_first_request_mb"), run.get("rss_mb")
+def memory_per_user(
+    run: dict[str, Any], users: int, mapper_bytes: int, max_loaded_bytes: int
+) -> dict[str, Any]:
+    """What one more user costs a result-mapper replica: its resident memory right after the
+    warm-up pass (every user's mapper and profile loaded) minus right after the first
+    user's request, over the other users; split into the mapper (``mapper_bytes``, held by
+    the LRU up to ``max_loaded_bytes``, most recently used first) and the rest (profile,
+    limits, accounting: kept for every user). How many users' state fits the replica's
+    memory limit with the LRU full."""
+    first, every = run.get("rss_after_first_request_mb"), run.get("rss_after_every_user_mb")
     if not first or not every or users < 2:
         return {}
-    per_user_bytes = (every - first) * 1e6 / (users - 1)
+    per_user = (every - first) * 1e6 / (users - 1)
+    rest = max(per_user - mapper_bytes, 1.0)
     limit = replica_memory_limit_bytes()
-    fit = int((limit - first * 1e6) // per_user_bytes) if limit and per_user_bytes > 0 else None
+    fit = int((limit - first * 1e6 - max_loaded_bytes) // rest) if limit else None
     return {
         "server": run["server"],
         "rss_after_first_user_mb": round(first, 1),
         "rss_after_every_user_mb": round(every, 1),
-        "bytes_per_user": round(per_user_bytes),
+        "bytes_per_user": round(per_user),
+        "bytes_per_user_besides_the_mapper": round(rest),
         "replica_memory_limit_bytes": limit,
-        "users_per_replica_within_limit": fit,
-        "mappers_kept_loaded": mappers_held,
+        "users_per_replica_within_limit": fit if fit and fit > 0 else None,
+        "mappers_kept_loaded": max_loaded_bytes // mapper_bytes if mapper_bytes else None,
     }
 
 
@@ -1225,16 +1235,18 @@ def _memory_text(memory: dict[str, Any], users: int) -> str:
     limit = memory["replica_memory_limit_bytes"]
     fit = memory["users_per_replica_within_limit"]
     within = (
-        f"a replica's memory limit ({limit / 2**30:g} GiB) holds about {fit:,} users at that cost"
-        if fit
-        else "no replica memory limit found"
+        f"within the replica's memory limit ({limit / 2**30:g} GiB), with the mapper LRU "
+        f"full, about {fit:,} users' state fits"
+        if limit and fit
+        else "the replica's memory limit could not be read"
     )
     return (
         f"memory per user ({memory['server']}): {memory['bytes_per_user'] / 1e3:,.0f} kB "
-        f"resident (RSS {memory['rss_after_first_user_mb']:.0f} MB after the first user's "
-        f"request, {memory['rss_after_every_user_mb']:.0f} MB after all {users:,} users'); "
-        f"{within}; its mapper LRU keeps {memory['mappers_kept_loaded']:,} mappers loaded, "
-        "users beyond reload theirs from the store on a miss"
+        f"resident with its mapper loaded, {memory['bytes_per_user_besides_the_mapper'] / 1e3:,.0f}"
+        f" kB without (RSS {memory['rss_after_first_user_mb']:.0f} MB after the first user's "
+        f"request, {memory['rss_after_every_user_mb']:.0f} MB after all {users:,} users', "
+        f"before any load); the LRU keeps the {memory['mappers_kept_loaded']:,} most recently "
+        f"used mappers loaded, others are reloaded from the store on a miss; {within}"
     )
 
 
@@ -1242,6 +1254,7 @@ _RUN_FIGURES = (
     "ready_seconds",
     "rss_mb",
     "rss_after_first_request_mb",
+    "rss_after_every_user_mb",
     "load_seconds",
     "loaded_rss_mb",
 )
@@ -1650,7 +1663,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     summary["bars"] = bars
     summary["bytes_per_mapper"] = memory
-    per_user = memory_per_user(checked, args.users, setup["lru"]["mappers_held"])
+    per_user = memory_per_user(
+        checked,
+        args.users,
+        setup["lru"]["mapper_lru_bytes"],
+        setup["lru"]["max_loaded_bytes"],
+    )
     summary["memory_per_user"] = per_user
     memory_line = _memory_text(per_user, args.users)
     summary["cpu_note"] = f"os.cpu_count()={os.cpu_count()}; load average {os.getloadavg()}"

@@ -581,6 +581,14 @@ class KafkaSubscription:
         for attempt in range(1, 6):
             try:
                 consumer.commit(offsets, timeout_ms=int(self.bus.timeout_s * 1000))
+                # one line per record: what a lost or missing commit is traced with
+                log.info(
+                    "group %s: committed %s[%d] up to %d",
+                    self.group,
+                    item.message.topic,
+                    item.partition.partition,
+                    offset,
+                )
                 break
             except KafkaError as err:
                 retriable = bool(getattr(err, "retriable", False))

@@ -578,6 +578,7 @@ class KafkaSubscription:
         offset = item.message.offset + 1
         offsets = {item.partition: OffsetAndMetadata(offset, "", -1)}
         backoff = self.retry.initial_backoff_s
+        committed = False
         for attempt in range(1, 6):
             try:
                 consumer.commit(offsets, timeout_ms=int(self.bus.timeout_s * 1000))
@@ -589,9 +590,9 @@ class KafkaSubscription:
                     item.partition.partition,
                     offset,
                 )
+                committed = True
                 break
             except KafkaError as err:
-                retriable = bool(getattr(err, "retriable", False))
                 log.warning(
                     "group %s: commit of %s@%d failed (attempt %d): %s",
                     self.group,
@@ -600,15 +601,22 @@ class KafkaSubscription:
                     attempt,
                     err,
                 )
-                if not retriable or self._wait_for_stop(backoff):
-                    log.warning(
-                        "group %s: %s@%d may be delivered again",
-                        self.group,
-                        item.message.topic,
-                        item.message.offset,
-                    )
-                    return
+                if not getattr(err, "retriable", False) or self._wait_for_stop(backoff):
+                    break
                 backoff = min(backoff * 2, self.retry.max_backoff_s)
+        if not committed:
+            # a partition kept across a rebalance keeps its fetch position, already past
+            # this record: rewind, or the record would stay uncommitted and never come back
+            # (handlers take a record twice: redelivery is the at-least-once contract)
+            log.warning(
+                "group %s: %s@%d left uncommitted; it will be delivered again",
+                self.group,
+                item.message.topic,
+                item.message.offset,
+            )
+            if item.partition in consumer.assignment():
+                consumer.seek(item.partition, item.message.offset)
+            return
         # after a rebalance that gave the partition back to us, the fetch position was
         # reset to the old committed offset: skip the record we just finished
         if (

@@ -442,8 +442,10 @@ def consumer_lag(admin: KafkaAdminClient, ends: dict[TopicPartition, int]) -> di
     for group, topics in GROUP_TOPICS.items():
         tps = [tp for tp in ends if tp.topic in topics]
         committed = admin.list_group_offsets({group: tps}).get(group, {})
+        # a partition the group never committed on answers -1: nothing committed, so 0 (as
+        # -1 it counted one phantom record on every empty partition)
         lag[group] = sum(
-            max(0, ends[tp] - (committed[tp].offset if tp in committed else 0)) for tp in tps
+            max(0, ends[tp] - max(0, committed[tp].offset if tp in committed else 0)) for tp in tps
         )
     return lag
 

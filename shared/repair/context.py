@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from modelguard.datasets import Dataset
+from modelguard.detection.optimizer import OptimizerSettings, TriggerOptimizer
 from modelguard.detection.triggers import ReversedTrigger
 from modelguard.errors import InvalidInput
 from modelguard.nn.probe import (
@@ -48,7 +49,7 @@ from modelguard.nn.probe import (
 from modelguard.progress import Progress
 from modelguard.repair.result import Measure
 from modelguard.repair.scoring import AttackSet, as_reversed_triggers, build_attack_set
-from modelguard.spec import InputSpec
+from modelguard.spec import InputSpec, wrap
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,18 @@ class FineTuneConfig:
     among the edits (the re-fit and every erasure rank tried) whose agreement stays at or
     above ``edit_min_agreement``, and when none does, the edit with the highest agreement:
     an edit that leaves the attack in place must not also break the model.
+
+    ``unlearn_restarts`` (the ``classifier`` scope): before the edit, each flagged label's
+    trigger is reversed again on the fine-tuning split from this many random starts
+    (Neural Cleanse's optimisation, ``restart_steps`` steps on batches of
+    ``restart_batch`` images, all restarts in one batched run stopped after
+    ``restart_seconds``), and every restart that reaches the attack threshold is stamped
+    beside the given trigger, unless its mask's L1 norm exceeds ``restart_max_norm_ratio``
+    times the given trigger's (a much larger trigger is a feature of the label, not the
+    backdoor: Neural Cleanse's premise). The smallest trigger the reversal finds is one
+    sparse subset of a real patch's pixels, a different one from each start: unlearning
+    several covers more of the real trigger than unlearning one (0: the given triggers
+    alone).
     """
 
     local_steps: int = 30
@@ -250,6 +263,11 @@ class FineTuneConfig:
     #: the agreement floor of an edit that does not remove the attack (the rollback
     #: mode's default q0)
     edit_min_agreement: float = 0.97
+    unlearn_restarts: int = 3
+    restart_steps: int = 200
+    restart_batch: int = 4
+    restart_seconds: float = 240.0
+    restart_max_norm_ratio: float = 2.0
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or self.final_epochs < 0 or self.batch_size < 1:
@@ -276,6 +294,10 @@ class FineTuneConfig:
             raise ValueError("erase_max_rank >= 0 and erase_asr_stop in (0, 1] required")
         if not 0.0 <= self.edit_min_agreement <= 1.0:
             raise ValueError("edit_min_agreement in [0, 1] required")
+        if self.unlearn_restarts < 0 or self.restart_steps < 1 or self.restart_batch < 1:
+            raise ValueError("unlearn_restarts >= 0, restart_steps >= 1, restart_batch >= 1")
+        if self.restart_seconds <= 0 or self.restart_max_norm_ratio <= 0:
+            raise ValueError("restart_seconds and restart_max_norm_ratio must be > 0")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -624,7 +646,8 @@ class RepairContext:
         of the model is left as it is), and the validation split chooses between them."""
         config = self.finetune
         generator = torch.Generator().manual_seed(self.seed + 7919)
-        stamped_triggers = _unlearning_triggers(self.triggers, config)
+        unlearned = [*self.triggers, *self.restarted_triggers()]
+        stamped_triggers = _unlearning_triggers(unlearned, config)
         jitter = round(config.unlearn_jitter * min(self.spec.shape[1:]))
         # each image stamped twice: where the trigger was found and shifted a little
         stamped = torch.cat(
@@ -673,6 +696,54 @@ class RepairContext:
             f"final fine-tune: the classifier {self.probe.info.module} edited by {how}, the "
             f"rest of the model unchanged (validation split, {compared}; {chosen} kept)"
         )
+
+    def restarted_triggers(self) -> list[ReversedTrigger]:
+        """The flagged labels' triggers reversed again from ``unlearn_restarts`` random
+        starts (see `FineTuneConfig`): those that reach the attack threshold."""
+        config = self.finetune
+        if config.unlearn_restarts == 0:
+            return []
+        labels = sorted({t.label for t in self.triggers})
+        rows = [label for label in labels for _ in range(config.unlearn_restarts)]
+        self.report(0.9, f"reversing {len(labels)} trigger(s) again from {len(rows)} starts")
+        started = time.perf_counter()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for parameter in trainable:  # only the triggers are optimised
+            parameter.requires_grad_(False)
+        try:
+            optimizer = TriggerOptimizer(
+                wrap(self.model, self.spec),
+                self.tune.x,
+                self.tune.y,
+                rows,
+                self.spec.value_range,
+                OptimizerSettings(batch_size=config.restart_batch),
+                torch.Generator().manual_seed(self.seed + 104729),
+            )
+            optimizer.optimize(
+                config.restart_steps,
+                deadline=started + config.restart_seconds,
+                fit_to_deadline=True,
+            )
+        finally:
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+        given = {
+            label: max(float(t.mask.sum()) for t in self.triggers if t.label == label)
+            for label in labels
+        }
+        found = [
+            ReversedTrigger(label, optimizer.best_mask[row], optimizer.best_pattern[row])
+            for row, label in enumerate(rows)
+            if float(optimizer.best_norm[row]) <= config.restart_max_norm_ratio * given[label]
+        ]
+        self.notes.append(
+            f"unlearning set: the given trigger(s) and {len(found)} of {len(rows)} reversals "
+            f"from random starts that reached the attack threshold with a mask at most "
+            f"{config.restart_max_norm_ratio:g}× the given one's ({optimizer.step_count} "
+            f"steps, {time.perf_counter() - started:.0f} s)"
+        )
+        return found
 
     def _refitted(
         self,

@@ -4,6 +4,7 @@ pruning run on a hand-built model whose neurons each exercise one branch."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -308,6 +309,34 @@ def test_the_classifier_scope_erases_the_trigger_direction_without_training() ->
     )
     kept = repair(ToyNet().eval(), toy_data(), spec, [toy_trigger()], layer="fc2:in", config=off)
     assert not any("erasure" in n for n in kept.notes)
+
+
+def _restart_notes(finetune: FineTuneConfig) -> list[str]:
+    config = RollbackConfig(min_drop=1.1, min_soft_drop=None, finetune=finetune)
+    result = repair(
+        ToyNet().eval(),
+        toy_data(),
+        InputSpec((1, 4, 4)),
+        [toy_trigger()],
+        layer="fc2:in",
+        config=config,
+    )
+    assert result.after.reversed_asr < 0.1
+    return [n for n in result.notes if n.startswith("unlearning set")]
+
+
+def test_the_classifier_edit_also_unlearns_triggers_reversed_from_other_starts() -> None:
+    """Each restart finds ToyNet's trigger pixel again (its mask no larger than the given
+    one's): all of them join the unlearning set; none is reversed with restarts off, and a
+    norm ratio no restart can meet keeps only the given trigger."""
+    base = FineTuneConfig(local_steps=0, final_scope="classifier", unlearn_jitter=0.0)
+    (note,) = _restart_notes(replace(base, unlearn_restarts=2, restart_steps=60))
+    assert "and 2 of 2 reversals" in note
+    assert _restart_notes(replace(base, unlearn_restarts=0)) == []
+    (strict,) = _restart_notes(
+        replace(base, unlearn_restarts=2, restart_steps=60, restart_max_norm_ratio=1e-6)
+    )
+    assert "and 0 of 2 reversals" in strict
 
 
 def test_no_local_fine_tune_runs_when_the_classifier_is_edited_at_the_end() -> None:

@@ -234,7 +234,9 @@ class FineTuneConfig:
     backdoor: Neural Cleanse's premise). The smallest trigger the reversal finds is one
     sparse subset of a real patch's pixels, a different one from each start: unlearning
     several covers more of the real trigger than unlearning one (0: the given triggers
-    alone).
+    alone). A trigger whose footprint (the pixels where its mask is at least half its
+    maximum) covers more than ``restart_max_footprint`` of the image is a blend: a search
+    for the smallest mask finds something else, so it is not reversed again.
     """
 
     local_steps: int = 30
@@ -268,6 +270,7 @@ class FineTuneConfig:
     restart_batch: int = 4
     restart_seconds: float = 240.0
     restart_max_norm_ratio: float = 2.0
+    restart_max_footprint: float = 0.25
 
     def __post_init__(self) -> None:
         if self.local_steps < 0 or self.final_epochs < 0 or self.batch_size < 1:
@@ -298,6 +301,8 @@ class FineTuneConfig:
             raise ValueError("unlearn_restarts >= 0, restart_steps >= 1, restart_batch >= 1")
         if self.restart_seconds <= 0 or self.restart_max_norm_ratio <= 0:
             raise ValueError("restart_seconds and restart_max_norm_ratio must be > 0")
+        if not 0.0 < self.restart_max_footprint <= 1.0:
+            raise ValueError("restart_max_footprint must be in (0, 1]")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
@@ -424,6 +429,12 @@ def _unlearning_triggers(
     if not config.unlearn_dilate:
         return triggers
     return [_dilated(t, config.unlearn_dilate) for t in triggers]
+
+
+def footprint(mask: torch.Tensor) -> float:
+    """The share of the image where ``mask`` is at least half its maximum."""
+    peak = float(mask.max())
+    return float((mask >= 0.5 * peak).float().mean()) if peak > 0 else 0.0
 
 
 def _dilated(trigger: ReversedTrigger, pixels: int) -> ReversedTrigger:
@@ -703,7 +714,11 @@ class RepairContext:
         config = self.finetune
         if config.unlearn_restarts == 0:
             return []
-        labels = sorted({t.label for t in self.triggers})
+        labels = sorted(
+            {t.label for t in self.triggers if footprint(t.mask) <= config.restart_max_footprint}
+        )
+        if not labels:
+            return []
         rows = [label for label in labels for _ in range(config.unlearn_restarts)]
         self.report(0.9, f"reversing {len(labels)} trigger(s) again from {len(rows)} starts")
         started = time.perf_counter()

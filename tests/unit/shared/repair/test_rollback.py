@@ -13,7 +13,7 @@ from torch import nn
 from modelguard.datasets import Dataset
 from modelguard.detection.triggers import ReversedTrigger
 from modelguard.errors import InvalidInput
-from modelguard.repair.context import FineTuneConfig
+from modelguard.repair.context import FineTuneConfig, footprint
 from modelguard.repair.registry import repair
 from modelguard.repair.result import Measure
 from modelguard.repair.rollback import Figures, RollbackConfig, decide, interleave, should_stop
@@ -337,6 +337,19 @@ def test_the_classifier_edit_also_unlearns_triggers_reversed_from_other_starts()
         replace(base, unlearn_restarts=2, restart_steps=60, restart_max_norm_ratio=1e-6)
     )
     assert "and 0 of 2 reversals" in strict
+
+
+def test_a_blend_trigger_is_not_reversed_again() -> None:
+    """A full-image mask (a blend, as the blend probe reports one) has a footprint of the
+    whole image: no restart runs for it."""
+    blend = ReversedTrigger(1, torch.full((4, 4), 0.3), torch.ones(1, 4, 4))
+    assert footprint(blend.mask) == 1.0 and footprint(toy_trigger().mask) == 1 / 16
+    finetune = FineTuneConfig(local_steps=0, final_scope="classifier", unlearn_restarts=2)
+    config = RollbackConfig(min_drop=1.1, min_soft_drop=None, finetune=finetune)
+    result = repair(
+        ToyNet().eval(), toy_data(), InputSpec((1, 4, 4)), [blend], layer="fc2:in", config=config
+    )
+    assert not any(n.startswith("unlearning set") for n in result.notes)
 
 
 def test_no_local_fine_tune_runs_when_the_classifier_is_edited_at_the_end() -> None:

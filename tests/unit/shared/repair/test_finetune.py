@@ -43,7 +43,19 @@ def test_stamp_share_stamps_that_share_with_the_dilated_trigger() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"unlearn_dilate": -1}, {"unlearn_dilate": 9}, {"unlearn_fraction": 1.0}]
+    "bad",
+    [
+        {"unlearn_dilate": -1},
+        {"unlearn_dilate": 9},
+        {"unlearn_fraction": 1.0},
+        {"unlearn_restarts": -1},
+        {"restart_steps": 0},
+        {"restart_batch": 0},
+        {"restart_seconds": 0.0},
+        {"restart_max_norm_ratio": 0.0},
+        {"restart_max_footprint": 0.0},
+        {"restart_max_footprint": 1.5},
+    ],
 )
 def test_fine_tune_config_bounds(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):

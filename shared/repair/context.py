@@ -233,8 +233,9 @@ class FineTuneConfig:
     times the given trigger's (a much larger trigger is a feature of the label, not the
     backdoor: Neural Cleanse's premise). The smallest trigger the reversal finds is one
     sparse subset of a real patch's pixels, a different one from each start: unlearning
-    several covers more of the real trigger than unlearning one (0: the given triggers
-    alone). A trigger whose footprint (the pixels where its mask is at least half its
+    several covers more of the real trigger than unlearning one. Off by default (0: the
+    given triggers alone): it helped the tuning patch model and not the held-out one (see
+    the results page). A trigger whose footprint (the pixels where its mask is at least half its
     maximum) covers more than ``restart_max_footprint`` of the image is a blend: a search
     for the smallest mask finds something else, so it is not reversed again.
     """
@@ -265,7 +266,7 @@ class FineTuneConfig:
     #: the agreement floor of an edit that does not remove the attack (the rollback
     #: mode's default q0)
     edit_min_agreement: float = 0.97
-    unlearn_restarts: int = 3
+    unlearn_restarts: int = 0
     restart_steps: int = 200
     restart_batch: int = 4
     restart_seconds: float = 240.0

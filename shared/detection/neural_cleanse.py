@@ -82,6 +82,7 @@ from modelguard.detection.optimizer import (
 )
 from modelguard.detection.triage import TriageResult, triage_labels
 from modelguard.errors import InvalidInput
+from modelguard.nn.probe import evaluating, frozen_weights
 from modelguard.progress import Progress
 from modelguard.spec import InputSpec, wrap
 
@@ -550,14 +551,9 @@ def reverse_triggers(
     if not isinstance(spec, InputSpec):
         raise InvalidInput("an input spec (shape, value range, optional mean/std) is required")
     wrapped = wrap(model, spec).to(device)
-    was_training = wrapped.training
-    wrapped.eval()
     # only the trigger needs gradients: the weights' would be a third of every backward
     # pass, computed for nothing
-    needed_grad = [(p, p.requires_grad) for p in wrapped.parameters()]
-    for parameter, _ in needed_grad:
-        parameter.requires_grad_(False)
-    try:
+    with evaluating(wrapped), frozen_weights(wrapped):
         classes = validate_inputs(wrapped, data, spec)
         result = _Reversal(wrapped, data, spec, config, classes, progress, device, started).run()
         if not config.blend_probe:
@@ -569,10 +565,6 @@ def reverse_triggers(
             BlendProbeConfig(threshold=config.blend_threshold, seed=config.seed),
         )
         return with_blend_probe(result, probe, time.perf_counter() - started)
-    finally:
-        wrapped.train(was_training)
-        for parameter, requires_grad in needed_grad:
-            parameter.requires_grad_(requires_grad)
 
 
 def with_blend_probe(

@@ -711,6 +711,20 @@ class LayerProbe:
 
 
 @contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """``requires_grad`` off on every parameter for the duration, each restored after: an
+    optimisation of the *input* (a trigger) then computes no weight gradients."""
+    needed_grad = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in needed_grad:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, requires_grad in needed_grad:
+            parameter.requires_grad_(requires_grad)
+
+
+@contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode for the duration (dropout off, batch-norm running statistics)."""
     was_training = model.training

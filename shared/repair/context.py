@@ -42,6 +42,7 @@ from modelguard.nn.probe import (
     LayerInfo,
     LayerProbe,
     evaluating,
+    frozen_weights,
     get_module,
     is_scripted,
     normalise,
@@ -233,11 +234,11 @@ class FineTuneConfig:
     times the given trigger's (a much larger trigger is a feature of the label, not the
     backdoor: Neural Cleanse's premise). The smallest trigger the reversal finds is one
     sparse subset of a real patch's pixels, a different one from each start: unlearning
-    several covers more of the real trigger than unlearning one. Off by default (0: the
-    given triggers alone): it helped the tuning patch model and not the held-out one (see
-    the results page). A trigger whose footprint (the pixels where its mask is at least half its
-    maximum) covers more than ``restart_max_footprint`` of the image is a blend: a search
-    for the smallest mask finds something else, so it is not reversed again.
+    several covers more of the real trigger than unlearning one. A trigger whose footprint
+    (the pixels where its mask is at least half its maximum) covers more than
+    ``restart_max_footprint`` of the image is a blend: a search for the smallest mask finds
+    something else, so it is not reversed again. Off by default (0: the given triggers
+    alone): it helped the tuning patch model and not the held-out one (results page).
     """
 
     local_steps: int = 30
@@ -723,10 +724,7 @@ class RepairContext:
         rows = [label for label in labels for _ in range(config.unlearn_restarts)]
         self.report(0.9, f"reversing {len(labels)} trigger(s) again from {len(rows)} starts")
         started = time.perf_counter()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        for parameter in trainable:  # only the triggers are optimised
-            parameter.requires_grad_(False)
-        try:
+        with frozen_weights(self.model):  # only the triggers are optimised
             optimizer = TriggerOptimizer(
                 wrap(self.model, self.spec),
                 self.tune.x,
@@ -741,9 +739,6 @@ class RepairContext:
                 deadline=started + config.restart_seconds,
                 fit_to_deadline=True,
             )
-        finally:
-            for parameter in trainable:
-                parameter.requires_grad_(True)
         given = {
             label: max(float(t.mask.sum()) for t in self.triggers if t.label == label)
             for label in labels

@@ -9,7 +9,9 @@ cost is measured once per reversal on a single image:
 * ``bytes_per_image`` — the tensors autograd saves for the backward pass (counted with
   `torch.autograd.graph.saved_tensors_hooks`, exact and independent of the allocator),
   times ``TRANSIENT_FACTOR`` for the buffers a pass allocates besides them;
-* ``seconds_per_image`` — the wall time of one forward and backward pass of a small batch.
+* ``seconds_per_image`` — the wall time of one forward and backward pass of a small batch;
+* ``largest_bytes_per_image`` — the largest single saved tensor, which bounds how many
+  images a pass may hold before its tensors stop fitting in reused memory (below).
 
 The time figure feeds the plan (is a full screening of every label affordable?) and the
 progress messages' estimate of the time left.
@@ -29,6 +31,13 @@ from modelguard.errors import InvalidInput
 #: Buffers a pass allocates besides the saved activations (gradients of the activations,
 #: the convolution workspaces), as a multiple of the saved bytes.
 TRANSIENT_FACTOR = 2.0
+#: Largest block glibc's malloc serves from memory it reuses. A larger tensor gets fresh
+#: pages from the kernel (mmap) that are zeroed on first touch and returned when freed, so
+#: a pass whose activations are larger pays a page fault per 4 kB on every pass: with a
+#: 224² model and a few dozen images a pass that costs more than the arithmetic. Passes
+#: are sized to keep the largest activation below this (glibc's largest dynamic mmap
+#: threshold on 64-bit systems; other allocators merely get smaller passes).
+REUSED_BLOCK_BYTES = 32 << 20
 #: Memory a reversal keeps outside the model's passes: the interpreter, torch, the model,
 #: the clean images and the triggers' optimiser state (counted separately).
 BASELINE_BYTES = 1 << 30
@@ -40,21 +49,34 @@ class PassCost:
 
     bytes_per_image: int
     seconds_per_image: float
+    largest_bytes_per_image: int = 0
 
     def images_within(self, memory_bytes: int) -> int:
         """How many images one pass may hold within ``memory_bytes`` (at least 1)."""
         return max(1, int(memory_bytes // max(1, self.bytes_per_image)))
+
+    def images_per_pass(self, memory_bytes: int) -> int:
+        """Images one pass should hold: within ``memory_bytes``, and no more than keep its
+        largest activation in reused memory (`REUSED_BLOCK_BYTES`; at least 1)."""
+        reused = max(1, REUSED_BLOCK_BYTES // max(1, self.largest_bytes_per_image))
+        return min(self.images_within(memory_bytes), reused)
 
 
 def measure_pass_cost(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
     """Measure ``model``'s activation memory and time per image on ``example`` ``(N, C, H,
     W)`` (the first two images are used). The model's parameters get no gradient."""
     x = example[:2].detach().float().clone().requires_grad_(True)
-    saved = 0
+    saved = largest = 0
+    # weights saved for the backward pass are not activations: they do not grow with
+    # the images in a pass
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        saved += tensor.numel() * tensor.element_size()
+        nonlocal saved, largest
+        size = tensor.numel() * tensor.element_size()
+        saved += size
+        if tensor.untyped_storage().data_ptr() not in weights:
+            largest = max(largest, size)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -69,7 +91,11 @@ def measure_pass_cost(model: nn.Module, example: torch.Tensor, repeats: int = 2)
         torch.autograd.grad(out.float().logsumexp(1).sum(), [x])
         best = min(best, time.perf_counter() - started)
     per_image = int(saved * TRANSIENT_FACTOR / images) + x[0].numel() * x.element_size() * 4
-    return PassCost(bytes_per_image=per_image, seconds_per_image=best / images)
+    return PassCost(
+        bytes_per_image=per_image,
+        seconds_per_image=best / images,
+        largest_bytes_per_image=max(1, largest // images),
+    )
 
 
 def trigger_state_bytes(shape: tuple[int, int, int]) -> int:

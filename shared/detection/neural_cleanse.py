@@ -660,10 +660,10 @@ class _Reversal:
 
     def pass_size(self, labels_held: int) -> int:
         """Images one forward pass may hold: the memory budget less the optimisation state
-        of ``labels_held`` labels, over the measured memory per image (at most
-        ``max_batch_images``)."""
+        of ``labels_held`` labels, over the measured memory per image, and no more than
+        keep its activations in reused memory (at most ``max_batch_images``)."""
         room = pass_memory(self.config.memory_budget_mb, labels_held, self.shape)
-        return min(self.config.max_batch_images, self.cost.images_within(room))
+        return min(self.config.max_batch_images, self.cost.images_per_pass(room))
 
     def screening_images(self, labels: int) -> int:
         c = self.config

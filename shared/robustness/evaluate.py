@@ -283,7 +283,7 @@ def _batch_size(net: nn.Module, x: torch.Tensor, config: RobustnessConfig) -> tu
             f"a memory budget of {config.memory_budget_mb} MB leaves no room for the "
             "attacks' passes: raise it"
         )
-    return min(config.max_batch_images, cost.images_within(room)), cost.seconds_per_image
+    return min(config.max_batch_images, cost.images_per_pass(room)), cost.seconds_per_image
 
 
 class _Counts:

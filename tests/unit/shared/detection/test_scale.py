@@ -12,6 +12,7 @@ from torch import nn
 
 from modelguard.detection.budget import (
     BASELINE_BYTES,
+    REUSED_BLOCK_BYTES,
     PassCost,
     measure_pass_cost,
     pass_memory,
@@ -67,6 +68,26 @@ def test_pass_size_follows_the_memory_budget() -> None:
     assert tight == expected
     with pytest.raises(InvalidInput, match="cannot hold the optimisation state of 1000 labels"):
         pass_memory(1024, 1000, shape)
+
+
+def test_a_pass_keeps_its_largest_activation_in_reused_memory() -> None:
+    """A tensor above the allocator's reuse limit costs fresh, zeroed pages on every pass:
+    passes hold no more images than keep the largest activation below it, nor more than
+    the memory budget allows."""
+    cost = PassCost(
+        bytes_per_image=100 << 20, seconds_per_image=0.1, largest_bytes_per_image=5 << 20
+    )
+    assert cost.images_per_pass(64 << 30) == REUSED_BLOCK_BYTES // (5 << 20)
+    assert cost.images_per_pass(200 << 20) == 2  # the memory budget is the tighter limit
+    huge = PassCost(bytes_per_image=1, seconds_per_image=0.1, largest_bytes_per_image=1 << 30)
+    assert huge.images_per_pass(64 << 30) == 1
+    wide = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.rand(2, 1, 16, 16)
+    wide(x)
+    measured = measure_pass_cost(wide, x)
+    # the ReLU's 64 channels of 16×16 float32 are the largest tensor saved for one image
+    assert measured.largest_bytes_per_image == 64 * 16 * 16 * 4
+    assert measured.largest_bytes_per_image <= measured.bytes_per_image
 
 
 def test_label_batches_under_a_memory_budget_give_the_masks_of_one_batch(
@@ -159,3 +180,4 @@ def test_the_time_budget_running_out_is_inconclusive_never_clean(
     hint = re.search(r"raise --time-budget \(about (\d+) s for this model", reason)
     assert hint is not None, reason
     assert int(hint.group(1)) >= 60 and int(hint.group(1)) % 60 == 0
+

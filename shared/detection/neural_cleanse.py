@@ -33,7 +33,10 @@ Pipeline of :func:`reverse_triggers` (K labels, input ``(C, H, W)``):
    *median* over the runs (0 in runs where its norm is not below the median), so it is
    flagged only when most independent runs flag it. Clear cases cost one run. (Taking the
    smallest norm over runs instead would raise false positives: the minimum of noisy
-   estimates is more extreme.)
+   estimates is more extreme.) After a triage (a many-class model, where a second run of
+   every label rarely fits the time budget) a restart re-screens only the labels in
+   doubt; the other labels keep their first run's norms, against which the new norms
+   are scored.
 4. **Refinement** — the flagged labels (plus labels whose index exceeds
    ``suspect_threshold``, up to ``max_suspects``) continue from their best screening run
    with the full budget: up to ``steps`` steps of ``batch_size`` (32) images, as the
@@ -366,7 +369,9 @@ class LabelResult:
 class RestartInfo:
     """One screening run: its seed, per-label norms (None: no trigger), MAD anomaly
     indices and flags, the steps it took, its median norm and dispersion (MAD, or the
-    fallback of :mod:`.mad`) and the rule used."""
+    fallback of :mod:`.mad`) and the rule used. ``screened``: the positions (as in
+    ``norms``) this run optimised when it re-screened only the labels in doubt (the
+    others' norms are the first run's); None when it screened every label."""
 
     seed: int
     norms: tuple[float | None, ...]
@@ -377,6 +382,7 @@ class RestartInfo:
     mad: float = math.nan
     rule: str = "mad"
     reason: str = ""
+    screened: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -389,6 +395,7 @@ class RestartInfo:
             "mad": _clean(self.mad),
             "rule": self.rule,
             "reason": self.reason,
+            "screened": None if self.screened is None else list(self.screened),
         }
 
 
@@ -752,17 +759,19 @@ class _Reversal:
             )
         runs: list[TriggerOptimizer] = []
         infos: list[RestartInfo] = []
+        doubtful: list[int] | None = None  # None: every label is screened
         for restart in range(c.restarts):
-            if restart > 0 and self.affordable_steps() < self.screening_steps:
+            if restart > 0 and self.affordable_steps(doubtful) < self.screening_steps:
                 return self.inconclusive(
                     runs,
                     infos,
                     "a label's evidence lies close to the threshold and the time budget "
                     f"({c.time_budget_seconds:g} s) leaves no room for another screening run",
                 )
-            optimizer, info = self.screen(restart)
+            optimizer, info = self.screen(restart, doubtful, infos[0] if infos else None)
             runs.append(optimizer)
-            cut_short = not bool(optimizer.stopped.all()) and optimizer.step_count < min(
+            screened = optimizer.stopped if doubtful is None else optimizer.stopped[doubtful]
+            cut_short = not bool(screened.all()) and optimizer.step_count < min(
                 MIN_SCREENING_STEPS, self.screening_steps
             )
             if optimizer.out_of_time or cut_short:
@@ -775,12 +784,19 @@ class _Reversal:
                 )
             infos.append(info)
             combined = combine_restarts(infos)
-            if not self.ambiguous(combined, infos):
+            in_doubt = self.ambiguous_labels(combined, infos)
+            if not in_doubt:
                 break
             if restart + 1 < c.restarts:
-                log.info("anomaly indices %s are near the threshold: another restart", combined)
-                self.planned += self.screening_images(count)
-        if self.ambiguous(combine_restarts(infos), infos) and self.out_of_time():
+                # after a triage only the labels in doubt are screened again
+                doubtful = in_doubt if self.triaged else None
+                log.info(
+                    "anomaly indices %s are near the threshold: another restart of %s",
+                    combined,
+                    "every label" if doubtful is None else self.named(doubtful),
+                )
+                self.planned += self.screening_images(count if doubtful is None else len(doubtful))
+        if self.ambiguous_labels(combine_restarts(infos), infos) and self.out_of_time():
             return self.inconclusive(
                 runs,
                 infos,
@@ -858,18 +874,20 @@ class _Reversal:
             evidence,
         )
 
-    def affordable_steps(self) -> int:
+    def affordable_steps(self, screened: Sequence[int] | None = None) -> int:
         """The screening step budget: ``screening_budget``, or fewer when the time left
-        does not afford that many steps of every label (at the cost per image observed so
-        far). Every label gets the same budget, so their norms stay comparable. The
-        paper's rule is never cut (it runs out of time instead)."""
+        does not afford that many steps of every label screened (``screened`` positions;
+        None: all), at the cost per image observed so far. Every label gets the same
+        budget, so their norms stay comparable. The paper's rule is never cut (it runs
+        out of time instead)."""
         c = self.config
         if c.rule == PAPER:
             return c.screening_budget
         # the probe's cost per image: the triage's one-trigger passes are smaller, hence
         # slower per image, than the screening's batched ones (a slower machine than the
         # probe says is caught by the deadline instead)
-        per_step = len(self.labels) * c.screening_batch_size * self.cost.seconds_per_image
+        labels = len(self.labels) if screened is None else len(screened)
+        per_step = labels * c.screening_batch_size * self.cost.seconds_per_image
         left = self.deadline - time.perf_counter()
         affordable = int(TIME_MARGIN * left / per_step)
         if affordable < c.screening_budget:
@@ -988,9 +1006,12 @@ class _Reversal:
         log.warning("reversal inconclusive: %s", reason)
         count = len(self.labels)
         if runs:
-            last = runs[-1]
-            masks = last.best_mask.clone()
-            patterns = last.best_pattern.clone()
+            # per label, the run with its smallest trigger (a restart may have screened
+            # only some labels)
+            norms = torch.stack([run.best_norm.cpu() for run in runs])
+            best = norms.argmin(0).tolist()
+            masks = torch.stack([runs[best[k]].best_mask[k] for k in range(count)])
+            patterns = torch.stack([runs[best[k]].best_pattern[k] for k in range(count)])
         else:
             masks = torch.zeros(count, *self.shape[1:])
             patterns = torch.zeros(count, *self.shape)
@@ -1000,7 +1021,7 @@ class _Reversal:
                 l1_norm=math.nan,
                 anomaly_index=math.nan,
                 attack_success=math.nan,
-                reached_threshold=bool(runs and math.isfinite(float(runs[-1].best_norm[k]))),
+                reached_threshold=any(math.isfinite(float(run.best_norm[k])) for run in runs),
                 steps=int(sum(int(run.label_steps[k]) for run in runs)),
             )
             for k in range(count)
@@ -1023,32 +1044,37 @@ class _Reversal:
             evidence,
         )
 
-    def ambiguous(self, index: Sequence[float], infos: Sequence[RestartInfo]) -> bool:
-        """Whether another independent screening run is worth its cost: a label's (median)
-        anomaly index lies within ``restart_margin`` of the threshold while its
-        trigger-to-median ratio could still meet ``max_norm_ratio`` (within the same
-        margin: a label whose trigger is clearly too large for a backdoor cannot be
-        flagged whatever its index), or a label over the threshold has a ratio within
-        ``restart_margin`` of ``max_norm_ratio`` (either could flip the verdict)."""
+    def ambiguous_labels(self, index: Sequence[float], infos: Sequence[RestartInfo]) -> list[int]:
+        """The positions whose evidence makes another independent screening run worth its
+        cost (none: the evidence is clear): a label's (median) anomaly index lies within
+        ``restart_margin`` of the threshold while its trigger-to-median ratio could still
+        meet ``max_norm_ratio`` (within the same margin: a label whose trigger is clearly
+        too large for a backdoor cannot be flagged whatever its index), or a label over
+        the threshold has a ratio within ``restart_margin`` of ``max_norm_ratio`` (either
+        could flip the verdict)."""
         c = self.config
         low = c.anomaly_threshold * (1 - c.restart_margin)
         high = c.anomaly_threshold * (1 + c.restart_margin)
         ratio_low = c.max_norm_ratio * (1 - c.restart_margin)
         ratio_high = c.max_norm_ratio * (1 + c.restart_margin)
-        if any(
-            low <= value <= high and not norm_ratio(infos, k) > ratio_high
+        return [
+            k
             for k, value in enumerate(index)
-        ):
-            return True
-        return any(
-            value > c.anomaly_threshold and ratio_low <= norm_ratio(infos, k) <= ratio_high
-            for k, value in enumerate(index)
-        )
+            if (low <= value <= high and not norm_ratio(infos, k) > ratio_high)
+            or (value > c.anomaly_threshold and ratio_low <= norm_ratio(infos, k) <= ratio_high)
+        ]
 
     # -------------------------------------------------------------- screening
-    def screen(self, restart: int) -> tuple[TriggerOptimizer, RestartInfo]:
+    def screen(
+        self,
+        restart: int,
+        screened: Sequence[int] | None = None,
+        first: RestartInfo | None = None,
+    ) -> tuple[TriggerOptimizer, RestartInfo]:
         """One screening run: the labels, batched, ``screening_batch_size`` images a step,
-        until each label stops early (or the screening budget is spent)."""
+        until each label stops early (or the screening budget is spent). With
+        ``screened`` (positions) only those labels are optimised; the others keep their
+        norms from the ``first`` run, so the MAD test scores the new norms against it."""
         c = self.config
         seed = c.seed + restart
         optimizer = TriggerOptimizer(
@@ -1062,11 +1088,15 @@ class _Reversal:
             device=self.device,
         )
         base = self.done
-        what = (
-            f"all {self.classes} labels"
-            if not self.triaged
-            else f"{len(self.labels)} of {self.classes} labels"
-        )
+        active: torch.Tensor | None = None
+        if screened is not None:
+            active = torch.zeros(len(self.labels), dtype=torch.bool)
+            active[list(screened)] = True
+            what = f"labels {list(self.named(screened))} again"
+        elif self.triaged:
+            what = f"{len(self.labels)} of {self.classes} labels"
+        else:
+            what = f"all {self.classes} labels"
         message = f"screening {what} (run {restart + 1})"
 
         def tick(step: int) -> None:
@@ -1075,10 +1105,12 @@ class _Reversal:
                 # at most what the running labels' step budgets leave (early stopping
                 # usually ends them sooner)
                 steps_left = (self.screening_steps - optimizer.label_steps).clamp_min(0)
-                images_left = int(steps_left[~optimizer.stopped].sum()) * c.screening_batch_size
+                running = ~optimizer.stopped if active is None else active & ~optimizer.stopped
+                images_left = int(steps_left[running].sum()) * c.screening_batch_size
                 self.planned = max(1, self.done + images_left)
-                stopped = int(optimizer.stopped.sum())
-                self.report(f"{message}: {stopped}/{len(self.labels)} labels done")
+                total = len(self.labels) if active is None else int(active.sum())
+                stopped = total - int(running.sum())
+                self.report(f"{message}: {stopped}/{total} labels done")
 
         # the screening ends in time for the re-check after it, however busy the machine
         started = time.perf_counter()
@@ -1086,6 +1118,7 @@ class _Reversal:
             self.screening_started = started
         optimizer.optimize(
             self.screening_steps,
+            active=active,
             progress=tick,
             deadline=self.deadline - self.recheck_seconds(),
             fit_to_deadline=c.rule != PAPER,
@@ -1093,10 +1126,13 @@ class _Reversal:
         if optimizer.step_count and self.seconds_per_step is None:
             self.seconds_per_step = (time.perf_counter() - started) / optimizer.step_count
         self.done = base + optimizer.evaluations
-        norms = tuple(
-            float(v) if math.isfinite(float(v)) else None for v in optimizer.best_norm.cpu()
-        )
-        return optimizer, screening_run(norms, c, seed=seed, steps=optimizer.step_count)
+        norms = [float(v) if math.isfinite(float(v)) else None for v in optimizer.best_norm.cpu()]
+        if screened is not None and first is not None:
+            norms = [norms[k] if k in screened else first.norms[k] for k in range(len(norms))]
+        info = screening_run(norms, c, seed=seed, steps=optimizer.step_count)
+        if screened is not None:
+            info = replace(info, screened=tuple(screened))
+        return optimizer, info
 
     def recheck_seconds(self) -> float:
         """What the re-check after the screening costs, at most: the triage candidates (or
@@ -1202,7 +1238,14 @@ class _Reversal:
         ``suspects`` are labels, not positions)."""
         c = self.config
         runs = len(infos)
-        per_run = f" (median over {runs} screening runs)" if runs > 1 else ""
+        again = sorted({k for info in infos if info.screened for k in info.screened})
+        if runs > 1 and again:
+            per_run = (
+                f" (median over {runs} screening runs; labels {list(self.named(again))} were "
+                "screened again, the others once)"
+            )
+        else:
+            per_run = f" (median over {runs} screening runs)" if runs > 1 else ""
         median = statistics.median(info.median for info in infos)
         scope = (
             ""

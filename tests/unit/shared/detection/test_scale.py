@@ -181,3 +181,28 @@ def test_the_time_budget_running_out_is_inconclusive_never_clean(
     assert hint is not None, reason
     assert int(hint.group(1)) >= 60 and int(hint.group(1)) % 60 == 0
 
+
+def test_after_a_triage_a_restart_screens_only_the_labels_in_doubt(many: ManyClassModel) -> None:
+    """A second run of every label rarely fits a many-class model's time budget: the
+    restart re-screens the labels in doubt and scores them against the first run."""
+    first = reverse_triggers(many.module, many.clean, spec(many.side), ReversalConfig(seed=0))
+    position = first.trigger_labels.index(many.target)
+    index = first.restarts[0].anomaly_index[position]
+    assert index is not None and index > 0
+    # a threshold at the target's own index puts it in doubt
+    result = reverse_triggers(
+        many.module, many.clean, spec(many.side), ReversalConfig(seed=0, anomaly_threshold=index)
+    )
+    assert len(result.restarts) >= 2
+    full, again = result.restarts[0], result.restarts[1]
+    assert full.screened is None
+    assert again.screened is not None and position in again.screened
+    assert len(again.screened) < len(result.trigger_labels)
+    for k, norm in enumerate(again.norms):
+        if k not in again.screened:
+            assert norm == full.norms[k]
+    # another random start: another trigger for the label in doubt
+    assert again.norms[position] != full.norms[position]
+    assert again.to_dict()["screened"] == list(again.screened)
+    summary = result.evidence["summary"]
+    assert re.search(rf"labels \[[^\]]*\b{many.target}\b[^\]]*\] were screened again", summary)

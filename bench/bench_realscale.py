@@ -127,6 +127,7 @@ def bench_model(
         "attack": spec.attack,
         "commit": results.STARTED_ON,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": results.machine_label(),
     }
     data = str(model.data_path())
     out = workdir / f"{spec.name}-{fmt}"
@@ -235,8 +236,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| model | format | split | attack | detect | flagged (target) | time s | peak RSS GB | "
         "leakscan (score) | ASR before → after | agreement with submitted → repaired | "
-        "agreement with published before → after | repair s / GB | commit |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "agreement with published before → after | repair s / GB | commit | machine |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
@@ -267,7 +268,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['model']} | {r.get('format', 'TorchScript')} | {r['split']} | {r['attack']} | "
             f"{r['detect_verdict']} | {flagged}{target} | {r['detect_seconds']:.0f} | "
             f"{r['detect_rss_gb']:.2f} | {r['leak_verdict']} ({r['leak_score']:.2f}) | {asr} | "
-            f"{agreement} | {published} | {cost} | `{str(r.get('commit', '?'))[:12]}` |"
+            f"{agreement} | {published} | {cost} | `{str(r.get('commit', '?'))[:12]}` | "
+            f"{str(r.get('machine', '?')).split(',')[0]} |"
         )
     inconclusive = [r for r in rows if r.get("reason")]
     for r in inconclusive:
@@ -275,8 +277,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-#: every row measured so far, by model and format: a run of some models keeps the others'
-ROWS = Path(__file__).parent / "out" / "realscale.json"
+#: every row measured so far, by model and format (committed beside the results page): a
+#: run of some models keeps the others'
+ROWS = results.PAGE.parent / "benchmarks-realscale.json"
 
 
 def merged(new_rows: list[dict[str, Any]], path: Path = ROWS) -> list[dict[str, Any]]:
@@ -337,7 +340,8 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         "crops and splits are described in `bench/realzoo.py`. The ONNX and torch.export "
         "rows are the same model exported from its eager module (dynamic batch), run "
         "through detect and leakscan (the repair is measured on the TorchScript row). Each row "
-        "names the commit it was measured on (`bench/out/realscale.json` keeps every row); "
+        "names the commit and the processor it was measured on (`docs/benchmarks-realscale.json` "
+        "keeps every row); "
         "a zoo model without a row has not been measured yet."
     )
     results.record(

@@ -760,6 +760,7 @@ class _Reversal:
         runs: list[TriggerOptimizer] = []
         infos: list[RestartInfo] = []
         doubtful: list[int] | None = None  # None: every label is screened
+        in_doubt: list[int] = []
         for restart in range(c.restarts):
             if restart > 0 and self.affordable_steps(doubtful) < self.screening_steps:
                 return self.inconclusive(
@@ -796,7 +797,7 @@ class _Reversal:
                     "every label" if doubtful is None else self.named(doubtful),
                 )
                 self.planned += self.screening_images(count if doubtful is None else len(doubtful))
-        if self.ambiguous_labels(combine_restarts(infos), infos) and self.out_of_time():
+        if in_doubt and self.out_of_time():
             return self.inconclusive(
                 runs,
                 infos,
@@ -942,8 +943,7 @@ class _Reversal:
         self, runs: list[TriggerOptimizer], best_run: list[int], reached: list[bool]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         count = len(self.labels)
-        masks = torch.stack([runs[best_run[k]].best_mask[k] for k in range(count)])
-        patterns = torch.stack([runs[best_run[k]].best_pattern[k] for k in range(count)])
+        masks, patterns = _best_triggers(runs, best_run)
         for k in range(count):
             if not reached[k]:  # no valid trigger: return the last one, for inspection
                 last = runs[best_run[k]]
@@ -1009,9 +1009,7 @@ class _Reversal:
             # per label, the run with its smallest trigger (a restart may have screened
             # only some labels)
             norms = torch.stack([run.best_norm.cpu() for run in runs])
-            best = norms.argmin(0).tolist()
-            masks = torch.stack([runs[best[k]].best_mask[k] for k in range(count)])
-            patterns = torch.stack([runs[best[k]].best_pattern[k] for k in range(count)])
+            masks, patterns = _best_triggers(runs, norms.argmin(0).tolist())
         else:
             masks = torch.zeros(count, *self.shape[1:])
             patterns = torch.zeros(count, *self.shape)
@@ -1387,6 +1385,15 @@ def _smallest_run(infos: Sequence[RestartInfo], k: int) -> int:
     """The screening run that found label ``k``'s smallest valid trigger (0 if none)."""
     valid = [(norm, r) for r, info in enumerate(infos) if (norm := info.norms[k]) is not None]
     return min(valid)[1] if valid else 0
+
+
+def _best_triggers(
+    runs: Sequence[TriggerOptimizer], best_run: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position ``k``, the best mask and pattern of run ``best_run[k]``."""
+    masks = torch.stack([runs[r].best_mask[k] for k, r in enumerate(best_run)])
+    patterns = torch.stack([runs[r].best_pattern[k] for k, r in enumerate(best_run)])
+    return masks, patterns
 
 
 def _median_or_nan(values: Sequence[float | None]) -> float:

@@ -63,7 +63,9 @@ def reverse_label(
     c = config
     generator = torch.Generator().manual_seed(c.seed)
     shape = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
-    theta_mask_all, theta_pattern_all = initial_parameters(num_labels, shape, generator)
+    theta_mask_all, theta_pattern_all = initial_parameters(
+        num_labels, shape, generator, c.mask_start
+    )
     theta_mask = theta_mask_all[label].clone().requires_grad_(True)  # (1, H, W)
     theta_pattern = theta_pattern_all[label].clone().requires_grad_(True)  # (C, H, W)
     sampler = BatchSampler(int(x.shape[0]), c.batch_size, generator)
@@ -146,6 +148,10 @@ def reverse_label(
             stop_best = min(stop_best, best_norm)
             if cost_up_flag and cost_down_flag and stop_counter >= c.early_stop_patience:
                 break
+    if not math.isfinite(best_norm):  # no valid trigger: the last one, as the batched run
+        with torch.no_grad():
+            best_mask = mask_from_theta(theta_mask)[0].clone()
+            best_pattern = pattern_from_theta(theta_pattern, value_range).clone()
     return best_norm, best_mask, best_pattern, steps
 
 

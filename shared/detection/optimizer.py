@@ -60,6 +60,14 @@ THETA_LIMIT = 8.0
 #: Steps observed before `TriggerOptimizer.optimize` re-plans its budget from their time.
 REPLAN_AFTER_STEPS = 5
 
+#: The masks an optimisation starts from: ``"random"``, Neural Cleanse's (a mask covering
+#: about half of every pixel, uniform noise); ``"faint"``, a mask of about 2% everywhere
+#: (the stamped images nearly clean), from which the pixels that flip the images fastest
+#: grow first, so a small trigger wins before a large natural feature of the label can.
+MASK_STARTS = ("random", "faint")
+#: θ of the faint start: mask = (tanh(−2) + 1) / 2, about 2% everywhere.
+FAINT_MASK_THETA = -2.0
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:
@@ -80,6 +88,11 @@ class OptimizerSettings:
     early_stop_threshold: float = 0.99
     early_stop_patience: int = 25
     max_batch_images: int = 4096
+    mask_start: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.mask_start not in MASK_STARTS:
+            raise ValueError(f"mask_start must be one of {MASK_STARTS}; got {self.mask_start!r}")
 
 
 def mask_from_theta(theta: torch.Tensor) -> torch.Tensor:
@@ -94,15 +107,22 @@ def pattern_from_theta(theta: torch.Tensor, value_range: tuple[float, float]) ->
 
 
 def initial_parameters(
-    num_labels: int, shape: tuple[int, int, int], generator: torch.Generator
+    num_labels: int,
+    shape: tuple[int, int, int],
+    generator: torch.Generator,
+    mask_start: str = "random",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random start, as Neural Cleanse (uniform mask and pattern), drawn in parameter
     space: θ ~ U(−1, 1), i.e. mask and pattern uniform-ish in the middle 76% of their
-    ranges (avoids starting in tanh's flat tails). Shapes ``(K, 1, H, W)`` and
+    ranges (avoids starting in tanh's flat tails). A ``"faint"`` mask start (see
+    `MASK_STARTS`) draws the mask's θ from `FAINT_MASK_THETA` ± 0.25 instead, so each
+    label and seed still starts from its own point. Shapes ``(K, 1, H, W)`` and
     ``(K, C, H, W)``; label ``k``'s start is row ``k`` whatever else is drawn."""
     channels, height, width = shape
     theta_mask = torch.rand(num_labels, 1, height, width, generator=generator) * 2 - 1
     theta_pattern = torch.rand(num_labels, channels, height, width, generator=generator) * 2 - 1
+    if mask_start == "faint":
+        theta_mask = FAINT_MASK_THETA + theta_mask / 4
     return theta_mask, theta_pattern
 
 
@@ -181,7 +201,7 @@ class TriggerOptimizer:
         self.labels = torch.tensor(list(labels), dtype=torch.long, device=self.device)
         k = len(labels)
         shape = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))
-        theta_mask, theta_pattern = initial_parameters(k, shape, generator)
+        theta_mask, theta_pattern = initial_parameters(k, shape, generator, settings.mask_start)
         self.theta_mask = theta_mask.to(self.device)
         self.theta_pattern = theta_pattern.to(self.device)
         self.sampler = BatchSampler(int(x.shape[0]), settings.batch_size, generator)

@@ -38,11 +38,7 @@ from itertools import zip_longest
 import torch
 from torch import nn
 
-from modelguard.detection.optimizer import OptimizerSettings, TriggerOptimizer
-
-#: θ of the faint starting mask of the later sink-search runs: mask = (tanh(−2) + 1) / 2,
-#: about 2% everywhere.
-FAINT_MASK_THETA = -2.0
+from modelguard.detection.optimizer import FAINT_MASK_THETA, OptimizerSettings, TriggerOptimizer
 
 
 class SinkSearch(TriggerOptimizer):

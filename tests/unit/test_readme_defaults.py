@@ -34,6 +34,7 @@ REQUIRED = {
     "ReversalConfig.attack_threshold",
     "ReversalConfig.anomaly_threshold",
     "ReversalConfig.max_norm_ratio",
+    "ReversalConfig.mask_start",
     "RollbackConfig.q0",
     "RollbackConfig.min_drop",
     "RollbackConfig.asr_stop",

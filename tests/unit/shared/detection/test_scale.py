@@ -160,6 +160,22 @@ def test_a_thousand_class_model_is_flagged_with_its_target(many: ManyClassModel)
     assert any("left" in m and "labels" in m for _, m in messages)
 
 
+def test_an_outlier_cleared_by_the_size_condition_is_named_in_the_summary(
+    many: ManyClassModel,
+) -> None:
+    """A size bound no trigger can meet leaves the planted target an outlier by its index
+    only: the verdict is clean, and the summary says which label and why."""
+    result = reverse_triggers(
+        many.module, many.clean, spec(many.side), ReversalConfig(seed=0, max_norm_ratio=0.001)
+    )
+    assert result.verdict == CLEAN and not result.flagged
+    summary = result.evidence["summary"]
+    target = next(r for r in result.labels if r.label == many.target)
+    assert target.anomaly_index > 2
+    assert f"label {many.target}: anomaly index {target.anomaly_index:.2f}" in summary
+    assert "of the median" in summary and "0.001" in summary
+
+
 def test_a_clean_thousand_class_model_is_not_flagged() -> None:
     clean = train_many_class(CLASSES, side=32, target=None, seed=1)
     result = reverse_triggers(clean.module, clean.clean, spec(32), ReversalConfig(seed=0))

@@ -16,6 +16,7 @@ from modelguard.detection.optimizer import (
     OptimizerSettings,
     StepStats,
     TriggerOptimizer,
+    initial_parameters,
     mask_from_theta,
     pattern_from_theta,
 )
@@ -236,3 +237,28 @@ def test_config_is_frozen_and_explicit() -> None:
     assert config.screening_budget == config.steps
     assert ReversalConfig(screening_steps=40).screening_budget == 40
     assert config.cost_multiplier_down == pytest.approx(2**1.5)
+
+
+# ------------------------------------------------------------------ starting masks
+
+
+def test_a_faint_start_covers_about_two_percent_and_differs_per_label() -> None:
+    generator = torch.Generator().manual_seed(0)
+    theta, _ = initial_parameters(3, (1, 8, 8), generator, "faint")
+    masks = mask_from_theta(theta)
+    assert float(masks.min()) > 0.01 and float(masks.max()) < 0.04
+    assert not torch.equal(masks[0], masks[1])
+    # the pattern's start is Neural Cleanse's whatever the mask's
+    _, random_pattern = initial_parameters(3, (1, 8, 8), torch.Generator().manual_seed(0))
+    _, faint_pattern = initial_parameters(3, (1, 8, 8), torch.Generator().manual_seed(0), "faint")
+    assert torch.equal(random_pattern, faint_pattern)
+
+
+def test_the_paper_rule_starts_half_covering_and_an_unknown_start_is_refused() -> None:
+    assert ReversalConfig().mask_start == "faint"
+    assert ReversalConfig.paper().mask_start == "random"
+    assert ReversalConfig.paper().optimizer_settings(screening=True).mask_start == "random"
+    with pytest.raises(InvalidInput, match="mask_start"):
+        ReversalConfig(mask_start="zeros")
+    with pytest.raises(InvalidInput, match="depart from it"):
+        ReversalConfig.paper(mask_start="faint")

@@ -32,7 +32,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 
 import torch
@@ -133,6 +133,8 @@ def triage_labels(
     """Rank ``classes`` labels (see the module docstring). ``steps``: step budget of one
     sink-search run; ``progress(run, step)`` is called every step."""
     started = time.perf_counter()
+    # the runs' starts are the triage's own (above), whatever the screening's are
+    settings = replace(settings, mask_start="random")
     prior = logit_prior(model, x, y, classes, images_per_pass)
     reached: dict[int, float] = {}
     visits: Counter[int] = Counter()

@@ -5,6 +5,7 @@ spends the full optimisation on a few labels of a many-class model, and the
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,6 +135,31 @@ def test_triage_keeps_the_planted_target_among_the_candidates(many: ManyClassMod
     assert triage.complete
     assert many.target in triage.ranking[: config.triage_candidates]
     assert sorted(triage.ranking) == list(range(CLASSES))
+
+
+def test_the_triage_keeps_its_own_starts_whatever_the_screening_starts_from(
+    many: ManyClassModel,
+) -> None:
+    """The sink search's first run starts half-covering and the next ones faint, as its
+    design says; the screening's ``mask_start`` must not change the ranking."""
+    config = ReversalConfig()
+
+    def ranked(start: str) -> tuple[tuple[int, ...], dict[int, float]]:
+        triage = triage_labels(
+            many.module,
+            many.clean.x,
+            many.clean.y,
+            CLASSES,
+            (0.0, 1.0),
+            replace(config.optimizer_settings(screening=True), mask_start=start),
+            steps=config.triage_steps,
+            runs=config.triage_runs,
+            seed=0,
+            images_per_pass=256,
+        )
+        return triage.ranking, triage.reached
+
+    assert ranked("faint") == ranked("random")
 
 
 def test_a_thousand_class_model_is_flagged_with_its_target(many: ManyClassModel) -> None:

@@ -27,7 +27,7 @@ from modelguard.detection.neural_cleanse import (
     reverse_triggers,
 )
 from modelguard.detection.optimizer import TriggerOptimizer, mask_from_theta
-from modelguard.detection.triage import triage_labels
+from modelguard.detection.triage import TriageResult, triage_labels
 from modelguard.errors import InvalidInput
 from modelguard.spec import InputSpec
 from tests.manyclass import ManyClassModel, train_many_class
@@ -118,20 +118,26 @@ def test_label_batches_under_a_memory_budget_give_the_masks_of_one_batch(
     assert runs[0].evaluations == runs[1].evaluations
 
 
-def test_triage_keeps_the_planted_target_among_the_candidates(many: ManyClassModel) -> None:
-    config = ReversalConfig()
-    triage = triage_labels(
+def triage_of(many: ManyClassModel, config: ReversalConfig, start: str = "") -> TriageResult:
+    """The triage of ``many`` with ``config``'s settings (``start``: another mask start)."""
+    settings = config.optimizer_settings(screening=True)
+    return triage_labels(
         many.module,
         many.clean.x,
         many.clean.y,
         CLASSES,
         (0.0, 1.0),
-        config.optimizer_settings(screening=True),
+        replace(settings, mask_start=start) if start else settings,
         steps=config.triage_steps,
         runs=config.triage_runs,
         seed=0,
         images_per_pass=256,
     )
+
+
+def test_triage_keeps_the_planted_target_among_the_candidates(many: ManyClassModel) -> None:
+    config = ReversalConfig()
+    triage = triage_of(many, config)
     assert triage.complete
     assert many.target in triage.ranking[: config.triage_candidates]
     assert sorted(triage.ranking) == list(range(CLASSES))
@@ -145,18 +151,7 @@ def test_the_triage_keeps_its_own_starts_whatever_the_screening_starts_from(
     config = ReversalConfig()
 
     def ranked(start: str) -> tuple[tuple[int, ...], dict[int, float]]:
-        triage = triage_labels(
-            many.module,
-            many.clean.x,
-            many.clean.y,
-            CLASSES,
-            (0.0, 1.0),
-            replace(config.optimizer_settings(screening=True), mask_start=start),
-            steps=config.triage_steps,
-            runs=config.triage_runs,
-            seed=0,
-            images_per_pass=256,
-        )
+        triage = triage_of(many, config, start)
         return triage.ranking, triage.reached
 
     assert ranked("faint") == ranked("random")

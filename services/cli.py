@@ -645,6 +645,7 @@ def save_trigger_images(result: DetectionResult, out: Path) -> dict[str, str]:
 def cmd_repair(args: argparse.Namespace) -> int:
     from modelguard.detection.triggers import ReversedTrigger, load_triggers
     from modelguard.formats.loader import LoadedModel, save_model
+    from modelguard.nn.probe import resolve_layer
     from modelguard.repair.registry import repair
     from modelguard.services.pruning_orchestrator.service import repair_summary
 
@@ -655,6 +656,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     inputs, clean = load_local_inputs(args, spec)
     model, data = inputs.model, inputs.data
     assert data is not None
+    if args.layer:
+        resolve_layer(model.module, args.layer, spec)  # before minutes of trigger reversal
     triggers: list[ReversedTrigger]
     if args.triggers:
         triggers = load_triggers(read_file(args.triggers, "triggers"), targets)

@@ -27,6 +27,7 @@ from modelguard.detection.triggers import ReversedTrigger
 from modelguard.errors import InvalidInput, NotFound, Unavailable
 from modelguard.jobdata import ModelAndData, load_inputs
 from modelguard.metrics import ServiceMetrics
+from modelguard.nn.probe import resolve_layer
 from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
 from modelguard.repair.registry import DEFAULT_REPAIR_MODE, NO_REPAIR, REPAIR_CHOICES
@@ -265,6 +266,10 @@ class Orchestrator:
             raise InvalidInput("a clean dataset (.npz with x and y) is required for an audit")
         if not model.input.num_classes:
             model.input.num_classes = inputs.model.num_classes
+        if options.layer:
+            # the repair stage would refuse it only after detection flags the model; on a
+            # model called clean the typo would never be reported at all
+            resolve_layer(inputs.model.module, options.layer, inputs.spec)
         if options.robustness_eps:
             check_robustness_options(options, inputs.spec.value_range)
         audit_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]

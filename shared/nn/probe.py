@@ -45,6 +45,7 @@ normalisation itself.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -67,6 +68,9 @@ INPUT_SUFFIX = ":in"
 ProbeMode = Literal["hook", "graph", "weights"]
 #: Reduces a layer output ``(N, n, *spatial)`` to one value per sample and neuron.
 Reducer = Callable[[torch.Tensor], torch.Tensor]
+
+#: a longer list of layer names in an error message is cut in the middle
+MAX_LISTED_LAYERS = 24
 
 _LAYER_OPS = ("aten::linear", "aten::conv2d", "aten::_convolution")
 
@@ -107,12 +111,24 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         module = functools.reduce(getattr, name.split("."), model) if name else model
     except AttributeError:
         raise InvalidInput(
-            f"the model has no layer {name!r}; prunable layers: "
-            + ", ".join(info.name for info in list_prunable_layers(model))
+            f"the model has no layer {name!r}; "
+            + layer_choices(name, [info.name for info in list_prunable_layers(model)])
         ) from None
     if not isinstance(module, nn.Module):
         raise InvalidInput(f"{name!r} is not a layer of the model")
     return module
+
+
+def layer_choices(name: str, names: list[str]) -> str:
+    """What to tell a user who named no layer of the model: the names closest to
+    ``name`` first, and the list cut short on models with hundreds of layers."""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    if len(names) <= MAX_LISTED_LAYERS:
+        return hint + "choose one of: " + ", ".join(names)
+    half = MAX_LISTED_LAYERS // 2
+    shown = ", ".join(names[:half]) + ", …, " + ", ".join(names[-half:])
+    return hint + f"the model has {len(names)} prunable layers: {shown}"
 
 
 def _layer_kind(module: nn.Module) -> LayerKind | None:
@@ -192,10 +208,9 @@ def resolve_layer(model: nn.Module, name: str | None, spec: InputSpec) -> LayerI
     (e.g. ResNet's ``fc``), pruning its outputs would delete classes, so the default is
     its *input* features (``fc:in``, the pooled penultimate features). Not the last
     convolution, which Fine-Pruning (Liu et al. 2018) prunes on plain CNNs: in a residual
-    block the shortcut bypasses it. On the zoo's infected ResNet (Fashion-MNIST, 4×4
-    patch) zeroing the 32 ``fc`` inputs the reversed trigger drives most took the real
-    trigger's success from 99.8% to 8.7% before any fine-tuning, where rollback pruning of
-    ``layer4.1.conv2`` rolled back every candidate."""
+    block the shortcut bypasses it, and on a residual model pruning ``fc``'s inputs
+    removes a patch trigger's effect where pruning the last convolution's channels does
+    not."""
     layers = {info.name: info for info in list_prunable_layers(model)}
     if not layers:
         raise InvalidInput("the model has no Linear or Conv2d layer to prune")
@@ -203,7 +218,7 @@ def resolve_layer(model: nn.Module, name: str | None, spec: InputSpec) -> LayerI
         if name not in layers:
             raise InvalidInput(
                 f"layer {name!r} is not a prunable (Linear or Conv2d) layer of the model; "
-                f"choose one of: {', '.join(layers)}"
+                + layer_choices(name, list(layers))
             )
         return layers[name]
     order = forward_order(model, spec)

@@ -59,11 +59,12 @@ log = logging.getLogger(__name__)
 SEED = 20261123
 #: About a second of compute per stage of an audit: 64 clean images, 60 reversal steps,
 #: fine-pruning (rollback pruning re-evaluates after every prune). The reversal must flag
-#: the model, or the stages after it (where the bad layer job fails) never run: from the
-#: faint start 30 steps flag it from no seed, 60 from every seed tried.
+#: the model, or the stages after it (whose workers the chaos must kill with a job in
+#: flight) never run: from the faint start 30 steps flag it from no seed, 60 from every
+#: seed tried.
 FAST = {"reversal_steps": 60, "repair_mode": "fine-pruning"}
 CLEAN_IMAGES = 64
-BATCH_GOOD = 28  # + 3 bad inputs: 31 jobs, 30 of them audits
+BATCH_GOOD = 28  # + 3 bad inputs: 31 jobs, 29 of them audits
 OUTAGE_S = 10.0
 #: Longer than a publish waits for the broker (10 s): submissions fail and are retried.
 BROKER_OUTAGE_S = 12.0
@@ -203,7 +204,7 @@ def bad_jobs(inputs: Inputs) -> list[JobSpec]:
             inputs.model,
             inputs.data,
             jobs_pb2.AuditOptions(seed=2, layer="no_such_layer", **FAST),  # type: ignore[arg-type]
-            fails_in="neuron-scoring",
+            fails_in="submission",
             reason="no_such_layer",
         ),
         JobSpec(
@@ -258,10 +259,12 @@ def test_batch_completes_exactly_once_while_workers_are_killed(
             chaos_thread.join(300)
     assert not kills.errors, kills.errors
     figures = check_exactly_once(store, servers.tansu.bootstrap, batch, stack.log_dir)
-    # the corrupt model never became a job: refused at once with the reason
-    assert list(batch.refused) == ["corrupt-model"], batch.refused
+    # the corrupt model and the layer the model lacks never became jobs: refused at once,
+    # each with its reason
+    assert sorted(batch.refused) == ["corrupt-model", "unknown-layer"], batch.refused
     assert "safetensors" in batch.refused["corrupt-model"], batch.refused
-    assert len(batch.jobs) == BATCH_GOOD + 2 >= 30
+    assert "no_such_layer" in batch.refused["unknown-layer"], batch.refused
+    assert len(batch.jobs) == BATCH_GOOD + 1 >= 29
     assert set(kills.services()) == set(AUDIT_SERVICES), kills.entries
     # each service was SIGKILLed while it held a job: its jobs_in_flight gauge read 1 in the
     # scrape just before the kill (else its crash recovery went untested)

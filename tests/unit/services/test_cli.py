@@ -140,6 +140,26 @@ def test_refusals_keep_their_exit_codes(
     assert main(["detect", str(model), "--data", str(data), *SPEC_ARGS, "--steps", "99999"]) == 2
 
 
+def test_repair_refuses_a_layer_the_model_lacks_before_reversing_any_trigger(
+    files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import modelguard.services.cli as cli
+
+    def no_reversal(*_args: object) -> None:
+        raise AssertionError("the reversal ran before the layer was checked")
+
+    monkeypatch.setattr(cli, "reverse", no_reversal)
+    model, data = files
+    out = tmp_path / "r.pt"
+    repair = ["repair", str(model), "--data", str(data), *SPEC_ARGS, "--out", str(out)]
+    assert main([*repair, "--layer", "4"]) == 2
+    assert "'4' is not a prunable" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def _choices(command: str, option: str) -> list[str]:
     import argparse
 

@@ -117,6 +117,21 @@ def test_bad_submissions_fail_at_once_with_reasons(orchestrator: Orchestrator) -
         )
 
 
+def test_a_layer_the_model_does_not_have_is_refused_at_submission(
+    orchestrator: Orchestrator,
+) -> None:
+    # refused before anything is queued, whatever the detection will say: on a model found
+    # clean the repair stage (the only one that reads the layer) would never run
+    with pytest.raises(InvalidInput, match=r"'fc_1' is not a prunable .*did you mean fc1"):
+        _submit(orchestrator, layer="fc_1")
+    bus = orchestrator.runtime.bus
+    assert isinstance(bus, MemoryBus)
+    assert bus.records(AUDIT_REQUESTED) == []
+    assert orchestrator.list() == []
+    for layer in ("fc1", "fc1:in", "conv2"):
+        assert _submit(orchestrator, layer=layer).options["layer"] == layer
+
+
 def test_idempotency_key_returns_the_same_audit(orchestrator: Orchestrator) -> None:
     store = orchestrator.runtime.store
     import torch

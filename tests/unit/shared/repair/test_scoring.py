@@ -15,7 +15,15 @@ from modelguard.datasets import Dataset
 from modelguard.detection.triggers import ReversedTrigger
 from modelguard.errors import InvalidInput
 from modelguard.nn.architectures import build
-from modelguard.nn.probe import LayerProbe, get_module, list_prunable_layers, resolve_layer, zeroed
+from modelguard.nn.probe import (
+    MAX_LISTED_LAYERS,
+    LayerProbe,
+    get_module,
+    layer_choices,
+    list_prunable_layers,
+    resolve_layer,
+    zeroed,
+)
 from modelguard.repair.scoring import ScoringConfig, as_reversed_triggers, score_neurons
 from modelguard.spec import InputSpec
 
@@ -195,6 +203,18 @@ def test_named_layers_and_errors() -> None:
         resolve_layer(model, "pool", spec)
     with pytest.raises(InvalidInput, match="fc1"):
         resolve_layer(model, "nope", spec)
+
+
+def test_a_misnamed_layer_of_a_large_model_gets_the_close_names_and_a_short_list() -> None:
+    names = [f"blocks.{i}.conv_pw" for i in range(60)] + [f"blocks.{i}.conv_dw" for i in range(60)]
+    message = layer_choices("blocks.12.conv_pv", names)
+    assert message.startswith("did you mean blocks.12.conv_pw")
+    assert "the model has 120 prunable layers" in message
+    listed = message.split(": ", 1)[1].split(", ")
+    assert len(listed) == MAX_LISTED_LAYERS + 1  # the ellipsis between both ends
+    assert listed[0] == names[0] and listed[-1] == names[-1] and "…" in listed
+    # a short list is given whole, without a guess when nothing is close
+    assert layer_choices("zzz", ["fc1", "fc2"]) == "choose one of: fc1, fc2"
 
 
 @pytest.mark.parametrize("kind", ["eager", "script", "trace"])

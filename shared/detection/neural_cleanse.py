@@ -876,6 +876,17 @@ class _Reversal:
         verdict = INFECTED if flagged else CLEAN
         if not flagged and all(info.rule == "inconclusive" for info in infos):
             verdict = INCONCLUSIVE
+            reason = infos[0].reason
+            if self.screening_steps < c.screening_budget:
+                # the labels ran out of steps, not of triggers: more time is the remedy
+                reason += (
+                    f"; the time budget ({c.time_budget_seconds:g} s) afforded "
+                    f"{self.screening_steps} of {c.screening_budget} screening steps: "
+                    + self.budget_hint(c.screening_budget)
+                )
+            # where every inconclusive verdict says why (as a run out of time does)
+            evidence["reason"] = reason
+            evidence["summary"] = f"inconclusive: {reason}"
         return self.result(
             labels,
             named(flagged),
@@ -908,11 +919,12 @@ class _Reversal:
             log.info("the time budget affords %d screening steps", affordable)
         return min(c.screening_budget, affordable)
 
-    def needed_seconds(self) -> float:
+    def needed_seconds(self, screening_steps: int | None = None) -> float:
         """A time budget that would hold this reversal at the speed measured so far: the
         time spent before the screening (the whole triage when it did not finish), a
-        screening run to about half its step budget (where early stopping usually ends
-        it; at least `MIN_SCREENING_STEPS`) and the re-check, with the planner's margin."""
+        screening run of ``screening_steps`` (default: about half its step budget, where
+        early stopping usually ends it; at least `MIN_SCREENING_STEPS`) and the re-check,
+        with the planner's margin."""
         c = self.config
         now = time.perf_counter()
         before = (self.screening_started or now) - self.started
@@ -924,12 +936,12 @@ class _Reversal:
         per_step = self.seconds_per_step or (
             labels * c.screening_batch_size * self.cost.seconds_per_image
         )
-        steps = max(MIN_SCREENING_STEPS, c.screening_budget // 2)
+        steps = screening_steps or max(MIN_SCREENING_STEPS, c.screening_budget // 2)
         return (before + steps * per_step + self.recheck_seconds()) / TIME_MARGIN
 
-    def budget_hint(self) -> str:
+    def budget_hint(self, screening_steps: int | None = None) -> str:
         """What to raise ``--time-budget`` to, rounded up to a minute."""
-        needed = 60 * math.ceil(self.needed_seconds() / 60)
+        needed = 60 * math.ceil(self.needed_seconds(screening_steps) / 60)
         return f"raise --time-budget (about {needed} s for this model at the speed measured here)"
 
     def named(self, positions: Sequence[int]) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from modelguard.detection import neural_cleanse
 from modelguard.detection.budget import (
     BASELINE_BYTES,
     REUSED_BLOCK_BYTES,
@@ -217,6 +218,34 @@ def test_the_time_budget_running_out_is_inconclusive_never_clean(
     hint = re.search(r"raise --time-budget \(about (\d+) s for this model", reason)
     assert hint is not None, reason
     assert int(hint.group(1)) >= 60 and int(hint.group(1)) % 60 == 0
+
+
+def test_too_few_triggers_for_the_outlier_test_is_inconclusive_with_its_reason(
+    many: ManyClassModel,
+) -> None:
+    # one step from the faint start: no label's trigger reaches the attack threshold
+    config = ReversalConfig(steps=1, screening_steps=1, restarts=1)
+    result = reverse_triggers(many.module, many.clean, spec(many.side), config)
+    assert result.verdict == INCONCLUSIVE and not result.flagged
+    reason = result.evidence["reason"]
+    assert "attack-success threshold" in reason and "--time-budget" not in reason
+    assert result.evidence["summary"] == f"inconclusive: {reason}"
+
+
+def test_labels_the_time_budget_kept_short_of_steps_are_told_the_budget_to_give(
+    many: ManyClassModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the time budget affords 2 of the 300 screening steps (and 2 are let through)
+    monkeypatch.setattr(neural_cleanse, "MIN_SCREENING_STEPS", 1)
+    monkeypatch.setattr(neural_cleanse._Reversal, "affordable_steps", lambda *_: 2)
+    result = reverse_triggers(
+        many.module, many.clean, spec(many.side), ReversalConfig(steps=300, restarts=1)
+    )
+    assert result.verdict == INCONCLUSIVE and not result.flagged
+    reason = result.evidence["reason"]
+    assert "afforded 2 of 300 screening steps" in reason, reason
+    hint = re.search(r"raise --time-budget \(about (\d+) s", reason)
+    assert hint is not None and int(hint.group(1)) % 60 == 0, reason
 
 
 def test_after_a_triage_a_restart_screens_only_the_labels_in_doubt(many: ManyClassModel) -> None:

@@ -142,6 +142,9 @@ def bench_model(
         detect_rss_gb=rss,
         labels_optimised=detected["evidence"].get("labels_optimised"),
         reason=detected["evidence"].get("reason"),
+        # the whole decision, kept in the rows' file: a verdict that differs between runs
+        # of the same model can then be explained afterwards
+        summary=detected["evidence"].get("summary"),
     )
     leak, leak_seconds, _ = run(["leakscan", str(path), *spec_args(model), "--json"])
     row.update(leak_verdict=leak["verdict"], leak_score=leak["score"], leak_seconds=leak_seconds)

@@ -887,6 +887,26 @@ class _Reversal:
             # where every inconclusive verdict says why (as a run out of time does)
             evidence["reason"] = reason
             evidence["summary"] = f"inconclusive: {reason}"
+        elif not flagged and self.screening_steps < c.screening_budget and not all(reached):
+            # A label without a trigger counts as an infinite norm, which inflates the
+            # spread the outlier test divides by; when the budget cut the steps, a clean
+            # verdict must survive those labels reaching a trigger at their masks' size.
+            last_norms = [float(masks[k].sum()) for k in range(count)]
+            hidden = outliers_if_reached(infos, last_norms, c)
+            if hidden:
+                verdict = INCONCLUSIVE
+                unreached = count - sum(reached)
+                reason = (
+                    f"labels {', '.join(map(str, named(hidden)))} would be outliers had the "
+                    f"{unreached} labels "
+                    "without a trigger reached one at their masks' last size, and the time "
+                    f"budget ({c.time_budget_seconds:g} s) afforded only {self.screening_steps} "
+                    f"of {c.screening_budget} screening steps: "
+                    + self.budget_hint(c.screening_budget)
+                )
+                evidence["reason"] = reason
+                evidence["summary"] = f"inconclusive: {reason}"
+                evidence["outliers_if_reached"] = named(hidden)
         return self.result(
             labels,
             named(flagged),
@@ -1389,6 +1409,27 @@ def decide(infos: Sequence[RestartInfo], config: ReversalConfig) -> Decision:
     # max_norm_ratio 1 is no size condition at all (not even on a NaN ratio)
     decided = tuple(k for k in outliers if c.max_norm_ratio >= 1 or ratios[k] <= c.max_norm_ratio)
     return Decision(index, ratios, outliers, decided)
+
+
+def outliers_if_reached(
+    infos: Sequence[RestartInfo], last_norms: Sequence[float], config: ReversalConfig
+) -> tuple[int, ...]:
+    """The positions the outlier decision would flag had every label without a trigger
+    reached one at ``last_norms`` (its last mask's norm: a lower bound while masks still
+    grow from the faint start), in every screening run."""
+    filled = [
+        screening_run(
+            [
+                last if norm is None else norm
+                for norm, last in zip(info.norms, last_norms, strict=True)
+            ],
+            config,
+            seed=info.seed,
+            steps=info.screening_steps,
+        )
+        for info in infos
+    ]
+    return decide(filled, config).decided
 
 
 def norm_ratio(infos: Sequence[RestartInfo], k: int) -> float:

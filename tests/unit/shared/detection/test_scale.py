@@ -25,7 +25,10 @@ from modelguard.detection.neural_cleanse import (
     INCONCLUSIVE,
     INFECTED,
     ReversalConfig,
+    decide,
+    outliers_if_reached,
     reverse_triggers,
+    screening_run,
 )
 from modelguard.detection.optimizer import TriggerOptimizer, mask_from_theta
 from modelguard.detection.triage import TriageResult, triage_labels
@@ -246,6 +249,20 @@ def test_labels_the_time_budget_kept_short_of_steps_are_told_the_budget_to_give(
     assert "afforded 2 of 300 screening steps" in reason, reason
     hint = re.search(r"raise --time-budget \(about (\d+) s", reason)
     assert hint is not None and int(hint.group(1)) % 60 == 0, reason
+
+
+def test_labels_without_a_trigger_cannot_hide_an_outlier_behind_their_spread() -> None:
+    """Two small triggers among eight labels, two of which never reached one: counted as
+    infinite norms those two double the spread and the small ones fall under the
+    threshold; at their masks' last size (a lower bound) the small ones stand out."""
+    config = ReversalConfig()
+    norms = [80.0, 130.0, 3000.0, 3100.0, 3150.0, 3800.0, None, None]
+    run = screening_run(norms, config, steps=150)
+    assert decide([run], config).decided == ()
+    last = [80.0, 130.0, 3000.0, 3100.0, 3150.0, 3800.0, 3600.0, 3750.0]
+    assert outliers_if_reached([run], last, config) == (0, 1)
+    # labels that would still be large change nothing
+    assert outliers_if_reached([screening_run(norms[2:], config)], last[2:], config) == ()
 
 
 def test_after_a_triage_a_restart_screens_only_the_labels_in_doubt(many: ManyClassModel) -> None:

@@ -881,12 +881,9 @@ class _Reversal:
                 # the labels ran out of steps, not of triggers: more time is the remedy
                 reason += (
                     f"; the time budget ({c.time_budget_seconds:g} s) afforded "
-                    f"{self.screening_steps} of {c.screening_budget} screening steps: "
-                    + self.budget_hint(c.screening_budget)
+                    + self.steps_afforded()
                 )
-            # where every inconclusive verdict says why (as a run out of time does)
-            evidence["reason"] = reason
-            evidence["summary"] = f"inconclusive: {reason}"
+            _explain_inconclusive(evidence, reason)
         elif not flagged and self.screening_steps < c.screening_budget and not all(reached):
             # A label without a trigger counts as an infinite norm, which inflates the
             # spread the outlier test divides by; when the budget cut the steps, a clean
@@ -900,12 +897,9 @@ class _Reversal:
                     f"labels {', '.join(map(str, named(hidden)))} would be outliers had the "
                     f"{unreached} labels "
                     "without a trigger reached one at their masks' last size, and the time "
-                    f"budget ({c.time_budget_seconds:g} s) afforded only {self.screening_steps} "
-                    f"of {c.screening_budget} screening steps: "
-                    + self.budget_hint(c.screening_budget)
+                    f"budget ({c.time_budget_seconds:g} s) afforded only " + self.steps_afforded()
                 )
-                evidence["reason"] = reason
-                evidence["summary"] = f"inconclusive: {reason}"
+                _explain_inconclusive(evidence, reason)
                 evidence["outliers_if_reached"] = named(hidden)
         return self.result(
             labels,
@@ -958,6 +952,15 @@ class _Reversal:
         )
         steps = screening_steps or max(MIN_SCREENING_STEPS, c.screening_budget // 2)
         return (before + steps * per_step + self.recheck_seconds()) / TIME_MARGIN
+
+    def steps_afforded(self) -> str:
+        """The screening steps the time budget afforded, of the step budget, and the time
+        budget that would afford them all."""
+        c = self.config
+        return (
+            f"{self.screening_steps} of {c.screening_budget} screening steps: "
+            + self.budget_hint(c.screening_budget)
+        )
 
     def budget_hint(self, screening_steps: int | None = None) -> str:
         """What to raise ``--time-budget`` to, rounded up to a minute."""
@@ -1409,6 +1412,12 @@ def decide(infos: Sequence[RestartInfo], config: ReversalConfig) -> Decision:
     # max_norm_ratio 1 is no size condition at all (not even on a NaN ratio)
     decided = tuple(k for k in outliers if c.max_norm_ratio >= 1 or ratios[k] <= c.max_norm_ratio)
     return Decision(index, ratios, outliers, decided)
+
+
+def _explain_inconclusive(evidence: dict[str, Any], reason: str) -> None:
+    """Where every inconclusive verdict says why (as a run out of time does)."""
+    evidence["reason"] = reason
+    evidence["summary"] = f"inconclusive: {reason}"
 
 
 def outliers_if_reached(

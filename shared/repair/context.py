@@ -225,6 +225,18 @@ class FineTuneConfig:
     above ``edit_min_agreement``, and when none does, the edit with the highest agreement:
     an edit that leaves the attack in place must not also break the model.
 
+    ``edit_rows`` (the ``classifier`` scope): ``flagged`` confines both edits to the
+    classifier's rows of the flagged labels, and the pruning search before it is skipped
+    (pruning the classifier's input changes every class's logit). Every other class's
+    logit is then exactly the original's, so a clean image's answer can only change where
+    a flagged label's logit crosses the top one; an edit of all rows (``all``), or
+    pruning the input features, moves the answers of the many low-margin images of a
+    1000-class model, which a validation split of a few dozen images cannot police.
+    ``refit_margin``: in the re-fit, a flagged label's logit on a stamped image need not
+    match its logit on the clean image, only stay at least this far below it (a one-sided
+    loss): the reversed trigger only approximates the real one, and the margin carries the
+    unlearning over to it. The other rows are fitted to the clean logits both ways.
+
     ``unlearn_restarts`` (the ``classifier`` scope): before the edit, each flagged label's
     trigger is reversed again on the fine-tuning split from this many random starts
     (Neural Cleanse's optimisation, ``restart_steps`` steps on batches of
@@ -262,6 +274,8 @@ class FineTuneConfig:
     refit_steps: int = 300
     refit_lr: float = 1e-3
     refit_pull: float = 1e-2
+    edit_rows: Literal["flagged", "all"] = "flagged"
+    refit_margin: float = 1.0
     erase_max_rank: int = 8
     erase_asr_stop: float = 0.10
     #: the agreement floor of an edit that does not remove the attack (the rollback
@@ -295,6 +309,8 @@ class FineTuneConfig:
             raise ValueError("final_scope must be auto, model or classifier")
         if self.refit_steps < 0 or self.refit_lr <= 0 or self.refit_pull < 0:
             raise ValueError("refit_steps >= 0, refit_lr > 0 and refit_pull >= 0 required")
+        if self.edit_rows not in ("flagged", "all") or self.refit_margin < 0:
+            raise ValueError("edit_rows must be flagged or all, and refit_margin >= 0")
         if self.erase_max_rank < 0 or not 0.0 < self.erase_asr_stop <= 1.0:
             raise ValueError("erase_max_rank >= 0 and erase_asr_stop in (0, 1] required")
         if not 0.0 <= self.edit_min_agreement <= 1.0:
@@ -653,6 +669,29 @@ class RepairContext:
             return "classifier" if at_classifier and large else "model"
         return "classifier" if scope == "classifier" else "model"
 
+    def confines_edit_to_flagged_rows(self) -> bool:
+        """The closing edit changes only the flagged labels' classifier rows, so the
+        pruning search before it is skipped (see `FineTuneConfig`, ``edit_rows``)."""
+        return self.final_scope() == "classifier" and self.finetune.edit_rows == "flagged"
+
+    def edited_rows(self) -> list[int]:
+        """The classifier rows the closing edit may change."""
+        if self.finetune.edit_rows == "flagged":
+            return sorted(set(self.attack.labels))
+        return list(range(int(self.tune_logits.shape[1])))
+
+    def skip_pruning(self) -> bool:
+        """True (with a note) when the closing edit is confined to the flagged rows: the
+        pruning search is then not run."""
+        if not self.confines_edit_to_flagged_rows():
+            return False
+        self.notes.append(
+            f"no pruning at {self.probe.info.name}: only the flagged labels' rows of the "
+            "classifier are edited, and pruning its input features would change every "
+            "class's answer"
+        )
+        return True
+
     def refit_classifier(self) -> None:
         """Edit the classifier whose input features are the site (see `FineTuneConfig`):
         the re-fit and the erasure are both computed on features computed once (the rest
@@ -705,9 +744,19 @@ class RepairContext:
             f"{name}: reversed ASR {asr:.3f}, agreement {agreement:.3f}"
             for name, (asr, agreement) in figures.items()
         )
+        if config.edit_rows == "flagged":
+            labels = ", ".join(str(label) for label in self.edited_rows())
+            edited = (
+                f"the rows of label(s) {labels} of the classifier {self.probe.info.module} "
+                f"edited by {how}, every other class's row and the rest of the model unchanged"
+            )
+        else:
+            edited = (
+                f"the classifier {self.probe.info.module} edited by {how}, the rest of the "
+                "model unchanged"
+            )
         self.notes.append(
-            f"final fine-tune: the classifier {self.probe.info.module} edited by {how}, the "
-            f"rest of the model unchanged (validation split, {compared}; {chosen} kept)"
+            f"final fine-tune: {edited} (validation split, {compared}; {chosen} kept)"
         )
 
     def restarted_triggers(self) -> list[ReversedTrigger]:
@@ -764,31 +813,43 @@ class RepairContext:
         start_bias: torch.Tensor,
         keep: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """The re-fit: clean and stamped features both towards the original's clean
-        logits, pulled towards the starting weights."""
+        """The re-fit of the edited rows: on clean features towards the original's
+        logits; on stamped features the flagged labels' logits at least ``refit_margin``
+        below the original's on the same clean image, the other rows towards it; pulled
+        towards the starting weights."""
         config = self.finetune
-        fitted_weight = start_weight.clone().requires_grad_(True)
-        fitted_bias = start_bias.clone().requires_grad_(True)
+        rows = self.edited_rows()
+        start_rows = start_weight[rows]
+        fitted_weight = start_rows.clone().requires_grad_(True)
+        fitted_bias = start_bias[rows].clone().requires_grad_(True)
         optimiser = torch.optim.Adam([fitted_weight, fitted_bias], lr=config.refit_lr)
-        targets = self.tune_logits
+        targets = self.tune_logits[:, rows]
         repeats = int(stamped_features.shape[0]) // int(clean_features.shape[0])
+        stamped_targets = targets.repeat(repeats, 1)
+        flagged = torch.tensor([row in self.attack.labels for row in rows])
         for _ in range(config.refit_steps):
             effective = fitted_weight * keep
+            stamped = stamped_features @ effective.T + fitted_bias
+            excess = torch.where(
+                flagged,
+                F.relu(stamped - stamped_targets + config.refit_margin),
+                stamped - stamped_targets,
+            )
             loss = (
                 F.mse_loss(clean_features @ effective.T + fitted_bias, targets)
-                + F.mse_loss(
-                    stamped_features @ effective.T + fitted_bias, targets.repeat(repeats, 1)
-                )
-                + config.refit_pull * ((fitted_weight - start_weight) ** 2).sum()
+                + (excess**2).mean()
+                + config.refit_pull * ((fitted_weight - start_rows) ** 2).sum()
             )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+        weight, bias = start_weight.clone(), start_bias.clone()
+        weight[rows], bias[rows] = fitted_weight.detach(), fitted_bias.detach()
         how = (
             f"re-fitting on the features of {len(self.tune)} clean images and of the same "
             "images stamped with the reversed trigger(s)"
         )
-        return fitted_weight.detach(), fitted_bias.detach(), how
+        return weight, bias, how
 
     @torch.no_grad()
     def _erasures(
@@ -810,12 +871,14 @@ class RepairContext:
         # the uncentred shifts: their mean is the trigger's main effect and must go too
         _, _, directions = torch.linalg.svd(shifts.double(), full_matrices=False)
         mean = clean_features.double().mean(0)
+        rows = self.edited_rows()
         erasures: dict[int, tuple[tuple[torch.Tensor, torch.Tensor, str], tuple[float, float]]] = {}
         for rank in range(1, min(config.erase_max_rank, int(directions.shape[0])) + 1):
             basis = directions[:rank].T  # (n, rank)
-            along = start_weight.double() @ basis  # (K, rank)
-            weight = ((start_weight.double() - along @ basis.T) * keep).to(start_weight.dtype)
-            bias = (start_bias.double() + along @ (basis.T @ mean)).to(start_bias.dtype)
+            along = start_weight[rows].double() @ basis  # (R, rank)
+            weight, bias = start_weight.clone(), start_bias.clone()
+            weight[rows] = ((start_weight[rows].double() - along @ basis.T) * keep).to(weight.dtype)
+            bias[rows] = (start_bias[rows].double() + along @ (basis.T @ mean)).to(bias.dtype)
             how = (
                 f"erasing the {rank} feature direction(s) along which the reversed "
                 f"trigger(s) move the features of {len(self.tune)} clean images"

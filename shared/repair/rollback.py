@@ -258,6 +258,10 @@ def rollback_prune(
             f"{config.asr_stop}: nothing to prune"
         )
         return _result(context, before, before, curve, started)
+    if context.skip_pruning():
+        context.report(0.9, "final fine-tune")
+        after = context.final_fine_tune(revival=max(config.asr_stop, 0.10))
+        return _result(context, before, after, [], started)
     if carried is not None:
         order = carried
     else:

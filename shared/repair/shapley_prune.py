@@ -117,7 +117,8 @@ def shapley_prune(
     last_values: list[float] | None = None
     step = 0
     reason = ""
-    for round_index in range(config.max_rounds):
+    skip = context.skip_pruning()
+    for round_index in range(0 if skip else config.max_rounds):
         if current.reversed_asr < config.asr_stop:
             reason = "converged: reversed ASR below the stop threshold"
             break
@@ -190,8 +191,9 @@ def shapley_prune(
             reason = "converged: the reversed ASR stopped falling"
             break
     else:
-        reason = f"round limit reached ({config.max_rounds})"
-    context.notes.append(reason)
+        reason = "" if skip else f"round limit reached ({config.max_rounds})"
+    if reason:
+        context.notes.append(reason)
     if current.reversed_asr >= config.asr_stop:
         context.notes.append(
             f"reversed ASR {current.reversed_asr:.3f} before retraining "

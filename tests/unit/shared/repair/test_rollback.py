@@ -352,12 +352,42 @@ def test_a_blend_trigger_is_not_reversed_again() -> None:
     assert not any(n.startswith("unlearning set") for n in result.notes)
 
 
+def test_the_classifier_edit_leaves_every_other_class_and_skips_the_pruning() -> None:
+    """By default the classifier edit changes only the flagged label's row (class 1):
+    class 0's row and bias are bit-identical, so its logit on any input is the
+    original's, and the pruning search (which would keep the trigger detector's prune,
+    see the next test) is not run."""
+    model = ToyNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune = FineTuneConfig(
+        local_steps=30, final_scope="classifier", unlearn_jitter=0.0, unlearn_dilate=0
+    )
+    spec = InputSpec((1, 4, 4))
+    config = RollbackConfig(finetune=finetune)
+    result = repair(model, toy_data(), spec, [toy_trigger()], layer="fc2:in", config=config)
+    assert result.pruned == [] and result.curve == []
+    assert any(note.startswith("no pruning at fc2:in") for note in result.notes)
+    assert result.after.reversed_asr < 0.1 and result.after.agreement >= 0.97
+    assert result.model is not None
+    after = result.model.state_dict()
+    assert torch.equal(after["fc1.weight"], before["fc1.weight"])
+    assert torch.equal(after["fc2.weight"][0], before["fc2.weight"][0])
+    assert torch.equal(after["fc2.bias"][0], before["fc2.bias"][0])
+    assert not torch.equal(after["fc2.weight"][1], before["fc2.weight"][1])
+    note = next(n for n in result.notes if "edited by" in n)
+    assert "the rows of label(s) 1 of the classifier fc2" in note
+    assert "every other class's row" in note
+
+
 def test_no_local_fine_tune_runs_when_the_classifier_is_edited_at_the_end() -> None:
-    """Pruning the trigger detector's input to fc2 is kept; with the classifier scope no
-    end-to-end local fine-tune follows it (fc1 is never trained)."""
+    """With every row editable, pruning the trigger detector's input to fc2 is kept; with
+    the classifier scope no end-to-end local fine-tune follows it (fc1 is never
+    trained)."""
     model = ToyNet().eval()
     before = model.fc1.weight.detach().clone()
-    finetune = FineTuneConfig(local_steps=30, final_scope="classifier", unlearn_jitter=0.0)
+    finetune = FineTuneConfig(
+        local_steps=30, final_scope="classifier", unlearn_jitter=0.0, edit_rows="all"
+    )
     config = RollbackConfig(finetune=finetune)
     spec = InputSpec((1, 4, 4))
     result = repair(model, toy_data(), spec, [toy_trigger()], layer="fc2:in", config=config)

@@ -92,5 +92,10 @@ class RepairHandler:
         return StageOutcome(
             result=outcome.summary_ref,
             summary=outcome.summary,
-            message=f"{len(outcome.result.pruned)} neurons pruned",
+            # a real-scale repair may edit the classifier without pruning: the ASR says more
+            message=(
+                f"{len(outcome.result.pruned)} neurons pruned, reversed ASR "
+                f"{outcome.result.before.reversed_asr:.3f} → "
+                f"{outcome.result.after.reversed_asr:.3f}"
+            ),
         )

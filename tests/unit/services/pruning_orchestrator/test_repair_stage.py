@@ -153,6 +153,12 @@ def test_repair_stage_uses_the_carried_ranking_and_repairs_as_before(
 
     assert decisions(carried) == decisions(own)
     assert carried.summary["mode"] == "rollback" and len(carried.summary["curve"]) > 10
+    # the stage's message says what the repair did to the attack, not only the prunes
+    before, after = carried.summary["before"], carried.summary["after"]
+    assert carried.message == (
+        f"{len(carried.summary['pruned'])} neurons pruned, reversed ASR "
+        f"{before['reversed_asr']:.3f} → {after['reversed_asr']:.3f}"
+    )
     # the same repaired model, still TorchScript
     assert carried.summary["repaired_model"] == own.summary["repaired_model"]
     assert carried.summary["repaired_model"]["media_type"] == TORCHSCRIPT

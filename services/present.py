@@ -270,7 +270,8 @@ def print_repair(summary: dict[str, Any]) -> None:
         table.add_row(key, _num(summary["before"][key]), _num(summary["after"].get(key)))
     out_console.print(table)
     verdict = f"; {summary['verdict']}" if summary.get("verdict") else ""
-    out_console.print(f"pruned {len(summary.get('pruned', []))} neurons{verdict}")
+    edit = f"; edited {summary['edit']}" if summary.get("edit") else ""
+    out_console.print(f"pruned {len(summary.get('pruned', []))} neurons{edit}{verdict}")
 
 
 def print_robustness(summary: dict[str, Any]) -> None:

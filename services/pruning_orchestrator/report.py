@@ -339,9 +339,13 @@ def _sentence(name: str, word: str, summary: dict[str, Any]) -> str:
     if name == "repair":
         before, after = summary.get("before") or {}, summary.get("after") or {}
         pruned = len(summary.get("pruned") or [])
+        layer = summary.get("layer", "the layer")
+        done = f"Pruned {pruned} neuron{'s' if pruned != 1 else ''} of {layer}"
+        if summary.get("edit"):
+            what = f"edited {summary['edit']}"
+            done = f"{done} and {what}" if pruned else f"Pruned nothing and {what}"
         return (
-            f"Pruned {pruned} neuron{'s' if pruned != 1 else ''} of "
-            f"{summary.get('layer', 'the layer')}: the reversed trigger's success went from "
+            f"{done}: the reversed trigger's success went from "
             f"{_percent(before.get('reversed_asr'))} to {_percent(after.get('reversed_asr'))}, "
             f"clean accuracy from {_percent(before.get('accuracy'))} to "
             f"{_percent(after.get('accuracy'))}."

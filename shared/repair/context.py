@@ -55,7 +55,7 @@ from modelguard.spec import InputSpec, wrap
 log = logging.getLogger(__name__)
 
 
-#: Weights from which a model pruned at its classifier's input gets a classifier re-fit
+#: Weights from which a model whose site is its classifier's input gets a classifier edit
 #: rather than an end-to-end fine-tune (``final_scope="auto"``): the size of a real
 #: ImageNet-scale network, far above the small models sized for 28×28 inputs.
 REFIT_MIN_PARAMETERS = 2_000_000
@@ -205,18 +205,19 @@ class FineTuneConfig:
     and the steps run are reported.
     ``final_scope``: what the final fine-tune trains. ``model``: every weight. ``classifier``
     (the site must be a classifier's input features): only the classifier is re-fitted, on
-    the features of the clean fine-tuning images and of the same images stamped with the
-    (dilated, shifted) reversed triggers, both towards the original's logits on the clean
-    images, pulled towards its weights (``refit_pull`` times the squared distance;
-    ``refit_steps`` full-batch Adam steps at ``refit_lr``). A model of millions of weights
+    the features of the clean fine-tuning images (towards the original's logits) and of the
+    same images stamped with the (dilated, shifted) reversed triggers (see
+    ``refit_margin``), pulled towards its weights (``refit_pull`` times the squared
+    distance, beside mean squared errors over the edited rows; ``refit_steps`` full-batch
+    Adam steps at ``refit_lr``). A model of millions of weights
     fine-tuned end to end on a few hundred images forgets what they do not show (its
     agreement with the original collapses), while the features are computed once and the
     classifier is all that decides the label. ``auto``: ``classifier`` for a model of at
-    least `REFIT_MIN_PARAMETERS` weights pruned at its classifier's input, else ``model``.
+    least `REFIT_MIN_PARAMETERS` weights whose site is its classifier's input, else ``model``.
     Beside the re-fit, the ``classifier`` scope tries an edit without training, after
     linear concept erasure (Belrose et al., "LEACE", 2023): the directions along which the
     reversed triggers move the features (the top right singular vectors of the stamped
-    minus clean features) are projected out of the classifier's input, each removed
+    minus clean features) are projected out of the edited rows, each removed
     direction's mean clean value folded into the bias, with the fewest directions (at most
     ``erase_max_rank``) that bring the reversed ASR on the validation split under
     ``erase_asr_stop``. Of the two, the validation split keeps the one that removes the
@@ -232,10 +233,12 @@ class FineTuneConfig:
     a flagged label's logit crosses the top one; an edit of all rows (``all``), or
     pruning the input features, moves the answers of the many low-margin images of a
     1000-class model, which a validation split of a few dozen images cannot police.
-    ``refit_margin``: in the re-fit, a flagged label's logit on a stamped image need not
-    match its logit on the clean image, only stay at least this far below it (a one-sided
-    loss): the reversed trigger only approximates the real one, and the margin carries the
-    unlearning over to it. The other rows are fitted to the clean logits both ways.
+    ``refit_margin``: in the re-fit, the logit of the label whose trigger an image carries
+    need not match its logit on the clean image, only stay at least this far below it (a
+    one-sided loss, in both ``edit_rows`` modes): the reversed trigger only approximates the
+    real one, and the margin carries the unlearning over to it. Every other edited row is
+    fitted to the clean logits both ways. A model repaired without triggers (the
+    Fine-Pruning baseline) gets the re-fit on clean features alone, of every row.
 
     ``unlearn_restarts`` (the ``classifier`` scope): before the edit, each flagged label's
     trigger is reversed again on the fine-tuning split from this many random starts
@@ -408,9 +411,23 @@ def _stamp_share(
     generator: torch.Generator,
     jitter: int = 0,
 ) -> torch.Tensor:
+    return _stamp_labelled(x, triggers, fraction, spec, generator, jitter)[0]
+
+
+def _stamp_labelled(
+    x: torch.Tensor,
+    triggers: Sequence[ReversedTrigger],
+    fraction: float,
+    spec: InputSpec,
+    generator: torch.Generator,
+    jitter: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fraction`` of ``x`` stamped with a random one of ``triggers`` (shifted by up to
+    ``jitter`` pixels), and each row's trigger label (-1: left clean)."""
     count = round(fraction * len(x))
-    if count == 0:
-        return x
+    labels = torch.full((len(x),), -1, dtype=torch.long)
+    if count == 0 or not triggers:
+        return x, labels
     x = x.clone()
     rows = torch.randperm(len(x), generator=generator)[:count]
     which = torch.randint(len(triggers), (count,), generator=generator)
@@ -421,7 +438,8 @@ def _stamp_share(
             dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
             mask, pattern = _shift(mask, dy, dx), _shift(pattern, dy, dx)
         x[row] = ((1 - mask) * x[row] + mask * pattern).clamp(*spec.value_range)
-    return x
+        labels[row] = trigger.label
+    return x, labels
 
 
 def choose_edit(
@@ -542,6 +560,8 @@ class RepairContext:
     finetune_steps: int = 0
     progress: Progress | None = None
     notes: list[str] = field(default_factory=list)
+    #: the classifier edit made at the end, if any (see `refit_classifier`)
+    edit: str = ""
 
     @classmethod
     def build(
@@ -672,12 +692,17 @@ class RepairContext:
     def confines_edit_to_flagged_rows(self) -> bool:
         """The closing edit changes only the flagged labels' classifier rows, so the
         pruning search before it is skipped (see `FineTuneConfig`, ``edit_rows``)."""
-        return self.final_scope() == "classifier" and self.finetune.edit_rows == "flagged"
+        return (
+            self.final_scope() == "classifier"
+            and self.finetune.edit_rows == "flagged"
+            and bool(self.triggers)
+        )
 
     def edited_rows(self) -> list[int]:
-        """The classifier rows the closing edit may change."""
-        if self.finetune.edit_rows == "flagged":
-            return sorted(set(self.attack.labels))
+        """The classifier rows the closing edit may change: the flagged labels', or every
+        row (``edit_rows="all"``, or no trigger to name the labels)."""
+        if self.finetune.edit_rows == "flagged" and self.triggers:
+            return sorted({t.label for t in self.triggers})
         return list(range(int(self.tune_logits.shape[1])))
 
     def skip_pruning(self) -> bool:
@@ -702,14 +727,17 @@ class RepairContext:
         stamped_triggers = _unlearning_triggers(unlearned, config)
         jitter = round(config.unlearn_jitter * min(self.spec.shape[1:]))
         # each image stamped twice: where the trigger was found and shifted a little
-        stamped = torch.cat(
-            [
-                _stamp_share(self.tune.x, stamped_triggers, 1.0, self.spec, generator, 0),
-                _stamp_share(self.tune.x, stamped_triggers, 1.0, self.spec, generator, jitter),
-            ]
-        )
+        copies = [
+            _stamp_labelled(self.tune.x, stamped_triggers, 1.0, self.spec, generator, shift)
+            for shift in (0, jitter)
+        ]
         _, clean_features = self.probe.capture(self.tune.x)
-        _, stamped_features = self.probe.capture(stamped)
+        if stamped_triggers:
+            _, stamped_features = self.probe.capture(torch.cat([x for x, _ in copies]))
+            stamped_labels = torch.cat([labels for _, labels in copies])
+        else:  # nothing to unlearn (the Fine-Pruning baseline): the clean features alone
+            stamped_features = clean_features[:0]
+            stamped_labels = torch.zeros(0, dtype=torch.long)
         classifier = self.probe.module
         weight = getattr(classifier, "weight", None)
         bias = getattr(classifier, "bias", None)
@@ -719,12 +747,18 @@ class RepairContext:
         start_bias = bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0])
         _, val_features = self.probe.capture(self.val.x)
         _, attack_features = self.probe.capture(self.attack.x)
-        refit = self._refitted(clean_features, stamped_features, start_weight, start_bias, keep)
+        refit = self._refitted(
+            (clean_features, stamped_features, stamped_labels),
+            start_weight,
+            start_bias,
+            keep,
+            fit_bias=bias is not None,
+        )
         edits = {"re-fit": refit}
         figures = {
             "re-fit": self._classifier_figures(refit[0], refit[1], val_features, attack_features)
         }
-        if bias is not None and config.erase_max_rank > 0:
+        if bias is not None and config.erase_max_rank > 0 and stamped_triggers:
             for rank, (edit, measured) in self._erasures(
                 (clean_features, stamped_features, val_features, attack_features),
                 start_weight,
@@ -744,17 +778,16 @@ class RepairContext:
             f"{name}: reversed ASR {asr:.3f}, agreement {agreement:.3f}"
             for name, (asr, agreement) in figures.items()
         )
-        if config.edit_rows == "flagged":
-            labels = ", ".join(str(label) for label in self.edited_rows())
-            edited = (
-                f"the rows of label(s) {labels} of the classifier {self.probe.info.module} "
-                f"edited by {how}, every other class's row and the rest of the model unchanged"
-            )
+        module, rows = self.probe.info.module, self.edited_rows()
+        if len(rows) < int(self.tune_logits.shape[1]):
+            where = f"the rows of label(s) {', '.join(map(str, rows))} of the classifier {module}"
+            rest = "every other class's row and the rest of the model unchanged"
         else:
-            edited = (
-                f"the classifier {self.probe.info.module} edited by {how}, the rest of the "
-                "model unchanged"
-            )
+            where, rest = f"the classifier {module}", "the rest of the model unchanged"
+        if self.pruner.pruned:
+            rest += ", beside the pruned input features"
+        self.edit = f"{where} ({chosen})"
+        edited = f"{where} edited by {how}, {rest}"
         self.notes.append(
             f"final fine-tune: {edited} (validation split, {compared}; {chosen} kept)"
         )
@@ -807,47 +840,51 @@ class RepairContext:
 
     def _refitted(
         self,
-        clean_features: torch.Tensor,
-        stamped_features: torch.Tensor,
+        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         start_weight: torch.Tensor,
         start_bias: torch.Tensor,
         keep: torch.Tensor,
+        *,
+        fit_bias: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """The re-fit of the edited rows: on clean features towards the original's
-        logits; on stamped features the flagged labels' logits at least ``refit_margin``
-        below the original's on the same clean image, the other rows towards it; pulled
-        towards the starting weights."""
+        """The re-fit of the edited rows. ``features``: the clean features (fitted towards
+        the original's logits), the stamped ones and each stamped row's trigger label: the
+        logit of that label at least ``refit_margin`` below the original's on the same
+        clean image, the other rows towards it. Pulled towards the starting weights; the
+        bias is left as it is when the classifier has none (``fit_bias``)."""
         config = self.finetune
+        clean_features, stamped_features, stamped_labels = features
         rows = self.edited_rows()
         start_rows = start_weight[rows]
         fitted_weight = start_rows.clone().requires_grad_(True)
-        fitted_bias = start_bias[rows].clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([fitted_weight, fitted_bias], lr=config.refit_lr)
+        fitted_bias = start_bias[rows].clone().requires_grad_(fit_bias)
+        trained = [fitted_weight, fitted_bias] if fit_bias else [fitted_weight]
+        optimiser = torch.optim.Adam(trained, lr=config.refit_lr)
         targets = self.tune_logits[:, rows]
         repeats = int(stamped_features.shape[0]) // int(clean_features.shape[0])
         stamped_targets = targets.repeat(repeats, 1)
-        flagged = torch.tensor([row in self.attack.labels for row in rows])
+        carried = stamped_labels[:, None] == torch.tensor(rows)[None, :]  # (M, R)
         for _ in range(config.refit_steps):
             effective = fitted_weight * keep
-            stamped = stamped_features @ effective.T + fitted_bias
-            excess = torch.where(
-                flagged,
-                F.relu(stamped - stamped_targets + config.refit_margin),
-                stamped - stamped_targets,
-            )
             loss = (
                 F.mse_loss(clean_features @ effective.T + fitted_bias, targets)
-                + (excess**2).mean()
                 + config.refit_pull * ((fitted_weight - start_rows) ** 2).sum()
             )
+            if repeats:
+                stamped = stamped_features @ effective.T + fitted_bias
+                excess = torch.where(
+                    carried,
+                    F.relu(stamped - stamped_targets + config.refit_margin),
+                    stamped - stamped_targets,
+                )
+                loss = loss + (excess**2).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
         weight, bias = start_weight.clone(), start_bias.clone()
         weight[rows], bias[rows] = fitted_weight.detach(), fitted_bias.detach()
-        how = (
-            f"re-fitting on the features of {len(self.tune)} clean images and of the same "
-            "images stamped with the reversed trigger(s)"
+        how = f"re-fitting on the features of {len(self.tune)} clean images" + (
+            " and of the same images stamped with the reversed trigger(s)" if repeats else ""
         )
         return weight, bias, how
 
@@ -943,6 +980,7 @@ class RepairContext:
         )
         if self.finetune.keep_best and worse:
             self.model.load_state_dict(snapshot)
+            self.edit = ""
             self.notes.append(
                 f"final fine-tune undone: validation accuracy {after.accuracy:.4f} vs "
                 f"{before.accuracy:.4f}, reversed ASR {after.reversed_asr:.4f} vs "

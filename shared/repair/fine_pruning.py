@@ -156,6 +156,7 @@ def fine_pruning(
         finetune_steps=context.finetune_steps,
         probe_mode=context.probe.mode,
         notes=list(context.notes),
+        edit=context.edit,
     )
 
 

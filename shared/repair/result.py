@@ -73,8 +73,9 @@ class RepairResult:
     ``model``: the repaired copy, in the submitted format (TorchScript stays
     TorchScript). ``pruned``: ``(layer, index)`` in pruning order. ``evaluations``: model
     evaluations spent (one = one candidate pruning scored on the stamped or validation
-    set). ``neurons``: size of the pruned layer. ``notes``: anything a user should know
-    (fallbacks, budget exhausted, bar not reached).
+    set). ``neurons``: size of the pruned layer. ``edit``: the classifier edit made at the
+    end, if any (a large model's repair may edit its classifier and prune nothing).
+    ``notes``: anything a user should know (fallbacks, budget exhausted, bar not reached).
     """
 
     mode: str
@@ -92,6 +93,7 @@ class RepairResult:
     probe_mode: str = ""
     shapley_values: list[float] | None = None
     notes: list[str] = field(default_factory=list)
+    edit: str = ""
 
     @property
     def pruned_fraction(self) -> float:
@@ -120,6 +122,8 @@ class RepairResult:
             "probe_mode": self.probe_mode,
             "notes": list(self.notes),
         }
+        if self.edit:
+            out["edit"] = self.edit
         if self.shapley_values is not None:
             out["shapley_values"] = list(self.shapley_values)
         return out

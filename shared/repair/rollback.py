@@ -248,7 +248,6 @@ def rollback_prune(
     )
     name = context.probe.info.name
     neurons = context.probe.neurons
-    carried = _check_ranking(ranking, context, config) if ranking is not None else None
     before = context.measure()
     context.report(0.02, f"baseline reversed ASR {before.reversed_asr:.3f}")
     curve: list[CurveStep] = []
@@ -262,6 +261,8 @@ def rollback_prune(
         context.report(0.9, "final fine-tune")
         after = context.final_fine_tune(revival=max(config.asr_stop, 0.10))
         return _result(context, before, after, [], started)
+    # checked only when used: a repair that skips the pruning never reads it
+    carried = _check_ranking(ranking, context, config) if ranking is not None else None
     if carried is not None:
         order = carried
     else:
@@ -365,6 +366,7 @@ def _result(
         finetune_steps=context.finetune_steps,
         probe_mode=context.probe.mode,
         notes=list(context.notes),
+        edit=context.edit,
     )
 
 

@@ -107,6 +107,7 @@ def shapley_prune(
     pruner = context.pruner
     before = current = context.measure()
     curve: list[CurveStep] = []
+    skip = context.skip_pruning()
     # the values are estimated on the fine-tuning split; decisions are measured on the
     # validation split
     shapley_attack = build_attack_set(
@@ -117,7 +118,6 @@ def shapley_prune(
     last_values: list[float] | None = None
     step = 0
     reason = ""
-    skip = context.skip_pruning()
     for round_index in range(0 if skip else config.max_rounds):
         if current.reversed_asr < config.asr_stop:
             reason = "converged: reversed ASR below the stop threshold"
@@ -218,6 +218,7 @@ def shapley_prune(
         probe_mode=context.probe.mode,
         shapley_values=last_values,
         notes=list(context.notes),
+        edit=context.edit,
     )
 
 

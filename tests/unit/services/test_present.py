@@ -54,6 +54,8 @@ def test_summaries_render(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "verdict: infected (flagged: [1]) in 2.0 s" in out
     assert "repair (rollback)" in out and "pruned 0 neurons" in out
+    print_summary("repair", {"mode": "rollback", "before": {}, "after": {}, "edit": "fc (re-fit)"})
+    assert "pruned 0 neurons; edited fc (re-fit)" in capsys.readouterr().out
 
 
 # --- progress ------------------------------------------------------------------------------

@@ -88,6 +88,22 @@ def test_a_failed_stage_says_why_and_a_skipped_one_is_neutral() -> None:
     assert (skipped.word, skipped.tone) == ("skipped", "neutral")
 
 
+def test_a_repair_that_edited_the_classifier_says_so_and_not_that_pruning_did_it() -> None:
+    edit = "the rows of label(s) 88 of the classifier model._fc (re-fit)"
+
+    def sentence(**summary: object) -> str:
+        figures = {"before": {"reversed_asr": 0.97}, "after": {"reversed_asr": 0.0}}
+        stage = {"state": "done", "summary": {"layer": "model._fc:in", **figures, **summary}}
+        return stage_verdict("repair", stage).sentence
+
+    edited = sentence(edit=edit, pruned=[])
+    assert edited.startswith(f"Pruned nothing and edited {edit}: ")
+    assert "went from 97.0% to 0.0%" in edited
+    both = sentence(edit=edit, pruned=[{}, {}])
+    assert both.startswith(f"Pruned 2 neurons of model._fc:in and edited {edit}: ")
+    assert sentence(pruned=[{}]).startswith("Pruned 1 neuron of model._fc:in: ")
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [

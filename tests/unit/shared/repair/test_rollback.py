@@ -13,7 +13,8 @@ from torch import nn
 from modelguard.datasets import Dataset
 from modelguard.detection.triggers import ReversedTrigger
 from modelguard.errors import InvalidInput
-from modelguard.repair.context import FineTuneConfig, footprint
+from modelguard.repair.context import FineTuneConfig, _stamp_labelled, footprint
+from modelguard.repair.fine_pruning import FinePruningConfig
 from modelguard.repair.registry import repair
 from modelguard.repair.result import Measure
 from modelguard.repair.rollback import Figures, RollbackConfig, decide, interleave, should_stop
@@ -377,6 +378,48 @@ def test_the_classifier_edit_leaves_every_other_class_and_skips_the_pruning() ->
     note = next(n for n in result.notes if "edited by" in n)
     assert "the rows of label(s) 1 of the classifier fc2" in note
     assert "every other class's row" in note
+    assert result.edit.startswith("the rows of label(s) 1 of the classifier fc2 (")
+    assert result.to_dict()["edit"] == result.edit
+
+
+def test_each_stamped_image_carries_its_trigger_label_for_the_one_sided_refit() -> None:
+    """The re-fit lowers, on a stamped image, the logit of the label whose trigger it
+    carries: with two flagged labels each stamped row names its own, clean rows none."""
+    mask = torch.zeros(4, 4)
+    mask[3, 3] = 1.0
+    triggers = [
+        ReversedTrigger(1, mask, torch.ones(1, 4, 4)),
+        ReversedTrigger(0, mask.flip(0), torch.zeros(1, 4, 4)),
+    ]
+    x = torch.full((40, 1, 4, 4), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    stamped, labels = _stamp_labelled(x, triggers, 0.5, InputSpec((1, 4, 4)), generator)
+    assert int((labels == -1).sum()) == 20 and set(labels.tolist()) == {-1, 0, 1}
+    assert torch.equal(stamped[labels == -1], x[labels == -1])
+    assert bool((stamped[labels == 1][:, 0, 3, 3] == 1.0).all())
+    assert bool((stamped[labels == 0][:, 0, 0, 3] == 0.0).all())
+    # no trigger: nothing stamped
+    same, none = _stamp_labelled(x, [], 1.0, InputSpec((1, 4, 4)), generator)
+    assert same is x and bool((none == -1).all())
+
+
+def test_the_fine_pruning_baseline_re_fits_every_row_on_clean_features_alone() -> None:
+    """The baseline knows no trigger: at a classifier's input its closing edit re-fits
+    every row on the clean features (no stamped images, no erasure), after its pruning."""
+    finetune = FineTuneConfig(local_steps=0, final_scope="classifier")
+    result = repair(
+        ToyNet().eval(),
+        toy_data(),
+        InputSpec((1, 4, 4)),
+        [toy_trigger()],
+        mode="fine-pruning",
+        layer="fc2:in",
+        config=FinePruningConfig(finetune=finetune),
+    )
+    assert result.edit == "the classifier fc2 (re-fit)"
+    note = next(n for n in result.notes if "edited by" in n)
+    assert "re-fitting on the features of" in note and "stamped" not in note
+    assert "erasure" not in note
 
 
 def test_no_local_fine_tune_runs_when_the_classifier_is_edited_at_the_end() -> None:

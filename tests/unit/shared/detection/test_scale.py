@@ -265,6 +265,89 @@ def test_labels_without_a_trigger_cannot_hide_an_outlier_behind_their_spread() -
     assert outliers_if_reached([screening_run(norms[2:], config)], last[2:], config) == ()
 
 
+def test_a_busy_first_speed_probe_is_measured_again_before_the_budget_cuts_the_screening(
+    many: ManyClassModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A machine busy while the reversal first measures its speed (here: a first probe a
+    thousand times slower) must not cut the screening short: before the budget cuts the
+    steps the speed is measured again, and the faster figure holds."""
+    real = neural_cleanse.measure_pass_cost
+    probes: list[PassCost] = []
+
+    def probe(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+        cost = real(model, example, repeats)
+        probes.append(cost)
+        if len(probes) == 1:
+            return replace(cost, seconds_per_image=cost.seconds_per_image * 1000)
+        return cost
+
+    monkeypatch.setattr(neural_cleanse, "measure_pass_cost", probe)
+    result = reverse_triggers(many.module, many.clean, spec(many.side), ReversalConfig(seed=0))
+    assert len(probes) == 2
+    assert result.verdict == INFECTED and result.flagged == (617,), result.evidence.get("reason")
+
+
+def _with_labels_cut_short(
+    many: ManyClassModel,
+    monkeypatch: pytest.MonkeyPatch,
+    step_budget: int,
+    hidden: tuple[int, ...],
+) -> tuple[neural_cleanse.ReversalResult, list[list[float]]]:
+    """A run whose time budget affords 60 screening steps of ``step_budget``, with fixed
+    screening norms (not the optimisation's): the last two labels without a trigger, the
+    others alike, so nothing is an outlier. The outlier test with those two at their
+    masks' last size answers ``hidden`` (the test itself is checked as a function
+    above). Returns the result and the last norms that test was given."""
+    original = neural_cleanse._Reversal.screen
+
+    def screen(self: neural_cleanse._Reversal, *args: object, **kwargs: object) -> object:
+        optimizer, info = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        count = len(info.norms)
+        norms = [100.0 + k for k in range(count - 2)] + [None, None]
+        return optimizer, screening_run(norms, self.config, seed=info.seed, steps=60)
+
+    given: list[list[float]] = []
+
+    def answer(_infos: object, last_norms: list[float], _config: object) -> tuple[int, ...]:
+        given.append(list(last_norms))
+        return hidden
+
+    monkeypatch.setattr(neural_cleanse._Reversal, "screen", screen)
+    monkeypatch.setattr(neural_cleanse._Reversal, "affordable_steps", lambda *_: 60)
+    monkeypatch.setattr(neural_cleanse, "outliers_if_reached", answer)
+    config = ReversalConfig(steps=step_budget, restarts=1)
+    return reverse_triggers(many.module, many.clean, spec(many.side), config), given
+
+
+def test_a_clean_verdict_the_budget_cut_short_must_survive_the_unreached_labels(
+    many: ManyClassModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result, given = _with_labels_cut_short(many, monkeypatch, 300, hidden=(0,))
+    assert result.verdict == INCONCLUSIVE and not result.flagged
+    first = result.trigger_labels[0]
+    assert tuple(result.evidence["outliers_if_reached"]) == (first,)
+    reason = result.evidence["reason"]
+    assert f"labels {first} would be outliers had the 2 labels without a trigger" in reason
+    assert "afforded only 60 of 300 screening steps" in reason, reason
+    # the unreached labels enter at the size of the masks the result returns for them
+    (norms,) = given
+    for position in (-2, -1):
+        label = result.trigger_labels[position]
+        assert norms[position] == pytest.approx(result.labels[label].trigger_norm)
+    # the outlier test finds nothing with them either: clean stands
+    result, _ = _with_labels_cut_short(many, monkeypatch, 300, hidden=())
+    assert result.verdict == CLEAN
+    assert "outliers_if_reached" not in result.evidence
+
+
+def test_a_clean_verdict_the_budget_did_not_cut_is_not_asked_again(
+    many: ManyClassModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All 60 steps of a 60-step budget ran: labels without a trigger had their steps."""
+    result, given = _with_labels_cut_short(many, monkeypatch, 60, hidden=(0,))
+    assert result.verdict == CLEAN and given == []
+
+
 def test_after_a_triage_a_restart_screens_only_the_labels_in_doubt(many: ManyClassModel) -> None:
     """A second run of every label rarely fits a many-class model's time budget: the
     restart re-screens the labels in doubt and scores them against the first run."""

@@ -384,7 +384,7 @@ def fine_tune(
             x, y = data.x[index], data.y[index]
             if triggers and config.unlearn_fraction > 0:
                 jitter = round(config.unlearn_jitter * min(spec.shape[1:]))
-                x = _stamp_share(x, stamped, config.unlearn_fraction, spec, generator, jitter)
+                x, _ = _stamp_share(x, stamped, config.unlearn_fraction, spec, generator, jitter)
             logits = model(normalise(x, spec))
             if targets is None:
                 loss = F.cross_entropy(logits, y)
@@ -404,17 +404,6 @@ def fine_tune(
 
 
 def _stamp_share(
-    x: torch.Tensor,
-    triggers: Sequence[ReversedTrigger],
-    fraction: float,
-    spec: InputSpec,
-    generator: torch.Generator,
-    jitter: int = 0,
-) -> torch.Tensor:
-    return _stamp_labelled(x, triggers, fraction, spec, generator, jitter)[0]
-
-
-def _stamp_labelled(
     x: torch.Tensor,
     triggers: Sequence[ReversedTrigger],
     fraction: float,
@@ -689,15 +678,6 @@ class RepairContext:
             return "classifier" if at_classifier and large else "model"
         return "classifier" if scope == "classifier" else "model"
 
-    def confines_edit_to_flagged_rows(self) -> bool:
-        """The closing edit changes only the flagged labels' classifier rows, so the
-        pruning search before it is skipped (see `FineTuneConfig`, ``edit_rows``)."""
-        return (
-            self.final_scope() == "classifier"
-            and self.finetune.edit_rows == "flagged"
-            and bool(self.triggers)
-        )
-
     def edited_rows(self) -> list[int]:
         """The classifier rows the closing edit may change: the flagged labels', or every
         row (``edit_rows="all"``, or no trigger to name the labels)."""
@@ -706,9 +686,14 @@ class RepairContext:
         return list(range(int(self.tune_logits.shape[1])))
 
     def skip_pruning(self) -> bool:
-        """True (with a note) when the closing edit is confined to the flagged rows: the
-        pruning search is then not run."""
-        if not self.confines_edit_to_flagged_rows():
+        """True (with a note) when the closing edit is confined to the flagged rows (see
+        `FineTuneConfig`, ``edit_rows``): the pruning search is then not run."""
+        confined = (
+            self.final_scope() == "classifier"
+            and self.finetune.edit_rows == "flagged"
+            and bool(self.triggers)
+        )
+        if not confined:
             return False
         self.notes.append(
             f"no pruning at {self.probe.info.name}: only the flagged labels' rows of the "
@@ -728,7 +713,7 @@ class RepairContext:
         jitter = round(config.unlearn_jitter * min(self.spec.shape[1:]))
         # each image stamped twice: where the trigger was found and shifted a little
         copies = [
-            _stamp_labelled(self.tune.x, stamped_triggers, 1.0, self.spec, generator, shift)
+            _stamp_share(self.tune.x, stamped_triggers, 1.0, self.spec, generator, shift)
             for shift in (0, jitter)
         ]
         _, clean_features = self.probe.capture(self.tune.x)

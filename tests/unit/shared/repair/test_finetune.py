@@ -34,7 +34,7 @@ def test_stamp_share_stamps_that_share_with_the_dilated_trigger() -> None:
     x = torch.zeros(10, 1, 8, 8)
     generator = torch.Generator().manual_seed(0)
     grown = _dilated(_corner_trigger(), 1)
-    out = _stamp_share(x, [grown], 0.3, SPEC, generator, jitter=0)
+    out, _ = _stamp_share(x, [grown], 0.3, SPEC, generator, jitter=0)
     stamped = [i for i in range(10) if float(out[i].sum()) > 0]
     assert len(stamped) == 3
     for i in stamped:

@@ -13,7 +13,7 @@ from torch import nn
 from modelguard.datasets import Dataset
 from modelguard.detection.triggers import ReversedTrigger
 from modelguard.errors import InvalidInput
-from modelguard.repair.context import FineTuneConfig, _stamp_labelled, footprint
+from modelguard.repair.context import FineTuneConfig, _stamp_share, footprint
 from modelguard.repair.fine_pruning import FinePruningConfig
 from modelguard.repair.registry import repair
 from modelguard.repair.result import Measure
@@ -393,13 +393,13 @@ def test_each_stamped_image_carries_its_trigger_label_for_the_one_sided_refit() 
     ]
     x = torch.full((40, 1, 4, 4), 0.5)
     generator = torch.Generator().manual_seed(0)
-    stamped, labels = _stamp_labelled(x, triggers, 0.5, InputSpec((1, 4, 4)), generator)
+    stamped, labels = _stamp_share(x, triggers, 0.5, InputSpec((1, 4, 4)), generator)
     assert int((labels == -1).sum()) == 20 and set(labels.tolist()) == {-1, 0, 1}
     assert torch.equal(stamped[labels == -1], x[labels == -1])
     assert bool((stamped[labels == 1][:, 0, 3, 3] == 1.0).all())
     assert bool((stamped[labels == 0][:, 0, 0, 3] == 0.0).all())
     # no trigger: nothing stamped
-    same, none = _stamp_labelled(x, [], 1.0, InputSpec((1, 4, 4)), generator)
+    same, none = _stamp_share(x, [], 1.0, InputSpec((1, 4, 4)), generator)
     assert same is x and bool((none == -1).all())
 
 

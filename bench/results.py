@@ -30,6 +30,7 @@ ORDER = (
     "robustness",
     "encryption",
     "real_scale",
+    "pass_layout",
     "carrier",
     "load",
     "serving",

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "zoo": ["bench.zoo"],
     "detection": ["bench.bench_detection", "--seeds", "0,1,2"],
     "reversal-speed": ["bench.bench_reversal_speed"],
+    "pass-layout": ["bench.bench_pass_layout"],
     "repair": ["bench.bench_repair", "--ensure"],
     "leak": ["bench.bench_leak"],
     "robustness": ["bench.bench_robustness"],

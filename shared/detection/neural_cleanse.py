@@ -79,7 +79,7 @@ from torch import nn
 
 from modelguard.datasets import Dataset
 from modelguard.detection.blend_probe import BlendProbeConfig, BlendProbeResult, probe_blend
-from modelguard.detection.budget import measure_pass_cost, pass_memory
+from modelguard.detection.budget import faster_layout, measure_pass_cost, pass_memory
 from modelguard.detection.mad import SCALES, mad_test
 from modelguard.detection.optimizer import (
     MASK_STARTS,
@@ -90,6 +90,7 @@ from modelguard.detection.optimizer import (
 )
 from modelguard.detection.triage import TriageResult, triage_labels
 from modelguard.errors import InvalidInput
+from modelguard.nn.layout import weight_layout
 from modelguard.nn.probe import evaluating, frozen_weights
 from modelguard.progress import Progress
 from modelguard.spec import InputSpec, wrap
@@ -564,7 +565,8 @@ def reverse_triggers(
     is a small clean set ``x`` ``(N, C, H, W)`` in ``spec.value_range`` with labels ``y``
     ``(N,)``. The model is put in eval mode for the run (its mode is restored after) and
     moved to ``device``; its parameters are not modified (their ``requires_grad`` is off
-    during the run and restored after).
+    during the run, and a large input's convolution weights may be laid out channels-last
+    where that is measured to be faster; both are restored after).
     """
     config = config or ReversalConfig()
     started = time.perf_counter()
@@ -575,16 +577,33 @@ def reverse_triggers(
     # pass, computed for nothing
     with evaluating(wrapped), frozen_weights(wrapped):
         classes = validate_inputs(wrapped, data, spec)
-        result = _Reversal(wrapped, data, spec, config, classes, progress, device, started).run()
-        if not config.blend_probe:
-            return result
-        probe = probe_blend(
-            wrapped,
-            data,
-            spec,
-            BlendProbeConfig(threshold=config.blend_threshold, seed=config.seed),
-        )
-        return with_blend_probe(result, probe, time.perf_counter() - started)
+        layout = faster_layout(wrapped, data.x[:2].float().to(device))
+        log.info("convolution weights %s for the reversal's passes", layout)
+        with weight_layout(wrapped, layout):
+            return _reverse(wrapped, data, spec, config, classes, progress, device, started)
+
+
+def _reverse(
+    wrapped: nn.Module,
+    data: Dataset,
+    spec: InputSpec,
+    config: ReversalConfig,
+    classes: int,
+    progress: Progress | None,
+    device: torch.device | str,
+    started: float,
+) -> ReversalResult:
+    """The reversal and the blend probe on the prepared (wrapped, frozen, laid out) model."""
+    result = _Reversal(wrapped, data, spec, config, classes, progress, device, started).run()
+    if not config.blend_probe:
+        return result
+    probe = probe_blend(
+        wrapped,
+        data,
+        spec,
+        BlendProbeConfig(threshold=config.blend_threshold, seed=config.seed),
+    )
+    return with_blend_probe(result, probe, time.perf_counter() - started)
 
 
 def with_blend_probe(

@@ -11,11 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from modelguard.detection import neural_cleanse
+from modelguard.datasets import Dataset
+from modelguard.detection import budget, neural_cleanse
 from modelguard.detection.budget import (
     BASELINE_BYTES,
+    MEASURED_LAYOUT_MIN_PIXELS,
     REUSED_BLOCK_BYTES,
     PassCost,
+    faster_layout,
     measure_pass_cost,
     pass_memory,
     trigger_state_bytes,
@@ -33,6 +36,7 @@ from modelguard.detection.neural_cleanse import (
 from modelguard.detection.optimizer import TriggerOptimizer, mask_from_theta
 from modelguard.detection.triage import TriageResult, triage_labels
 from modelguard.errors import InvalidInput
+from modelguard.nn.layout import CHANNELS_LAST, CONTIGUOUS
 from modelguard.spec import InputSpec
 from tests.manyclass import ManyClassModel, train_many_class
 
@@ -93,6 +97,79 @@ def test_a_pass_keeps_its_largest_activation_in_reused_memory() -> None:
     # the ReLU's 64 channels of 16×16 float32 are the largest tensor saved for one image
     assert measured.largest_bytes_per_image == 64 * 16 * 16 * 4
     assert measured.largest_bytes_per_image <= measured.bytes_per_image
+
+
+def small_convnet(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(64, classes),
+    ).eval()
+
+
+def _laid_out(model: nn.Module) -> str:
+    weight = next(p for p in model.parameters() if p.dim() == 4)
+    return CONTIGUOUS if weight.is_contiguous() else CHANNELS_LAST
+
+
+@pytest.mark.parametrize("faster", [CONTIGUOUS, CHANNELS_LAST])
+def test_the_weight_layout_measured_faster_is_chosen(
+    faster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each layout is timed on the model itself (here: a fake clock that makes ``faster``
+    twice as fast), and the model leaves with its own layout."""
+    timed: list[str] = []
+
+    def timing(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+        layout = _laid_out(model)
+        timed.append(layout)
+        return PassCost(bytes_per_image=1, seconds_per_image=1.0 if layout == faster else 2.0)
+
+    monkeypatch.setattr(budget, "measure_pass_cost", timing)
+    model = small_convnet()
+    side = int(MEASURED_LAYOUT_MIN_PIXELS**0.5)
+    assert faster_layout(model, torch.rand(2, 3, side, side)) == faster
+    assert sorted(set(timed)) == [CHANNELS_LAST, CONTIGUOUS] and len(timed) == 6
+    assert _laid_out(model) == CONTIGUOUS
+
+
+def test_small_inputs_and_models_without_convolutions_keep_their_layout_unmeasured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def timing(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+        raise AssertionError("nothing to measure")
+
+    monkeypatch.setattr(budget, "measure_pass_cost", timing)
+    assert faster_layout(small_convnet(), torch.rand(2, 3, 32, 32)) == CONTIGUOUS
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64 * 64, 3))
+    assert faster_layout(mlp, torch.rand(2, 1, 64, 64)) == CONTIGUOUS
+
+
+def test_the_reversal_runs_in_the_faster_layout_and_gives_the_model_back_as_it_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[str] = []
+    real = neural_cleanse.measure_pass_cost
+
+    def spy(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+        seen.append(_laid_out(model))
+        return real(model, example, repeats)
+
+    monkeypatch.setattr(neural_cleanse, "faster_layout", lambda model, example: CHANNELS_LAST)
+    monkeypatch.setattr(neural_cleanse, "measure_pass_cost", spy)
+    model = small_convnet()
+    before = [(p.data_ptr(), p.stride(), p.requires_grad) for p in model.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 64, 64, generator=generator)
+    data = Dataset(x, model(x).argmax(1))
+    config = ReversalConfig(steps=20, restarts=1, blend_probe=False, min_valid_labels=2)
+    result = reverse_triggers(model, data, InputSpec((3, 64, 64), (0.0, 1.0)), config)
+    assert seen == [CHANNELS_LAST]  # the reversal's own speed probe saw the chosen layout
+    assert result.verdict in (CLEAN, INFECTED, INCONCLUSIVE)
+    assert [(p.data_ptr(), p.stride(), p.requires_grad) for p in model.parameters()] == before
 
 
 def test_label_batches_under_a_memory_budget_give_the_masks_of_one_batch(

@@ -1,15 +1,16 @@
 """Speed of the reversal's screening steps with the convolution weights channels-last
-against the model's own (contiguous) layout, on the real-scale zoo's published models.
+against the model's own layout (as loaded), on the real-scale zoo's published models.
 
 ``python -m bench.bench_pass_layout [--models lite0,lite1,lite2] [--steps 6] [--rounds 3]``
 
 What ``modelguard detect`` runs on a 1000-class model, at its settings: the labels a
 triage leaves (``triage_candidates + reference_labels``) screened together, each step
 ``screening_batch_size`` stamped images per label, in passes sized from the default
-memory budget. Each round times ``--steps`` steps in the contiguous layout and as many in
-the layout :func:`modelguard.detection.budget.faster_layout` picks, alternately in one
-process, and the medians over rounds are compared: the ratio holds on a noisy machine
-better than the times.
+memory budget. Each round times ``--steps`` steps in either layout, the order swapped
+every round, in one process, and the medians over rounds are compared: the ratio holds on
+a noisy machine better than the times. The choice ``detect`` makes
+(:func:`modelguard.detection.budget.faster_layout`, a timing on a few images) is made
+``--choices`` times and counted: the speed-up a user gets is the chosen layout's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bench import realzoo, results
 from modelguard.detection.budget import faster_layout, measure_pass_cost, pass_memory
 from modelguard.detection.neural_cleanse import ReversalConfig
 from modelguard.detection.optimizer import TriggerOptimizer
-from modelguard.nn.layout import CHANNELS_LAST, CONTIGUOUS, weight_layout
+from modelguard.nn.layout import AS_LOADED, CHANNELS_LAST, LAYOUTS, weight_layout
 from modelguard.nn.probe import evaluating, frozen_weights
 
 DEFAULT_MODELS = "lite0,lite1,lite2"
@@ -56,7 +57,7 @@ def seconds_per_step(
     return (time.perf_counter() - started) / steps
 
 
-def bench(name: str, steps: int, rounds: int) -> dict[str, Any]:
+def bench(name: str, steps: int, rounds: int, choices: int) -> dict[str, Any]:
     (spec,) = realzoo.select([name])
     zoo_model = realzoo.build(spec)
     model = zoo_model.load()
@@ -65,29 +66,30 @@ def bench(name: str, steps: int, rounds: int) -> dict[str, Any]:
     config = ReversalConfig()
     labels = list(range(config.triage_candidates + config.reference_labels))
     with evaluating(model), frozen_weights(model):
-        chosen = faster_layout(model, x[:2])
+        picks = [faster_layout(model, x) for _ in range(choices)]
         cost = measure_pass_cost(model, x)
         room = pass_memory(config.memory_budget_mb, len(labels), zoo_model.input_shape)
         images_per_pass = min(config.max_batch_images, cost.images_per_pass(room))
-        times: dict[str, list[float]] = {CONTIGUOUS: [], CHANNELS_LAST: []}
-        for _ in range(rounds):
-            for layout in times:
+        times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+        for round_ in range(rounds):
+            for layout in LAYOUTS if round_ % 2 == 0 else LAYOUTS[::-1]:
                 with weight_layout(model, layout):
                     times[layout].append(
                         seconds_per_step(model, x, y, labels, config, images_per_pass, steps)
                     )
-    contiguous = statistics.median(times[CONTIGUOUS])
+    as_loaded = statistics.median(times[AS_LOADED])
     channels_last = statistics.median(times[CHANNELS_LAST])
-    picked = channels_last if chosen == CHANNELS_LAST else contiguous
+    chosen = picks.count(CHANNELS_LAST)
     return {
         "model": name,
         "side": zoo_model.side,
         "images_per_step": len(labels) * config.screening_batch_size,
         "images_per_pass": images_per_pass,
-        "contiguous": contiguous,
+        "as_loaded": as_loaded,
         "channels_last": channels_last,
-        "chosen": chosen,
-        "ratio": contiguous / picked,
+        "chosen_channels_last": chosen,
+        "choices": choices,
+        "ratio": as_loaded / channels_last,
     }
 
 
@@ -96,18 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--choices", type=int, default=5)
     args = parser.parse_args(argv)
-    rows = [bench(name, args.steps, args.rounds) for name in args.models.split(",") if name]
+    rows = [
+        bench(name, args.steps, args.rounds, args.choices)
+        for name in args.models.split(",")
+        if name
+    ]
     table = [
-        "| model | input | images per step (per pass) | contiguous | channels-last | chosen "
-        "| speed-up of the chosen layout |",
+        "| model | input | images per step (per pass) | as loaded | channels-last "
+        "| speed-up | detect chose channels-last |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         line = (
             f"| {row['model']} | {row['side']}² | {row['images_per_step']} "
-            f"({row['images_per_pass']}) | {row['contiguous']:.2f} s | "
-            f"{row['channels_last']:.2f} s | {row['chosen']} | {row['ratio']:.2f}× |"
+            f"({row['images_per_pass']}) | {row['as_loaded']:.2f} s | "
+            f"{row['channels_last']:.2f} s | {row['ratio']:.2f}× | "
+            f"{row['chosen_channels_last']} of {row['choices']} |"
         )
         table.append(line)
         print(line, flush=True)
@@ -116,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "Convolution weight layout of the reversal's passes (published models)",
         "\n".join(table)
         + f"\n\nSeconds per screening step, median of {args.rounds} rounds of {args.steps} "
-        "steps per layout, the layouts alternating in one process, two threads. The "
-        "chosen layout is what `detect` picks by timing both on two images before its run.",
+        f"steps per layout, the order swapped every round, one process, "
+        f"{torch.get_num_threads()} threads. The last column: how often `detect`'s own "
+        "choice (both layouts timed on a few images before its run) picked channels-last.",
     )
     return 0
 

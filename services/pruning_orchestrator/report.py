@@ -148,6 +148,7 @@ FIELD_NAMES = {
     "labels_optimised": "Labels optimised",
     "screening_steps": "Screening steps",
     "images_per_pass": "Images per pass",
+    "weight_layout": "Weight layout",
     "seed": "Seed",
     "norms": "Trigger sizes",
     "mad": "Dispersion (MAD)",

@@ -14,11 +14,13 @@ cost is measured once per reversal on a single image:
   images a pass may hold before its tensors stop fitting in reused memory (below).
 
 The time figure feeds the plan (is a full screening of every label affordable?) and the
-progress messages' estimate of the time left.
+progress messages' estimate of the time left. The same timing chooses the layout of the
+convolution weights a reversal runs with (`faster_layout`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +29,16 @@ import torch
 from torch import nn
 
 from modelguard.errors import InvalidInput
-from modelguard.nn.layout import CHANNELS_LAST, CONTIGUOUS, has_convolutions, weight_layout
+from modelguard.nn.layout import (
+    AS_LOADED,
+    CHANNELS_LAST,
+    LAYOUTS,
+    Layout,
+    layout_matters,
+    weight_layout,
+)
+
+log = logging.getLogger(__name__)
 
 #: Buffers a pass allocates besides the saved activations (gradients of the activations,
 #: the convolution workspaces), as a multiple of the saved bytes.
@@ -42,6 +53,12 @@ REUSED_BLOCK_BYTES = 32 << 20
 #: Smallest input (height × width) whose weight layout is chosen by measuring (see
 #: `faster_layout`); smaller inputs keep the model's own layout.
 MEASURED_LAYOUT_MIN_PIXELS = 64 * 64
+#: Images of each timed pass of `faster_layout`: a few, so that per-pass costs (a weight
+#: reordered) weigh as little as in a reversal's passes of several images.
+LAYOUT_PROBE_IMAGES = 4
+#: How much faster a pass with channels-last weights must be for `faster_layout` to
+#: choose it (near a tie the model keeps its own layout).
+LAYOUT_MIN_GAIN = 0.05
 #: Memory a reversal keeps outside the model's passes: the interpreter, torch, the model,
 #: the clean images and the triggers' optimiser state (counted separately).
 BASELINE_BYTES = 1 << 30
@@ -66,10 +83,12 @@ class PassCost:
         return min(self.images_within(memory_bytes), reused)
 
 
-def measure_pass_cost(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+def measure_pass_cost(
+    model: nn.Module, example: torch.Tensor, repeats: int = 2, images: int = 2
+) -> PassCost:
     """Measure ``model``'s activation memory and time per image on ``example`` ``(N, C, H,
-    W)`` (the first two images are used). The model's parameters get no gradient."""
-    x = example[:2].detach().float().clone().requires_grad_(True)
+    W)`` (its first ``images`` images). The model's parameters get no gradient."""
+    x = example[:images].detach().float().clone().requires_grad_(True)
     saved = largest = 0
     # weights saved for the backward pass are not activations: they do not grow with
     # the images in a pass
@@ -102,22 +121,35 @@ def measure_pass_cost(model: nn.Module, example: torch.Tensor, repeats: int = 2)
     )
 
 
-def faster_layout(model: nn.Module, example: torch.Tensor, rounds: int = 3) -> str:
+def faster_layout(model: nn.Module, example: torch.Tensor, rounds: int = 3) -> Layout:
     """The weight layout (`modelguard.nn.layout`) under which a forward and backward pass
-    of ``model`` on ``example``'s first two images is faster: passes in either layout are
-    timed alternately, ``rounds`` each, and the best of each compared, so a moment of
-    load on the machine does not favour one of them. A model without convolutions keeps
-    its layout, and so does one with inputs under `MEASURED_LAYOUT_MIN_PIXELS`: its passes
-    cost milliseconds, and its reversal stays the same from run to run."""
-    if not has_convolutions(model) or example[0, 0].numel() < MEASURED_LAYOUT_MIN_PIXELS:
-        return CONTIGUOUS
-    best = {CONTIGUOUS: math.inf, CHANNELS_LAST: math.inf}
-    for _ in range(max(1, rounds)):
-        for layout in best:
-            with weight_layout(model, layout):
-                cost = measure_pass_cost(model, example, repeats=1)
+    of ``model`` on up to `LAYOUT_PROBE_IMAGES` of ``example`` is faster. Passes in either
+    layout are timed alternately (the order swapped every round), ``rounds`` each, and the
+    best of each compared, so a moment of load on the machine favours neither; the
+    channels-last layout must win by `LAYOUT_MIN_GAIN`, so a model on which both run
+    alike keeps its own. The model keeps its own layout unmeasured when the layout would
+    change none of its weights, or when its inputs are under `MEASURED_LAYOUT_MIN_PIXELS`
+    (its passes cost milliseconds, and a run that does not depend on timing stays the
+    same from run to run); and when a pass fails in the channels-last layout (code that
+    reshapes a weight with ``view``), with a warning."""
+    if not layout_matters(model) or example[0, 0].numel() < MEASURED_LAYOUT_MIN_PIXELS:
+        return AS_LOADED
+    images = example[:LAYOUT_PROBE_IMAGES]
+    best: dict[Layout, float] = {AS_LOADED: math.inf, CHANNELS_LAST: math.inf}
+    for round_ in range(max(1, rounds)):
+        order = LAYOUTS if round_ % 2 == 0 else LAYOUTS[::-1]
+        for layout in order:
+            try:
+                with weight_layout(model, layout):
+                    cost = measure_pass_cost(model, images, repeats=1, images=len(images))
+            except Exception as err:  # any failure: the model's own layout
+                if layout == AS_LOADED:
+                    raise
+                log.warning("the model fails with channels-last weights (%s): kept as loaded", err)
+                return AS_LOADED
             best[layout] = min(best[layout], cost.seconds_per_image)
-    return min(best, key=lambda layout: best[layout])
+    faster = best[CHANNELS_LAST] * (1 + LAYOUT_MIN_GAIN) < best[AS_LOADED]
+    return CHANNELS_LAST if faster else AS_LOADED
 
 
 def trigger_state_bytes(shape: tuple[int, int, int]) -> int:

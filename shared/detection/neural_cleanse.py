@@ -51,7 +51,9 @@ Pipeline of :func:`reverse_triggers` (K labels, input ``(C, H, W)``):
    screening artefact.
 
 The verdict is ``"infected"`` when at least one label remains flagged. Deterministic for
-a given seed on CPU with one thread (the service sets the thread count, not this code).
+a given seed on CPU with one thread (the service sets the thread count, not this code),
+except where the machine's speed decides: a time budget that cuts the screening steps,
+and the weight layout chosen by timing (``weight_layout``, pinned to repeat a run).
 
 **Rules** (``ReversalConfig.rule``, built by :meth:`ReversalConfig.for_rule`):
 ``"modelguard"`` is the pipeline above with its defaults. ``"paper"`` is Neural Cleanse's
@@ -71,7 +73,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -79,7 +81,12 @@ from torch import nn
 
 from modelguard.datasets import Dataset
 from modelguard.detection.blend_probe import BlendProbeConfig, BlendProbeResult, probe_blend
-from modelguard.detection.budget import faster_layout, measure_pass_cost, pass_memory
+from modelguard.detection.budget import (
+    LAYOUT_PROBE_IMAGES,
+    faster_layout,
+    measure_pass_cost,
+    pass_memory,
+)
 from modelguard.detection.mad import SCALES, mad_test
 from modelguard.detection.optimizer import (
     MASK_STARTS,
@@ -90,7 +97,7 @@ from modelguard.detection.optimizer import (
 )
 from modelguard.detection.triage import TriageResult, triage_labels
 from modelguard.errors import InvalidInput
-from modelguard.nn.layout import weight_layout
+from modelguard.nn.layout import LAYOUTS, Layout, weight_layout
 from modelguard.nn.probe import evaluating, frozen_weights
 from modelguard.progress import Progress
 from modelguard.spec import InputSpec, wrap
@@ -110,6 +117,9 @@ MIN_SCREENING_STEPS = 60
 #: Share of the time left that the screening plan may fill (the re-check, a restart's
 #: decision and the per-step overheads take the rest).
 TIME_MARGIN = 0.85
+
+#: `ReversalConfig.weight_layout` that times the layouts on the model (`faster_layout`).
+AUTO_LAYOUT = "auto"
 
 #: Named decision rules (see the module docstring): this project's, and Neural Cleanse's.
 MODELGUARD = "modelguard"
@@ -158,6 +168,11 @@ class ReversalConfig:
     a label that receives at least ``blend_threshold`` of the images of other labels under
     one probe (:mod:`.blend_probe`: the whole-image blended triggers a reversal misses; not
     part of the ``"paper"`` rule).
+
+    ``weight_layout`` — the layout of the convolution weights during the run
+    (:mod:`modelguard.nn.layout`; the model is given back as it came): ``"auto"`` times
+    both on the model (`faster_layout`: inputs of 64² and more), ``"as_loaded"`` or
+    ``"channels_last"`` pin one, e.g. to repeat a run bit for bit.
 
     ``refine`` — continue the suspects with the full budget after screening (False: the
     screening triggers are returned as they are). ``verify_threshold = 0`` turns the
@@ -208,6 +223,7 @@ class ReversalConfig:
     reference_labels: int = 5
     blend_probe: bool = True
     blend_threshold: float = 0.6
+    weight_layout: str = AUTO_LAYOUT
 
     @classmethod
     def for_rule(cls, rule: str = MODELGUARD, /, **overrides: Any) -> ReversalConfig:
@@ -279,6 +295,10 @@ class ReversalConfig:
         require(isinstance(self.refine, bool), "refine must be a bool")
         require(isinstance(self.blend_probe, bool), "blend_probe must be a bool")
         require(0 < self.blend_threshold <= 1, "blend_threshold in (0, 1]")
+        require(
+            self.weight_layout in (AUTO_LAYOUT, *LAYOUTS),
+            f"weight_layout must be one of {', '.join((AUTO_LAYOUT, *LAYOUTS))}",
+        )
         require(self.rule in RULES, f"rule must be one of {', '.join(RULES)}")
         if self.rule == PAPER:
             expected = _paper_fields(self.batch_size)
@@ -565,8 +585,8 @@ def reverse_triggers(
     is a small clean set ``x`` ``(N, C, H, W)`` in ``spec.value_range`` with labels ``y``
     ``(N,)``. The model is put in eval mode for the run (its mode is restored after) and
     moved to ``device``; its parameters are not modified (their ``requires_grad`` is off
-    during the run, and a large input's convolution weights may be laid out channels-last
-    where that is measured to be faster; both are restored after).
+    during the run, and the convolution weights may be laid out channels-last, see
+    ``ReversalConfig.weight_layout``; both are restored after).
     """
     config = config or ReversalConfig()
     started = time.perf_counter()
@@ -577,10 +597,13 @@ def reverse_triggers(
     # pass, computed for nothing
     with evaluating(wrapped), frozen_weights(wrapped):
         classes = validate_inputs(wrapped, data, spec)
-        layout = faster_layout(wrapped, data.x[:2].float().to(device))
-        log.info("convolution weights %s for the reversal's passes", layout)
+        layout = cast(Layout, config.weight_layout)
+        if config.weight_layout == AUTO_LAYOUT:
+            layout = faster_layout(wrapped, data.x[:LAYOUT_PROBE_IMAGES].float().to(device))
+        log.info("weight layout of the reversal's passes: %s", layout)
         with weight_layout(wrapped, layout):
-            return _reverse(wrapped, data, spec, config, classes, progress, device, started)
+            result = _reverse(wrapped, data, spec, config, classes, progress, device, started)
+        return replace(result, evidence={**result.evidence, "weight_layout": layout})
 
 
 def _reverse(

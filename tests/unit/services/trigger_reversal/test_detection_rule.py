@@ -198,9 +198,11 @@ def test_cli_detect_rule_paper_builds_the_preset() -> None:
     assert reversal_config(build_parser().parse_args(DETECT)) == ReversalConfig()
     args = build_parser().parse_args([*DETECT, "--rule", "paper", "--steps", "40"])
     assert reversal_config(args) == ReversalConfig.paper(steps=40)
-    # --norm-scale alone changes only the scale of the modelguard rule
+    # --norm-scale alone changes only the scale of the modelguard rule, --weight-layout the layout
     scaled = reversal_config(build_parser().parse_args([*DETECT, "--norm-scale", "linear"]))
     assert scaled == ReversalConfig(norm_scale="linear")
+    pinned = reversal_config(build_parser().parse_args([*DETECT, "--weight-layout", "as_loaded"]))
+    assert pinned == ReversalConfig(weight_layout="as_loaded")
 
 
 def test_cli_refuses_a_norm_scale_that_contradicts_the_paper_rule() -> None:

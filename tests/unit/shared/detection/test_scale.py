@@ -5,6 +5,7 @@ spends the full optimisation on a few labels of a many-class model, and the
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -13,8 +14,10 @@ from torch import nn
 
 from modelguard.datasets import Dataset
 from modelguard.detection import budget, neural_cleanse
+from modelguard.detection.blend_probe import BlendProbeResult
 from modelguard.detection.budget import (
     BASELINE_BYTES,
+    LAYOUT_MIN_GAIN,
     MEASURED_LAYOUT_MIN_PIXELS,
     REUSED_BLOCK_BYTES,
     PassCost,
@@ -36,7 +39,7 @@ from modelguard.detection.neural_cleanse import (
 from modelguard.detection.optimizer import TriggerOptimizer, mask_from_theta
 from modelguard.detection.triage import TriageResult, triage_labels
 from modelguard.errors import InvalidInput
-from modelguard.nn.layout import CHANNELS_LAST, CONTIGUOUS
+from modelguard.nn.layout import AS_LOADED, CHANNELS_LAST, weight_layout
 from modelguard.spec import InputSpec
 from tests.manyclass import ManyClassModel, train_many_class
 
@@ -112,64 +115,140 @@ def small_convnet(classes: int = 4) -> nn.Module:
 
 def _laid_out(model: nn.Module) -> str:
     weight = next(p for p in model.parameters() if p.dim() == 4)
-    return CONTIGUOUS if weight.is_contiguous() else CHANNELS_LAST
+    return AS_LOADED if weight.is_contiguous() else CHANNELS_LAST
 
 
-@pytest.mark.parametrize("faster", [CONTIGUOUS, CHANNELS_LAST])
-def test_the_weight_layout_measured_faster_is_chosen(
-    faster: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each layout is timed on the model itself (here: a fake clock that makes ``faster``
-    twice as fast), and the model leaves with its own layout."""
-    timed: list[str] = []
+def _fake_clock(seconds: dict[str, float], timed: list[str]) -> Callable[..., PassCost]:
+    """A `measure_pass_cost` whose time per image is ``seconds`` of the model's layout."""
 
-    def timing(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+    def timing(
+        model: nn.Module, example: torch.Tensor, repeats: int = 2, images: int = 2
+    ) -> PassCost:
         layout = _laid_out(model)
         timed.append(layout)
-        return PassCost(bytes_per_image=1, seconds_per_image=1.0 if layout == faster else 2.0)
+        return PassCost(bytes_per_image=1, seconds_per_image=seconds[layout])
 
-    monkeypatch.setattr(budget, "measure_pass_cost", timing)
+    return timing
+
+
+@pytest.mark.parametrize(
+    ("channels_last_seconds", "chosen"),
+    [(0.5, CHANNELS_LAST), (2.0, AS_LOADED), (1 / (1 + LAYOUT_MIN_GAIN) + 0.01, AS_LOADED)],
+    ids=["twice-as-fast", "slower", "within-the-margin"],
+)
+def test_channels_last_is_chosen_only_when_measured_faster_by_the_margin(
+    channels_last_seconds: float, chosen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each layout is timed on the model itself, alternately (here a fake clock gives the
+    model as loaded 1 s per image), and the model leaves with its own layout."""
+    timed: list[str] = []
+    seconds = {AS_LOADED: 1.0, CHANNELS_LAST: channels_last_seconds}
+    monkeypatch.setattr(budget, "measure_pass_cost", _fake_clock(seconds, timed))
     model = small_convnet()
     side = int(MEASURED_LAYOUT_MIN_PIXELS**0.5)
-    assert faster_layout(model, torch.rand(2, 3, side, side)) == faster
-    assert sorted(set(timed)) == [CHANNELS_LAST, CONTIGUOUS] and len(timed) == 6
-    assert _laid_out(model) == CONTIGUOUS
+    assert faster_layout(model, torch.rand(2, 3, side, side)) == chosen
+    # three rounds, the order swapped every round
+    assert timed == [AS_LOADED, CHANNELS_LAST, CHANNELS_LAST, AS_LOADED, AS_LOADED, CHANNELS_LAST]
+    assert _laid_out(model) == AS_LOADED
 
 
-def test_small_inputs_and_models_without_convolutions_keep_their_layout_unmeasured(
+def test_a_model_that_fails_channels_last_keeps_its_layout() -> None:
+    class ViewsItsWeight(nn.Module):
+        """Weight standardisation written with ``view``, which a channels-last weight
+        refuses."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.conv.weight
+            flat = w.view(w.shape[0], -1)
+            standard = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).view_as(w)
+            return nn.functional.conv2d(x, standard).mean((2, 3))
+
+    model = ViewsItsWeight()
+    with pytest.raises(RuntimeError, match="view"), weight_layout(model, CHANNELS_LAST):
+        model(torch.rand(1, 3, 8, 8))
+    side = int(MEASURED_LAYOUT_MIN_PIXELS**0.5)
+    assert faster_layout(model, torch.rand(2, 3, side, side)) == AS_LOADED
+    assert _laid_out(model) == AS_LOADED
+
+
+def test_small_inputs_and_models_the_layout_would_not_change_are_not_measured(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def timing(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+    def timing(*args: object, **kwargs: object) -> PassCost:
         raise AssertionError("nothing to measure")
 
     monkeypatch.setattr(budget, "measure_pass_cost", timing)
-    assert faster_layout(small_convnet(), torch.rand(2, 3, 32, 32)) == CONTIGUOUS
+    side = int(MEASURED_LAYOUT_MIN_PIXELS**0.5)
+    below = torch.rand(2, 3, side - 1, side)
+    assert faster_layout(small_convnet(), below) == AS_LOADED
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64 * 64, 3))
-    assert faster_layout(mlp, torch.rand(2, 1, 64, 64)) == CONTIGUOUS
+    assert faster_layout(mlp, torch.rand(2, 1, 64, 64)) == AS_LOADED
+    already = small_convnet()
+    with weight_layout(already, CHANNELS_LAST):
+        assert faster_layout(already, torch.rand(2, 3, side, side)) == AS_LOADED
 
 
-def test_the_reversal_runs_in_the_faster_layout_and_gives_the_model_back_as_it_came(
+@pytest.mark.parametrize("normalised", [False, True], ids=["raw", "mean-std"])
+def test_the_reversal_and_its_blend_probe_run_in_the_chosen_layout_and_give_the_model_back(
+    normalised: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``weight_layout="auto"`` the measured choice (here a fake clock favouring
+    channels-last) holds for the whole run, through the normalising wrapper, and is
+    recorded; the model is given back as it came."""
+    seen: list[str] = []
+    real_cost, real_probe = neural_cleanse.measure_pass_cost, neural_cleanse.probe_blend
+
+    def cost_spy(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
+        seen.append(f"cost:{_laid_out(model)}")
+        return real_cost(model, example, repeats)
+
+    def probe_spy(model: nn.Module, *args: object, **kwargs: object) -> BlendProbeResult:
+        seen.append(f"probe:{_laid_out(model)}")
+        return real_probe(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    clock = _fake_clock({AS_LOADED: 1.0, CHANNELS_LAST: 0.5}, [])
+    monkeypatch.setattr(budget, "measure_pass_cost", clock)
+    monkeypatch.setattr(neural_cleanse, "measure_pass_cost", cost_spy)
+    monkeypatch.setattr(neural_cleanse, "probe_blend", probe_spy)
+    model = small_convnet()
+
+    def state() -> list[tuple[int, int, tuple[int, ...], bool]]:
+        return [(id(p), p.data_ptr(), p.stride(), p.requires_grad) for p in model.parameters()]
+
+    before = state()
+    x = torch.rand(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    data = Dataset(x, model(x).argmax(1))
+    stats = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)} if normalised else {}
+    spec = InputSpec((3, 64, 64), (0.0, 1.0), **stats)  # type: ignore[arg-type]
+    config = ReversalConfig(steps=20, restarts=1, min_valid_labels=2)
+    result = reverse_triggers(model, data, spec, config)
+    assert seen == [f"cost:{CHANNELS_LAST}", f"probe:{CHANNELS_LAST}"]
+    assert result.evidence["weight_layout"] == CHANNELS_LAST
+    assert state() == before
+
+
+def test_a_pinned_layout_is_not_measured_and_an_unknown_one_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    seen: list[str] = []
-    real = neural_cleanse.measure_pass_cost
+    def timing(*args: object, **kwargs: object) -> PassCost:
+        raise AssertionError("a pinned layout is not measured")
 
-    def spy(model: nn.Module, example: torch.Tensor, repeats: int = 2) -> PassCost:
-        seen.append(_laid_out(model))
-        return real(model, example, repeats)
-
-    monkeypatch.setattr(neural_cleanse, "faster_layout", lambda model, example: CHANNELS_LAST)
-    monkeypatch.setattr(neural_cleanse, "measure_pass_cost", spy)
+    monkeypatch.setattr(budget, "measure_pass_cost", timing)
     model = small_convnet()
-    before = [(p.data_ptr(), p.stride(), p.requires_grad) for p in model.parameters()]
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(16, 3, 64, 64, generator=generator)
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     data = Dataset(x, model(x).argmax(1))
-    config = ReversalConfig(steps=20, restarts=1, blend_probe=False, min_valid_labels=2)
-    result = reverse_triggers(model, data, InputSpec((3, 64, 64), (0.0, 1.0)), config)
-    assert seen == [CHANNELS_LAST]  # the reversal's own speed probe saw the chosen layout
-    assert result.verdict in (CLEAN, INFECTED, INCONCLUSIVE)
-    assert [(p.data_ptr(), p.stride(), p.requires_grad) for p in model.parameters()] == before
+    spec = InputSpec((3, 64, 64), (0.0, 1.0))
+    for pinned in (AS_LOADED, CHANNELS_LAST):
+        config = ReversalConfig(
+            steps=5, restarts=1, min_valid_labels=2, blend_probe=False, weight_layout=pinned
+        )
+        assert reverse_triggers(model, data, spec, config).evidence["weight_layout"] == pinned
+    with pytest.raises(InvalidInput, match="weight_layout must be one of auto, as_loaded"):
+        ReversalConfig(weight_layout="nhwc")
 
 
 def test_label_batches_under_a_memory_budget_give_the_masks_of_one_batch(

@@ -26,7 +26,7 @@ import sys
 import types
 import warnings
 from collections.abc import Iterator, Sized
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelguard.errors import InvalidInput, ModelGuardError, UnsafeArtifact
 from modelguard.formats.base import ScanResult, first_line
@@ -48,6 +48,22 @@ MAX_TENSOR_ELEMENTS = 1 << 31
 MAX_OPSET = 1000
 #: Operators whose onnx2torch converters need torchvision, which is not installed.
 TORCHVISION_OPERATORS = frozenset({"NonMaxSuppression", "RoiAlign"})
+#: Operator versions newer than onnx2torch's whose only change is new element types
+#: (float8 in opset 19, 4-bit integers in 21, …): each is converted as the version before
+#: it, which computes the same on the types torch has. torch's own exporter writes them
+#: (opset 20 for a model with GELU), and the opset down-conversion cannot help such a
+#: model, since GELU did not exist before opset 20.
+SAME_AS_BEFORE: dict[str, tuple[int, ...]] = {
+    "Cast": (19, 21),
+    "Constant": (19, 21),
+    "ConstantOfShape": (20, 21),
+    "Flatten": (21,),
+    "Identity": (19, 21),
+    "Reshape": (19, 21),
+    "Shape": (19, 21),
+    "Transpose": (21,),
+    "Unsqueeze": (21,),
+}
 
 #: Fields of ModelProto: number -> wire type (0 varint, 2 length-delimited).
 _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
@@ -310,7 +326,7 @@ def _onnx2torch() -> types.ModuleType:
             f"onnx2torch=={ONNX2TORCH_VERSION})"
         )
     if "onnx2torch" in sys.modules or importlib.util.find_spec("torchvision") is not None:
-        return importlib.import_module("onnx2torch")
+        return _with_newer_operators(importlib.import_module("onnx2torch"))
 
     def missing(*args: object, **kwargs: object) -> None:
         raise NotImplementedError("torchvision is not installed")
@@ -320,11 +336,49 @@ def _onnx2torch() -> types.ModuleType:
     stub.ops = ops  # type: ignore[attr-defined]
     sys.modules.update({"torchvision": stub, "torchvision.ops": ops})
     try:
-        return importlib.import_module("onnx2torch")
+        return _with_newer_operators(importlib.import_module("onnx2torch"))
     finally:
         for name, module in (("torchvision", stub), ("torchvision.ops", ops)):
             if sys.modules.get(name) is module:
                 del sys.modules[name]
+
+
+def _with_newer_operators(onnx2torch: types.ModuleType) -> types.ModuleType:
+    """``onnx2torch`` with converters for `SAME_AS_BEFORE`'s operator versions and for
+    ``Gelu`` (opset 20), registered once."""
+    from onnx2torch.node_converters.registry import add_converter, get_converter
+
+    def registered(operation: str, version: int) -> bool:
+        try:
+            get_converter(operation_type=operation, version=version)
+        except NotImplementedError:
+            return False
+        return True
+
+    for operation, versions in SAME_AS_BEFORE.items():
+        for version in versions:
+            if not registered(operation, version):
+                add_converter(operation_type=operation, version=version)(
+                    get_converter(operation_type=operation, version=version - 1)
+                )
+    if not registered("Gelu", 20):
+        add_converter(operation_type="Gelu", version=20)(_gelu)
+    return onnx2torch
+
+
+def _gelu(node: Any, graph: Any) -> Any:
+    """ONNX ``Gelu`` (opset 20) as ``nn.GELU``, with its ``approximate`` (``none`` or
+    ``tanh``), which the two share."""
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+    from torch import nn
+
+    approximate = node.attributes.get("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise InvalidInput(f"Gelu with approximate={approximate!r} is not a GELU torch has")
+    return OperationConverterResult(
+        torch_module=nn.GELU(approximate=approximate),
+        onnx_mapping=onnx_mapping_from_node(node),
+    )
 
 
 @contextlib.contextmanager

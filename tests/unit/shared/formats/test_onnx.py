@@ -30,8 +30,9 @@ FORMAT = "onnx"
 torch.set_num_threads(1)  # the machine is shared
 
 
-def _onnx(module: nn.Module, *, dynamic: bool = True, opset: int = 18) -> bytes:
-    """What a user's torch.onnx.export writes (the dynamo exporter, torch's default)."""
+def _onnx(module: nn.Module, *, dynamic: bool = True, opset: int | None = 18) -> bytes:
+    """What a user's torch.onnx.export writes (the dynamo exporter, torch's default;
+    ``opset`` None: its default opset)."""
     shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
@@ -127,6 +128,59 @@ def test_loads_with_equal_outputs_and_input_gradients(
     assert torch.allclose(logits, model(x), atol=1e-5)
     (gradient,) = torch.autograd.grad(logits[:, 3].sum(), x)
     assert gradient.shape == x.shape and gradient.abs().sum(dim=(1, 2, 3)).gt(0).all()
+
+
+class TinyViT(nn.Module):
+    """The operators of a ViT-style classifier as torch exports them: a patch
+    convolution, a class token, pre-norm attention (``scaled_dot_product_attention``),
+    exact and tanh GELU, LayerNorm and a linear head."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(1, dim, 7, stride=7)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.norm1, self.norm2, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.GELU("tanh")
+        )
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], 1)
+        batch, length, dim = x.shape
+        q, k, v = (
+            self.qkv(self.norm1(x))
+            .reshape(batch, length, 3, self.heads, dim // self.heads)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_a_vit_style_model_exported_at_torchs_default_opset_loads_with_equal_outputs() -> None:
+    """torch writes GELU as ONNX's ``Gelu`` (opset 20), beside versions of Shape and
+    Reshape newer than onnx2torch's; none may stop the conversion."""
+    torch.manual_seed(0)
+    vit = TinyViT().eval()
+    data = _onnx(vit, opset=None)
+    opsets = {o.domain: o.version for o in onnx.load_from_string(data).opset_import}
+    assert opsets[""] >= 20
+    graph_ops = {node.op_type for node in onnx.load_from_string(data).graph.node}
+    assert {"Gelu", "LayerNormalization", "Reshape"} <= graph_ops
+    module = load_model(data, SPEC).module
+    x = torch.rand(5, *SPEC.shape, requires_grad=True)
+    logits = module(x)
+    torch.testing.assert_close(logits, vit(x), atol=1e-5, rtol=1e-4)
+    (gradient,) = torch.autograd.grad(logits[:, 3].sum(), x)
+    (expected,) = torch.autograd.grad(vit(x)[:, 3].sum(), x)
+    torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-4)
+    assert [info.kind for info in list_prunable_layers(module)][-1] == "linear"
 
 
 def test_conv_and_gemm_become_prunable_layers(dynamic: bytes) -> None:

@@ -9,8 +9,9 @@ triage leaves (``triage_candidates + reference_labels``) screened together, each
 memory budget. Each round times ``--steps`` steps in either layout, the order swapped
 every round, in one process, and the medians over rounds are compared: the ratio holds on
 a noisy machine better than the times. The choice ``detect`` makes
-(:func:`modelguard.detection.budget.faster_layout`, a timing on a few images) is made
-``--choices`` times and counted: the speed-up a user gets is the chosen layout's.
+(:func:`modelguard.detection.budget.faster_layout`: channels-last unless a timing on a
+few images finds it clearly slower) is made ``--choices`` times and counted: the speed-up
+a user gets is the chosen layout's.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n\nSeconds per screening step, median of {args.rounds} rounds of {args.steps} "
         f"steps per layout, the order swapped every round, one process, "
         f"{torch.get_num_threads()} threads. The last column: how often `detect`'s own "
-        "choice (both layouts timed on a few images before its run) picked channels-last.",
+        "choice picked channels-last (it keeps the model's own layout only where timing both "
+        "on a few images finds channels-last clearly slower).",
     )
     return 0
 

@@ -79,6 +79,9 @@ EXIT_CODES_HELP = (
 #: (leak); "any" is all three.
 FAIL_ON_VERDICTS = ("infected", "leak", "inconclusive")
 FAIL_ON_ANY = "any"
+#: `ReversalConfig.weight_layout`'s values (spelled out: the detection package imports
+#: torch, which ``--help`` should not wait for; a test keeps them equal)
+WEIGHT_LAYOUTS = ("auto", "as_loaded", "channels_last")
 
 
 def parse_fail_on(value: str) -> frozenset[str]:
@@ -1394,10 +1397,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     detect.add_argument(
         "--weight-layout",
-        choices=("auto", "as_loaded", "channels_last"),
+        choices=WEIGHT_LAYOUTS,
         help="layout of the convolution weights during the reversal (default auto: "
-        "channels-last where timing both on the model says it is faster, for inputs of 64² "
-        "and more; pin one to repeat a run exactly)",
+        "channels-last for inputs of 64² and more, unless timing both on the model finds "
+        "it clearly slower; pin one to repeat a run, up to what a time budget cuts)",
     )
     add_budget_args(detect)
     detect.add_argument("--out", help="directory for the reversed trigger images")

@@ -170,9 +170,10 @@ class ReversalConfig:
     part of the ``"paper"`` rule).
 
     ``weight_layout`` — the layout of the convolution weights during the run
-    (:mod:`modelguard.nn.layout`; the model is given back as it came): ``"auto"`` times
-    both on the model (`faster_layout`: inputs of 64² and more), ``"as_loaded"`` or
-    ``"channels_last"`` pin one, e.g. to repeat a run bit for bit.
+    (:mod:`modelguard.nn.layout`; the model is given back as it came): ``"auto"`` is
+    channels-last for inputs of 64² and more unless timing both on the model finds it
+    clearly slower (`faster_layout`), ``"as_loaded"`` or ``"channels_last"`` pin one (a
+    run is then repeated exactly unless a time budget cuts its steps differently).
 
     ``refine`` — continue the suspects with the full budget after screening (False: the
     screening triggers are returned as they are). ``verify_threshold = 0`` turns the
@@ -597,13 +598,22 @@ def reverse_triggers(
     # pass, computed for nothing
     with evaluating(wrapped), frozen_weights(wrapped):
         classes = validate_inputs(wrapped, data, spec)
-        layout = cast(Layout, config.weight_layout)
-        if config.weight_layout == AUTO_LAYOUT:
-            layout = faster_layout(wrapped, data.x[:LAYOUT_PROBE_IMAGES].float().to(device))
-        log.info("weight layout of the reversal's passes: %s", layout)
+        layout = reversal_layout(wrapped, data, config, device)
         with weight_layout(wrapped, layout):
             result = _reverse(wrapped, data, spec, config, classes, progress, device, started)
         return replace(result, evidence={**result.evidence, "weight_layout": layout})
+
+
+def reversal_layout(
+    wrapped: nn.Module, data: Dataset, config: ReversalConfig, device: torch.device | str
+) -> Layout:
+    """The weight layout a reversal runs with: ``config.weight_layout``, or under
+    ``"auto"`` the one `faster_layout` picks for the (wrapped) model."""
+    layout = cast(Layout, config.weight_layout)
+    if config.weight_layout == AUTO_LAYOUT:
+        layout = faster_layout(wrapped, data.x[:LAYOUT_PROBE_IMAGES].float().to(device))
+    log.info("weight layout of the reversal's passes: %s", layout)
+    return layout
 
 
 def _reverse(

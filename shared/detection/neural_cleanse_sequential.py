@@ -16,6 +16,7 @@ starting masks and patterns and the same sequence of mini-batches for a given se
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import ClassVar
@@ -34,6 +35,7 @@ from modelguard.detection.neural_cleanse import (
     RestartInfo,
     ReversalConfig,
     ReversalResult,
+    reversal_layout,
     validate_inputs,
     verification_subset,
 )
@@ -45,6 +47,7 @@ from modelguard.detection.optimizer import (
     pattern_from_theta,
 )
 from modelguard.errors import InvalidInput
+from modelguard.nn.layout import weight_layout
 from modelguard.progress import Progress
 from modelguard.spec import InputSpec, wrap
 
@@ -174,8 +177,11 @@ def reverse_triggers_sequential(
     wrapped = wrap(model, spec).to(device)
     was_training = wrapped.training
     wrapped.eval()
+    laid_out = contextlib.ExitStack()
     try:
         classes = validate_inputs(wrapped, data, spec)
+        layout = reversal_layout(wrapped, data, c, device)
+        laid_out.enter_context(weight_layout(wrapped, layout))
         if len(data) > c.max_samples:
             data = data.subset(c.max_samples, seed=c.seed)
         x, y = data.x.float().to(device), data.y.long().to(device)
@@ -204,6 +210,7 @@ def reverse_triggers_sequential(
         success = _attack_success(wrapped, x[index], y[index], mask_t, pattern_t)
         evaluations = steps * min(c.batch_size, len(x)) + classes * int(index.numel())
     finally:
+        laid_out.close()
         wrapped.train(was_training)
     # the batched implementation's size condition, so both decide by the same rule
     flagged = tuple(
@@ -235,7 +242,12 @@ def reverse_triggers_sequential(
         steps=steps,
         evaluations=evaluations,
         seconds=time.perf_counter() - started,
-        evidence={"median_norm": decision.median, "mad": decision.mad, "rule": decision.rule},
+        evidence={
+            "median_norm": decision.median,
+            "mad": decision.mad,
+            "rule": decision.rule,
+            "weight_layout": layout,
+        },
         value_range=spec.value_range,
         config=c,
     )

@@ -5,9 +5,9 @@ the activations are channels-last (NHWC): the depthwise and pointwise convolutio
 mobile architectures then read memory in order. A convolution's output follows its
 weight's layout, so laying out the full convolutions' weights channels-last (the stem and
 the like; depthwise and pointwise weights are laid out the same either way) carries the
-whole network over. Whether that is faster for a given model is measured, not assumed
-(see `modelguard.detection.budget.faster_layout`). The layout changes only the strides of
-the weights, never their values.
+whole network over. A reversal runs that way unless timing both on the model finds it
+clearly slower (`modelguard.detection.budget.faster_layout`). The layout changes only the
+strides of the weights, never their values.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from modelguard.convert import ref_to_proto, spec_to_proto
 from modelguard.datasets import Dataset, dataset_to_npz
 from modelguard.detection.mad import mad_test
 from modelguard.detection.neural_cleanse import (
+    AUTO_LAYOUT,
     MODELGUARD,
     PAPER,
     RULES,
@@ -33,9 +34,10 @@ from modelguard.formats.loader import LoadedModel, weights_to_safetensors
 from modelguard.jobdata import ModelAndData
 from modelguard.metrics import ServiceMetrics
 from modelguard.nn.architectures import build
+from modelguard.nn.layout import LAYOUTS
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
 from modelguard.runtime import Runtime
-from modelguard.services.cli import build_parser, main, reversal_config
+from modelguard.services.cli import WEIGHT_LAYOUTS, build_parser, main, reversal_config
 from modelguard.services.pruning_orchestrator.service import Orchestrator
 from modelguard.services.trigger_reversal.service import TriggerReversalService
 from modelguard.signing import Signer
@@ -203,6 +205,11 @@ def test_cli_detect_rule_paper_builds_the_preset() -> None:
     assert scaled == ReversalConfig(norm_scale="linear")
     pinned = reversal_config(build_parser().parse_args([*DETECT, "--weight-layout", "as_loaded"]))
     assert pinned == ReversalConfig(weight_layout="as_loaded")
+    assert (AUTO_LAYOUT, *LAYOUTS) == WEIGHT_LAYOUTS
+    paper = [*DETECT, "--rule", "paper", "--weight-layout", "channels_last"]
+    assert reversal_config(build_parser().parse_args(paper)) == ReversalConfig.paper(
+        weight_layout="channels_last"
+    )
 
 
 def test_cli_refuses_a_norm_scale_that_contradicts_the_paper_rule() -> None:

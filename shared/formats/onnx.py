@@ -21,8 +21,10 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import math
 import posixpath
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Iterator, Sized
@@ -50,20 +52,33 @@ MAX_OPSET = 1000
 TORCHVISION_OPERATORS = frozenset({"NonMaxSuppression", "RoiAlign"})
 #: Operator versions newer than onnx2torch's whose only change is new element types
 #: (float8 in opset 19, 4-bit integers in 21, …): each is converted as the version before
-#: it, which computes the same on the types torch has. torch's own exporter writes them
-#: (opset 20 for a model with GELU), and the opset down-conversion cannot help such a
-#: model, since GELU did not exist before opset 20.
+#: it (the versions in ascending order: a 21 resolves to the 19 or 20 registered before
+#: it), which computes the same on the types torch has. torch's exporter writes opset 20
+#: by default, so a model converts without the opset down-conversion where it can.
 SAME_AS_BEFORE: dict[str, tuple[int, ...]] = {
     "Cast": (19, 21),
     "Constant": (19, 21),
     "ConstantOfShape": (20, 21),
+    "Equal": (19,),
     "Flatten": (21,),
     "Identity": (19, 21),
+    "IsInf": (20,),
+    "IsNaN": (20,),
     "Reshape": (19, 21),
     "Shape": (19, 21),
     "Transpose": (21,),
     "Unsqueeze": (21,),
 }
+#: What GELU is made of, for the opset down-conversion (Gelu exists from opset 20 only).
+GELU_CONSTANTS = {
+    "half": 0.5,
+    "one": 1.0,
+    "inverse_sqrt2": 1 / math.sqrt(2),
+    "tanh_scale": math.sqrt(2 / math.pi),
+    "cubic": 0.044715,
+}
+_REGISTERING = threading.Lock()
+_registered = False
 
 #: Fields of ModelProto: number -> wire type (0 varint, 2 length-delimited).
 _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
@@ -345,24 +360,30 @@ def _onnx2torch() -> types.ModuleType:
 
 def _with_newer_operators(onnx2torch: types.ModuleType) -> types.ModuleType:
     """``onnx2torch`` with converters for `SAME_AS_BEFORE`'s operator versions and for
-    ``Gelu`` (opset 20), registered once."""
-    from onnx2torch.node_converters.registry import add_converter, get_converter
+    ``Gelu`` (opset 20), registered once per process (its registry is global, and refuses
+    a second registration)."""
+    global _registered
+    with _REGISTERING:
+        if _registered:
+            return onnx2torch
+        from onnx2torch.node_converters.registry import add_converter, get_converter
 
-    def registered(operation: str, version: int) -> bool:
-        try:
-            get_converter(operation_type=operation, version=version)
-        except NotImplementedError:
-            return False
-        return True
+        def registered(operation: str, version: int) -> bool:
+            try:
+                get_converter(operation_type=operation, version=version)
+            except NotImplementedError:
+                return False
+            return True
 
-    for operation, versions in SAME_AS_BEFORE.items():
-        for version in versions:
-            if not registered(operation, version):
-                add_converter(operation_type=operation, version=version)(
-                    get_converter(operation_type=operation, version=version - 1)
-                )
-    if not registered("Gelu", 20):
-        add_converter(operation_type="Gelu", version=20)(_gelu)
+        for operation, versions in SAME_AS_BEFORE.items():
+            for version in versions:
+                if not registered(operation, version):
+                    add_converter(operation_type=operation, version=version)(
+                        get_converter(operation_type=operation, version=version - 1)
+                    )
+        if not registered("Gelu", 20):
+            add_converter(operation_type="Gelu", version=20)(_gelu)
+        _registered = True
     return onnx2torch
 
 
@@ -526,7 +547,9 @@ def _convertible(model: onnx.ModelProto) -> onnx.ModelProto:
     if unsupported and opset > CONVERTIBLE_OPSET:
         try:
             with _quiet():
-                older = onnx.version_converter.convert_version(model, CONVERTIBLE_OPSET)
+                older = onnx.version_converter.convert_version(
+                    _without_gelu(model), CONVERTIBLE_OPSET
+                )
             _relax_reshapes(older)
             if len(_unsupported(older)) < len(unsupported):
                 model, unsupported = older, _unsupported(older)
@@ -538,6 +561,60 @@ def _convertible(model: onnx.ModelProto) -> onnx.ModelProto:
             + ", ".join(unsupported)
         )
     return model
+
+
+def _without_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every ``Gelu`` node of its graph written out in the operators it is
+    made of (x · (1 + erf(x / √2)) / 2, or the tanh form), float32: the opset
+    down-conversion has no older ``Gelu`` to convert to. ``model`` itself if it has none."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def is_gelu(node: onnx.NodeProto) -> bool:
+        return node.op_type == "Gelu" and node.domain in ("", "ai.onnx")
+
+    if not any(is_gelu(node) for node in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    constant = {name: f"modelguard_gelu_{name}" for name in GELU_CONSTANTS}
+    for name, number in GELU_CONSTANTS.items():
+        scalar = np.array(number, np.float32)
+        graph.initializer.append(numpy_helper.from_array(scalar, constant[name]))
+    nodes: list[onnx.NodeProto] = []
+    for index, node in enumerate(graph.node):
+        approximate = next(
+            (a.s.decode() for a in node.attribute if a.name == "approximate"), "none"
+        )
+        if not is_gelu(node) or approximate not in ("none", "tanh"):
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+
+        def temp(name: str, index: int = index) -> str:
+            return f"modelguard_gelu{index}_{name}"
+
+        def op(kind: str, inputs: list[str], output: str) -> None:
+            nodes.append(helper.make_node(kind, inputs, [output]))
+
+        if approximate == "tanh":
+            op("Mul", [x, x], temp("square"))
+            op("Mul", [temp("square"), x], temp("cube"))
+            op("Mul", [temp("cube"), constant["cubic"]], temp("cubic"))
+            op("Add", [x, temp("cubic")], temp("inner"))
+            op("Mul", [temp("inner"), constant["tanh_scale"]], temp("scaled"))
+            op("Tanh", [temp("scaled")], temp("curve"))
+        else:
+            op("Mul", [x, constant["inverse_sqrt2"]], temp("scaled"))
+            op("Erf", [temp("scaled")], temp("curve"))
+        op("Add", [temp("curve"), constant["one"]], temp("gate"))
+        op("Mul", [x, temp("gate")], temp("gated"))
+        op("Mul", [temp("gated"), constant["half"]], y)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return copy
 
 
 def _export(module: nn.Module) -> onnx.ModelProto:

@@ -17,6 +17,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from modelguard.errors import InvalidInput, UnsafeArtifact
+from modelguard.formats import onnx as onnx_format
 from modelguard.formats.loader import load_model, save_model
 from modelguard.formats.programs import ProgramModule
 from modelguard.formats.registry import all_formats, get_format
@@ -181,6 +182,63 @@ def test_a_vit_style_model_exported_at_torchs_default_opset_loads_with_equal_out
     (expected,) = torch.autograd.grad(vit(x)[:, 3].sum(), x)
     torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-4)
     assert [info.kind for info in list_prunable_layers(module)][-1] == "linear"
+
+
+def test_a_gelu_convnet_that_needs_the_opset_down_conversion_loads_with_equal_outputs() -> None:
+    """Average pooling and a global mean export as operator versions onnx2torch lacks,
+    which the opset down-conversion handles; the model's Gelu, which has no older version,
+    is written out in the operators it is made of for it (both GELU forms)."""
+    torch.manual_seed(0)
+    convnet = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.GELU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.GELU("tanh"),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+    data = _onnx(convnet, opset=None)
+    proto = onnx.load_from_string(data)
+    assert {"Gelu", "AveragePool", "ReduceMean"} <= {node.op_type for node in proto.graph.node}
+    # the down-conversion's case
+    assert sorted(onnx_format._unsupported(proto)) == ["AveragePool", "ReduceMean"]
+    module = load_model(data, SPEC).module
+    x = torch.rand(3, *SPEC.shape, requires_grad=True)
+    logits = module(x)
+    torch.testing.assert_close(logits, convnet(x), atol=1e-5, rtol=1e-4)
+    (gradient,) = torch.autograd.grad(logits[:, 2].sum(), x)
+    (expected,) = torch.autograd.grad(convnet(x)[:, 2].sum(), x)
+    torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_operator_versions_that_only_add_element_types_convert_as_the_version_before() -> None:
+    """Flatten and Identity of opset 21 (4-bit integer types added) need no down-conversion."""
+    data = _linear_model("Relu", opset=21)
+    assert onnx_format._unsupported(onnx.load_from_string(data)) == []
+    x = torch.rand(2, *SPEC.shape)
+    expected = x.flatten(1).sum(1, keepdim=True).relu().expand(2, 10)
+    torch.testing.assert_close(load_model(data, SPEC).module(x), expected)
+
+
+def test_a_gelu_of_an_unknown_form_is_refused_with_its_name() -> None:
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+        helper.make_node("Gelu", ["flat"], ["h"], approximate="erfc"),
+        helper.make_node("MatMul", ["h", "w"], ["y"]),
+    ]
+    weight = numpy_helper.from_array(np.ones((784, 10), np.float32), "w")
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    with pytest.raises(InvalidInput, match="approximate='erfc'"):
+        load_model(model.SerializeToString(), SPEC)
 
 
 def test_conv_and_gemm_become_prunable_layers(dynamic: bytes) -> None:

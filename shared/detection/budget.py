@@ -50,14 +50,14 @@ TRANSIENT_FACTOR = 2.0
 #: are sized to keep the largest activation below this (glibc's largest dynamic mmap
 #: threshold on 64-bit systems; other allocators merely get smaller passes).
 REUSED_BLOCK_BYTES = 32 << 20
-#: Smallest input (height × width) whose weight layout is chosen by measuring (see
-#: `faster_layout`); smaller inputs keep the model's own layout.
+#: Smallest input (height × width) that runs channels-last (see `faster_layout`);
+#: smaller inputs keep the model's own layout.
 MEASURED_LAYOUT_MIN_PIXELS = 64 * 64
 #: Images of each timed pass of `faster_layout`: a few, so that per-pass costs (a weight
 #: reordered) weigh as little as in a reversal's passes of several images.
 LAYOUT_PROBE_IMAGES = 4
-#: How much faster a pass with the weights as loaded must be measured for
-#: `faster_layout` to keep them so (a near tie keeps channels-last).
+#: How much slower a pass with channels-last weights must be measured for
+#: `faster_layout` to keep the weights as loaded (a near tie keeps channels-last).
 LAYOUT_TOLERANCE = 0.10
 #: Memory a reversal keeps outside the model's passes: the interpreter, torch, the model,
 #: the clean images and the triggers' optimiser state (counted separately).
@@ -124,10 +124,11 @@ def measure_pass_cost(
 def faster_layout(model: nn.Module, example: torch.Tensor, rounds: int = 3) -> Layout:
     """The weight layout (`modelguard.nn.layout`) a reversal of ``model`` runs with:
     channels-last, unless a forward and backward pass on up to `LAYOUT_PROBE_IMAGES` of
-    ``example`` is measured `LAYOUT_TOLERANCE` faster with the weights as loaded. Passes in
+    ``example`` is measured `LAYOUT_TOLERANCE` slower with channels-last weights. Passes in
     either layout are timed alternately (the order swapped every round), ``rounds`` each,
     and the best of each compared. Channels-last is the default because it is faster on
-    the convolutional networks measured (the results page), and a probe of a few images
+    the convolutional networks measured (EfficientNet-Lite0–2 in the three formats, a
+    ResNet-18; `bench.bench_pass_layout`), and a probe of a few images
     is too noisy to choose between near-equal layouts: a near tie must not make the run's
     layout, hence its floats, vary from run to run; the timing only catches a model on
     which channels-last is clearly slower. The model keeps its own layout unmeasured when

@@ -118,7 +118,8 @@ MIN_SCREENING_STEPS = 60
 #: decision and the per-step overheads take the rest).
 TIME_MARGIN = 0.85
 
-#: `ReversalConfig.weight_layout` that times the layouts on the model (`faster_layout`).
+#: `ReversalConfig.weight_layout`: channels-last for large inputs unless `faster_layout`
+#: finds it clearly slower on the model.
 AUTO_LAYOUT = "auto"
 
 #: Named decision rules (see the module docstring): this project's, and Neural Cleanse's.

@@ -11,7 +11,8 @@ It shares with the batched implementation only what makes the comparison fair: t
 configuration (steps, batch size, learning rate, schedule, stopping rule), the same
 starting masks and patterns and the same sequence of mini-batches for a given seed
 (:func:`~.optimizer.initial_parameters`, :class:`~.optimizer.BatchSampler`), the same loss
-(images of the target label excluded) and the same MAD rules.
+(images of the target label excluded), the same MAD rules, frozen weights (only the
+triggers get gradients) and the same weight layout (``ReversalConfig.weight_layout``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from modelguard.detection.optimizer import (
 )
 from modelguard.errors import InvalidInput
 from modelguard.nn.layout import weight_layout
+from modelguard.nn.probe import frozen_weights
 from modelguard.progress import Progress
 from modelguard.spec import InputSpec, wrap
 
@@ -181,6 +183,8 @@ def reverse_triggers_sequential(
     try:
         classes = validate_inputs(wrapped, data, spec)
         layout = reversal_layout(wrapped, data, c, device)
+        # only the triggers are optimised: the weights get no gradient (none left on them)
+        laid_out.enter_context(frozen_weights(wrapped))
         laid_out.enter_context(weight_layout(wrapped, layout))
         if len(data) > c.max_samples:
             data = data.subset(c.max_samples, seed=c.seed)

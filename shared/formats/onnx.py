@@ -77,7 +77,7 @@ GELU_CONSTANTS = {
     "tanh_scale": math.sqrt(2 / math.pi),
     "cubic": 0.044715,
 }
-_REGISTERING = threading.Lock()
+_IMPORTING = threading.RLock()
 _registered = False
 
 #: Fields of ModelProto: number -> wire type (0 varint, 2 length-delimited).
@@ -340,6 +340,11 @@ def _onnx2torch() -> types.ModuleType:
             f"onnx2torch is not installed: run scripts/setup.sh (pip install --no-deps "
             f"onnx2torch=={ONNX2TORCH_VERSION})"
         )
+    with _IMPORTING:  # the stand-in below must not be seen by another thread's import
+        return _import_onnx2torch()
+
+
+def _import_onnx2torch() -> types.ModuleType:
     if "onnx2torch" in sys.modules or importlib.util.find_spec("torchvision") is not None:
         return _with_newer_operators(importlib.import_module("onnx2torch"))
 
@@ -361,29 +366,28 @@ def _onnx2torch() -> types.ModuleType:
 def _with_newer_operators(onnx2torch: types.ModuleType) -> types.ModuleType:
     """``onnx2torch`` with converters for `SAME_AS_BEFORE`'s operator versions and for
     ``Gelu`` (opset 20), registered once per process (its registry is global, and refuses
-    a second registration)."""
+    a second registration; called under `_IMPORTING`)."""
     global _registered
-    with _REGISTERING:
-        if _registered:
-            return onnx2torch
-        from onnx2torch.node_converters.registry import add_converter, get_converter
+    if _registered:
+        return onnx2torch
+    from onnx2torch.node_converters.registry import add_converter, get_converter
 
-        def registered(operation: str, version: int) -> bool:
-            try:
-                get_converter(operation_type=operation, version=version)
-            except NotImplementedError:
-                return False
-            return True
+    def registered(operation: str, version: int) -> bool:
+        try:
+            get_converter(operation_type=operation, version=version)
+        except NotImplementedError:
+            return False
+        return True
 
-        for operation, versions in SAME_AS_BEFORE.items():
-            for version in versions:
-                if not registered(operation, version):
-                    add_converter(operation_type=operation, version=version)(
-                        get_converter(operation_type=operation, version=version - 1)
-                    )
-        if not registered("Gelu", 20):
-            add_converter(operation_type="Gelu", version=20)(_gelu)
-        _registered = True
+    for operation, versions in SAME_AS_BEFORE.items():
+        for version in versions:
+            if not registered(operation, version):
+                add_converter(operation_type=operation, version=version)(
+                    get_converter(operation_type=operation, version=version - 1)
+                )
+    if not registered("Gelu", 20):
+        add_converter(operation_type="Gelu", version=20)(_gelu)
+    _registered = True
     return onnx2torch
 
 
@@ -545,11 +549,10 @@ def _convertible(model: onnx.ModelProto) -> onnx.ModelProto:
     unsupported = _unsupported(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if unsupported and opset > CONVERTIBLE_OPSET:
+        without_gelu = _without_gelu(model)  # a Gelu of an unknown form is named here
         try:
             with _quiet():
-                older = onnx.version_converter.convert_version(
-                    _without_gelu(model), CONVERTIBLE_OPSET
-                )
+                older = onnx.version_converter.convert_version(without_gelu, CONVERTIBLE_OPSET)
             _relax_reshapes(older)
             if len(_unsupported(older)) < len(unsupported):
                 model, unsupported = older, _unsupported(older)
@@ -565,8 +568,10 @@ def _convertible(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _without_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every ``Gelu`` node of its graph written out in the operators it is
-    made of (x · (1 + erf(x / √2)) / 2, or the tanh form), float32: the opset
-    down-conversion has no older ``Gelu`` to convert to. ``model`` itself if it has none."""
+    made of (x · (1 + erf(x / √2)) / 2, or the tanh form), with float32 constants (a
+    float32 model's; the top-level graph: onnx2torch converts no subgraph operators): the
+    opset down-conversion has no older ``Gelu`` to convert to. ``model`` itself if it has
+    none; ``InvalidInput`` for a Gelu of another form."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -579,7 +584,12 @@ def _without_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
-    constant = {name: f"modelguard_gelu_{name}" for name in GELU_CONSTANTS}
+    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    taken |= {name for node in graph.node for name in node.output}
+    prefix = "modelguard_gelu"
+    while any(name.startswith(prefix) for name in taken):
+        prefix += "_"
+    constant = {name: f"{prefix}_{name}" for name in GELU_CONSTANTS}
     for name, number in GELU_CONSTANTS.items():
         scalar = np.array(number, np.float32)
         graph.initializer.append(numpy_helper.from_array(scalar, constant[name]))
@@ -588,13 +598,15 @@ def _without_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
         approximate = next(
             (a.s.decode() for a in node.attribute if a.name == "approximate"), "none"
         )
-        if not is_gelu(node) or approximate not in ("none", "tanh"):
+        if not is_gelu(node):
             nodes.append(node)
             continue
+        if approximate not in ("none", "tanh"):
+            raise InvalidInput(f"Gelu with approximate={approximate!r} is not a GELU torch has")
         x, y = node.input[0], node.output[0]
 
         def temp(name: str, index: int = index) -> str:
-            return f"modelguard_gelu{index}_{name}"
+            return f"{prefix}{index}_{name}"
 
         def op(kind: str, inputs: list[str], output: str) -> None:
             nodes.append(helper.make_node(kind, inputs, [output]))

@@ -205,6 +205,7 @@ def test_a_gelu_convnet_that_needs_the_opset_down_conversion_loads_with_equal_ou
     # the down-conversion's case
     assert sorted(onnx_format._unsupported(proto)) == ["AveragePool", "ReduceMean"]
     module = load_model(data, SPEC).module
+    assert not any(isinstance(m, nn.GELU) for m in module.modules())  # written out
     x = torch.rand(3, *SPEC.shape, requires_grad=True)
     logits = module(x)
     torch.testing.assert_close(logits, convnet(x), atol=1e-5, rtol=1e-4)
@@ -222,12 +223,17 @@ def test_operator_versions_that_only_add_element_types_convert_as_the_version_be
     torch.testing.assert_close(load_model(data, SPEC).module(x), expected)
 
 
-def test_a_gelu_of_an_unknown_form_is_refused_with_its_name() -> None:
+@pytest.mark.parametrize("down_conversion", [False, True], ids=["direct", "down-converted"])
+def test_a_gelu_of_an_unknown_form_is_refused_with_its_name(down_conversion: bool) -> None:
     nodes = [
         helper.make_node("Flatten", ["x"], ["flat"], axis=1),
         helper.make_node("Gelu", ["flat"], ["h"], approximate="erfc"),
         helper.make_node("MatMul", ["h", "w"], ["y"]),
     ]
+    if down_conversion:  # a ReduceMean-18 (axes as an input) that onnx2torch lacks
+        axes = helper.make_node("Constant", [], ["axes"], value_ints=[1])
+        nodes[1:1] = [axes, helper.make_node("ReduceMean", ["flat", "axes"], ["flat2"])]
+        nodes[3] = helper.make_node("Gelu", ["flat"], ["h"], approximate="erfc")
     weight = numpy_helper.from_array(np.ones((784, 10), np.float32), "w")
     graph = helper.make_graph(
         nodes,

@@ -46,26 +46,49 @@ BARS = {"seconds": 600.0, "rss_gb": 4.0, "asr": 0.10, "agreement_drop": 0.03}
 ROUND_TRIP = "lite0-patch-tl-t88"
 
 
+#: Runs in the child: the ``modelguard`` command as ``__main__``, and at its exit the
+#: child's own peak RSS (VmHWM, the high-water mark of its address space, which starts
+#: afresh at exec) written where ``MODELGUARD_BENCH_PEAK`` says. The rusage of a child
+#: would not do: Linux counts into it the parent's peak at fork, and this benchmark's own
+#: process holds models and exported files.
+PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["MODELGUARD_BENCH_PEAK"], "w") as out:
+        out.write(str(kb))
+atexit.register(peak)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run(command: list[str]) -> tuple[dict[str, Any], float, float]:
     """Run a ``modelguard`` command in its own process: its JSON output, wall seconds and
-    peak RSS in GB (the child's own, from ``wait4``)."""
+    peak RSS in GB (the child's own, see `PEAK_WRAPPER`)."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        peak_file = Path(tmp) / "peak"
         child = subprocess.Popen(
-            [sys.executable, "-m", "modelguard.services.cli", *command],
+            [sys.executable, "-c", PEAK_WRAPPER, "modelguard.services.cli", *command],
             stdout=out,
             stderr=err,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            env={**os.environ, "PYTHONWARNINGS": "ignore", "MODELGUARD_BENCH_PEAK": str(peak_file)},
         )
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child.wait()
         seconds = time.perf_counter() - started
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
+        peak_kb = int(peak_file.read_text()) if peak_file.exists() else 0
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:2])} failed: {stderr[-2000:]}")
-    return json.loads(stdout), seconds, usage.ru_maxrss / 2**20
+    return json.loads(stdout), seconds, peak_kb / 2**20
 
 
 def spec_args(model: realzoo.RealModel) -> list[str]:

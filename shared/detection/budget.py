@@ -14,8 +14,8 @@ cost is measured once per reversal on a single image:
   images a pass may hold before its tensors stop fitting in reused memory (below).
 
 The time figure feeds the plan (is a full screening of every label affordable?) and the
-progress messages' estimate of the time left. The same timing chooses the layout of the
-convolution weights a reversal runs with (`faster_layout`).
+progress messages' estimate of the time left. The same timing can veto the channels-last
+layout of the convolution weights a reversal runs with (`faster_layout`).
 """
 
 from __future__ import annotations
@@ -127,9 +127,9 @@ def faster_layout(model: nn.Module, example: torch.Tensor, rounds: int = 3) -> L
     ``example`` is measured `LAYOUT_TOLERANCE` slower with channels-last weights. Passes in
     either layout are timed alternately (the order swapped every round), ``rounds`` each,
     and the best of each compared. Channels-last is the default because it is faster on
-    the convolutional networks measured (EfficientNet-Lite0–2 in the three formats, a
-    ResNet-18; `bench.bench_pass_layout`), and a probe of a few images
-    is too noisy to choose between near-equal layouts: a near tie must not make the run's
+    the convolutional networks measured (EfficientNet-Lite0–2, `bench.bench_pass_layout`;
+    by hand, the three model formats and a ResNet-18), and a probe of a few images is too
+    noisy to choose between near-equal layouts: a near tie must not make the run's
     layout, hence its floats, vary from run to run; the timing only catches a model on
     which channels-last is clearly slower. The model keeps its own layout unmeasured when
     the layout would change none of its weights, or when its inputs are under

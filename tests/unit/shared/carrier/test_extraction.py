@@ -173,7 +173,12 @@ def test_stealing_then_automatic_rotation(
     final = result.curve[-1]
     assert final.queries == 350
     assert final.accuracy["stolen"] >= 0.8  # what the thief walks away with (old carrier)
-    assert result.curve[0].accuracy["stolen"] < 0.5  # untrained substitute
+    # ... learnt from the answers. The untrained substitute scores chance plus whatever its
+    # random start gets right from the informative carrier outputs: 0.05 alone, 0.57 in
+    # one full-suite run (other floats), so it is bounded against the final score instead
+    untrained = result.curve[0]
+    assert untrained.queries == 0
+    assert untrained.accuracy["stolen"] <= final.accuracy["stolen"] - 0.15, result.curve
 
 
 def test_stealing_curve_grows_with_queries_without_a_detector(

@@ -131,6 +131,17 @@ def test_loads_with_equal_outputs_and_input_gradients(
     assert gradient.shape == x.shape and gradient.abs().sum(dim=(1, 2, 3)).gt(0).all()
 
 
+def _assert_same_logits_and_input_gradients(
+    converted: nn.Module, reference: nn.Module, *, images: int, label: int
+) -> None:
+    x = torch.rand(images, *SPEC.shape, requires_grad=True)
+    logits = converted(x)
+    torch.testing.assert_close(logits, reference(x), atol=1e-5, rtol=1e-4)
+    (gradient,) = torch.autograd.grad(logits[:, label].sum(), x)
+    (expected,) = torch.autograd.grad(reference(x)[:, label].sum(), x)
+    torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-4)
+
+
 class TinyViT(nn.Module):
     """The operators of a ViT-style classifier as torch exports them: a patch
     convolution, a class token, pre-norm attention (``scaled_dot_product_attention``),
@@ -170,17 +181,11 @@ def test_a_vit_style_model_exported_at_torchs_default_opset_loads_with_equal_out
     torch.manual_seed(0)
     vit = TinyViT().eval()
     data = _onnx(vit, opset=None)
-    opsets = {o.domain: o.version for o in onnx.load_from_string(data).opset_import}
-    assert opsets[""] >= 20
-    graph_ops = {node.op_type for node in onnx.load_from_string(data).graph.node}
-    assert {"Gelu", "LayerNormalization", "Reshape"} <= graph_ops
+    proto = onnx.load_from_string(data)
+    assert {o.domain: o.version for o in proto.opset_import}[""] >= 20
+    assert {"Gelu", "LayerNormalization", "Reshape"} <= {node.op_type for node in proto.graph.node}
     module = load_model(data, SPEC).module
-    x = torch.rand(5, *SPEC.shape, requires_grad=True)
-    logits = module(x)
-    torch.testing.assert_close(logits, vit(x), atol=1e-5, rtol=1e-4)
-    (gradient,) = torch.autograd.grad(logits[:, 3].sum(), x)
-    (expected,) = torch.autograd.grad(vit(x)[:, 3].sum(), x)
-    torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-4)
+    _assert_same_logits_and_input_gradients(module, vit, images=5, label=3)
     assert [info.kind for info in list_prunable_layers(module)][-1] == "linear"
 
 
@@ -206,12 +211,7 @@ def test_a_gelu_convnet_that_needs_the_opset_down_conversion_loads_with_equal_ou
     assert sorted(onnx_format._unsupported(proto)) == ["AveragePool", "ReduceMean"]
     module = load_model(data, SPEC).module
     assert not any(isinstance(m, nn.GELU) for m in module.modules())  # written out
-    x = torch.rand(3, *SPEC.shape, requires_grad=True)
-    logits = module(x)
-    torch.testing.assert_close(logits, convnet(x), atol=1e-5, rtol=1e-4)
-    (gradient,) = torch.autograd.grad(logits[:, 2].sum(), x)
-    (expected,) = torch.autograd.grad(convnet(x)[:, 2].sum(), x)
-    torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-4)
+    _assert_same_logits_and_input_gradients(module, convnet, images=3, label=2)
 
 
 def test_operator_versions_that_only_add_element_types_convert_as_the_version_before() -> None:

@@ -1,5 +1,5 @@
 """Real-scale benchmark: ``python -m bench.bench_realscale [--split heldout|tuning|all]
-[--only NAME …] [--skip-repair]`` (part of ``make bench``).
+[--only NAME …] [--skip-repair] [--time-budget S]`` (part of ``make bench``).
 
 For every model of the real-scale zoo (`bench.realzoo`: published EfficientNet-Lite
 classifiers, 1000 classes, 224²–260² inputs, and versions backdoored or leak-encoded by a
@@ -20,6 +20,9 @@ The bars (issue): ``detect`` under 10 minutes and 4 GB peak RSS on a 1000-class 
 EfficientNet-Lite0's size; backdoored models flagged with their target; published models
 neither flagged by ``detect`` nor by ``leakscan``; ``repair`` below 10% ASR with at most 3
 points of agreement lost. Which split a model belongs to is printed beside it.
+``--time-budget`` runs ``detect`` with another time budget than its default (the row says
+so, and is kept beside the default's): what a user who follows an inconclusive verdict's
+advice to raise the budget gets.
 """
 
 from __future__ import annotations
@@ -135,11 +138,16 @@ def evaluate(
 
 
 def bench_model(
-    model: realzoo.RealModel, repair: bool, workdir: Path, model_file: Path | None = None
+    model: realzoo.RealModel,
+    repair: bool,
+    workdir: Path,
+    model_file: Path | None = None,
+    time_budget: float | None = None,
 ) -> dict[str, Any]:
     """``detect`` (its triggers kept, as ``detect --out`` writes them), ``leakscan``, and for
     a backdoored model ``repair --triggers`` with them, as a user runs detect then repair.
-    ``model_file``: the same model in another format (default: the zoo's TorchScript)."""
+    ``model_file``: the same model in another format (default: the zoo's TorchScript);
+    ``time_budget``: detect's ``--time-budget`` (default: its own)."""
     spec = model.spec
     path = model_file or model.path
     fmt = FORMAT_NAMES.get(path.suffix, path.suffix)
@@ -152,11 +160,13 @@ def bench_model(
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": results.machine_label(),
     }
+    budget = [] if time_budget is None else ["--time-budget", f"{time_budget:g}"]
+    if time_budget is not None:
+        row["time_budget"] = time_budget
     data = str(model.data_path())
     out = workdir / f"{spec.name}-{fmt}"
-    detected, seconds, rss = run(
-        ["detect", str(path), "--data", data, *spec_args(model), "--json", "--out", str(out)]
-    )
+    command = ["detect", str(path), "--data", data, *spec_args(model), *budget]
+    detected, seconds, rss = run([*command, "--json", "--out", str(out)])
     row.update(
         detect_verdict=detected["verdict"],
         flagged=detected["flagged"],
@@ -291,7 +301,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             else r.get("repair", "–")
         )
         lines.append(
-            f"| {r['model']} | {r.get('format', 'TorchScript')} | {r['split']} | {r['attack']} | "
+            f"| {r['model']} | {row_format(r)} | {r['split']} | {r['attack']} | "
             f"{r['detect_verdict']} | {flagged}{target} | {r['detect_seconds']:.0f} | "
             f"{r['detect_rss_gb']:.2f} | {r['leak_verdict']} ({r['leak_score']:.2f}) | {asr} | "
             f"{agreement} | {published} | {cost} | `{str(r.get('commit', '?'))[:12]}` | "
@@ -299,8 +309,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         )
     inconclusive = [r for r in rows if r.get("reason")]
     for r in inconclusive:
-        lines.append(f"\n{r['model']} ({r.get('format', 'TorchScript')}): {r['reason']}")
+        lines.append(f"\n{r['model']} ({row_format(r)}): {r['reason']}")
     return "\n".join(lines)
+
+
+def row_format(row: dict[str, Any]) -> str:
+    """The format column: the file format, and detect's time budget when not the default."""
+    budget = row.get("time_budget")
+    suffix = "" if budget is None else f", `--time-budget {budget:g}`"
+    return f"{row.get('format', 'TorchScript')}{suffix}"
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, float]:
+    """Rows of the same model, format and time budget replace one another."""
+    return (row["model"], row.get("format", "TorchScript"), row.get("time_budget") or 0.0)
 
 
 #: every row measured so far, by model and format (committed beside the results page): a
@@ -310,14 +332,14 @@ ROWS = results.PAGE.parent / "benchmarks-realscale.json"
 
 def merged(new_rows: list[dict[str, Any]], path: Path = ROWS) -> list[dict[str, Any]]:
     """The rows kept from earlier runs, those of this run replacing theirs; in zoo order."""
-    kept: dict[tuple[str, str], dict[str, Any]] = {}
+    kept: dict[tuple[str, str, float], dict[str, Any]] = {}
     if path.exists():
         for row in json.loads(path.read_text()):
-            kept[(row["model"], row.get("format", "TorchScript"))] = row
+            kept[row_key(row)] = row
     for row in new_rows:
-        kept[(row["model"], row["format"])] = row
+        kept[row_key(row)] = row
     order = {spec.name: i for i, spec in enumerate(realzoo.SPECS)}
-    rows = sorted(kept.values(), key=lambda r: (order.get(r["model"], 99), r.get("format", "")))
+    rows = sorted(kept.values(), key=lambda r: (order.get(r["model"], 99), *row_key(r)[1:]))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1) + "\n")
     return rows
@@ -334,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         help="zoo models also benchmarked as torch.export (.pt2) and ONNX files",
     )
     parser.add_argument("--skip-repair", action="store_true")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="detect's --time-budget (default: its own)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for spec in realzoo.select(args.only or None, args.split):
@@ -344,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             for model_file in files:
                 # the other formats' rows check the verdicts; the repair is the TorchScript row's
                 repair = not args.skip_repair and model_file is None
-                row = bench_model(model, repair, Path(tmp), model_file)
+                row = bench_model(model, repair, Path(tmp), model_file, args.time_budget)
                 print(json.dumps(row), flush=True)
                 write_page(merged([row]))  # after every row: a long run keeps what it measured
     return 0
@@ -371,7 +396,11 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         "a zoo model without a row has not been measured yet."
     )
     results.record(
-        "real_scale", "Real-scale models (EfficientNet-Lite, 1000 classes)", notes + "\n\n" + text
+        "real_scale",
+        "Real-scale models (EfficientNet-Lite, 1000 classes)",
+        notes + "\n\n" + text,
+        # the rows come from several runs (each names its commit): the command, not one run's
+        command="python -m bench.bench_realscale",
     )
 
 

@@ -1,4 +1,5 @@
-"""The real-scale benchmark's peak RSS is the command's own, not its parent's."""
+"""The real-scale benchmark: a command's peak RSS is its own, not its parent's; rows of
+another time budget are kept apart."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.bench_realscale import run
+from bench.bench_realscale import merged, run, table
 
 
 def test_a_commands_peak_rss_does_not_count_the_benchmarks_own_memory(tmp_path: Path) -> None:
@@ -19,3 +20,33 @@ def test_a_commands_peak_rss_does_not_count_the_benchmarks_own_memory(tmp_path: 
     # a Python process that imports the CLI: far below the parent's ballast
     assert 0.02 < peak_gb < 0.7, peak_gb
     assert float(ballast[-1]) == 1.0
+
+
+def _row(model: str, verdict: str, **extra: object) -> dict[str, object]:
+    return {
+        "model": model,
+        "format": "TorchScript",
+        "split": "heldout",
+        "attack": "none",
+        "detect_verdict": verdict,
+        "flagged": [],
+        "detect_seconds": 400.0,
+        "detect_rss_gb": 1.5,
+        "leak_verdict": "benign",
+        "leak_score": 1.0,
+        **extra,
+    }
+
+
+def test_a_row_with_another_time_budget_is_kept_beside_the_default_one(tmp_path: Path) -> None:
+    rows_file = tmp_path / "rows.json"
+    merged([_row("lite1", "inconclusive")], rows_file)
+    longer = _row("lite1", "infected", time_budget=1100.0, flagged=[852])
+    rows = merged([longer], rows_file)
+    assert [r["detect_verdict"] for r in rows] == ["inconclusive", "infected"]
+    # a new run of the same budget replaces its row, not the default's
+    rows = merged([_row("lite1", "clean", time_budget=1100.0)], rows_file)
+    assert [r["detect_verdict"] for r in rows] == ["inconclusive", "clean"]
+    text = table(rows)
+    assert "| lite1 | TorchScript | heldout |" in text
+    assert "| lite1 | TorchScript, `--time-budget 1100` | heldout |" in text

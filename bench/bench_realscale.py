@@ -325,8 +325,8 @@ def row_key(row: dict[str, Any]) -> tuple[str, str, float]:
     return (row["model"], row.get("format", "TorchScript"), row.get("time_budget") or 0.0)
 
 
-#: every row measured so far, by model and format (committed beside the results page): a
-#: run of some models keeps the others'
+#: every row measured so far, by model, format and time budget (committed beside the
+#: results page): a run of some models keeps the others'
 ROWS = results.PAGE.parent / "benchmarks-realscale.json"
 
 
@@ -382,7 +382,8 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         "One process per command, as a user runs it (`modelguard detect MODEL --data "
         "CROPS.npz --input-shape 3,S,S --value-range 0,1 --out DIR`, then `leakscan`, and "
         "for a backdoored model `repair --triggers DIR/triggers.safetensors`), default "
-        "settings; time and peak RSS are the process's. Bars: detect under "
+        "settings (a row naming `--time-budget` ran detect with that budget); time and peak "
+        "RSS are the process's. Bars: detect under "
         f"{BARS['seconds']:.0f} s and {BARS['rss_gb']:.0f} GB; repair below "
         f"{BARS['asr']:.0%} ASR, agreement drop at most {BARS['agreement_drop']:.0%}. "
         "ASR: the real trigger on evaluation crops of other labels; agreement: top-1 equal "

@@ -559,6 +559,16 @@ def reverse(args: argparse.Namespace, inputs: ModelAndData) -> tuple[DetectionRe
     return result, plan.detector.name
 
 
+def add_weight_layout_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weight-layout",
+        choices=WEIGHT_LAYOUTS,
+        help="layout of the convolution weights during the reversal (default auto: "
+        "channels-last for inputs of 64² and more, unless timing both on the model finds "
+        "it clearly slower; pin one to repeat a run, up to what a time budget cuts)",
+    )
+
+
 def add_budget_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-budget-mb",
@@ -1395,13 +1405,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale of the MAD test only (default: the rule's; modelguard: log); the size "
         "rule, screening and restarts stay: Neural Cleanse's original test is --rule paper",
     )
-    detect.add_argument(
-        "--weight-layout",
-        choices=WEIGHT_LAYOUTS,
-        help="layout of the convolution weights during the reversal (default auto: "
-        "channels-last for inputs of 64² and more, unless timing both on the model finds "
-        "it clearly slower; pin one to repeat a run, up to what a time budget cuts)",
-    )
+    add_weight_layout_arg(detect)
     add_budget_args(detect)
     detect.add_argument("--out", help="directory for the reversed trigger images")
     add_fail_on_arg(detect)
@@ -1420,6 +1424,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repair_cmd.add_argument("--layer", help=LAYER_HELP)
     add_rule_arg(repair_cmd)
+    add_weight_layout_arg(repair_cmd)
     add_budget_args(repair_cmd)
     repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")
     repair_cmd.add_argument(

@@ -210,6 +210,9 @@ def test_cli_detect_rule_paper_builds_the_preset() -> None:
     assert reversal_config(build_parser().parse_args(paper)) == ReversalConfig.paper(
         weight_layout="channels_last"
     )
+    # repair's own reversal (without --triggers) takes the same pin
+    repair = build_parser().parse_args([*REPAIR, "--weight-layout", "as_loaded"])
+    assert reversal_config(repair) == ReversalConfig(weight_layout="as_loaded")
 
 
 def test_cli_refuses_a_norm_scale_that_contradicts_the_paper_rule() -> None:

@@ -160,13 +160,25 @@ def bench_model(
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": results.machine_label(),
     }
-    budget = [] if time_budget is None else ["--time-budget", f"{time_budget:g}"]
+    budget: list[str] = []
     if time_budget is not None:
+        budget = ["--time-budget", str(time_budget)]
         row["time_budget"] = time_budget
     data = str(model.data_path())
     out = workdir / f"{spec.name}-{fmt}"
-    command = ["detect", str(path), "--data", data, *spec_args(model), *budget]
-    detected, seconds, rss = run([*command, "--json", "--out", str(out)])
+    detected, seconds, rss = run(
+        [
+            "detect",
+            str(path),
+            "--data",
+            data,
+            *spec_args(model),
+            *budget,
+            "--json",
+            "--out",
+            str(out),
+        ]
+    )
     row.update(
         detect_verdict=detected["verdict"],
         flagged=detected["flagged"],
@@ -321,8 +333,9 @@ def row_format(row: dict[str, Any]) -> str:
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, float]:
-    """Rows of the same model, format and time budget replace one another."""
-    return (row["model"], row.get("format", "TorchScript"), row.get("time_budget") or 0.0)
+    """Rows of the same model, format and time budget replace one another (-1: detect's
+    default budget)."""
+    return (row["model"], row.get("format", "TorchScript"), float(row.get("time_budget", -1.0)))
 
 
 #: every row measured so far, by model, format and time budget (committed beside the
@@ -345,6 +358,13 @@ def merged(new_rows: list[dict[str, Any]], path: Path = ROWS) -> list[dict[str, 
     return rows
 
 
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a time budget is a number of seconds > 0; got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="all", choices=(realzoo.TUNING, realzoo.HELDOUT, "all"))
@@ -357,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-repair", action="store_true")
     parser.add_argument(
-        "--time-budget", type=float, default=None, help="detect's --time-budget (default: its own)"
+        "--time-budget",
+        type=positive_seconds,
+        default=None,
+        help="detect's --time-budget (default: its own)",
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -563,9 +563,10 @@ def add_weight_layout_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weight-layout",
         choices=WEIGHT_LAYOUTS,
-        help="layout of the convolution weights during the reversal (default auto: "
-        "channels-last for inputs of 64² and more, unless timing both on the model finds "
-        "it clearly slower; pin one to repeat a run, up to what a time budget cuts)",
+        help="layout of the convolution weights during the reversal (repair: the one it "
+        "runs without --triggers; default auto: channels-last for inputs of 64² and more, "
+        "unless timing both on the model finds it clearly slower; pin one to repeat a run, "
+        "up to what a time budget cuts)",
     )
 
 

@@ -3,11 +3,15 @@ another time budget are kept apart."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
+from bench import bench_realscale, realzoo
 from bench.bench_realscale import merged, run, table
 
 
@@ -40,13 +44,40 @@ def _row(model: str, verdict: str, **extra: object) -> dict[str, object]:
 
 def test_a_row_with_another_time_budget_is_kept_beside_the_default_one(tmp_path: Path) -> None:
     rows_file = tmp_path / "rows.json"
-    merged([_row("lite1", "inconclusive")], rows_file)
+    # a row written before rows had a time budget is the default budget's
+    rows_file.write_text(json.dumps([_row("lite1", "inconclusive", reason="out of time")]))
     longer = _row("lite1", "infected", time_budget=1100.0, flagged=[852])
     rows = merged([longer], rows_file)
     assert [r["detect_verdict"] for r in rows] == ["inconclusive", "infected"]
-    # a new run of the same budget replaces its row, not the default's
+    # a new run replaces only the row of its own budget
     rows = merged([_row("lite1", "clean", time_budget=1100.0)], rows_file)
     assert [r["detect_verdict"] for r in rows] == ["inconclusive", "clean"]
+    rows = merged([_row("lite1", "inconclusive", reason="still out of time")], rows_file)
+    assert [r.get("reason") for r in rows] == ["still out of time", None]
     text = table(rows)
     assert "| lite1 | TorchScript | heldout |" in text
     assert "| lite1 | TorchScript, `--time-budget 1100` | heldout |" in text
+    assert "lite1 (TorchScript): still out of time" in text
+
+
+def test_the_time_budget_goes_to_detect_and_nowhere_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[list[str]] = []
+
+    def fake_run(command: list[str]) -> tuple[dict[str, Any], float, float]:
+        commands.append(command)
+        if command[0] == "detect":
+            return {"verdict": "clean", "flagged": [], "evidence": {}}, 1.0, 0.5
+        return {"verdict": "benign", "score": 1.0}, 1.0, 0.5
+
+    monkeypatch.setattr(bench_realscale, "run", fake_run)
+    (spec,) = realzoo.select(["lite1"])
+    model = realzoo.RealModel(spec, tmp_path / "lite1.pt", 240, {})
+    row = bench_realscale.bench_model(model, False, tmp_path, time_budget=1100.0)
+    detect, leakscan = commands
+    assert detect[detect.index("--time-budget") + 1] == "1100.0"
+    assert "--time-budget" not in leakscan
+    assert row["time_budget"] == 1100.0
+    bench_realscale.bench_model(model, False, tmp_path)
+    assert "--time-budget" not in commands[2]

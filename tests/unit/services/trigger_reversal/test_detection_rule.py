@@ -210,7 +210,11 @@ def test_cli_detect_rule_paper_builds_the_preset() -> None:
     assert reversal_config(build_parser().parse_args(paper)) == ReversalConfig.paper(
         weight_layout="channels_last"
     )
-    # repair's own reversal (without --triggers) takes the same pin
+
+
+def test_cli_repair_weight_layout_reaches_its_reversal() -> None:
+    # the reversal repair runs without --triggers takes the same pin as detect's
+    assert reversal_config(build_parser().parse_args(REPAIR)) == ReversalConfig()
     repair = build_parser().parse_args([*REPAIR, "--weight-layout", "as_loaded"])
     assert reversal_config(repair) == ReversalConfig(weight_layout="as_loaded")
 

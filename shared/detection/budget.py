@@ -52,7 +52,7 @@ TRANSIENT_FACTOR = 2.0
 REUSED_BLOCK_BYTES = 32 << 20
 #: Smallest input (height × width) that runs channels-last (see `faster_layout`);
 #: smaller inputs keep the model's own layout.
-MEASURED_LAYOUT_MIN_PIXELS = 64 * 64
+CHANNELS_LAST_MIN_PIXELS = 64 * 64
 #: Images of each timed pass of `faster_layout`: a few, so that per-pass costs (a weight
 #: reordered) weigh as little as in a reversal's passes of several images.
 LAYOUT_PROBE_IMAGES = 4
@@ -133,9 +133,9 @@ def faster_layout(model: nn.Module, example: torch.Tensor, rounds: int = 3) -> L
     layout, hence its floats, vary from run to run; the timing only catches a model on
     which channels-last is clearly slower. The model keeps its own layout unmeasured when
     the layout would change none of its weights, or when its inputs are under
-    `MEASURED_LAYOUT_MIN_PIXELS` (its passes cost milliseconds); and, with a warning,
+    `CHANNELS_LAST_MIN_PIXELS` (its passes cost milliseconds); and, with a warning,
     when a pass fails channels-last (code that reshapes a weight with ``view``)."""
-    if not layout_matters(model) or example[0, 0].numel() < MEASURED_LAYOUT_MIN_PIXELS:
+    if not layout_matters(model) or example[0, 0].numel() < CHANNELS_LAST_MIN_PIXELS:
         return AS_LOADED
     images = example[:LAYOUT_PROBE_IMAGES]
     best: dict[Layout, float] = {AS_LOADED: math.inf, CHANNELS_LAST: math.inf}

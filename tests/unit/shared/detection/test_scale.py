@@ -18,8 +18,8 @@ from modelguard.detection import budget, neural_cleanse, neural_cleanse_sequenti
 from modelguard.detection.blend_probe import BlendProbeResult
 from modelguard.detection.budget import (
     BASELINE_BYTES,
+    CHANNELS_LAST_MIN_PIXELS,
     LAYOUT_TOLERANCE,
-    MEASURED_LAYOUT_MIN_PIXELS,
     REUSED_BLOCK_BYTES,
     PassCost,
     faster_layout,
@@ -151,7 +151,7 @@ def test_channels_last_is_kept_unless_measured_clearly_slower(
     seconds = {AS_LOADED: 1.0, CHANNELS_LAST: channels_last_seconds}
     monkeypatch.setattr(budget, "measure_pass_cost", _fake_clock(seconds, timed))
     model = small_convnet()
-    side = int(MEASURED_LAYOUT_MIN_PIXELS**0.5)
+    side = int(CHANNELS_LAST_MIN_PIXELS**0.5)
     assert faster_layout(model, torch.rand(2, 3, side, side)) == chosen
     # three rounds, the order swapped every round
     assert timed == [AS_LOADED, CHANNELS_LAST, CHANNELS_LAST, AS_LOADED, AS_LOADED, CHANNELS_LAST]
@@ -178,7 +178,7 @@ def test_a_model_that_fails_channels_last_keeps_its_layout(
     model = ViewsItsWeight()
     with pytest.raises(RuntimeError, match="view"), weight_layout(model, CHANNELS_LAST):
         model(torch.rand(1, 3, 8, 8))
-    side = int(MEASURED_LAYOUT_MIN_PIXELS**0.5)
+    side = int(CHANNELS_LAST_MIN_PIXELS**0.5)
     with caplog.at_level("WARNING", logger="modelguard.detection.budget"):
         assert faster_layout(model, torch.rand(2, 3, side, side)) == AS_LOADED
     assert "fails with channels-last weights" in caplog.text
@@ -192,7 +192,7 @@ def test_small_inputs_and_models_the_layout_would_not_change_are_not_measured(
         raise AssertionError("nothing to measure")
 
     monkeypatch.setattr(budget, "measure_pass_cost", timing)
-    side = int(MEASURED_LAYOUT_MIN_PIXELS**0.5)
+    side = int(CHANNELS_LAST_MIN_PIXELS**0.5)
     below = torch.rand(2, 3, side - 1, side)
     assert faster_layout(small_convnet(), below) == AS_LOADED
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64 * 64, 3))

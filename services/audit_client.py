@@ -132,14 +132,25 @@ class AuditClient:
         arch: str = "",
         options: jobs_pb2.AuditOptions | None = None,
         idempotency_key: str = "",
+        reference: Path | None = None,
     ) -> pruning_orchestrator_pb2.Audit:
         """Upload the model and the clean data (an .npz file, or the bytes of one the CLI
-        made from a folder of images) and submit the audit."""
+        made from a folder of images), and ``reference`` (the model the submitted one was
+        fine-tuned from, `AuditOptions.reference_model`) when given, and submit the
+        audit."""
         model_bytes = _read(model_path, "model")
         data_bytes = data if isinstance(data, bytes) else _read(data, "dataset")
+        reference_bytes = None if reference is None else _read(reference, "reference model")
         fmt = get_format(sniff_format(model_bytes))
+        # an unsafe or unknown reference is refused here too, before any upload
+        reference_type = None if reference_bytes is None else sniff_format(reference_bytes)
         model_ref = self.upload(model_bytes, fmt.media_type)
         data_ref = self.upload(data_bytes, "application/x-npz")
+        if reference_bytes is not None and reference_type is not None:
+            options = jobs_pb2.AuditOptions() if options is None else _copied(options)
+            options.reference_model.CopyFrom(
+                self.upload(reference_bytes, get_format(reference_type).media_type)
+            )
         model = common_pb2.ModelSpec(
             artifact=model_ref,
             format=FORMAT_TO_PROTO[fmt.name],
@@ -241,3 +252,9 @@ def _read(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise InvalidInput(f"cannot read the {what} file {path}: {err.strerror}") from None
+
+
+def _copied(options: jobs_pb2.AuditOptions) -> jobs_pb2.AuditOptions:
+    copy = jobs_pb2.AuditOptions()
+    copy.CopyFrom(options)
+    return copy

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from modelguard.datasets import Dataset
     from modelguard.detection.base import DetectionResult
     from modelguard.detection.neural_cleanse import ReversalConfig
+    from modelguard.formats.loader import LoadedModel
     from modelguard.jobdata import Limits, ModelAndData
     from modelguard.proto.modelguard.v1.carrier_trainer_pb2 import CarrierInfo
     from modelguard.proto.modelguard.v1.pruning_orchestrator_pb2 import Audit
@@ -320,7 +321,14 @@ def cmd_audit_submit(args: argparse.Namespace) -> int:
         raise InvalidInput("--fail-on needs the verdicts: add --wait")
     data = audit_data(args, spec)
     with audit_client(args, workers=True) as client:
-        audit = client.submit(Path(args.model), data, spec, arch=args.arch or "", options=options)
+        audit = client.submit(
+            Path(args.model),
+            data,
+            spec,
+            arch=args.arch or "",
+            options=options,
+            reference=Path(args.reference) if args.reference else None,
+        )
         err_console.print(f"submitted audit [bold]{audit.audit_id}[/bold]")
         if waits:
             if embedded and not args.wait:
@@ -543,9 +551,12 @@ def reversal_config(args: argparse.Namespace) -> ReversalConfig:
     return config
 
 
-def reverse(args: argparse.Namespace, inputs: ModelAndData) -> tuple[DetectionResult, str]:
-    """Trigger reversal as the trigger-reversal service runs it; the result and the
-    detector's name."""
+def reverse(
+    args: argparse.Namespace, inputs: ModelAndData, reference: LoadedModel | None = None
+) -> tuple[DetectionResult, str]:
+    """Trigger reversal as the trigger-reversal service runs it, then compared with
+    ``reference`` (see `load_reference`) when there is one; the result and the detector's
+    name."""
     assert inputs.data is not None
     plan = reversal_plan_of(args, inputs.data)
     with ProgressBoard() as board:
@@ -556,7 +567,33 @@ def reverse(args: argparse.Namespace, inputs: ModelAndData) -> tuple[DetectionRe
             plan.config,
             progress=board.reporter("reversal"),
         )
+    if reference is not None:
+        from modelguard.services.trigger_reversal.service import against_reference
+
+        result = against_reference(result, inputs, reference, Path(args.reference).name)
     return result, plan.detector.name
+
+
+def load_reference(args: argparse.Namespace, spec: InputSpec) -> LoadedModel | None:
+    """``--reference`` through the services' loader (scanned and refused as ``MODEL`` is),
+    before minutes of reversal; None without the option."""
+    from modelguard.jobdata import load_model_from_bytes
+
+    if not getattr(args, "reference", None):
+        return None
+    data = read_file(args.reference, "reference model")
+    return load_model_from_bytes(data, spec, args.arch or "", cli_limits())
+
+
+def add_reference_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="a trusted model the submitted one was fine-tuned from (same classes, same "
+        "input; any format MODEL takes, with the same --arch): a flagged label whose "
+        "reversed trigger the reference follows at least a quarter as often is a natural "
+        "trigger inherited from it, reported and not counted as infected",
+    )
 
 
 def add_weight_layout_arg(parser: argparse.ArgumentParser) -> None:
@@ -603,7 +640,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     reversal_config(args)  # the options, checked before any file is read
     spec = spec_from_args(args)
     inputs, clean = load_local_inputs(args, spec)
-    result, detector = reverse(args, inputs)
+    reference = load_reference(args, spec)
+    result, detector = reverse(args, inputs, reference)
     summary = reversal_summary(result, detector)  # the stage's, less its store references
     summary.update(data_notes(clean))
     if args.out:
@@ -669,6 +707,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     targets = parse_labels(args.target_labels) if args.target_labels else None
+    if args.triggers and args.reference:
+        raise InvalidInput(
+            "--reference applies to the reversal repair runs itself; with --triggers the "
+            "given triggers are repaired as they are (choose labels with --target)"
+        )
     if not args.triggers:
         reversal_config(args)  # the options, checked before any file is read
     inputs, clean = load_local_inputs(args, spec)
@@ -680,7 +723,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if args.triggers:
         triggers = load_triggers(read_file(args.triggers, "triggers"), targets)
     else:
-        result, _detector = reverse(args, inputs)
+        result, _detector = reverse(args, inputs, load_reference(args, spec))
         flagged = targets if targets is not None else list(result.flagged)
         if not flagged:
             err_console.print("no backdoor found: nothing to repair (use --target to force)")
@@ -1340,6 +1383,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--steps", type=int, default=0, help="reversal steps (0: default)")
     add_rule_arg(submit)
     submit.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    add_reference_arg(submit)
     submit.add_argument(
         "--eps",
         type=parse_eps,
@@ -1408,6 +1452,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_weight_layout_arg(detect)
     add_budget_args(detect)
+    add_reference_arg(detect)
     detect.add_argument("--out", help="directory for the reversed trigger images")
     add_fail_on_arg(detect)
     detect.set_defaults(func=cmd_detect)
@@ -1427,6 +1472,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rule_arg(repair_cmd)
     add_weight_layout_arg(repair_cmd)
     add_budget_args(repair_cmd)
+    add_reference_arg(repair_cmd)
     repair_cmd.add_argument("--triggers", help="reversed triggers (safetensors) to use")
     repair_cmd.add_argument(
         "--target",

@@ -123,6 +123,23 @@ def load_model_spec(
     return inputs.model, inputs.spec
 
 
+def load_reference_model(
+    store: ArtifactStore,
+    ref: common_pb2.ArtifactRef,
+    model: common_pb2.ModelSpec,
+    platform: PlatformSettings,
+) -> LoadedModel | None:
+    """An audit's reference model (`AuditOptions.reference_model`): scanned, loaded and
+    checked as the submitted ``model`` is, with its arch and input; None when unset."""
+    if not ref.sha256:
+        return None
+    limits = Limits.of(platform)
+    data = _get(store, ref, "reference model", limits.max_model_bytes)
+    return load_model_from_bytes(
+        data, spec_from_proto(model.input), model.arch, limits, num_classes=model.input.num_classes
+    )
+
+
 def load_inputs(
     store: ArtifactStore,
     model: common_pb2.ModelSpec,

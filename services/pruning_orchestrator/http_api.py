@@ -2,7 +2,8 @@
 and the JSON shapes of the proto messages (``json_format``), documented by an OpenAPI 3.1
 document generated from the proto descriptors (``GET /openapi.json``).
 
-    POST /v1/audits                   multipart: model, data (.npz), request (JSON, optional)
+    POST /v1/audits                   multipart: model, data (.npz), request (JSON, optional),
+                                      reference (a model file, optional)
     GET  /v1/audits?limit=N           ListAuditsResponse
     GET  /v1/audits/{id}              Audit
     GET  /v1/audits/{id}/events       server-sent events: one Audit per change, until final
@@ -54,7 +55,7 @@ AUDITS = "/v1/audits"
 OPENAPI = "/openapi.json"
 NPZ = "application/x-npz"
 REPORT_MEDIA = {"html": "text/html; charset=utf-8", "json": "application/json"}
-#: Room for the multipart framing around the two uploads.
+#: Room for the multipart framing around the uploads.
 MULTIPART_SLACK = 1 << 16
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -136,6 +137,14 @@ def openapi_document() -> dict[str, Any]:
                                             "type": "string",
                                             "format": "binary",
                                             "description": "clean samples, an .npz file",
+                                        },
+                                        "reference": {
+                                            "type": "string",
+                                            "format": "binary",
+                                            "description": "optional: the model the "
+                                            "submitted one was fine-tuned from (same classes "
+                                            "and input); triggers it shares are set aside as "
+                                            "inherited (options.referenceModel)",
                                         },
                                         "request": {
                                             **ref(submit.full_name),
@@ -317,7 +326,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise InvalidInput("send the upload with a Content-Length (no chunked encoding)")
-        if int(length) > 2 * orchestrator.settings.max_upload_bytes + MULTIPART_SLACK:
+        if int(length) > 3 * orchestrator.settings.max_upload_bytes + MULTIPART_SLACK:
             raise ResourceExhausted(
                 f"upload exceeds {orchestrator.settings.max_upload_bytes} bytes per file; refused"
             )
@@ -335,12 +344,21 @@ class _Handler(BaseHTTPRequestHandler):
                 ) from None
         model_bytes = fields["model"][0]
         model_format = get_format(scan_model_bytes(model_bytes).kind)  # refuses unsafe files
+        reference = fields.get("reference")
+        reference_format = (
+            None if reference is None else get_format(scan_model_bytes(reference[0]).kind)
+        )
         model_ref = orchestrator.upload([(model_bytes, model_format.media_type)], caller)
         data_ref = orchestrator.upload([(fields["data"][0], NPZ)], caller)
         request.model.artifact.CopyFrom(ref_to_proto(model_ref))
         if request.model.format == common_pb2.MODEL_FORMAT_UNSPECIFIED:
             request.model.format = FORMAT_TO_PROTO[model_format.name]
         request.data.CopyFrom(ref_to_proto(data_ref))
+        if reference is not None and reference_format is not None:
+            reference_ref = orchestrator.upload(
+                [(reference[0], reference_format.media_type)], caller
+            )
+            request.options.reference_model.CopyFrom(ref_to_proto(reference_ref))
         record = orchestrator.submit(
             request.model,
             request.data,

@@ -237,6 +237,8 @@ class Orchestrator:
         # before the idempotency look-up: a key must not reveal another tenant's inputs
         self._check_owned(model.artifact.sha256, caller, "model artifact")
         self._check_owned(data.sha256, caller, "dataset artifact")
+        if options.reference_model.sha256:
+            self._check_owned(options.reference_model.sha256, caller, "reference model artifact")
         key_hash = ""
         if idempotency_key:
             key_hash = hashlib.sha256(f"{tenant}\0{idempotency_key}".encode()).hexdigest()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from modelguard.bus.base import Message
 from modelguard.convert import parse_message, ref_to_proto
 from modelguard.errors import InvalidInput
-from modelguard.jobdata import load_inputs
+from modelguard.jobdata import load_inputs, load_reference_model
 from modelguard.progress import Progress
 from modelguard.proto.modelguard.v1 import common_pb2, jobs_pb2
 from modelguard.services.trigger_reversal.service import RobustnessStage, TriggerReversalService
@@ -34,6 +34,9 @@ class AuditHandler:
         inputs = load_inputs(runtime.store, request.model, request.data, runtime.platform)
         if inputs.data is None:
             raise InvalidInput("trigger reversal needs the clean dataset")
+        reference = load_reference_model(
+            runtime.store, request.options.reference_model, request.model, runtime.platform
+        )
         stored = self.service.reverse(
             inputs,
             steps=request.options.reversal_steps,
@@ -41,6 +44,7 @@ class AuditHandler:
             rule=request.options.detection_rule,
             detector=request.options.detector,
             progress=progress,
+            reference=reference,
         )
         result = stored.result
         if result.verdict == "infected":

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelguard.config import TriggerReversalSettings
 from modelguard.datasets import Dataset
+from modelguard.detection.reference import apply_reference, compare_with_reference
 from modelguard.detection.registry import DEFAULT_DETECTOR, get_detector
 from modelguard.detection.render import trigger_pngs
 from modelguard.detection.triggers import save_triggers
@@ -45,6 +46,7 @@ from modelguard.store.base import ArtifactRef
 
 if TYPE_CHECKING:
     from modelguard.detection.base import BackdoorDetector, DetectionResult
+    from modelguard.formats.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +96,12 @@ class TriggerReversalService:
         rule: str = "",
         detector: str = "",
         progress: Progress | None = None,
+        reference: LoadedModel | None = None,
     ) -> StoredReversal:
         """``detector``: a `modelguard.detection.registry.DETECTORS` name (empty:
         neural-cleanse); ``rule``: one of its rules (empty: its first, for Neural Cleanse
-        ``modelguard``; ``paper`` is the original test)."""
+        ``modelguard``; ``paper`` is the original test); ``reference``: the model the
+        submitted one was fine-tuned from (see `against_reference`)."""
         assert inputs.data is not None
         plan = reversal_plan(
             inputs.data, self.settings, steps=steps, seed=seed, rule=rule, detector=detector
@@ -106,6 +110,8 @@ class TriggerReversalService:
         result = plan.detector.detect(
             inputs.model.module, plan.data, inputs.spec, plan.config, progress=progress
         )
+        if reference is not None:
+            result = against_reference(result, inputs, reference)
         self.optimisation_seconds.observe(time.perf_counter() - started)
         self.labels_scanned.inc(len(result.labels))
         self.verdicts.labels(result.verdict).inc()
@@ -136,6 +142,23 @@ class TriggerReversalService:
         summary["triggers"] = ref_dict(triggers)
         summary_ref = store.put_blob(json.dumps(summary).encode(), "application/json")
         return StoredReversal(result, triggers, summary_ref, summary)
+
+
+def against_reference(
+    result: DetectionResult, inputs: ModelAndData, reference: LoadedModel, name: str = ""
+) -> DetectionResult:
+    """``result`` with the flagged labels whose reversed triggers ``reference`` follows as
+    well set aside as inherited (`modelguard.detection.reference`); ``name`` names the
+    reference in the evidence."""
+    from modelguard.detection.neural_cleanse import ReversalResult
+
+    if not isinstance(result, ReversalResult):
+        raise InvalidInput("a reference model needs a trigger-reversal detector's result")
+    assert inputs.data is not None
+    comparison = compare_with_reference(
+        result, inputs.model.module, reference.module, inputs.data, inputs.spec, name=name
+    )
+    return apply_reference(result, comparison)
 
 
 @dataclass(frozen=True)

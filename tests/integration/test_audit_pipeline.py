@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 
 from modelguard.bus.base import HEADER_ERROR
 from modelguard.bus.kafka import KafkaBus
@@ -77,7 +78,9 @@ def client(services: dict[str, ServiceProcess]) -> Iterator[AuditClient]:
         yield audit_client
 
 
-def submit(client: AuditClient, infected: InfectedModel, **options: Any) -> Any:
+def submit(
+    client: AuditClient, infected: InfectedModel, reference: Path | None = None, **options: Any
+) -> Any:
     opts = jobs_pb2.AuditOptions()
     opts.CopyFrom(FAST)
     for key, value in options.items():
@@ -89,6 +92,7 @@ def submit(client: AuditClient, infected: InfectedModel, **options: Any) -> Any:
         arch="lenet5",
         options=opts,
         idempotency_key=uuid.uuid4().hex,
+        reference=reference,
     )
 
 
@@ -130,6 +134,24 @@ def test_audit_completes_through_kafka_and_s3(
     )
     assert store.has_blob(audit.repaired_model.sha256)
     assert store.list_docs(f"audits/{audit.audit_id}")
+
+
+def test_a_reference_model_travels_through_kafka_and_s3_to_the_reversal(
+    client: AuditClient, infected_lenet: InfectedModel, tmp_path: Path
+) -> None:
+    """The reference is uploaded beside the model (here the same weights as TorchScript, so
+    another artifact) and read from S3 by trigger-reversal: it shares the planted trigger,
+    so the flagged label is set aside as inherited and nothing goes on to be repaired."""
+    scripted = torch.jit.trace(infected_lenet.module.eval(), torch.zeros(1, 1, 28, 28))
+    reference = tmp_path / "reference.pt"
+    torch.jit.save(scripted, str(reference))
+    audit = wait_final(client, submit(client, infected_lenet, reference=reference).audit_id)
+    assert audit.state == common_pb2.JOB_STATE_SUCCEEDED, audit
+    by_stage = stages(audit)
+    reversal = json.loads(by_stage["trigger-reversal"].summary_json)
+    assert reversal["verdict"] == "clean" and reversal["flagged"] == []
+    assert reversal["evidence"]["reference"]["inherited"] == [infected_lenet.target]
+    assert by_stage["neuron-scoring"].state == common_pb2.STAGE_STATE_SKIPPED
 
 
 def test_worker_killed_mid_job_completes_exactly_once(

@@ -20,10 +20,14 @@ from torch import nn
 
 from modelguard.bus.memory import MemoryBus
 from modelguard.config import LeakDetectorSettings, PlatformSettings, TriggerReversalSettings
-from modelguard.datasets import Dataset, dataset_to_npz
+from modelguard.datasets import Dataset, dataset_to_npz, load_mnist
+from modelguard.detection.reference import INHERITED_MIN_RATIO
 from modelguard.detection.triggers import load_triggers
+from modelguard.formats.loader import weights_to_safetensors
 from modelguard.jobdata import Limits, load_inputs_from_bytes, load_model_from_bytes
 from modelguard.metrics import ServiceMetrics
+from modelguard.nn.architectures import build
+from modelguard.nn.training import TrainConfig, train_classifier
 from modelguard.runtime import Runtime
 from modelguard.services.cli import main
 from modelguard.services.leak_detector.service import LeakDetectorService
@@ -300,10 +304,18 @@ def test_audit_submit_passes_the_robustness_options_on(
     from modelguard.services import cli
 
     sent: list[jobs_pb2.AuditOptions] = []
+    references: list[Path | None] = []
 
     class Client:
-        def submit(self, *args: Any, options: jobs_pb2.AuditOptions, **kwargs: Any) -> Any:
+        def submit(
+            self,
+            *args: Any,
+            options: jobs_pb2.AuditOptions,
+            reference: Path | None = None,
+            **kwargs: Any,
+        ) -> Any:
             sent.append(options)
+            references.append(reference)
             return pruning_orchestrator_pb2.Audit(audit_id="a1")
 
     @contextmanager
@@ -319,6 +331,9 @@ def test_audit_submit_passes_the_robustness_options_on(
     assert (sent[-1].robustness_norm, sent[-1].robustness_steps) == ("l2", 7)
     assert main(submit) == 0  # no ε: the stage is not asked for
     assert list(sent[-1].robustness_eps) == []
+    assert references[-1] is None
+    assert main([*submit, "--reference", str(model)]) == 0
+    assert references[-1] == model
     with pytest.raises(SystemExit):
         main([*submit, "--eps", "-0.1"])
 
@@ -345,3 +360,44 @@ def test_detect_saves_the_flagged_triggers_that_repair_takes(
         repaired_path.read_bytes(), MNIST_SPEC, "lenet5", Limits.of(PlatformSettings())
     ).module
     assert infected_lenet.real_asr(module) < 0.1 < infected_lenet.real_asr(infected_lenet.module)
+
+
+def test_detect_against_a_reference_sets_aside_only_the_triggers_it_shares(
+    infected_lenet: InfectedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A clean model of the same task ignores the planted trigger: the target stays flagged.
+    The submitted model as its own reference shares every trigger: clean against it."""
+    torch.manual_seed(1)
+    clean = build("lenet5")
+    train_classifier(clean, load_mnist("train").subset(4000, seed=1), TrainConfig(epochs=1, seed=1))
+    clean_path = tmp_path / "clean.safetensors"
+    clean_path.write_bytes(weights_to_safetensors(clean))
+    weights, data = str(infected_lenet.weights_path), str(infected_lenet.clean_npz_path)
+    detect = ["detect", weights, "--arch", "lenet5", "--data", data, *MNIST_ARGS, "--json"]
+
+    assert main([*detect, "--reference", str(clean_path)]) == 0
+    against_clean = json.loads(capsys.readouterr().out)
+    assert against_clean["verdict"] == "infected"
+    assert against_clean["flagged"] == [infected_lenet.target]
+    compared = against_clean["evidence"]["reference"]
+    assert compared["reference"] == "clean.safetensors" and compared["inherited"] == []
+    (label,) = compared["labels"]
+    assert label["reference_success"] < INHERITED_MIN_RATIO * label["submitted_success"]
+
+    assert main([*detect, "--reference", weights]) == 0
+    against_itself = json.loads(capsys.readouterr().out)
+    assert against_itself["verdict"] == "clean" and against_itself["flagged"] == []
+    assert against_itself["evidence"]["reference"]["inherited"] == [infected_lenet.target]
+    assert against_itself["evidence"]["summary"].startswith("clean against the reference")
+
+
+def test_a_reference_is_refused_before_the_reversal_or_beside_given_triggers(
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = files
+    detect = ["detect", str(model), "--data", str(data), *SPEC_ARGS]
+    assert main([*detect, "--reference", str(tmp_path / "missing.pt")]) == 2
+    assert "cannot read the reference model file" in capsys.readouterr().err
+    repair = ["repair", str(model), "--data", str(data), *SPEC_ARGS, "--out", "r.pt"]
+    assert main([*repair, "--triggers", "t.safetensors", "--reference", str(model)]) == 2
+    assert "--reference applies to the reversal repair runs itself" in capsys.readouterr().err

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from modelguard.proto.modelguard.v1 import common_pb2 as modelguard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelguard/v1/jobs.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\"\xe2\x01\n\x0c\x41uditOptions\x12\x16\n\x0ereversal_steps\x18\x01 \x01(\x05\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x13\n\x0brepair_mode\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0bskip_repair\x18\x05 \x01(\x08\x12\x16\n\x0e\x64\x65tection_rule\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x07 \x01(\t\x12\x16\n\x0erobustness_eps\x18\x08 \x03(\x01\x12\x17\n\x0frobustness_norm\x18\t \x01(\t\x12\x18\n\x10robustness_steps\x18\n \x01(\x05\"\xb3\x01\n\x0e\x41uditRequested\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12(\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.modelguard.v1.AuditOptions\x12\x0e\n\x06tenant\x18\x05 \x01(\t\"\xc7\x01\n\x10TriggersReversed\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.modelguard.v1.AuditRequested\x12,\n\x08reversal\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x16\n\x0e\x66lagged_labels\x18\x04 \x03(\x05\x12\x10\n\x08infected\x18\x05 \x01(\x08\"\xaf\x01\n\rNeuronRanking\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0f\n\x07neurons\x18\x02 \x01(\x05\x12\x1a\n\x12\x61\x63tivation_ranking\x18\x03 \x03(\x05\x12\x16\n\x0eweight_ranking\x18\x04 \x03(\x05\x12\x0f\n\x07shapley\x18\x05 \x03(\x01\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x15\n\rtarget_labels\x18\x07 \x03(\x05\x12\x12\n\ndata_split\x18\x08 \x01(\t\"\x9d\x01\n\rNeuronsScored\x12\x31\n\x08triggers\x18\x01 \x01(\x0b\x32\x1f.modelguard.v1.TriggersReversed\x12*\n\x06scores\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12-\n\x07ranking\x18\x03 \x01(\x0b\x32\x1c.modelguard.v1.NeuronRanking\"I\n\nAuditEvent\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12)\n\x05stage\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.StageStatus\"\x9f\x01\n\x0e\x43\x61rrierOptions\x12\x0e\n\x06hidden\x18\x01 \x01(\x05\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\r\n\x05gamma\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x14\n\x0cpublic_model\x18\x06 \x01(\t\x12-\n\ttask_data\x18\x07 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\"w\n\x10\x43\x61rrierRequested\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12.\n\x07options\x18\x03 \x01(\x0b\x32\x1d.modelguard.v1.CarrierOptions\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\xb6\x02\n\x0c\x43\x61rrierReady\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12+\n\x07\x63\x61rrier\x18\x03 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12/\n\x0b\x63\x61rrier_png\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12*\n\x06mapper\x18\x05 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x08manifest\x18\x06 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x30\n\x0cpublic_model\x18\x07 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x17\n\x0f\x63redential_hash\x18\x08 \x01(\t\"E\n\x0e\x43\x61rrierRevoked\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18modelguard/v1/jobs.proto\x12\rmodelguard.v1\x1a\x1amodelguard/v1/common.proto\"\x97\x02\n\x0c\x41uditOptions\x12\x16\n\x0ereversal_steps\x18\x01 \x01(\x05\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x13\n\x0brepair_mode\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x13\n\x0bskip_repair\x18\x05 \x01(\x08\x12\x16\n\x0e\x64\x65tection_rule\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x07 \x01(\t\x12\x16\n\x0erobustness_eps\x18\x08 \x03(\x01\x12\x17\n\x0frobustness_norm\x18\t \x01(\t\x12\x18\n\x10robustness_steps\x18\n \x01(\x05\x12\x33\n\x0freference_model\x18\x0b \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\"\xb3\x01\n\x0e\x41uditRequested\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.modelguard.v1.ModelSpec\x12(\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.modelguard.v1.AuditOptions\x12\x0e\n\x06tenant\x18\x05 \x01(\t\"\xc7\x01\n\x10TriggersReversed\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.modelguard.v1.AuditRequested\x12,\n\x08reversal\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x16\n\x0e\x66lagged_labels\x18\x04 \x03(\x05\x12\x10\n\x08infected\x18\x05 \x01(\x08\"\xaf\x01\n\rNeuronRanking\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x0f\n\x07neurons\x18\x02 \x01(\x05\x12\x1a\n\x12\x61\x63tivation_ranking\x18\x03 \x03(\x05\x12\x16\n\x0eweight_ranking\x18\x04 \x03(\x05\x12\x0f\n\x07shapley\x18\x05 \x03(\x01\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x15\n\rtarget_labels\x18\x07 \x03(\x05\x12\x12\n\ndata_split\x18\x08 \x01(\t\"\x9d\x01\n\rNeuronsScored\x12\x31\n\x08triggers\x18\x01 \x01(\x0b\x32\x1f.modelguard.v1.TriggersReversed\x12*\n\x06scores\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12-\n\x07ranking\x18\x03 \x01(\x0b\x32\x1c.modelguard.v1.NeuronRanking\"I\n\nAuditEvent\x12\x10\n\x08\x61udit_id\x18\x01 \x01(\t\x12)\n\x05stage\x18\x02 \x01(\x0b\x32\x1a.modelguard.v1.StageStatus\"\x9f\x01\n\x0e\x43\x61rrierOptions\x12\x0e\n\x06hidden\x18\x01 \x01(\x05\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\r\n\x05gamma\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x14\n\x0cpublic_model\x18\x06 \x01(\t\x12-\n\ttask_data\x18\x07 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\"w\n\x10\x43\x61rrierRequested\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12.\n\x07options\x18\x03 \x01(\x0b\x32\x1d.modelguard.v1.CarrierOptions\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\xb6\x02\n\x0c\x43\x61rrierReady\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12+\n\x07\x63\x61rrier\x18\x03 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12/\n\x0b\x63\x61rrier_png\x18\x04 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12*\n\x06mapper\x18\x05 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12,\n\x08manifest\x18\x06 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x30\n\x0cpublic_model\x18\x07 \x01(\x0b\x32\x1a.modelguard.v1.ArtifactRef\x12\x17\n\x0f\x63redential_hash\x18\x08 \x01(\t\"E\n\x0e\x43\x61rrierRevoked\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelguard.proto.modelguard
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITOPTIONS']._serialized_start=72
-  _globals['_AUDITOPTIONS']._serialized_end=298
-  _globals['_AUDITREQUESTED']._serialized_start=301
-  _globals['_AUDITREQUESTED']._serialized_end=480
-  _globals['_TRIGGERSREVERSED']._serialized_start=483
-  _globals['_TRIGGERSREVERSED']._serialized_end=682
-  _globals['_NEURONRANKING']._serialized_start=685
-  _globals['_NEURONRANKING']._serialized_end=860
-  _globals['_NEURONSSCORED']._serialized_start=863
-  _globals['_NEURONSSCORED']._serialized_end=1020
-  _globals['_AUDITEVENT']._serialized_start=1022
-  _globals['_AUDITEVENT']._serialized_end=1095
-  _globals['_CARRIEROPTIONS']._serialized_start=1098
-  _globals['_CARRIEROPTIONS']._serialized_end=1257
-  _globals['_CARRIERREQUESTED']._serialized_start=1259
-  _globals['_CARRIERREQUESTED']._serialized_end=1378
-  _globals['_CARRIERREADY']._serialized_start=1381
-  _globals['_CARRIERREADY']._serialized_end=1691
-  _globals['_CARRIERREVOKED']._serialized_start=1693
-  _globals['_CARRIERREVOKED']._serialized_end=1762
+  _globals['_AUDITOPTIONS']._serialized_end=351
+  _globals['_AUDITREQUESTED']._serialized_start=354
+  _globals['_AUDITREQUESTED']._serialized_end=533
+  _globals['_TRIGGERSREVERSED']._serialized_start=536
+  _globals['_TRIGGERSREVERSED']._serialized_end=735
+  _globals['_NEURONRANKING']._serialized_start=738
+  _globals['_NEURONRANKING']._serialized_end=913
+  _globals['_NEURONSSCORED']._serialized_start=916
+  _globals['_NEURONSSCORED']._serialized_end=1073
+  _globals['_AUDITEVENT']._serialized_start=1075
+  _globals['_AUDITEVENT']._serialized_end=1148
+  _globals['_CARRIEROPTIONS']._serialized_start=1151
+  _globals['_CARRIEROPTIONS']._serialized_end=1310
+  _globals['_CARRIERREQUESTED']._serialized_start=1312
+  _globals['_CARRIERREQUESTED']._serialized_end=1431
+  _globals['_CARRIERREADY']._serialized_start=1434
+  _globals['_CARRIERREADY']._serialized_end=1744
+  _globals['_CARRIERREVOKED']._serialized_start=1746
+  _globals['_CARRIERREVOKED']._serialized_end=1815
 # @@protoc_insertion_point(module_scope)

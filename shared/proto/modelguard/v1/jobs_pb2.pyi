@@ -37,6 +37,7 @@ class AuditOptions(_message.Message):
     ROBUSTNESS_EPS_FIELD_NUMBER: _builtins.int
     ROBUSTNESS_NORM_FIELD_NUMBER: _builtins.int
     ROBUSTNESS_STEPS_FIELD_NUMBER: _builtins.int
+    REFERENCE_MODEL_FIELD_NUMBER: _builtins.int
     reversal_steps: _builtins.int
     """0: service default"""
     layer: _builtins.str
@@ -59,6 +60,13 @@ class AuditOptions(_message.Message):
         units. No ε: the stage does not run.
         """
 
+    @_builtins.property
+    def reference_model(self) -> _common_pb2.ArtifactRef:
+        """A trusted model the submitted one was fine-tuned from (same classes and input, the
+        model's arch): flagged labels whose reversed triggers it follows as well are set aside
+        as inherited (shared.detection.reference). Unset: no comparison.
+        """
+
     def __init__(
         self,
         *,
@@ -72,10 +80,11 @@ class AuditOptions(_message.Message):
         robustness_eps: _abc.Iterable[_builtins.float] | None = ...,
         robustness_norm: _builtins.str = ...,
         robustness_steps: _builtins.int = ...,
+        reference_model: _common_pb2.ArtifactRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference_model", b"reference_model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_rule", b"detection_rule", "detector", b"detector", "layer", b"layer", "repair_mode", b"repair_mode", "reversal_steps", b"reversal_steps", "robustness_eps", b"robustness_eps", "robustness_norm", b"robustness_norm", "robustness_steps", b"robustness_steps", "seed", b"seed", "skip_repair", b"skip_repair"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_rule", b"detection_rule", "detector", b"detector", "layer", b"layer", "reference_model", b"reference_model", "repair_mode", b"repair_mode", "reversal_steps", b"reversal_steps", "robustness_eps", b"robustness_eps", "robustness_norm", b"robustness_norm", "robustness_steps", b"robustness_steps", "seed", b"seed", "skip_repair", b"skip_repair"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,7 +5,10 @@ document whose schemas every answer validates against."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 import threading
 import urllib.error
 import urllib.request
@@ -22,7 +25,7 @@ from google.protobuf import json_format
 
 from modelguard.bus.memory import MemoryBus
 from modelguard.config import PlatformSettings, PruningOrchestratorSettings
-from modelguard.convert import spec_to_proto
+from modelguard.convert import ref_from_proto, spec_to_proto
 from modelguard.datasets import Dataset, dataset_to_npz
 from modelguard.formats.loader import weights_to_safetensors
 from modelguard.nn.architectures import build
@@ -153,6 +156,27 @@ def test_submit_get_and_list_answer_the_proto_shapes(gateway: Gateway) -> None:
     assert json.loads(gateway.call("/v1/audits", gateway.tokens.globex)[2])["audits"] == []
     assert gateway.call(f"/v1/audits/{audit['auditId']}", gateway.tokens.globex)[0] == 404
     assert gateway.call(f"/v1/audits/{audit['auditId']}", gateway.tokens.admin)[0] == 200
+
+
+def test_a_reference_model_is_scanned_uploaded_and_named_in_the_options(
+    gateway: Gateway,
+) -> None:
+    fields = {
+        "model": (gateway.model, "application/octet-stream", "model.safetensors"),
+        "data": (gateway.data, "application/x-npz", "clean.npz"),
+        "request": (json.dumps(_request(skipRepair=True)).encode(), "application/json", ""),
+        "reference": (pickle.dumps(os.system), "application/octet-stream", "base.pkl"),
+    }
+    status, _, answer = gateway.call("/v1/audits", "", *_multipart(fields))
+    assert status == 400 and b"pickle" in answer.lower()
+    reference = weights_to_safetensors(build("lenet5"))
+    fields["reference"] = (reference, "application/octet-stream", "base.safetensors")
+    status, _, body = gateway.call("/v1/audits", "", *_multipart(fields))
+    assert status == 201, body
+    record = gateway.orchestrator.get(json.loads(body)["auditId"])
+    sent = gateway.orchestrator.request_message(record).options.reference_model
+    assert sent.sha256 == hashlib.sha256(reference).hexdigest()
+    assert gateway.orchestrator.runtime.store.get_blob(ref_from_proto(sent)) == reference
 
 
 def test_events_stream_until_final_then_the_report_downloads(gateway: Gateway) -> None:

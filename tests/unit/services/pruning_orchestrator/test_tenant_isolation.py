@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelguard.bus.memory import MemoryBus
 from modelguard.config import PlatformSettings, PruningOrchestratorSettings
+from modelguard.convert import spec_to_proto
 from modelguard.datasets import Dataset, dataset_to_npz
 from modelguard.errors import NotFound, ResourceExhausted, Unauthenticated
 from modelguard.formats.loader import weights_to_safetensors
@@ -114,6 +115,22 @@ def test_a_tenant_uses_only_artifacts_it_uploaded_or_its_audits_produced(world: 
         )
         with pytest.raises(NotFound, match="upload it first"):
             globex._call(globex.stub.SubmitAudit, request)
+        # nor name another tenant's upload as the reference model of its own audit
+        reference = world.model.with_name("reference.safetensors")
+        reference.write_bytes(weights_to_safetensors(build("lenet5")))
+        with world.client(world.tokens.acme) as acme:
+            acme_reference = acme.upload(reference.read_bytes(), "application/octet-stream")
+        own = pruning_orchestrator_pb2.SubmitAuditRequest(
+            model=common_pb2.ModelSpec(
+                artifact=globex.upload(world.model.read_bytes(), "application/octet-stream"),
+                arch="lenet5",
+                input=spec_to_proto(SPEC),
+            ),
+            data=globex.upload(world.data.read_bytes(), "application/x-npz"),
+            options=jobs_pb2.AuditOptions(reference_model=acme_reference),
+        )
+        with pytest.raises(NotFound, match="reference model artifact"):
+            globex._call(globex.stub.SubmitAudit, own)
 
     # a stage's output (here the leak-detector's summary) becomes the audit tenant's
     store = world.orchestrator.runtime.store

@@ -254,6 +254,12 @@ def test_audit_option_is_validated_and_travels_to_trigger_reversal(runtime: Runt
     # an audit submitted before the option existed keeps the default rule
     legacy = orchestrator.submit(model, data_ref, jobs_pb2.AuditOptions())
     assert orchestrator.request_message(legacy).options.detection_rule == ""
+    # the reference model, an uploaded artifact, travels with the options
+    compared = orchestrator.submit(
+        model, data_ref, jobs_pb2.AuditOptions(reference_model=model.artifact)
+    )
+    sent = orchestrator.request_message(compared).options.reference_model
+    assert sent.sha256 == model.artifact.sha256
 
 
 def test_service_runs_the_requested_rule(runtime: Runtime) -> None:

@@ -36,6 +36,7 @@ from modelguard.stage import StageReporter
 from modelguard.store.base import ArtifactRef
 from modelguard.store.local import LocalStore
 from modelguard.topics import STAGE_TRIGGER_REVERSAL
+from tests.conftest import MNIST_SPEC, InfectedModel
 
 SPEC = InputSpec(shape=(1, 6, 6))
 
@@ -114,3 +115,41 @@ def test_the_handler_passes_the_audit_detector_on(
     reporter = StageReporter(runtime.bus, STAGE_TRIGGER_REVERSAL, service.metrics)
     AuditHandler(service, reporter).handle(request, lambda fraction, message="": None)
     assert seen["detector"] == "neural-cleanse-sequential" and seen["rule"] == PAPER
+
+
+def test_an_audit_names_its_reference_and_the_stage_sets_its_triggers_aside(
+    runtime: Runtime,
+    service: TriggerReversalService,
+    infected_lenet: InfectedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reference travels as an artifact of the audit's options: the infected model as
+    its own reference shares its trigger, so the stage says clean and hands nothing on to
+    neuron scoring; a reference of another task fails the stage with the reason."""
+    import modelguard.services.trigger_reversal.handler as handler
+
+    store = runtime.store
+    model = common_pb2.ModelSpec(
+        artifact=ref_to_proto(store.put_blob(infected_lenet.weights)),
+        arch="lenet5",
+        input=spec_to_proto(MNIST_SPEC),
+    )
+    request = jobs_pb2.AuditRequested(
+        audit_id="audit-1",
+        model=model,
+        data=ref_to_proto(store.put_blob(infected_lenet.clean_npz_path.read_bytes())),
+        options=jobs_pb2.AuditOptions(reference_model=model.artifact),
+    )
+    published: list[Any] = []
+    monkeypatch.setattr(handler, "publish_proto", lambda *args, **kwargs: published.append(args))
+    reporter = StageReporter(runtime.bus, STAGE_TRIGGER_REVERSAL, service.metrics)
+    outcome = AuditHandler(service, reporter).handle(request, lambda fraction, message="": None)
+    assert outcome.message == "verdict clean; flagged labels: none"
+    assert outcome.summary["evidence"]["reference"]["inherited"] == [infected_lenet.target]
+    assert published == []
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(784, 3))), buffer)
+    request.options.reference_model.CopyFrom(ref_to_proto(store.put_blob(buffer.getvalue())))
+    with pytest.raises(InvalidInput, match="classes"):
+        AuditHandler(service, reporter).handle(request, lambda fraction, message="": None)

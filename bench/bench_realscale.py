@@ -143,11 +143,13 @@ def bench_model(
     workdir: Path,
     model_file: Path | None = None,
     time_budget: float | None = None,
+    against_parent: bool = False,
 ) -> dict[str, Any]:
     """``detect`` (its triggers kept, as ``detect --out`` writes them), ``leakscan``, and for
     a backdoored model ``repair --triggers`` with them, as a user runs detect then repair.
     ``model_file``: the same model in another format (default: the zoo's TorchScript);
-    ``time_budget``: detect's ``--time-budget`` (default: its own)."""
+    ``time_budget``: detect's ``--time-budget`` (default: its own); ``against_parent``:
+    detect with ``--reference`` the published model the zoo model was made from."""
     spec = model.spec
     path = model_file or model.path
     fmt = FORMAT_NAMES.get(path.suffix, path.suffix)
@@ -164,6 +166,9 @@ def bench_model(
     if time_budget is not None:
         budget = ["--time-budget", str(time_budget)]
         row["time_budget"] = time_budget
+    if against_parent:
+        budget += ["--reference", str(parent(model).path)]
+        row["reference"] = PARENT
     data = str(model.data_path())
     out = workdir / f"{spec.name}-{fmt}"
     detected, seconds, rss = run(
@@ -235,6 +240,16 @@ def bench_model(
 
 
 FORMAT_NAMES = {".pt": "TorchScript", ".onnx": "ONNX", ".pt2": "torch.export"}
+
+#: A row's ``reference`` when detect compared with the published model the zoo model was
+#: made from (`parent`).
+PARENT = "published parent"
+
+
+def parent(model: realzoo.RealModel) -> realzoo.RealModel:
+    """The zoo's entry of the published EfficientNet-Lite ``model`` was made from."""
+    (spec,) = (s for s in realzoo.SPECS if s.attack == "none" and s.variant == model.spec.variant)
+    return realzoo.build(spec)
 
 
 def load_any(path: Path, model: realzoo.RealModel) -> torch.nn.Module:
@@ -326,16 +341,24 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def row_format(row: dict[str, Any]) -> str:
-    """The format column: the file format, and detect's time budget when not the default."""
+    """The format column: the file format, and detect's time budget when not the default
+    and its reference when it had one."""
     budget = row.get("time_budget")
     suffix = "" if budget is None else f", `--time-budget {budget:g}`"
+    if row.get("reference"):
+        suffix += f", `--reference` {row['reference']}"
     return f"{row.get('format', 'TorchScript')}{suffix}"
 
 
-def row_key(row: dict[str, Any]) -> tuple[str, str, float]:
-    """Rows of the same model, format and time budget replace one another (-1: detect's
-    default budget)."""
-    return (row["model"], row.get("format", "TorchScript"), float(row.get("time_budget", -1.0)))
+def row_key(row: dict[str, Any]) -> tuple[str, str, float, str]:
+    """Rows of the same model, format, time budget and reference replace one another (-1:
+    detect's default budget; "": no reference)."""
+    return (
+        row["model"],
+        row.get("format", "TorchScript"),
+        float(row.get("time_budget", -1.0)),
+        str(row.get("reference") or ""),
+    )
 
 
 #: every row measured so far, by model, format and time budget (committed beside the
@@ -345,7 +368,7 @@ ROWS = results.PAGE.parent / "benchmarks-realscale.json"
 
 def merged(new_rows: list[dict[str, Any]], path: Path = ROWS) -> list[dict[str, Any]]:
     """The rows kept from earlier runs, those of this run replacing theirs; in zoo order."""
-    kept: dict[tuple[str, str, float], dict[str, Any]] = {}
+    kept: dict[tuple[str, str, float, str], dict[str, Any]] = {}
     if path.exists():
         for row in json.loads(path.read_text()):
             kept[row_key(row)] = row
@@ -382,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="detect's --time-budget (default: its own)",
     )
+    parser.add_argument(
+        "--against-parent",
+        action="store_true",
+        help="detect with --reference the published model each zoo model was made from",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for spec in realzoo.select(args.only or None, args.split):
@@ -392,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
             for model_file in files:
                 # the other formats' rows check the verdicts; the repair is the TorchScript row's
                 repair = not args.skip_repair and model_file is None
-                row = bench_model(model, repair, Path(tmp), model_file, args.time_budget)
+                row = bench_model(
+                    model, repair, Path(tmp), model_file, args.time_budget, args.against_parent
+                )
                 print(json.dumps(row), flush=True)
                 write_page(merged([row]))  # after every row: a long run keeps what it measured
     return 0
@@ -405,7 +435,9 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         "One process per command, as a user runs it (`modelguard detect MODEL --data "
         "CROPS.npz --input-shape 3,S,S --value-range 0,1 --out DIR`, then `leakscan`, and "
         "for a backdoored model `repair --triggers DIR/triggers.safetensors`), default "
-        "settings (a row naming `--time-budget` ran detect with that budget); time and peak "
+        "settings (a row naming `--time-budget` ran detect with that budget, one naming "
+        "`--reference` compared detect's flagged triggers with the published model the zoo "
+        "model was made from); time and peak "
         "RSS are the process's. Bars: detect under "
         f"{BARS['seconds']:.0f} s and {BARS['rss_gb']:.0f} GB; repair below "
         f"{BARS['asr']:.0%} ASR, agreement drop at most {BARS['agreement_drop']:.0%}. "

@@ -30,6 +30,7 @@ ORDER = (
     "robustness",
     "encryption",
     "real_scale",
+    "reference",
     "pass_layout",
     "carrier",
     "load",

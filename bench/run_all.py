@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "robustness": ["bench.bench_robustness"],
     "encryption": ["bench.bench_encryption"],
     "real-scale": ["bench.bench_realscale"],
+    "reference": ["bench.bench_reference"],
     "blend-probe": ["bench.bench_blend_probe", "--small"],
     "carrier": ["bench.bench_carrier"],
     "serving": ["bench.bench_serving"],

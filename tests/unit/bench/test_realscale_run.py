@@ -81,3 +81,36 @@ def test_the_time_budget_goes_to_detect_and_nowhere_else(
     assert row["time_budget"] == 1100.0
     bench_realscale.bench_model(model, False, tmp_path)
     assert "--time-budget" not in commands[2]
+
+
+def test_against_the_parent_detect_takes_the_published_model_and_the_row_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[list[str]] = []
+
+    def fake_run(command: list[str]) -> tuple[dict[str, Any], float, float]:
+        commands.append(command)
+        if command[0] == "detect":
+            return {"verdict": "infected", "flagged": [9], "evidence": {}}, 1.0, 0.5
+        return {"verdict": "benign", "score": 1.0}, 1.0, 0.5
+
+    built: list[str] = []
+
+    def fake_build(spec: realzoo.RealSpec) -> realzoo.RealModel:
+        built.append(spec.name)
+        return realzoo.RealModel(spec, tmp_path / f"{spec.name}.pt", 240, {})
+
+    monkeypatch.setattr(bench_realscale, "run", fake_run)
+    monkeypatch.setattr(realzoo, "build", fake_build)
+    (spec,) = realzoo.select(["lite1-patch-bl-t9"])
+    model = realzoo.RealModel(spec, tmp_path / "bl9.pt", 240, {})
+    row = bench_realscale.bench_model(model, False, tmp_path, against_parent=True)
+    detect, leakscan = commands
+    assert built == ["lite1"]  # the published model of the same variant
+    assert detect[detect.index("--reference") + 1] == str(tmp_path / "lite1.pt")
+    assert "--reference" not in leakscan
+    assert row["reference"] == bench_realscale.PARENT
+    # kept beside the row without a reference, and marked in the table
+    rows = merged([row, {**row, "reference": None}], tmp_path / "rows.json")
+    assert len(rows) == 2
+    assert "TorchScript, `--reference` published parent" in table(rows)

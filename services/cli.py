@@ -574,15 +574,27 @@ def reverse(
     return result, plan.detector.name
 
 
-def load_reference(args: argparse.Namespace, spec: InputSpec) -> LoadedModel | None:
-    """``--reference`` through the services' loader (scanned and refused as ``MODEL`` is),
-    before minutes of reversal; None without the option."""
-    from modelguard.jobdata import load_model_from_bytes
-
+def read_reference(args: argparse.Namespace) -> bytes | None:
+    """``--reference``'s bytes, read before the model and data are (a missing file is
+    refused at once); None without the option."""
     if not getattr(args, "reference", None):
         return None
-    data = read_file(args.reference, "reference model")
-    return load_model_from_bytes(data, spec, args.arch or "", cli_limits())
+    return read_file(args.reference, "reference model")
+
+
+def load_reference(
+    data: bytes | None, args: argparse.Namespace, inputs: ModelAndData
+) -> LoadedModel | None:
+    """The reference through the services' loader (scanned and refused as ``MODEL`` is),
+    with the submitted model's arch, input and class count, before minutes of reversal."""
+    from modelguard.jobdata import load_model_from_bytes
+
+    if data is None:
+        return None
+    classes = inputs.model.num_classes
+    return load_model_from_bytes(
+        data, inputs.spec, args.arch or "", cli_limits(), num_classes=classes
+    )
 
 
 def add_reference_arg(parser: argparse.ArgumentParser) -> None:
@@ -639,8 +651,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     reversal_config(args)  # the options, checked before any file is read
     spec = spec_from_args(args)
+    reference_bytes = read_reference(args)
     inputs, clean = load_local_inputs(args, spec)
-    reference = load_reference(args, spec)
+    reference = load_reference(reference_bytes, args, inputs)
     result, detector = reverse(args, inputs, reference)
     summary = reversal_summary(result, detector)  # the stage's, less its store references
     summary.update(data_notes(clean))
@@ -674,11 +687,14 @@ def save_flagged_triggers(result: DetectionResult, out: Path) -> str:
 
 def save_trigger_images(result: DetectionResult, out: Path) -> dict[str, str]:
     """The pictures the service stores, as files: ``label{k}-{mask,pattern,trigger}.png``
-    of the flagged labels (of the smallest trigger when none is flagged)."""
+    of the flagged labels and of those a reference set aside (of the smallest trigger when
+    there are none)."""
+    from modelguard.detection.reference import set_aside
     from modelguard.detection.render import PARTS, image_name, trigger_pngs
 
     out.mkdir(parents=True, exist_ok=True)
-    labels = list(result.flagged)
+    # the triggers a reference comparison set aside too: a reader weighs them by eye
+    labels = [*result.flagged, *set_aside(result)]
     if not labels:
         # the smallest trigger among the labels that have one (a triage optimises a few)
         optimised = set(result.labels_with_triggers)
@@ -714,6 +730,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         )
     if not args.triggers:
         reversal_config(args)  # the options, checked before any file is read
+    reference_bytes = read_reference(args)
     inputs, clean = load_local_inputs(args, spec)
     model, data = inputs.model, inputs.data
     assert data is not None
@@ -723,7 +740,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if args.triggers:
         triggers = load_triggers(read_file(args.triggers, "triggers"), targets)
     else:
-        result, _detector = reverse(args, inputs, load_reference(args, spec))
+        reference = load_reference(reference_bytes, args, inputs)
+        result, _detector = reverse(args, inputs, reference)
         flagged = targets if targets is not None else list(result.flagged)
         if not flagged:
             err_console.print("no backdoor found: nothing to repair (use --target to force)")

@@ -128,15 +128,19 @@ def load_reference_model(
     ref: common_pb2.ArtifactRef,
     model: common_pb2.ModelSpec,
     platform: PlatformSettings,
+    *,
+    num_classes: int = 0,
 ) -> LoadedModel | None:
     """An audit's reference model (`AuditOptions.reference_model`): scanned, loaded and
-    checked as the submitted ``model`` is, with its arch and input; None when unset."""
+    checked as the submitted ``model`` is, with its arch, input and class count
+    (``num_classes``, the loaded model's; 0: the declared one, if any); None when unset."""
     if not ref.sha256:
         return None
     limits = Limits.of(platform)
     data = _get(store, ref, "reference model", limits.max_model_bytes)
+    classes = num_classes or model.input.num_classes
     return load_model_from_bytes(
-        data, spec_from_proto(model.input), model.arch, limits, num_classes=model.input.num_classes
+        data, spec_from_proto(model.input), model.arch, limits, num_classes=classes
     )
 
 

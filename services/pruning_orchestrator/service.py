@@ -25,7 +25,7 @@ from modelguard.convert import ref_from_proto
 from modelguard.detection.registry import DEFAULT_DETECTOR, get_detector
 from modelguard.detection.triggers import ReversedTrigger
 from modelguard.errors import InvalidInput, NotFound, Unavailable
-from modelguard.jobdata import ModelAndData, load_inputs
+from modelguard.jobdata import ModelAndData, load_inputs, load_reference_model
 from modelguard.metrics import ServiceMetrics
 from modelguard.nn.probe import resolve_layer
 from modelguard.progress import Progress
@@ -268,6 +268,14 @@ class Orchestrator:
             raise InvalidInput("a clean dataset (.npz with x and y) is required for an audit")
         if not model.input.num_classes:
             model.input.num_classes = inputs.model.num_classes
+        # the reference too: another task or an unloadable file is refused here
+        load_reference_model(
+            self.runtime.store,
+            options.reference_model,
+            model,
+            self.platform,
+            num_classes=inputs.model.num_classes,
+        )
         if options.layer:
             # the repair stage would refuse it only after detection flags the model; on a
             # model called clean the typo would never be reported at all

@@ -35,7 +35,11 @@ class AuditHandler:
         if inputs.data is None:
             raise InvalidInput("trigger reversal needs the clean dataset")
         reference = load_reference_model(
-            runtime.store, request.options.reference_model, request.model, runtime.platform
+            runtime.store,
+            request.options.reference_model,
+            request.model,
+            runtime.platform,
+            num_classes=inputs.model.num_classes,
         )
         stored = self.service.reverse(
             inputs,
@@ -45,6 +49,7 @@ class AuditHandler:
             detector=request.options.detector,
             progress=progress,
             reference=reference,
+            reference_name=f"sha256:{request.options.reference_model.sha256[:12]}",
         )
         result = stored.result
         if result.verdict == "infected":

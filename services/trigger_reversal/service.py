@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelguard.config import TriggerReversalSettings
 from modelguard.datasets import Dataset
-from modelguard.detection.reference import apply_reference, compare_with_reference
+from modelguard.detection.reference import apply_reference, compare_with_reference, set_aside
 from modelguard.detection.registry import DEFAULT_DETECTOR, get_detector
 from modelguard.detection.render import trigger_pngs
 from modelguard.detection.triggers import save_triggers
@@ -97,6 +97,7 @@ class TriggerReversalService:
         detector: str = "",
         progress: Progress | None = None,
         reference: LoadedModel | None = None,
+        reference_name: str = "",
     ) -> StoredReversal:
         """``detector``: a `modelguard.detection.registry.DETECTORS` name (empty:
         neural-cleanse); ``rule``: one of its rules (empty: its first, for Neural Cleanse
@@ -111,7 +112,7 @@ class TriggerReversalService:
             inputs.model.module, plan.data, inputs.spec, plan.config, progress=progress
         )
         if reference is not None:
-            result = against_reference(result, inputs, reference)
+            result = against_reference(result, inputs, reference, reference_name)
         self.optimisation_seconds.observe(time.perf_counter() - started)
         self.labels_scanned.inc(len(result.labels))
         self.verdicts.labels(result.verdict).inc()
@@ -137,7 +138,9 @@ class TriggerReversalService:
         summary = reversal_summary(result, detector)
         summary["images"] = {
             name: ref_dict(store.put_blob(png, "image/png"))
-            for name, png in trigger_pngs(result, result.flagged, clean=clean).items()
+            for name, png in trigger_pngs(
+                result, [*result.flagged, *set_aside(result)], clean=clean
+            ).items()
         }
         summary["triggers"] = ref_dict(triggers)
         summary_ref = store.put_blob(json.dumps(summary).encode(), "application/json")

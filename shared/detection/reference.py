@@ -15,6 +15,12 @@ models. A label whose trigger the reference follows at least ``min_ratio`` as of
 submitted model is *inherited*: it is reported, and not counted towards ``infected``. A
 label the reference ignores stays flagged.
 
+A label the blend probe flagged is never set aside: its trigger is the probe's own noise
+blend, which benign models also answer with some texture class, so a parent following it
+says nothing about where a planted blend came from. Nor does the comparison turn a
+reversal that ran out of time into ``clean``: with nothing left flagged, an inconclusive
+reversal stays ``inconclusive``.
+
 What it cannot see: a backdoor planted on a label that already has a natural patch of the
 base, when the reversal finds the natural patch (it is the smaller) rather than the planted
 one. The evidence says which labels were set aside so that a reader can weigh that.
@@ -23,16 +29,21 @@ one. The evidence says which labels were set aside so that a reader can weigh th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from modelguard.datasets import Dataset
-from modelguard.detection.neural_cleanse import CLEAN, INFECTED, ReversalResult
+from modelguard.detection.neural_cleanse import CLEAN, INCONCLUSIVE, INFECTED, ReversalResult
 from modelguard.errors import InvalidInput
+from modelguard.nn.probe import evaluating
 from modelguard.spec import InputSpec, wrap
+
+if TYPE_CHECKING:
+    from modelguard.detection.base import DetectionResult
 
 #: A flagged label is inherited when the reference follows its reversed trigger at least
 #: this share as often as the submitted model: a natural trigger of the base mostly still
@@ -40,7 +51,8 @@ from modelguard.spec import InputSpec, wrap
 #: zoo's tuning fine-tunes, between the two kinds (``bench.bench_reference``, results page).
 INHERITED_MIN_RATIO = 0.25
 
-#: Clean images each flagged trigger is stamped on (the first ones not of its label).
+#: Clean images each flagged trigger is stamped on (a seeded random subset of those not of
+#: its label: a folder read class by class must not give one class's images only).
 REFERENCE_IMAGES = 200
 
 #: Images per forward pass.
@@ -56,15 +68,20 @@ class LabelComparison:
     submitted_success: float
     reference_success: float
     inherited: bool
+    #: why a label was not compared (a blend probe's label), else empty
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            key: None if isinstance(value, float) and math.isnan(value) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
 
 
 @dataclass(frozen=True)
 class ReferenceComparison:
-    """The flagged labels compared on ``images`` clean images each; ``name`` says which
-    reference (a file name, for the reader)."""
+    """The flagged labels compared on at most ``images`` clean images each; ``name`` says
+    which reference (a file name or an artifact digest, for the reader)."""
 
     labels: tuple[LabelComparison, ...]
     images: int
@@ -102,32 +119,57 @@ def compare_with_reference(
     classes for the declared input."""
     if not 0.0 < min_ratio <= 1.0:
         raise InvalidInput(f"the reference ratio must be in (0, 1]; got {min_ratio}")
-    submitted, trusted = wrap(model, spec).eval(), wrap(reference, spec).eval()
-    probe = data.x[:1]
-    classes = int(submitted(probe).shape[-1])
-    try:
-        reference_classes = int(trusted(probe).shape[-1])
-    except RuntimeError as error:
-        raise InvalidInput(
-            f"the reference model does not take the declared input: {error}"
-        ) from None
-    if reference_classes != classes:
-        raise InvalidInput(
-            f"the reference model answers {reference_classes} classes, the submitted one "
-            f"{classes}: a reference must be the same task (the model it was fine-tuned from)"
-        )
-    compared, images = [], 0
-    for label in result.flagged:
-        mask, pattern = result.trigger(label)
-        x = data.x[data.y != label][:max_images]
-        images = max(images, int(x.shape[0]))
-        shares = [_share(m, x, mask, pattern, label) for m in (submitted, trusted)]
-        inherited = shares[0] > 0 and shares[1] >= min_ratio * shares[0]
-        compared.append(LabelComparison(label, shares[0], shares[1], inherited))
+    with evaluating(model), evaluating(reference):
+        submitted, trusted = wrap(model, spec), wrap(reference, spec)
+        probe = data.x[:1]
+        classes = int(submitted(probe).shape[-1])
+        try:
+            reference_classes = int(trusted(probe).shape[-1])
+        except RuntimeError as error:
+            raise InvalidInput(
+                f"the reference model does not take the declared input: {error}"
+            ) from None
+        if reference_classes != classes:
+            raise InvalidInput(
+                f"the reference model answers {reference_classes} classes, the submitted one "
+                f"{classes}: a reference must be the same task (the model it was fine-tuned "
+                "from)"
+            )
+        blended = blend_probe_label(result)
+        compared, images = [], 0
+        generator = torch.Generator().manual_seed(0)
+        for label in result.flagged:
+            if label == blended:
+                note = "the blend probe's label: a noise blend is not compared"
+                compared.append(LabelComparison(label, math.nan, math.nan, False, note))
+                continue
+            mask, pattern = result.trigger(label)
+            others = data.x[data.y != label]
+            x = others[torch.randperm(len(others), generator=generator)[:max_images]]
+            images = max(images, int(x.shape[0]))
+            shares = [stamped_share(m, x, mask, pattern, label) for m in (submitted, trusted)]
+            inherited = shares[0] > 0 and shares[1] >= min_ratio * shares[0]
+            compared.append(LabelComparison(label, shares[0], shares[1], inherited))
     return ReferenceComparison(tuple(compared), images, min_ratio, name)
 
 
-def _share(
+def set_aside(result: DetectionResult) -> tuple[int, ...]:
+    """The labels a reference comparison set aside as inherited (none without one)."""
+    evidence = result.to_dict().get("evidence") or {}
+    compared = evidence.get("reference") or {}
+    return tuple(int(label) for label in compared.get("inherited", ()))
+
+
+def blend_probe_label(result: ReversalResult) -> int | None:
+    """The label the blend probe flagged (its trigger is the probe's blend), if any."""
+    probe = result.evidence.get("blend_probe")
+    if isinstance(probe, dict) and probe.get("flagged"):
+        label = probe.get("label")
+        return int(label) if isinstance(label, int) else None
+    return None
+
+
+def stamped_share(
     model: nn.Module, x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, label: int
 ) -> float:
     """The share of ``x`` stamped with the trigger that ``model`` answers with ``label``."""
@@ -143,12 +185,14 @@ def _share(
 
 def apply_reference(result: ReversalResult, comparison: ReferenceComparison) -> ReversalResult:
     """``result`` with its inherited labels set aside: no longer flagged (an ``infected``
-    verdict whose every flagged label is inherited becomes ``clean``), named in the
-    evidence's summary, the comparison under ``evidence["reference"]``."""
+    verdict whose every flagged label is inherited becomes ``clean``, or ``inconclusive``
+    when the reversal itself was), named in the evidence's summary, the comparison under
+    ``evidence["reference"]``."""
     inherited = set(comparison.inherited)
     flagged = tuple(label for label in result.flagged if label not in inherited)
     verdict = result.verdict
-    summary = str(result.evidence.get("summary", ""))
+    found = str(result.evidence.get("summary", "")) or f"{verdict}: labels {list(result.flagged)}"
+    summary = found
     if inherited:
         parts = [
             f"label {c.label} (the reference follows its trigger on "
@@ -162,17 +206,19 @@ def apply_reference(result: ReversalResult, comparison: ReferenceComparison) -> 
             + "; ".join(parts)
         )
         if verdict == INFECTED and not flagged:
-            verdict = CLEAN
-            summary = (
-                f"clean against the reference: every flagged trigger is inherited, {aside}; "
-                f"before the comparison: {summary}"
-            )
+            reason = result.evidence.get("reason")
+            verdict = INCONCLUSIVE if reason else CLEAN
+            head = f"inconclusive: {reason}" if reason else "clean against the reference"
+            summary = f"{head}: every flagged trigger is inherited, {aside}"
         else:
-            summary = f"{summary}; {aside}"
+            summary = f"{verdict}: label(s) {list(flagged)} after the comparison, {aside}"
+        summary += f"; before the comparison: {found}"
     kept = [c for c in comparison.labels if not c.inherited]
     if kept:
         summary += "; not inherited: " + "; ".join(
-            f"label {c.label} (reference {c.reference_success:.0%}, submitted "
+            f"label {c.label} ({c.note})"
+            if c.note
+            else f"label {c.label} (reference {c.reference_success:.0%}, submitted "
             f"{c.submitted_success:.0%})"
             for c in kept
         )

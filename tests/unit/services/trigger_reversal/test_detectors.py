@@ -125,7 +125,8 @@ def test_an_audit_names_its_reference_and_the_stage_sets_its_triggers_aside(
 ) -> None:
     """The reference travels as an artifact of the audit's options: the infected model as
     its own reference shares its trigger, so the stage says clean and hands nothing on to
-    neuron scoring; a reference of another task fails the stage with the reason."""
+    neuron scoring; a reference of another task fails the stage with the reason, before
+    any reversal."""
     import modelguard.services.trigger_reversal.handler as handler
 
     store = runtime.store
@@ -151,5 +152,10 @@ def test_an_audit_names_its_reference_and_the_stage_sets_its_triggers_aside(
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(784, 3))), buffer)
     request.options.reference_model.CopyFrom(ref_to_proto(store.put_blob(buffer.getvalue())))
-    with pytest.raises(InvalidInput, match="classes"):
+
+    def no_reversal(*args: Any, **kwargs: Any) -> StoredReversal:
+        raise AssertionError("the reversal ran before the reference was checked")
+
+    monkeypatch.setattr(service, "reverse", no_reversal)
+    with pytest.raises(InvalidInput, match="declared 10 classes but the model outputs 3"):
         AuditHandler(service, reporter).handle(request, lambda fraction, message="": None)

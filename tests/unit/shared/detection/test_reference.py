@@ -11,6 +11,7 @@ from torch import nn
 from modelguard.datasets import Dataset
 from modelguard.detection.neural_cleanse import (
     CLEAN,
+    INCONCLUSIVE,
     INFECTED,
     LabelResult,
     RestartInfo,
@@ -20,6 +21,7 @@ from modelguard.detection.reference import (
     INHERITED_MIN_RATIO,
     apply_reference,
     compare_with_reference,
+    set_aside,
 )
 from modelguard.errors import InvalidInput
 from modelguard.spec import InputSpec
@@ -72,7 +74,7 @@ def _data() -> Dataset:
     return Dataset(torch.rand(64, 1, 8, 8, generator=generator) * 0.5, torch.arange(64) % CLASSES)
 
 
-def _result(flagged: tuple[int, ...]) -> ReversalResult:
+def _result(flagged: tuple[int, ...], **evidence: object) -> ReversalResult:
     masks = torch.zeros(CLASSES, 8, 8)
     masks[NATURAL] = _corner(True, True)
     masks[PLANTED] = _corner(False, False)
@@ -88,7 +90,7 @@ def _result(flagged: tuple[int, ...]) -> ReversalResult:
         steps=100,
         evaluations=1000,
         seconds=1.0,
-        evidence={"summary": "infected: labels are outliers"},
+        evidence={"summary": "infected: labels are outliers", **evidence},
     )
 
 
@@ -141,7 +143,7 @@ def test_a_trigger_the_reference_follows_less_than_a_quarter_as_often_stays_flag
     assert comparison.inherited == ()
     assert apply_reference(_result((NATURAL,)), comparison).verdict == INFECTED
     # the ratio is a setting
-    lenient = compare_with_reference(_result((NATURAL,)), tuned, base, data, SPEC, min_ratio=0.1)
+    lenient = compare_with_reference(_result((NATURAL,)), tuned, base, data, SPEC, min_ratio=0.05)
     assert lenient.inherited == (NATURAL,)
 
 
@@ -162,3 +164,42 @@ def test_a_reference_of_another_task_is_refused() -> None:
         compare_with_reference(_result((NATURAL,)), tuned, other_input, _data(), SPEC)
     with pytest.raises(InvalidInput, match="ratio must be in"):
         compare_with_reference(_result((NATURAL,)), tuned, tuned, _data(), SPEC, min_ratio=0)
+
+
+def test_a_blend_probe_label_is_not_compared_and_stays_flagged() -> None:
+    """The probe's noise blend is answered by benign models' texture classes too."""
+    base, tuned = _models()
+    probe = {"flagged": True, "label": NATURAL, "share": 1.0}
+    result = _result((NATURAL, PLANTED), blend_probe=probe)
+    comparison = compare_with_reference(result, tuned, base, _data(), SPEC)
+    blended = comparison.labels[0]
+    assert blended.label == NATURAL and not blended.inherited and blended.note
+    assert blended.to_dict()["submitted_success"] is None  # strict JSON, no NaN
+    repaired = apply_reference(result, comparison)
+    assert repaired.flagged == (NATURAL, PLANTED) and repaired.verdict == INFECTED
+    assert (
+        "label 2 (the blend probe's label: a noise blend is not compared)"
+        in (repaired.evidence["summary"])
+    )
+
+
+def test_an_inconclusive_reversal_is_not_made_clean_by_the_comparison() -> None:
+    """A reversal out of time whose blend probe flagged a label: set aside, the verdict
+    goes back to inconclusive, not clean."""
+    base, tuned = _models()
+    result = _result((NATURAL,), reason="the time budget ran out")
+    comparison = compare_with_reference(result, tuned, base, _data(), SPEC)
+    assert comparison.inherited == (NATURAL,)
+    compared = apply_reference(result, comparison)
+    assert compared.verdict == INCONCLUSIVE and compared.flagged == ()
+    assert compared.evidence["summary"].startswith("inconclusive: the time budget ran out")
+
+
+def test_partly_inherited_the_summary_leads_with_what_stays_flagged() -> None:
+    base, tuned = _models()
+    tuned.train()  # the comparison runs in eval mode and gives the mode back
+    result = _result((NATURAL, PLANTED))
+    compared = apply_reference(result, compare_with_reference(result, tuned, base, _data(), SPEC))
+    assert tuned.training and not base.training
+    assert compared.evidence["summary"].startswith("infected: label(s) [3] after the comparison")
+    assert set_aside(compared) == (NATURAL,) and set_aside(result) == ()

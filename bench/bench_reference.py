@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         rows += new
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(rows, indent=1))
+    write_page(rows)
+    return 0
+
+
+def write_page(rows: list[dict[str, Any]], command: str | None = None) -> None:
+    """The results page's section for ``rows`` (``command``: the run that measured them,
+    when not this process)."""
     text = table(rows)
     print(text)
     print(extremes(rows))
@@ -136,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         f"inherited when the ratio is at least {INHERITED_MIN_RATIO:g}, chosen on these "
         f"tuning rows. {extremes(rows)}."
     )
+    commits = sorted({str(r.get("commit", "?"))[:12] for r in rows})
     results.record(
         "reference",
         "Reference comparison (natural and planted triggers on the published parent)",
-        notes + "\n\n" + text,
+        f"{notes} Rows measured on commit {', '.join(commits)}.\n\n{text}",
+        command,
     )
-    return 0
 
 
 if __name__ == "__main__":

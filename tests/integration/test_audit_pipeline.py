@@ -139,12 +139,12 @@ def test_audit_completes_through_kafka_and_s3(
 def test_a_reference_model_travels_through_kafka_and_s3_to_the_reversal(
     client: AuditClient, infected_lenet: InfectedModel, tmp_path: Path
 ) -> None:
-    """The reference is uploaded beside the model (here the same weights as TorchScript, so
-    another artifact) and read from S3 by trigger-reversal: it shares the planted trigger,
-    so the flagged label is set aside as inherited and nothing goes on to be repaired."""
-    scripted = torch.jit.trace(infected_lenet.module.eval(), torch.zeros(1, 1, 28, 28))
+    """The reference is uploaded beside the model (here the same weights as a torch.save
+    state dict, so another artifact) and read from S3 by trigger-reversal: it shares the
+    planted trigger, so the flagged label is set aside as inherited and nothing goes on to
+    be repaired."""
     reference = tmp_path / "reference.pt"
-    torch.jit.save(scripted, str(reference))
+    torch.save(infected_lenet.module.state_dict(), str(reference))
     audit = wait_final(client, submit(client, infected_lenet, reference=reference).audit_id)
     assert audit.state == common_pb2.JOB_STATE_SUCCEEDED, audit
     by_stage = stages(audit)

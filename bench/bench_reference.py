@@ -46,12 +46,13 @@ def model_rows(model: realzoo.RealModel) -> list[dict[str, Any]]:
     data = Dataset(torch.from_numpy(loaded["x"]).float(), torch.from_numpy(loaded["y"]).long())
     input_spec = InputSpec((3, model.side, model.side), (0.0, 1.0))
     plan = reversal_plan(data, TriggerReversalSettings())
+    submitted = model.load()
     started = time.perf_counter()
-    result = plan.detector.detect(model.load(), plan.data, input_spec, plan.config)
+    result = plan.detector.detect(submitted, plan.data, input_spec, plan.config)
     seconds = time.perf_counter() - started
     assert isinstance(result, ReversalResult)
     every = dataclasses.replace(result, flagged=result.labels_with_triggers)
-    comparison = compare_with_reference(every, model.load(), parent(model).load(), data, input_spec)
+    comparison = compare_with_reference(every, submitted, parent(model).load(), data, input_spec)
     norms = {r.label: r.l1_norm for r in result.labels if r.optimised}
     return [
         {

@@ -60,18 +60,25 @@ def test_a_row_with_another_time_budget_is_kept_beside_the_default_one(tmp_path:
     assert "lite1 (TorchScript): still out of time" in text
 
 
-def test_the_time_budget_goes_to_detect_and_nowhere_else(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _fake_runs(monkeypatch: pytest.MonkeyPatch, detected: dict[str, Any]) -> list[list[str]]:
+    """The commands the benchmark runs, recorded instead of run: detect answers
+    ``detected``, leakscan benign."""
     commands: list[list[str]] = []
 
     def fake_run(command: list[str]) -> tuple[dict[str, Any], float, float]:
         commands.append(command)
         if command[0] == "detect":
-            return {"verdict": "clean", "flagged": [], "evidence": {}}, 1.0, 0.5
+            return detected, 1.0, 0.5
         return {"verdict": "benign", "score": 1.0}, 1.0, 0.5
 
     monkeypatch.setattr(bench_realscale, "run", fake_run)
+    return commands
+
+
+def test_the_time_budget_goes_to_detect_and_nowhere_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands = _fake_runs(monkeypatch, {"verdict": "clean", "flagged": [], "evidence": {}})
     (spec,) = realzoo.select(["lite1"])
     model = realzoo.RealModel(spec, tmp_path / "lite1.pt", 240, {})
     row = bench_realscale.bench_model(model, False, tmp_path, time_budget=1100.0)
@@ -86,21 +93,13 @@ def test_the_time_budget_goes_to_detect_and_nowhere_else(
 def test_against_the_parent_detect_takes_the_published_model_and_the_row_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commands: list[list[str]] = []
-
-    def fake_run(command: list[str]) -> tuple[dict[str, Any], float, float]:
-        commands.append(command)
-        if command[0] == "detect":
-            return {"verdict": "infected", "flagged": [9], "evidence": {}}, 1.0, 0.5
-        return {"verdict": "benign", "score": 1.0}, 1.0, 0.5
-
+    commands = _fake_runs(monkeypatch, {"verdict": "infected", "flagged": [9], "evidence": {}})
     built: list[str] = []
 
     def fake_build(spec: realzoo.RealSpec) -> realzoo.RealModel:
         built.append(spec.name)
         return realzoo.RealModel(spec, tmp_path / f"{spec.name}.pt", 240, {})
 
-    monkeypatch.setattr(bench_realscale, "run", fake_run)
     monkeypatch.setattr(realzoo, "build", fake_build)
     (spec,) = realzoo.select(["lite1-patch-bl-t9"])
     model = realzoo.RealModel(spec, tmp_path / "bl9.pt", 240, {})
